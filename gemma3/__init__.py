@@ -1,0 +1,28 @@
+"""Gemma 3 in JAX/Flax NNX: the model library (no serving code here)."""
+
+from gemma3.cache import KVCache
+from gemma3.checkpoint import Checkpoint, CheckpointError
+from gemma3.config import ConfigError, Gemma3TextConfig
+from gemma3.generation import GenerateOutput, generate, sample_tokens
+from gemma3.outputs import (
+    Gemma3CausalLMOutputWithPast,
+    Gemma3ModelOutputWithPast,
+    Gemma3SequenceClassifierOutputWithPast,
+)
+from gemma3.sharding import create_mesh, shard_model
+from gemma3.text import (
+    Gemma3Attention,
+    Gemma3DecoderLayer,
+    Gemma3ForCausalLM,
+    Gemma3ForSequenceClassification,
+    Gemma3MLP,
+    Gemma3RMSNorm,
+    Gemma3TextModel,
+)
+
+__all__ = [
+    "Checkpoint", "CheckpointError", "ConfigError", "GenerateOutput", "Gemma3Attention",
+    "Gemma3CausalLMOutputWithPast", "Gemma3DecoderLayer", "Gemma3ForCausalLM", "Gemma3ForSequenceClassification",
+    "Gemma3MLP", "Gemma3ModelOutputWithPast", "Gemma3RMSNorm", "Gemma3SequenceClassifierOutputWithPast",
+    "Gemma3TextConfig", "Gemma3TextModel", "KVCache", "create_mesh", "generate", "sample_tokens", "shard_model",
+]

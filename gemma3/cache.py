@@ -1,0 +1,119 @@
+"""The KV cache: a plain pytree that a jitted step takes and returns (and may donate).
+
+Every cache entry remembers the sequence index of the token it holds (``EMPTY`` when it holds none),
+so masks are built from indices alone: causal ``k <= q``, sliding ``k > q - window``. That one rule
+serves a fresh prefill, a chunk appended to a cache, a single decode step and a batch whose rows sit
+at different lengths (serving slots).
+
+Full-attention layers keep ``max_length`` entries, written at their index. Sliding layers keep a ring
+of ``min(sliding_window, max_length)`` entries, written at ``index % ring``: a query at index q sees at
+most the keys q-W+1..q, and the chunk being processed is attended from its own keys, so the ring never
+needs more than the window.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from gemma3.config import Gemma3TextConfig
+
+EMPTY = 2**30
+"""Index stored in a cache entry that holds no token: larger than any query index, so always masked."""
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    """Keys and values per layer, plus the sequence index held by each entry.
+
+    keys/values[layer]: (batch, entries, num_kv_heads, head_dim); entries is max_length for full
+    layers and the ring size for sliding layers. ``full_index``/``sliding_index``: (batch, entries)
+    int32, shared by all layers of a kind. ``length``: (batch,) the next sequence index to write
+    (leading padding included, trailing padding not). ``next_position``: (batch,) the RoPE position
+    of the next real token.
+    """
+
+    keys: list[jax.Array]
+    values: list[jax.Array]
+    full_index: jax.Array
+    sliding_index: jax.Array
+    length: jax.Array
+    next_position: jax.Array
+
+    @property
+    def batch_size(self) -> int:
+        return self.length.shape[0]
+
+    @property
+    def max_length(self) -> int:
+        return self.full_index.shape[1]
+
+    @classmethod
+    def init(cls, config: Gemma3TextConfig, batch_size: int, max_length: int, dtype=jnp.float32) -> KVCache:
+        ring = min(config.sliding_window or max_length, max_length)
+        shape = lambda n: (batch_size, n, config.num_key_value_heads, config.head_dim)  # noqa: E731
+        sizes = [ring if config.is_sliding(i) else max_length for i in range(config.num_hidden_layers)]
+        return cls(
+            keys=[jnp.zeros(shape(n), dtype) for n in sizes],
+            values=[jnp.zeros(shape(n), dtype) for n in sizes],
+            full_index=jnp.full((batch_size, max_length), EMPTY, jnp.int32),
+            sliding_index=jnp.full((batch_size, ring), EMPTY, jnp.int32),
+            length=jnp.zeros((batch_size,), jnp.int32),
+            next_position=jnp.zeros((batch_size,), jnp.int32),
+        )
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class ChunkSlots:
+    """Where the tokens of one forward chunk land in the cache (computed once, used by every layer).
+
+    ``full``/``sliding``: (batch, chunk) target entry, or an out-of-range entry (dropped by the
+    scatter) for tokens that must not be written: padding, and in the ring tokens that a later token
+    of the same chunk overwrites.
+    """
+
+    full: jax.Array
+    sliding: jax.Array
+
+
+def chunk_slots(cache: KVCache, index: jax.Array, valid: jax.Array) -> ChunkSlots:
+    """Cache entries for a chunk with sequence indices ``index`` (batch, T) and validity ``valid``."""
+    max_len, ring = cache.full_index.shape[1], cache.sliding_index.shape[1]
+    full = jnp.where(valid & (index < max_len), index, max_len)
+    # In the ring only the last `ring` valid tokens of the chunk survive; writing only those keeps
+    # the scatter free of duplicate targets.
+    last = jnp.max(jnp.where(valid, index, -1), axis=1, keepdims=True)
+    keep = valid & (index > last - ring)
+    sliding = jnp.where(keep, index % ring, ring)
+    return ChunkSlots(full=full, sliding=sliding)
+
+
+def _scatter(buf: jax.Array, slots: jax.Array, new: jax.Array) -> jax.Array:
+    rows = jnp.arange(buf.shape[0])[:, None]
+    return buf.at[rows, slots].set(new.astype(buf.dtype), mode="drop")
+
+
+def write_layer(cache_k: jax.Array, cache_v: jax.Array, slots: jax.Array, k: jax.Array, v: jax.Array):
+    """Store a chunk's keys and values (batch, T, kv_heads, head_dim) at ``slots``."""
+    return _scatter(cache_k, slots, k), _scatter(cache_v, slots, v)
+
+
+def advance(cache: KVCache, keys, values, slots: ChunkSlots, index, valid, positions) -> KVCache:
+    """The cache after a chunk: new layer buffers, entry indices, lengths and next positions."""
+    idx = jnp.where(valid, index, EMPTY).astype(jnp.int32)
+    last_idx = jnp.max(jnp.where(valid, index, -1), axis=1)
+    last_pos = jnp.max(jnp.where(valid, positions, -1), axis=1)
+    return KVCache(
+        keys=list(keys),
+        values=list(values),
+        full_index=_scatter(cache.full_index, slots.full, idx),
+        sliding_index=_scatter(cache.sliding_index, slots.sliding, idx),
+        # Trailing padding (a right-padded prefill bucket) does not advance the sequence, so the
+        # next token sits right after the last real one and sliding windows count real tokens.
+        length=jnp.maximum(cache.length, last_idx + 1).astype(jnp.int32),
+        next_position=jnp.maximum(cache.next_position, last_pos + 1).astype(jnp.int32),
+    )

@@ -1,0 +1,190 @@
+"""Hugging Face safetensors checkpoints: loading onto a mesh tensor by tensor, and saving.
+
+Loading never holds a whole checkpoint in host memory: files are memory-mapped, and each device's
+slice of each tensor is read, converted and placed on that device straight from the map
+(``jax.make_array_from_callback``). safetensors' own numpy reader rejects bfloat16 and its flax
+reader stages every tensor on one device, hence the small reader here; writing uses safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Callable
+
+import jax
+import ml_dtypes
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, SingleDeviceSharding
+
+from gemma3.sharding import parameter_sharding
+
+_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the model: the offending tensors are named."""
+
+
+class SafetensorsFile:
+    """A memory-mapped .safetensors file: tensors are views, read from disk only where sliced."""
+
+    def __init__(self, path: str):
+        self.path = path
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        header.pop("__metadata__", None)
+        self._data = np.memmap(path, np.uint8, "r", offset=8 + n) if header else None
+        self.tensors = header
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.tensors[name]["shape"])
+
+    def array(self, name: str) -> np.ndarray:
+        info = self.tensors[name]
+        if info["dtype"] not in _DTYPES:
+            raise CheckpointError(f"{self.path}: tensor {name} has unsupported dtype {info['dtype']}")
+        start, end = info["data_offsets"]
+        return self._data[start:end].view(_DTYPES[info["dtype"]]).reshape(info["shape"])
+
+
+class Checkpoint:
+    """All tensors of a checkpoint directory: one model.safetensors, or shards with an index."""
+
+    def __init__(self, path: str | os.PathLike):
+        path = os.fspath(path)
+        index = os.path.join(path, "model.safetensors.index.json")
+        if os.path.exists(index):
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+            files = sorted(set(weight_map.values()))
+        else:
+            files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+        if not files:
+            raise CheckpointError(f"no .safetensors files in {path}")
+        self.files = [SafetensorsFile(os.path.join(path, f)) for f in files]
+        self.where = {name: f for f in self.files for name in f.tensors}
+        self.nbytes = sum(os.path.getsize(f.path) for f in self.files)
+
+
+# Checkpoint key prefixes, mapped to the transformers 5.x text-model names our parameters carry.
+# Hub multimodal checkpoints nest the text model as language_model.model.*; transformers 5.x as
+# model.language_model.*.
+TEXT_PREFIXES = [
+    ("model.language_model.", "model."),
+    ("language_model.model.", "model."),
+    ("language_model.lm_head.", "lm_head."),
+]
+VISION_PREFIXES = ("vision_tower.", "model.vision_tower.", "multi_modal_projector.", "model.multi_modal_projector.")
+
+
+def text_key(key: str) -> str | None:
+    """The text-model name of a checkpoint key, or None for keys a text model ignores (vision)."""
+    if key.startswith(VISION_PREFIXES):
+        return None
+    for old, new in TEXT_PREFIXES:
+        if key.startswith(old):
+            return new + key[len(old):]
+    return key
+
+
+def _hf_name(path: tuple) -> tuple[str, bool]:
+    """(checkpoint name, stored transposed) of an NNX parameter path."""
+    *head, leaf = map(str, path)
+    if leaf == "kernel":
+        return ".".join(head + ["weight"]), True
+    if leaf == "embedding":
+        return ".".join(head + ["weight"]), False
+    return ".".join(head + [leaf]), False
+
+
+def _reader(array: np.ndarray, transposed: bool, dtype) -> Callable:
+    def read(index):
+        part = array.T[index] if transposed else array[index]
+        return np.ascontiguousarray(part).astype(dtype)
+
+    return read
+
+
+def load_pretrained(cls, path, dtype=np.float32, mesh: Mesh | None = None, progress: bool | None = None,
+                    config=None, key_map: Callable[[str], str | None] = text_key):
+    """Build ``cls`` from a checkpoint directory without materialising random weights.
+
+    The model is created abstractly (``nnx.eval_shape``); each parameter is then read from its
+    tensor and placed by the mesh's partition rules (or on the default device without a mesh).
+    Missing, unexpected and mis-shaped tensors are all reported at once, by name.
+    """
+    path = os.fspath(path)
+    config = config if config is not None else cls.config_class.from_pretrained(path)
+    abstract = nnx.eval_shape(lambda: cls(config, dtype=dtype, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    ckpt = Checkpoint(path)
+    available = {}
+    for key in ckpt.where:
+        name = key_map(key)
+        if name is not None:
+            available[name] = key
+    tied = getattr(config, "tie_word_embeddings", False)
+    params = {_hf_name(p)[0]: (p, v) for p, v in nnx.to_flat_state(state)}
+    if tied:
+        available.pop("lm_head.weight", None)  # some writers store the tied copy; the embedding rules
+    missing = sorted(set(params) - set(available))
+    unexpected = sorted(available[n] for n in set(available) - set(params))
+    wrong = []
+    for name, (p, v) in params.items():
+        if name in available:
+            _, transposed = _hf_name(p)
+            found = ckpt.where[available[name]].shape(available[name])
+            want = tuple(v.get_value().shape)
+            if (found[::-1] if transposed else found) != want:
+                wrong.append(f"{available[name]}: expected {want[::-1] if transposed else want}, found {found}")
+    if missing or unexpected or wrong:
+        lines = [f"checkpoint {path} does not fit {cls.__name__}:"]
+        lines += [f"  missing tensor {n}" for n in missing]
+        lines += [f"  unexpected tensor {n}" for n in unexpected]
+        lines += [f"  mis-shaped tensor {w}" for w in wrong]
+        raise CheckpointError("\n".join(lines))
+
+    show = progress if progress is not None else ckpt.nbytes > 1 << 30
+    bar = None
+    if show:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=ckpt.nbytes, unit="B", unit_scale=True, desc=f"loading {os.path.basename(path)}")
+    device = SingleDeviceSharding(jax.devices()[0])
+    for name, (p, v) in params.items():
+        key = available[name]
+        source = ckpt.where[key].array(key)
+        shape = tuple(v.get_value().shape)
+        sharding = parameter_sharding(".".join(map(str, p)), shape, mesh) if mesh is not None else device
+        v.set_value(jax.make_array_from_callback(shape, sharding, _reader(source, _hf_name(p)[1], dtype)))
+        if bar is not None:
+            bar.update(source.nbytes)
+    if bar is not None:
+        bar.close()
+    return nnx.merge(graphdef, state)
+
+
+def save_pretrained(model, path, architecture: str | None = None) -> None:
+    """config.json + model.safetensors in transformers 5.x's layout (kernels back to (out, in))."""
+    from safetensors.numpy import save_file
+
+    os.makedirs(path, exist_ok=True)
+    config = model.config.to_dict()
+    config["architectures"] = [architecture or getattr(model, "hf_architecture", type(model).__name__)]
+    if hasattr(model, "num_labels"):
+        config["id2label"] = {str(i): f"LABEL_{i}" for i in range(model.num_labels)}
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+    tensors = {}
+    for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        name, transposed = _hf_name(p)
+        a = np.asarray(jax.device_get(v.get_value()))
+        tensors[name] = np.ascontiguousarray(a.T if transposed else a)
+    save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})

@@ -1,0 +1,127 @@
+"""Sampling and a simple batched ``generate``: one jitted prefill, one jitted decode step per shape.
+
+Sampling parameters are per row (arrays), so a serving batch can mix greedy and sampled requests, and
+each row draws from its own seed: a row's tokens do not depend on what it is batched with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+def sample_tokens(logits, keys, temperature, top_k, top_p) -> jax.Array:
+    """One token per row from logits (B, V).
+
+    temperature (B,) 0 means greedy (argmax); top_k (B,) 0 means no limit; top_p (B,) 1 means no limit.
+    Applied in transformers' order: temperature, then top-k, then top-p (nucleus). keys: (B, 2) uint32.
+    """
+    logits = logits.astype(jnp.float32)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def stochastic():
+        vocab = logits.shape[-1]
+        x = logits / jnp.maximum(temperature, 1e-6)[:, None]
+        ordered = -jnp.sort(-x, axis=-1)  # descending
+        k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+        ordered = jnp.where(jnp.arange(vocab)[None, :] < k[:, None], ordered, -jnp.inf)
+        probs = jax.nn.softmax(ordered, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each candidate
+        keep = (before < top_p[:, None]) | (jnp.arange(vocab)[None, :] == 0)
+        threshold = jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True)
+        x = jnp.where(x >= threshold, x, -jnp.inf)
+        return jax.vmap(jax.random.categorical)(keys, x).astype(jnp.int32)
+
+    sampled = jax.lax.cond(jnp.any(temperature > 0), stochastic, lambda: greedy)
+    return jnp.where(temperature > 0, sampled, greedy)
+
+
+def step_keys(seeds: jax.Array, step: jax.Array) -> jax.Array:
+    """Per-row PRNG keys for decode step ``step``, derived from each row's seed only."""
+    return jax.vmap(lambda s: jax.random.fold_in(jax.random.PRNGKey(s), step))(seeds)
+
+
+@dataclasses.dataclass
+class GenerateOutput:
+    sequences: np.ndarray  # (B, prompt + generated) prompt as given, then new tokens (pad after a stop)
+    new_tokens: np.ndarray  # (B, max_new_tokens)
+    num_new_tokens: np.ndarray  # (B,) tokens generated per row, the stop token included
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled(graphdef):
+    """The jitted prefill and decode step of one model structure (the cache is donated)."""
+
+    def prefill(state, input_ids, attention_mask, position_ids, cache):
+        model = nnx.merge(graphdef, state)
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                    past_key_values=cache, logits_to_keep=1)
+        return out.logits[:, -1], out.past_key_values
+
+    def decode(state, tokens, cache, seeds, step, temperature, top_k, top_p):
+        model = nnx.merge(graphdef, state)
+        out = model(input_ids=tokens[:, None], position_ids=cache.next_position[:, None], past_key_values=cache)
+        nxt = sample_tokens(out.logits[:, -1], step_keys(seeds, step), temperature, top_k, top_p)
+        return nxt, out.past_key_values
+
+    def first(logits, seeds, temperature, top_k, top_p):
+        return sample_tokens(logits, step_keys(seeds, jnp.int32(0)), temperature, top_k, top_p)
+
+    return jax.jit(prefill, donate_argnums=(4,)), jax.jit(decode, donate_argnums=(2,)), jax.jit(first)
+
+
+def _per_row(value, b: int, dtype) -> jax.Array:
+    return jnp.broadcast_to(jnp.asarray(value, dtype), (b,))
+
+
+def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int = 32, temperature=0.0, top_k=0,
+             top_p=1.0, seed=0, eos_token_id=None, stop_token_ids=(), pad_token_id=None, mesh=None) -> GenerateOutput:
+    """Continue each row of a (left-padded) batch until a stop token or ``max_new_tokens``.
+
+    temperature/top_k/top_p/seed may be scalars or per-row sequences. ``eos_token_id`` defaults to the
+    config's; ``stop_token_ids`` are added to it. Greedy rows match transformers' greedy search.
+    With a ``mesh``, the cache is sharded over it like the parameters.
+    """
+    config = model.get_decoder().config
+    input_ids = jnp.asarray(input_ids, jnp.int32)
+    b, t = input_ids.shape
+    stops = set(config.eos_token_ids if eos_token_id is None else
+                ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))) | set(stop_token_ids)
+    pad = config.pad_token_id if pad_token_id is None else pad_token_id
+    pad = 0 if pad is None else pad
+    temperature, top_k = _per_row(temperature, b, jnp.float32), _per_row(top_k, b, jnp.int32)
+    top_p, seeds = _per_row(top_p, b, jnp.float32), _per_row(seed, b, jnp.uint32)
+    if bool(jnp.any(temperature < 0)) or bool(jnp.any(top_p <= 0)) or bool(jnp.any(top_p > 1)):
+        raise ValueError("temperature must be >= 0 and top_p in (0, 1]")
+
+    kwargs = model.prepare_inputs_for_generation(input_ids, max_length=t + max_new_tokens,
+                                                 attention_mask=attention_mask)
+    cache = kwargs["past_key_values"]
+    if mesh is not None:
+        from gemma3.sharding import shard_cache
+
+        cache = shard_cache(cache, mesh)
+    graphdef, state = nnx.split(model)
+    prefill, decode, first = _compiled(graphdef)
+    logits, cache = prefill(state, input_ids, kwargs["attention_mask"], kwargs["position_ids"], cache)
+    token = first(logits, seeds, temperature, top_k, top_p)
+
+    stop_ids = np.array(sorted(stops), np.int64)
+    new = np.full((b, max_new_tokens), pad, np.int64)
+    done = np.zeros(b, bool)
+    count = np.zeros(b, np.int64)
+    for i in range(max_new_tokens):
+        host = np.asarray(token)
+        new[:, i] = np.where(done, pad, host)
+        count += ~done
+        done |= np.isin(host, stop_ids)
+        if done.all() or i == max_new_tokens - 1:
+            break
+        token, cache = decode(state, token, cache, seeds, jnp.int32(i + 1), temperature, top_k, top_p)
+    return GenerateOutput(sequences=np.concatenate([np.asarray(input_ids), new], axis=1), new_tokens=new,
+                          num_new_tokens=count)

@@ -1,0 +1,433 @@
+"""The Gemma 3 text decoder in Flax NNX, numerically equal to transformers' ``modeling_gemma3``.
+
+Parameter names follow transformers (``model.layers.3.self_attn.q_proj``) so that checkpoint loading is
+a table of renames; linear kernels are stored (in, out), the JAX way. Einsum letters name their axes:
+B batch, T query tokens, S key tokens, D model width, K kv heads, G query heads per kv head, H head dim.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from gemma3 import cache as kv
+from gemma3.config import FULL, SLIDING, Gemma3TextConfig
+from gemma3.outputs import (
+    Gemma3CausalLMOutputWithPast,
+    Gemma3ModelOutputWithPast,
+    Gemma3SequenceClassifierOutputWithPast,
+)
+
+_MASKED = float(jnp.finfo(jnp.float32).min)  # finite, so a fully masked row gives no NaN
+
+
+def _linear(n_in: int, n_out: int, dtype, rngs: nnx.Rngs) -> nnx.Linear:
+    init = nnx.initializers.normal(0.02)
+    return nnx.Linear(n_in, n_out, use_bias=False, dtype=dtype, param_dtype=dtype, kernel_init=init, rngs=rngs)
+
+
+class Gemma3RMSNorm(nnx.Module):
+    """``x * rsqrt(mean(x²) + eps) * (1 + w)`` in float32, cast back; the stored weight is an offset."""
+
+    def __init__(self, dim: int, eps: float, *, dtype=jnp.float32):
+        self.weight = nnx.Param(jnp.zeros((dim,), dtype))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return (y * (1.0 + self.weight[...].astype(jnp.float32))).astype(x.dtype)
+
+
+class Gemma3MLP(nnx.Module):
+    """GeGLU: ``down(gelu_tanh(gate(x)) * up(x))``."""
+
+    def __init__(self, config: Gemma3TextConfig, *, dtype, rngs: nnx.Rngs):
+        self.gate_proj = _linear(config.hidden_size, config.intermediate_size, dtype, rngs)
+        self.up_proj = _linear(config.hidden_size, config.intermediate_size, dtype, rngs)
+        self.down_proj = _linear(config.intermediate_size, config.hidden_size, dtype, rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(jax.nn.gelu(self.gate_proj(x), approximate=True) * self.up_proj(x))
+
+
+def rope_tables(positions: jax.Array, head_dim: int, base: float, factor: float, dtype) -> tuple[jax.Array, jax.Array]:
+    """cos and sin (B, T, head_dim) for the rotate-half convention; linear scaling divides inv_freq."""
+    inv_freq = 1.0 / (base ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)) / factor
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x: (B, T, heads, H); cos/sin: (B, T, H)."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class AttentionContext:
+    """What every layer of one kind (full or sliding) needs about the current chunk, built once.
+
+    q_index: (B, T) sequence index of each query. k_index: (B, T) the same for the chunk's own keys,
+    EMPTY where the token is padding. blocks: (B, T) image-block id per token (0 = text) or None;
+    tokens of one block see each other whatever their order. cache_index / slots: the cache entries'
+    indices and where the chunk is written, or None without a cache. window: sliding window or None.
+    """
+
+    cos: jax.Array
+    sin: jax.Array
+    q_index: jax.Array
+    k_index: jax.Array
+    blocks: jax.Array | None
+    cache_index: jax.Array | None
+    slots: jax.Array | None
+    window: int | None = dataclasses.field(metadata=dict(static=True), default=None)
+
+
+def visibility_mask(q_index, k_index, window, q_blocks=None, k_blocks=None) -> jax.Array:
+    """(B, T, S) visibility: ``(k <= q or same image block) and k > q - window and k holds a token``.
+
+    The window cuts after the OR, exactly as transformers' masks do, so an image block is cut by the
+    window on sliding layers.
+    """
+    q, k = q_index[:, :, None], k_index[:, None, :]
+    visible = k <= q
+    if q_blocks is not None and k_blocks is not None:
+        qb, kb = q_blocks[:, :, None], k_blocks[:, None, :]
+        visible = visible | ((qb == kb) & (qb > 0))
+    if window is not None:
+        visible = visible & (k > q - window)
+    return visible & (k != kv.EMPTY)
+
+
+def dot_product_attention(q, key_sets, ctx: AttentionContext):
+    """Attention of queries q (B, T, N, H), already scaled, over several key sets at once.
+
+    key_sets: [(k, v, k_index, k_blocks)], k/v (B, S_i, K, H). Scores of all sets share one softmax
+    (float32), so attending to the cache and to the chunk needs no concatenation of the cache.
+    Returns the output (B, T, N, H) and the probabilities (B, N, T, sum S_i).
+    """
+    b, t, n, h = q.shape
+    n_kv = key_sets[0][0].shape[2]
+    qg = q.reshape(b, t, n_kv, n // n_kv, h)
+    scores = []
+    for k, _, k_index, k_blocks in key_sets:
+        s = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k, preferred_element_type=jnp.float32)
+        mask = visibility_mask(ctx.q_index, k_index, ctx.window, ctx.blocks, k_blocks)
+        scores.append(jnp.where(mask[:, None, None], s, _MASKED))
+    probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1)
+    out, start = 0.0, 0
+    for k, v, _, _ in key_sets:
+        p = probs[..., start:start + k.shape[1]].astype(v.dtype)
+        out = out + jnp.einsum("BKGTS,BSKH->BTKGH", p, v)
+        start += k.shape[1]
+    return out.reshape(b, t, n, h).astype(q.dtype), probs.reshape(b, n, t, -1)
+
+
+class Gemma3Attention(nnx.Module):
+    """GQA with per-head Q/K RMSNorm before RoPE, scaled by ``query_pre_attn_scalar ** -0.5``."""
+
+    def __init__(self, config: Gemma3TextConfig, layer_idx: int, *, dtype, rngs: nnx.Rngs):
+        c = config
+        self.num_heads, self.num_kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        self.scale = c.query_pre_attn_scalar ** -0.5
+        self.is_sliding = c.is_sliding(layer_idx)
+        self.q_proj = _linear(c.hidden_size, c.num_attention_heads * c.head_dim, dtype, rngs)
+        self.k_proj = _linear(c.hidden_size, c.num_key_value_heads * c.head_dim, dtype, rngs)
+        self.v_proj = _linear(c.hidden_size, c.num_key_value_heads * c.head_dim, dtype, rngs)
+        self.o_proj = _linear(c.num_attention_heads * c.head_dim, c.hidden_size, dtype, rngs)
+        self.q_norm = Gemma3RMSNorm(c.head_dim, c.rms_norm_eps, dtype=dtype)
+        self.k_norm = Gemma3RMSNorm(c.head_dim, c.rms_norm_eps, dtype=dtype)
+
+    def __call__(self, x, ctx: AttentionContext, cache_kv=None):
+        """Returns (output, updated (k, v) cache buffers or None, attention probabilities)."""
+        b, t, _ = x.shape
+        q = self.q_norm(self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim))
+        k = self.k_norm(self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim))
+        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
+        key_sets = [(k, v, ctx.k_index, ctx.blocks)]
+        if cache_kv is not None:
+            key_sets.insert(0, (cache_kv[0], cache_kv[1], ctx.cache_index, None))
+            cache_kv = kv.write_layer(cache_kv[0], cache_kv[1], ctx.slots, k, v)
+        out, probs = dot_product_attention(q * jnp.asarray(self.scale, q.dtype), key_sets, ctx)
+        return self.o_proj(out.reshape(b, t, -1)), cache_kv, probs
+
+
+class Gemma3DecoderLayer(nnx.Module):
+    """Pre- and post-norms around both attention and MLP (four norms)."""
+
+    def __init__(self, config: Gemma3TextConfig, layer_idx: int, *, dtype, rngs: nnx.Rngs):
+        eps = config.rms_norm_eps
+        self.is_sliding = config.is_sliding(layer_idx)
+        self.self_attn = Gemma3Attention(config, layer_idx, dtype=dtype, rngs=rngs)
+        self.mlp = Gemma3MLP(config, dtype=dtype, rngs=rngs)
+        self.input_layernorm = Gemma3RMSNorm(config.hidden_size, eps, dtype=dtype)
+        self.post_attention_layernorm = Gemma3RMSNorm(config.hidden_size, eps, dtype=dtype)
+        self.pre_feedforward_layernorm = Gemma3RMSNorm(config.hidden_size, eps, dtype=dtype)
+        self.post_feedforward_layernorm = Gemma3RMSNorm(config.hidden_size, eps, dtype=dtype)
+
+    def __call__(self, x, ctx: AttentionContext, cache_kv=None):
+        a, cache_kv, probs = self.self_attn(self.input_layernorm(x), ctx, cache_kv)
+        h = x + self.post_attention_layernorm(a)
+        y = h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+        return y, cache_kv, probs
+
+
+def _chunk_mask(attention_mask, t: int, cache: kv.KVCache | None, index):
+    """The chunk's validity (B, T) from an attention mask covering the chunk or the whole cache."""
+    if attention_mask is None:
+        return jnp.ones(index.shape, bool)
+    m = jnp.asarray(attention_mask).astype(bool)
+    if m.shape[1] != t and cache is not None and m.shape[1] == cache.max_length:
+        m = jnp.take_along_axis(m, jnp.minimum(index, m.shape[1] - 1), axis=1)
+    if m.shape != index.shape:
+        raise ValueError(f"attention_mask has shape {m.shape}; expected {index.shape} (or the cache length)")
+    return m
+
+
+class Gemma3TextModel(nnx.Module):
+    """Embedding (scaled by sqrt(hidden_size) in the weight dtype), decoder layers, final norm."""
+
+    def __init__(self, config: Gemma3TextConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.config = config
+        self.dtype = dtype
+        self.embed_tokens = nnx.Embed(config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=dtype,
+                                      embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
+        self.layers = nnx.List([Gemma3DecoderLayer(config, i, dtype=dtype, rngs=rngs)
+                                for i in range(config.num_hidden_layers)])
+        self.norm = Gemma3RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
+
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        scale = jnp.asarray(math.sqrt(self.config.hidden_size), self.dtype)
+        return self.embed_tokens(input_ids) * scale
+
+    def __call__(
+        self,
+        input_ids: jax.Array | None = None,
+        attention_mask: jax.Array | None = None,
+        position_ids: jax.Array | None = None,
+        past_key_values: kv.KVCache | None = None,
+        inputs_embeds: jax.Array | None = None,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+        image_blocks: jax.Array | None = None,
+    ) -> Gemma3ModelOutputWithPast:
+        """Forward one chunk of tokens, with or without a cache.
+
+        Without ``position_ids``, positions count real tokens only (``cumsum(attention_mask) - 1``,
+        continued from the cache), so a left-padded row gives the logits of its unpadded self;
+        transformers' forward instead uses plain indices unless told otherwise.
+        ``image_blocks`` (B, T): per token, 0 for text or the id of the image it belongs to.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
+        b, t = x.shape[:2]
+        cache = past_key_values
+        start = cache.length[:, None] if cache is not None else jnp.zeros((b, 1), jnp.int32)
+        index = start + jnp.arange(t, dtype=jnp.int32)[None, :]
+        valid = _chunk_mask(attention_mask, t, cache, index)
+        if position_ids is None:
+            first = cache.next_position[:, None] if cache is not None else 0
+            position_ids = first + jnp.maximum(jnp.cumsum(valid, axis=1, dtype=jnp.int32) - 1, 0)
+        position_ids = jnp.broadcast_to(jnp.asarray(position_ids, jnp.int32), (b, t))
+        k_index = jnp.where(valid, index, kv.EMPTY)
+        slots = kv.chunk_slots(cache, index, valid) if cache is not None else None
+
+        ctx = {}
+        for kind in (FULL, SLIDING):
+            base, factor = self.config.rope(kind)
+            cos, sin = rope_tables(position_ids, self.config.head_dim, base, factor, x.dtype)
+            sliding = kind == SLIDING
+            ctx[kind] = AttentionContext(
+                cos=cos, sin=sin, q_index=index, k_index=k_index, blocks=image_blocks,
+                cache_index=None if cache is None else (cache.sliding_index if sliding else cache.full_index),
+                slots=None if cache is None else (slots.sliding if sliding else slots.full),
+                window=self.config.sliding_window if sliding else None,
+            )
+
+        hidden_states, attentions, new_k, new_v = [], [], [], []
+        for i, layer in enumerate(self.layers):
+            if output_hidden_states:
+                hidden_states.append(x)
+            cache_kv = None if cache is None else (cache.keys[i], cache.values[i])
+            x, cache_kv, probs = layer(x, ctx[SLIDING if layer.is_sliding else FULL], cache_kv)
+            if cache is not None:
+                new_k.append(cache_kv[0])
+                new_v.append(cache_kv[1])
+            if output_attentions:
+                attentions.append(probs)
+        x = self.norm(x)
+        if output_hidden_states:
+            hidden_states.append(x)
+        if cache is not None:
+            cache = kv.advance(cache, new_k, new_v, slots, index, valid, position_ids)
+        return Gemma3ModelOutputWithPast(
+            last_hidden_state=x,
+            past_key_values=cache,
+            hidden_states=tuple(hidden_states) if output_hidden_states else None,
+            attentions=tuple(attentions) if output_attentions else None,
+        )
+
+
+def softcap(logits: jax.Array, cap: float | None) -> jax.Array:
+    return logits if cap is None else jnp.tanh(logits / cap) * cap
+
+
+def causal_lm_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Mean next-token cross entropy in float32; label -100 is ignored (transformers' convention)."""
+    logits, labels = logits[:, :-1].astype(jnp.float32), labels[:, 1:]
+    keep = labels != -100
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    nll = -jnp.take_along_axis(logp, jnp.where(keep, labels, 0)[..., None], axis=-1)[..., 0]
+    return jnp.sum(jnp.where(keep, nll, 0.0)) / jnp.maximum(jnp.sum(keep), 1)
+
+
+class PretrainedMixin:
+    """Checkpoint I/O shared by every model class."""
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=jnp.float32, mesh=None, progress=None, config=None):
+        """Load a Hugging Face checkpoint directory, each tensor straight onto its devices."""
+        from gemma3.checkpoint import load_pretrained
+
+        return load_pretrained(cls, path, dtype=dtype, mesh=mesh, progress=progress, config=config)
+
+    def save_pretrained(self, path) -> None:
+        """Write config.json and model.safetensors in the layout transformers 5.x writes."""
+        from gemma3.checkpoint import save_pretrained
+
+        save_pretrained(self, path)
+
+
+class CausalLMMixin(PretrainedMixin):
+    """What the causal-LM classes share: the head and the generation hooks."""
+
+    def apply_lm_head(self, hidden: jax.Array) -> jax.Array:
+        """Logits (with final-logit softcapping) from hidden states; tied heads use the embedding."""
+        text = self.get_decoder()
+        lm_head = self.get_lm_head()
+        logits = text.embed_tokens.attend(hidden) if lm_head is None else lm_head(hidden)
+        return softcap(logits, text.config.final_logit_softcapping)
+
+    def init_cache(self, batch_size: int, max_length: int) -> kv.KVCache:
+        text = self.get_decoder()
+        return kv.KVCache.init(text.config, batch_size, max_length, text.dtype)
+
+    def prepare_inputs_for_generation(self, input_ids, max_length: int, attention_mask=None, **kwargs) -> dict:
+        """The keyword arguments of the prefill call: a fresh cache, the mask and positions."""
+        b, t = input_ids.shape
+        mask = jnp.ones((b, t), bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
+        positions = jnp.maximum(jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1, 0)
+        return dict(past_key_values=self.init_cache(b, max_length), attention_mask=mask, position_ids=positions,
+                    **kwargs)
+
+    def update_inputs_for_generation(self, model_outputs, model_kwargs: dict) -> dict:
+        """The keyword arguments of the next decode step: the new cache; one real token per row."""
+        cache = model_outputs.past_key_values
+        model_kwargs = {k: v for k, v in model_kwargs.items() if k not in ("pixel_values", "token_type_ids")}
+        model_kwargs["past_key_values"] = cache
+        model_kwargs["attention_mask"] = jnp.ones((cache.batch_size, 1), bool)
+        model_kwargs["position_ids"] = cache.next_position[:, None]
+        return model_kwargs
+
+    def generate(self, input_ids, attention_mask=None, **kwargs):
+        """Sample a continuation; see :func:`gemma3.generation.generate` for the options."""
+        from gemma3.generation import generate
+
+        return generate(self, input_ids, attention_mask, **kwargs)
+
+
+class Gemma3ForCausalLM(CausalLMMixin, nnx.Module):
+    """The text decoder with its language-model head."""
+
+    config_class = Gemma3TextConfig
+    hf_architecture = "Gemma3ForCausalLM"
+
+    def __init__(self, config: Gemma3TextConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+        rngs = rngs or nnx.Rngs(0)
+        self.config = config
+        self.model = Gemma3TextModel(config, dtype=dtype, rngs=rngs)
+        self.lm_head = None if config.tie_word_embeddings else _linear(config.hidden_size, config.vocab_size,
+                                                                        dtype, rngs)
+
+    def get_embedding(self) -> nnx.Embed:
+        return self.model.embed_tokens
+
+    def get_decoder(self) -> Gemma3TextModel:
+        return self.model
+
+    def get_lm_head(self) -> nnx.Linear | None:
+        """The untied head, or None when the head is the embedding (``apply_lm_head`` handles both)."""
+        return self.lm_head
+
+    def get_encoder(self):
+        return None
+
+    def __call__(
+        self,
+        input_ids: jax.Array | None = None,
+        attention_mask: jax.Array | None = None,
+        position_ids: jax.Array | None = None,
+        past_key_values: kv.KVCache | None = None,
+        inputs_embeds: jax.Array | None = None,
+        labels: jax.Array | None = None,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+        logits_to_keep: int = 0,
+    ) -> Gemma3CausalLMOutputWithPast:
+        """``logits_to_keep=n`` computes logits for the last n positions only (0: all), as transformers."""
+        out = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds,
+                         output_attentions, output_hidden_states)
+        hidden = out.last_hidden_state if logits_to_keep == 0 else out.last_hidden_state[:, -logits_to_keep:]
+        logits = self.apply_lm_head(hidden)
+        return Gemma3CausalLMOutputWithPast(
+            loss=None if labels is None else causal_lm_loss(logits, labels),
+            logits=logits,
+            past_key_values=out.past_key_values,
+            hidden_states=out.hidden_states,
+            attentions=out.attentions,
+        )
+
+
+class Gemma3ForSequenceClassification(PretrainedMixin, nnx.Module):
+    """A score head on the decoder, read at each row's last non-pad token (rightmost, as transformers)."""
+
+    config_class = Gemma3TextConfig
+    hf_architecture = "Gemma3TextForSequenceClassification"
+
+    def __init__(self, config: Gemma3TextConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+        rngs = rngs or nnx.Rngs(0)
+        self.config = config
+        self.num_labels = config.num_labels
+        self.model = Gemma3TextModel(config, dtype=dtype, rngs=rngs)
+        self.score = _linear(config.hidden_size, config.num_labels, dtype, rngs)
+
+    def get_decoder(self) -> Gemma3TextModel:
+        return self.model
+
+    def __call__(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                 inputs_embeds=None, output_attentions=False, output_hidden_states=False):
+        out = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds,
+                         output_attentions, output_hidden_states)
+        logits = self.score(out.last_hidden_state)
+        b, t = logits.shape[:2]
+        pad = self.config.pad_token_id
+        if input_ids is None or pad is None:
+            last = jnp.full((b,), t - 1)
+        else:
+            last = jnp.argmax(jnp.arange(t)[None, :] * (input_ids != pad), axis=-1)
+        return Gemma3SequenceClassifierOutputWithPast(
+            logits=logits[jnp.arange(b), last],
+            past_key_values=out.past_key_values,
+            hidden_states=out.hidden_states,
+            attentions=out.attentions,
+        )
