@@ -1,0 +1,128 @@
+"""The loader: file layouts, key layouts, dtypes, and errors that name the tensors at fault."""
+
+import json
+import os
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from gemma3 import CheckpointError, Gemma3ForCausalLM
+from tests import make_checkpoints as mk
+
+IDS = np.array([[2, 17, 40, 99, 7, 150, 3, 33, 21, 8, 64, 5]])
+
+
+def hf_logits(model, ids=IDS):
+    with torch.no_grad():
+        return model(input_ids=torch.tensor(ids)).logits.numpy()
+
+
+def our_logits(path, **kw):
+    return np.asarray(Gemma3ForCausalLM.from_pretrained(path, **kw)(jnp.asarray(IDS)).logits)
+
+
+def test_sharded_files_with_index(tmp_path):
+    hf = mk.save_text_checkpoint(str(tmp_path), "untied", seed=5, max_shard_size="100KB")
+    assert os.path.exists(tmp_path / "model.safetensors.index.json")
+    assert len([f for f in os.listdir(tmp_path) if f.endswith(".safetensors")]) > 2
+    np.testing.assert_allclose(our_logits(tmp_path), hf_logits(hf), atol=1e-4)
+
+
+def test_bfloat16_file_loads_into_float32_and_bfloat16(tmp_path):
+    mk.save_text_checkpoint(str(tmp_path), "base", seed=6, dtype=torch.bfloat16)
+    import transformers
+
+    hf = transformers.Gemma3ForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    np.testing.assert_allclose(our_logits(tmp_path), hf_logits(hf), atol=1e-4)
+    model = Gemma3ForCausalLM.from_pretrained(tmp_path, dtype=jnp.bfloat16)
+    assert model.model.layers[0].mlp.up_proj.kernel.get_value().dtype == jnp.bfloat16
+    logits = model(jnp.asarray(IDS)).logits
+    assert logits.dtype == jnp.bfloat16
+    # bf16 compute drifts from f32 but must stay close: top token mostly agrees
+    agree = (np.asarray(logits.astype(jnp.float32)).argmax(-1) == hf_logits(hf).argmax(-1)).mean()
+    assert agree >= 0.75
+
+
+@pytest.mark.parametrize("prefix", ["language_model.model.", "model.language_model."], ids=["hub", "transformers5"])
+def test_multimodal_key_layouts_load_the_text_model(tmp_path, prefix):
+    hf = mk.hf_text_model("base", seed=7)
+    tensors = {}
+    for k, v in hf.state_dict().items():
+        if k.startswith("model."):
+            tensors[prefix + k[len("model."):]] = v.contiguous()
+    vision = "vision_tower.vision_model." if prefix.startswith("language_model") else "model.vision_tower."
+    tensors[vision + "embeddings.patch_embedding.weight"] = torch.zeros(8, 3, 2, 2)
+    tensors[prefix.split("language_model")[0] + "multi_modal_projector.mm_input_projection_weight"] = torch.zeros(8, 64)
+    save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    text = mk.text_config_dict("base")
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump({"model_type": "gemma3", "architectures": ["Gemma3ForConditionalGeneration"],
+                   "text_config": text, "vision_config": {"hidden_size": 8}}, f)
+    np.testing.assert_allclose(our_logits(tmp_path), hf_logits(hf), atol=1e-4)
+
+
+def test_our_save_pretrained_loads_in_transformers(tmp_path):
+    import transformers
+
+    model = Gemma3ForCausalLM.from_pretrained(_base(tmp_path / "src"))
+    model.save_pretrained(tmp_path / "out")
+    hf = transformers.Gemma3ForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    np.testing.assert_allclose(np.asarray(model(jnp.asarray(IDS)).logits), hf_logits(hf), atol=1e-4)
+
+
+def _base(path):
+    mk.save_text_checkpoint(str(path), "base", seed=8)
+    return path
+
+
+def _rewrite(path, edit):
+    from safetensors.numpy import load_file
+    from safetensors.numpy import save_file as save_np
+
+    tensors = load_file(str(path / "model.safetensors"))
+    edit(tensors)
+    save_np(tensors, str(path / "model.safetensors"))
+
+
+def test_missing_tensor_is_named(tmp_path):
+    path = _base(tmp_path)
+    _rewrite(path, lambda t: t.pop("model.layers.2.mlp.up_proj.weight"))
+    with pytest.raises(CheckpointError, match=r"missing tensor model\.layers\.2\.mlp\.up_proj\.weight"):
+        Gemma3ForCausalLM.from_pretrained(path)
+
+
+def test_misshaped_tensor_is_named(tmp_path):
+    path = _base(tmp_path)
+
+    def edit(t):
+        t["model.layers.1.self_attn.k_proj.weight"] = np.zeros((16, 64), np.float32)
+
+    _rewrite(path, edit)
+    with pytest.raises(CheckpointError, match=r"mis-shaped tensor model\.layers\.1\.self_attn\.k_proj\.weight: "
+                                              r"expected \(32, 64\), found \(16, 64\)"):
+        Gemma3ForCausalLM.from_pretrained(path)
+
+
+def test_unexpected_tensor_is_named(tmp_path):
+    path = _base(tmp_path)
+    _rewrite(path, lambda t: t.update({"model.layers.9.extra.weight": np.zeros(3, ml_dtypes.bfloat16)}))
+    with pytest.raises(CheckpointError, match=r"unexpected tensor model\.layers\.9\.extra\.weight"):
+        Gemma3ForCausalLM.from_pretrained(path)
+
+
+def test_untied_config_without_head_tensor_fails(tmp_path):
+    path = _base(tmp_path)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["tie_word_embeddings"] = False
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"missing tensor lm_head\.weight"):
+        Gemma3ForCausalLM.from_pretrained(path)
+
+
+def test_progress_bar_reports_bytes(tmp_path, capsys):
+    Gemma3ForCausalLM.from_pretrained(_base(tmp_path), progress=True)
+    assert "loading" in capsys.readouterr().err

@@ -1,0 +1,79 @@
+"""Sampling semantics and generate's stopping rules."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gemma3 import Gemma3ForCausalLM, sample_tokens
+
+
+@pytest.fixture(scope="module")
+def model(text_checkpoints):
+    return Gemma3ForCausalLM.from_pretrained(text_checkpoints["base"][0])
+
+
+def _sample(logits, n, temperature=1.0, top_k=0, top_p=1.0):
+    b = logits.shape[0]
+    keys = jax.random.split(jax.random.PRNGKey(0), n * b).reshape(n, b, 2)
+    f = jax.jit(jax.vmap(lambda k: sample_tokens(logits, k, jnp.full((b,), temperature), jnp.full((b,), top_k),
+                                                 jnp.full((b,), top_p))))
+    return np.asarray(f(keys))
+
+
+def test_greedy_is_argmax_and_zero_temperature_ignores_the_key():
+    logits = jax.random.normal(jax.random.PRNGKey(1), (4, 50))
+    np.testing.assert_array_equal(_sample(logits, 8, temperature=0.0), np.tile(np.argmax(logits, -1), (8, 1)))
+
+
+def test_top_k_keeps_only_the_k_best():
+    logits = jnp.asarray([[0.0, 3.0, 2.9, -1.0, 2.8, 0.5]])
+    drawn = set(_sample(logits, 400, temperature=5.0, top_k=2).ravel().tolist())
+    assert drawn == {1, 2}
+
+
+def test_top_p_keeps_the_smallest_nucleus():
+    probs = np.array([0.5, 0.3, 0.15, 0.05])
+    logits = jnp.asarray(np.log(probs))[None]
+    drawn = _sample(logits, 2000, top_p=0.75).ravel()
+    assert set(drawn.tolist()) == {0, 1}  # 0.5 < 0.75, 0.5 + 0.3 covers it
+    assert abs((drawn == 0).mean() - 0.5 / 0.8) < 0.05  # renormalised within the nucleus
+
+
+def test_temperature_flattens_the_distribution():
+    logits = jnp.asarray([[2.0, 0.0]])
+    cold = (_sample(logits, 2000, temperature=0.5) == 0).mean()
+    hot = (_sample(logits, 2000, temperature=4.0) == 0).mean()
+    assert abs(cold - 1 / (1 + np.exp(-4.0))) < 0.04 and abs(hot - 1 / (1 + np.exp(-0.5))) < 0.04
+
+
+def test_seeds_reproduce_and_rows_do_not_depend_on_batchmates(model):
+    ids = np.array([[2, 10, 20, 30, 40], [2, 11, 21, 31, 41]])
+    kw = dict(max_new_tokens=10, temperature=20.0, eos_token_id=[])  # this random model is very peaked
+    a = model.generate(ids, seed=[7, 8], **kw).new_tokens
+    b = model.generate(ids, seed=[7, 8], **kw).new_tokens
+    np.testing.assert_array_equal(a, b)
+    alone = model.generate(ids[1:], seed=8, **kw).new_tokens
+    np.testing.assert_array_equal(a[1:], alone)
+    other = model.generate(ids, seed=[9, 8], **kw).new_tokens
+    assert (other[0] != a[0]).any()
+
+
+def test_stop_tokens_end_a_row_and_pad_after(model):
+    ids = np.array([[2, 10, 20, 30, 40], [2, 50, 60, 70, 80]])
+    free = model.generate(ids, max_new_tokens=12, eos_token_id=[]).new_tokens
+    stop = int(free[0, 3])
+    out = model.generate(ids, max_new_tokens=12, eos_token_id=[], stop_token_ids=[stop])
+    first = int(np.argmax(free[0] == stop))
+    assert out.num_new_tokens[0] == first + 1
+    np.testing.assert_array_equal(out.new_tokens[0, :first + 1], free[0, :first + 1])
+    assert (out.new_tokens[0, first + 1:] == model.config.pad_token_id).all()
+    if stop not in free[1]:
+        np.testing.assert_array_equal(out.new_tokens[1], free[1])
+
+
+def test_invalid_sampling_values_are_rejected(model):
+    with pytest.raises(ValueError, match="temperature"):
+        model.generate([[2, 3]], temperature=-1.0, max_new_tokens=2)
+    with pytest.raises(ValueError, match="top_p"):
+        model.generate([[2, 3]], top_p=0.0, max_new_tokens=2)
