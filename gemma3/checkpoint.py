@@ -86,12 +86,42 @@ VISION_PREFIXES = ("vision_tower.", "model.vision_tower.", "multi_modal_projecto
 
 def text_key(key: str) -> str | None:
     """The text-model name of a checkpoint key, or None for keys a text model ignores (vision)."""
-    if key.startswith(VISION_PREFIXES):
-        return None
-    for old, new in TEXT_PREFIXES:
+    return None if key.startswith(VISION_PREFIXES) else _rename(key, TEXT_PREFIXES)
+
+
+# Every multimodal layout, mapped to our parameter names (transformers' module names, without the
+# ``vision_model.`` level). The pooling head of SigLIP is unused by Gemma 3 and skipped.
+MULTIMODAL_PREFIXES = [
+    ("model.vision_tower.vision_model.", "model.vision_tower."),
+    ("vision_tower.vision_model.", "model.vision_tower."),
+    ("vision_tower.", "model.vision_tower."),
+    ("language_model.model.", "model.language_model."),
+    ("language_model.lm_head.", "lm_head."),
+    ("multi_modal_projector.", "model.multi_modal_projector."),
+]
+# What transformers 5.x's save_pretrained writes, and so what we write.
+SAVED_PREFIXES = [
+    ("model.vision_tower.", "vision_tower."),
+    ("model.language_model.", "language_model.model."),
+    ("model.multi_modal_projector.", "multi_modal_projector."),
+    ("lm_head.", "language_model.lm_head."),
+]
+
+
+def _rename(key: str, table) -> str:
+    for old, new in table:
         if key.startswith(old):
             return new + key[len(old):]
     return key
+
+
+def multimodal_key(key: str) -> str | None:
+    name = _rename(key, MULTIMODAL_PREFIXES)
+    return None if name.startswith("model.vision_tower.head.") else name
+
+
+def multimodal_saved_key(name: str) -> str:
+    return _rename(name, SAVED_PREFIXES)
 
 
 def _hf_name(path: tuple) -> tuple[str, bool]:
@@ -99,7 +129,7 @@ def _hf_name(path: tuple) -> tuple[str, bool]:
     *head, leaf = map(str, path)
     if leaf == "kernel":
         return ".".join(head + ["weight"]), True
-    if leaf == "embedding":
+    if leaf in ("embedding", "scale"):  # nnx.Embed, nnx.LayerNorm
         return ".".join(head + ["weight"]), False
     return ".".join(head + [leaf]), False
 
@@ -113,18 +143,20 @@ def _reader(array: np.ndarray, transposed: bool, dtype) -> Callable:
 
 
 def load_pretrained(cls, path, dtype=np.float32, mesh: Mesh | None = None, progress: bool | None = None,
-                    config=None, key_map: Callable[[str], str | None] = text_key):
+                    config=None):
     """Build ``cls`` from a checkpoint directory without materialising random weights.
 
     The model is created abstractly (``nnx.eval_shape``); each parameter is then read from its
     tensor and placed by the mesh's partition rules (or on the default device without a mesh).
-    Missing, unexpected and mis-shaped tensors are all reported at once, by name.
+    Missing, unexpected and mis-shaped tensors are all reported at once, by name. Checkpoint keys
+    are renamed by ``cls.checkpoint_key`` (default: the text-model layouts).
     """
     path = os.fspath(path)
     config = config if config is not None else cls.config_class.from_pretrained(path)
     abstract = nnx.eval_shape(lambda: cls(config, dtype=dtype, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     ckpt = Checkpoint(path)
+    key_map = getattr(cls, "checkpoint_key", text_key)
     available = {}
     for key in ckpt.where:
         name = key_map(key)
@@ -177,14 +209,16 @@ def save_pretrained(model, path, architecture: str | None = None) -> None:
 
     os.makedirs(path, exist_ok=True)
     config = model.config.to_dict()
-    config["architectures"] = [architecture or getattr(model, "hf_architecture", type(model).__name__)]
+    config["architectures"] = [architecture or model.hf_architecture]
     if hasattr(model, "num_labels"):
         config["id2label"] = {str(i): f"LABEL_{i}" for i in range(model.num_labels)}
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)
     tensors = {}
+    rename = getattr(model, "saved_key", lambda name: name)
     for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         name, transposed = _hf_name(p)
+        name = rename(name)
         a = np.asarray(jax.device_get(v.get_value()))
         tensors[name] = np.ascontiguousarray(a.T if transposed else a)
     save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Any
 
@@ -186,3 +187,112 @@ def _rope_parameters(d: dict[str, Any]) -> dict[str, dict[str, Any]]:
     for p in params.values():
         p.setdefault("rope_type", "default")
     return params
+
+
+@dataclasses.dataclass(eq=False)
+class SiglipVisionConfig:
+    """The SigLIP vision tower's hyper-parameters (transformers' defaults for absent keys)."""
+
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    num_channels: int = 3
+    image_size: int = 224
+    patch_size: int = 16
+    hidden_act: str = "gelu_pytorch_tanh"
+    layer_norm_eps: float = 1e-6
+
+    def __post_init__(self):
+        for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_channels",
+                     "image_size", "patch_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ConfigError(f"vision_config.{name} must be a positive integer, got {v!r}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(f"vision_config.hidden_size ({self.hidden_size}) must be a multiple of "
+                              f"num_attention_heads ({self.num_attention_heads})")
+        if self.image_size % self.patch_size:
+            raise ConfigError(f"vision_config.image_size ({self.image_size}) must be a multiple of "
+                              f"patch_size ({self.patch_size})")
+        if self.hidden_act not in SUPPORTED_ACTIVATIONS:
+            raise ConfigError(f"vision_config.hidden_act {self.hidden_act!r} is not supported")
+
+    @property
+    def patches_per_side(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.patches_per_side ** 2
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SiglipVisionConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in (d or {}).items() if k in known})
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return d | {"model_type": "siglip_vision_model", "vision_use_head": False}
+
+
+@dataclasses.dataclass(eq=False)
+class Gemma3Config:
+    """The multimodal model: text and vision configs, image tokens, and how images become tokens."""
+
+    text_config: Gemma3TextConfig = dataclasses.field(default_factory=Gemma3TextConfig)
+    vision_config: SiglipVisionConfig = dataclasses.field(default_factory=SiglipVisionConfig)
+    mm_tokens_per_image: int = 256
+    boi_token_index: int = 255_999
+    eoi_token_index: int = 256_000
+    image_token_index: int = 262_144
+    tie_word_embeddings: bool = True
+    torch_dtype: str | None = None
+
+    def __post_init__(self):
+        side = math.isqrt(self.mm_tokens_per_image) if self.mm_tokens_per_image > 0 else 0
+        if side * side != self.mm_tokens_per_image:
+            raise ConfigError(f"mm_tokens_per_image must be a perfect square, got {self.mm_tokens_per_image}")
+        if self.vision_config.patches_per_side % side:
+            raise ConfigError(f"the {self.vision_config.patches_per_side}x{self.vision_config.patches_per_side} patch "
+                              f"grid does not pool evenly into {side}x{side} image tokens")
+        self.text_config.tie_word_embeddings = self.tie_word_embeddings
+
+    @property
+    def image_token_id(self) -> int:
+        return self.image_token_index
+
+    @property
+    def tokens_per_side(self) -> int:
+        return math.isqrt(self.mm_tokens_per_image)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Gemma3Config:
+        if "text_config" not in d and "vision_config" not in d:
+            raise ConfigError("not a multimodal Gemma 3 config: it has neither text_config nor vision_config")
+        aliases = {"image_token_id": "image_token_index", "boi_token_id": "boi_token_index",
+                   "eoi_token_id": "eoi_token_index"}
+        d = {aliases.get(k, k): v for k, v in d.items()}
+        tie = d.get("tie_word_embeddings", True)
+        text = Gemma3TextConfig.from_dict({**(d.get("text_config") or {}), "tie_word_embeddings": tie})
+        known = {f.name for f in dataclasses.fields(cls)} - {"text_config", "vision_config"}
+        kwargs = {k: v for k, v in d.items() if k in known and v is not None}
+        kwargs["torch_dtype"] = d.get("dtype") or d.get("torch_dtype")
+        return cls(text_config=text, vision_config=SiglipVisionConfig.from_dict(d.get("vision_config")), **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> Gemma3Config:
+        path = os.fspath(path)
+        with open(os.path.join(path, "config.json") if os.path.isdir(path) else path) as f:
+            return cls.from_dict(json.load(f))
+
+    def to_dict(self) -> dict[str, Any]:
+        text = self.text_config.to_dict()
+        text.pop("architectures")
+        return {
+            "model_type": "gemma3", "architectures": ["Gemma3ForConditionalGeneration"],
+            "text_config": text, "vision_config": self.vision_config.to_dict(),
+            "mm_tokens_per_image": self.mm_tokens_per_image, "boi_token_index": self.boi_token_index,
+            "eoi_token_index": self.eoi_token_index, "image_token_index": self.image_token_index,
+            "tie_word_embeddings": self.tie_word_embeddings, "dtype": self.torch_dtype,
+        }

@@ -57,10 +57,10 @@ class GenerateOutput:
 def _compiled(graphdef):
     """The jitted prefill and decode step of one model structure (the cache is donated)."""
 
-    def prefill(state, input_ids, attention_mask, position_ids, cache):
+    def prefill(state, input_ids, attention_mask, position_ids, cache, extra):
         model = nnx.merge(graphdef, state)
         out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                    past_key_values=cache, logits_to_keep=1)
+                    past_key_values=cache, logits_to_keep=1, **extra)
         return out.logits[:, -1], out.past_key_values
 
     def decode(state, tokens, cache, seeds, step, temperature, top_k, top_p):
@@ -80,8 +80,12 @@ def _per_row(value, b: int, dtype) -> jax.Array:
 
 
 def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int = 32, temperature=0.0, top_k=0,
-             top_p=1.0, seed=0, eos_token_id=None, stop_token_ids=(), pad_token_id=None, mesh=None) -> GenerateOutput:
+             top_p=1.0, seed=0, eos_token_id=None, stop_token_ids=(), pad_token_id=None, mesh=None,
+             **prefill_inputs) -> GenerateOutput:
     """Continue each row of a (left-padded) batch until a stop token or ``max_new_tokens``.
+
+    ``prefill_inputs`` go to the prefill call only: ``pixel_values``, ``token_type_ids`` or
+    ``image_features`` for the multimodal model.
 
     temperature/top_k/top_p/seed may be scalars or per-row sequences. ``eos_token_id`` defaults to the
     config's; ``stop_token_ids`` are added to it. Greedy rows match transformers' greedy search.
@@ -108,7 +112,12 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int = 32,
         cache = shard_cache(cache, mesh)
     graphdef, state = nnx.split(model)
     prefill, decode, first = _compiled(graphdef)
-    logits, cache = prefill(state, input_ids, kwargs["attention_mask"], kwargs["position_ids"], cache)
+    extra = {k: jnp.asarray(v) for k, v in prefill_inputs.items() if v is not None}
+    if "pixel_values" in extra or "image_features" in extra:  # the image-token count is checked eagerly here
+        from gemma3.multimodal import check_image_token_count
+
+        check_image_token_count(model.config, input_ids, extra)
+    logits, cache = prefill(state, input_ids, kwargs["attention_mask"], kwargs["position_ids"], cache, extra)
     token = first(logits, seeds, temperature, top_k, top_p)
 
     stop_ids = np.array(sorted(stops), np.int64)

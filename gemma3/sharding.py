@@ -22,9 +22,12 @@ BATCH = ("data", "fsdp")
 PARAMETER_RULES: list[tuple[str, tuple]] = [
     (r"embed_tokens\.embedding$", ("tensor", "fsdp")),  # (vocab, hidden)
     (r"self_attn\.[qkv]_proj\.kernel$", ("fsdp", "tensor")),  # heads split over tensor
-    (r"self_attn\.o_proj\.kernel$", ("tensor", "fsdp")),
+    (r"self_attn\.(o|out)_proj\.kernel$", ("tensor", "fsdp")),  # text o_proj, SigLIP out_proj
     (r"mlp\.(gate|up)_proj\.kernel$", ("fsdp", "tensor")),
     (r"mlp\.down_proj\.kernel$", ("tensor", "fsdp")),
+    (r"mlp\.fc1\.kernel$", ("fsdp", "tensor")),  # SigLIP MLP
+    (r"mlp\.fc2\.kernel$", ("tensor", "fsdp")),
+    (r"mm_input_projection_weight$", (None, "tensor")),  # (vision width, text width)
     (r"lm_head\.kernel$", ("fsdp", "tensor")),  # (hidden, vocab)
     (r"score\.kernel$", ("fsdp", None)),
     (r".*", ()),  # norms and anything else: replicated

@@ -113,3 +113,55 @@ def main(out: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1] if len(sys.argv) > 1 else "tiny-checkpoints")
+
+
+VISION_BASE = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, image_size=42,
+                   patch_size=7, layer_norm_eps=1e-6, vision_use_head=False)
+MULTIMODAL_BASE = dict(mm_tokens_per_image=9, image_token_index=150, boi_token_index=151, eoi_token_index=152)
+
+
+def hf_multimodal_model(seed: int = 0, text: dict | None = None, **overrides):
+    """A random transformers Gemma3ForConditionalGeneration: 6x6 patches pooled to 3x3 = 9 image tokens,
+    so one image's block is longer than the sliding window (5) and is cut by it on sliding layers."""
+    import transformers
+
+    text_cfg = {**TEXT_BASE, "final_logit_softcapping": None, **(text or {})}
+    text_cfg.pop("sliding_window_pattern")
+    text_cfg["layer_types"] = ["sliding_attention", "sliding_attention", "full_attention"] * 2
+    config = transformers.Gemma3Config(text_config=text_cfg, vision_config=VISION_BASE,
+                                       **{**MULTIMODAL_BASE, **overrides})
+    config._attn_implementation = "eager"
+    config.text_config._attn_implementation = "eager"
+    config.vision_config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = transformers.Gemma3ForConditionalGeneration(config).eval()
+    randomize(model, seed)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def image_prompt(images_per_row: list[int], length: int, seed: int = 0, pad_to: int | None = None):
+    """input_ids, attention_mask, token_type_ids for rows with the given number of images each:
+    text, then per image <boi> 9 x <image> <eoi>, then text; left-padded to a common length."""
+    rng = np.random.default_rng(seed)
+    c = MULTIMODAL_BASE
+    rows = []
+    for n in images_per_row:
+        row = [2] + list(rng.integers(3, 140, 3))
+        for _ in range(n):
+            row += [c["boi_token_index"]] + [c["image_token_index"]] * c["mm_tokens_per_image"] + [c["eoi_token_index"]]
+            row += list(rng.integers(3, 140, 2))
+        rows.append(row + list(rng.integers(3, 140, max(0, length - len(row)))))
+    width = max(pad_to or 0, max(len(r) for r in rows))
+    ids = np.zeros((len(rows), width), np.int64)
+    mask = np.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):], mask[i, width - len(r):] = r, 1
+    token_type = (ids == c["image_token_index"]).astype(np.int64)
+    return ids, mask, token_type
+
+
+def random_pixels(n: int, seed: int = 0) -> np.ndarray:
+    size = VISION_BASE["image_size"]
+    return np.random.default_rng(seed).uniform(-1, 1, (n, 3, size, size)).astype(np.float32)
