@@ -74,3 +74,40 @@ def test_multimodal_config_yields_its_text_half():
 def test_inconsistent_values_get_a_clear_error(change, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
         Gemma3TextConfig.from_dict(change)
+
+
+GEMMA_3_4B_HUB = {  # google/gemma-3-4b-it's config.json, as published (sparse text_config)
+    "architectures": ["Gemma3ForConditionalGeneration"], "boi_token_index": 255999, "eoi_token_index": 256000,
+    "eos_token_id": [1, 106], "image_token_index": 262144, "initializer_range": 0.02, "mm_tokens_per_image": 256,
+    "model_type": "gemma3",
+    "text_config": {"hidden_size": 2560, "intermediate_size": 10240, "model_type": "gemma3_text",
+                    "num_hidden_layers": 34, "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+                    "sliding_window": 1024},
+    "torch_dtype": "bfloat16", "transformers_version": "4.50.0.dev0",
+    "vision_config": {"hidden_size": 1152, "image_size": 896, "intermediate_size": 4304,
+                      "model_type": "siglip_vision_model", "num_attention_heads": 16, "num_hidden_layers": 27,
+                      "patch_size": 14, "vision_use_head": False},
+}
+
+
+def test_multimodal_published_config():
+    from gemma3 import Gemma3Config
+
+    c = Gemma3Config.from_dict(GEMMA_3_4B_HUB)
+    t, v = c.text_config, c.vision_config
+    assert (t.hidden_size, t.num_hidden_layers, t.num_attention_heads, t.num_key_value_heads) == (2560, 34, 8, 4)
+    assert t.vocab_size == 262208 and t.sliding_window == 1024 and t.rope(FULL) == (1_000_000.0, 8.0)
+    assert (v.num_patches, c.tokens_per_side, c.image_token_id) == (4096, 16, 262144)
+
+
+def test_multimodal_config_errors():
+    from gemma3 import Gemma3Config
+
+    with pytest.raises(ConfigError, match="perfect square"):
+        Gemma3Config.from_dict({**GEMMA_3_4B_HUB, "mm_tokens_per_image": 250})
+    with pytest.raises(ConfigError, match="does not pool evenly"):
+        Gemma3Config.from_dict({**GEMMA_3_4B_HUB, "mm_tokens_per_image": 25 * 25})
+    with pytest.raises(ConfigError, match="neither text_config nor vision_config"):
+        Gemma3Config.from_dict({"hidden_size": 8})
+    with pytest.raises(ConfigError, match="image_size .* must be a multiple of patch_size"):
+        Gemma3Config.from_dict({**GEMMA_3_4B_HUB, "vision_config": {"image_size": 900, "patch_size": 14}})

@@ -77,3 +77,21 @@ def test_invalid_sampling_values_are_rejected(model):
         model.generate([[2, 3]], temperature=-1.0, max_new_tokens=2)
     with pytest.raises(ValueError, match="top_p"):
         model.generate([[2, 3]], top_p=0.0, max_new_tokens=2)
+
+
+def test_generation_hooks_drive_a_manual_loop_like_generate(model, left_padded_batch):
+    """prepare_inputs_for_generation / update_inputs_for_generation, as an external loop uses them."""
+    ids, mask = left_padded_batch
+    want = model.generate(ids, mask, max_new_tokens=8, eos_token_id=[]).new_tokens
+    kwargs = model.prepare_inputs_for_generation(jnp.asarray(ids), max_length=ids.shape[1] + 8,
+                                                 attention_mask=jnp.asarray(mask))
+    assert kwargs["past_key_values"].max_length == ids.shape[1] + 8
+    out = model(jnp.asarray(ids), **kwargs)
+    got = []
+    for _ in range(8):
+        token = jnp.argmax(out.logits[:, -1], axis=-1)
+        got.append(np.asarray(token))
+        kwargs = model.update_inputs_for_generation(out, kwargs)
+        assert kwargs["attention_mask"].shape == (2, 1)
+        out = model(token[:, None], **kwargs)
+    np.testing.assert_array_equal(np.stack(got, axis=1), want)
