@@ -25,25 +25,31 @@ def sample_tokens(logits, keys, temperature, top_k, top_p) -> jax.Array:
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
     def stochastic():
+        # Work in sorted order and sample a rank, then map it back to a token id: the filters are
+        # masks over ranks, never comparisons of recomputed values, so ties and rounding cannot
+        # widen them.
         vocab = logits.shape[-1]
         x = logits / jnp.maximum(temperature, 1e-6)[:, None]
-        ordered = -jnp.sort(-x, axis=-1)  # descending
+        order = jnp.argsort(-x, axis=-1)
+        ordered = jnp.take_along_axis(x, order, axis=-1)
+        rank = jnp.arange(vocab)[None, :]
         k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
-        ordered = jnp.where(jnp.arange(vocab)[None, :] < k[:, None], ordered, -jnp.inf)
+        ordered = jnp.where(rank < k[:, None], ordered, -jnp.inf)
         probs = jax.nn.softmax(ordered, axis=-1)
         before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each candidate
-        keep = (before < top_p[:, None]) | (jnp.arange(vocab)[None, :] == 0)
-        threshold = jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True)
-        x = jnp.where(x >= threshold, x, -jnp.inf)
-        return jax.vmap(jax.random.categorical)(keys, x).astype(jnp.int32)
+        keep = (before < top_p[:, None]) | (rank == 0)
+        picked = jax.vmap(jax.random.categorical)(keys, jnp.where(keep, ordered, -jnp.inf))
+        return jnp.take_along_axis(order, picked[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
     sampled = jax.lax.cond(jnp.any(temperature > 0), stochastic, lambda: greedy)
     return jnp.where(temperature > 0, sampled, greedy)
 
 
-def step_keys(seeds: jax.Array, step: jax.Array) -> jax.Array:
-    """Per-row PRNG keys for decode step ``step``, derived from each row's seed only."""
-    return jax.vmap(lambda s: jax.random.fold_in(jax.random.PRNGKey(s), step))(seeds)
+def step_keys(seeds: jax.Array, steps: jax.Array) -> jax.Array:
+    """Per-row PRNG keys for the token each row draws at ``steps`` (a scalar or one per row), derived
+    from each row's seed only: the same request samples the same tokens in any batch."""
+    steps = jnp.broadcast_to(steps, seeds.shape)
+    return jax.vmap(lambda s, t: jax.random.fold_in(jax.random.PRNGKey(s), t))(seeds, steps)
 
 
 @dataclasses.dataclass
