@@ -3,5 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh --test
-.venv/bin/ruff check gemma3 tests
+.venv/bin/ruff check .
 exec .venv/bin/python -m pytest "$@"

@@ -1,0 +1,269 @@
+"""The LM engine: continuous batching over a fixed set of decode slots, on one thread that owns the device.
+
+Like JetStream's orchestrator, reduced to its core: requests wait in a bounded queue; each is
+prefilled alone (padded to a length bucket, so a few shapes compile once), its first token sampled,
+and its cache row inserted into a free slot of the batched decode cache. Every step decodes all
+slots together; finished, cancelled or expired requests give their slot back at once. Tokens leave
+through each request's own queue, so detokenization and the network never block the decode loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import logging
+import queue
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from gemma3.generation import sample_tokens, step_keys
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(Exception):
+    """The admission queue is at capacity (the gRPC layer answers RESOURCE_EXHAUSTED)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Token:
+    token_id: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Finished:
+    reason: str  # "stop", "length", "cancelled", "deadline", "error"
+    detail: str = ""
+
+
+_ids = itertools.count()
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    """One generation; the engine fills ``events`` with Token(...) then exactly one Finished(...)."""
+
+    prompt_ids: list[int]
+    max_new_tokens: int = 32
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    stop_token_ids: frozenset[int] = frozenset()
+    prefill_inputs: dict = dataclasses.field(default_factory=dict)  # image_features, token_type_ids
+    deadline: float | None = None  # time.monotonic() after which the request is dropped
+    id: int = dataclasses.field(default_factory=lambda: next(_ids))
+    events: queue.SimpleQueue = dataclasses.field(default_factory=queue.SimpleQueue)
+    _cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def expired(self, now: float) -> bool:
+        return self.deadline is not None and now >= self.deadline
+
+    def stream(self, timeout: float | None = None):
+        """Yield events until Finished (inclusive); for synchronous consumers and tests."""
+        while True:
+            event = self.events.get(timeout=timeout)
+            yield event
+            if isinstance(event, Finished):
+                return
+
+
+@dataclasses.dataclass
+class _Slot:
+    request: Request
+    generated: int = 1  # the first token comes from prefill
+
+
+def buckets_for(max_length: int, smallest: int = 16) -> tuple[int, ...]:
+    """Powers of two from ``smallest`` up to ``max_length`` (which is always the last bucket)."""
+    out, b = [], smallest
+    while b < max_length:
+        out.append(b)
+        b *= 2
+    return tuple(out) + (max_length,)
+
+
+class Engine:
+    """Owns a causal-LM model (text or multimodal) and serves Requests with continuous batching."""
+
+    def __init__(self, model, *, num_slots: int = 8, max_length: int = 1024, max_queue: int = 64,
+                 prefill_buckets: tuple[int, ...] | None = None):
+        self.model, self.num_slots, self.max_length, self.max_queue = model, num_slots, max_length, max_queue
+        self.buckets = prefill_buckets or buckets_for(max_length)
+        self.graphdef, self.state = nnx.split(model)
+        self._prefill, self._insert, self._decode = _compile(self.graphdef, max_length)
+        self.cache = model.init_cache(num_slots, max_length)
+        self.tokens = np.zeros(num_slots, np.int32)
+        self.slots: list[_Slot | None] = [None] * num_slots
+        self._pending: queue.Queue[Request] = queue.Queue(maxsize=max_queue)
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # ----------------------------------------------------------------- API (any thread)
+    def submit(self, request: Request) -> Request:
+        n = len(request.prompt_ids)
+        if n == 0:
+            raise ValueError("the prompt is empty")
+        if n + request.max_new_tokens > self.max_length:
+            raise ValueError(f"prompt ({n} tokens) + max_new_tokens ({request.max_new_tokens}) exceeds the "
+                             f"context of {self.max_length} tokens")
+        try:
+            self._pending.put_nowait(request)
+        except queue.Full:
+            raise QueueFull(f"the admission queue is full ({self.max_queue} requests waiting)") from None
+        self._wake.set()
+        return request
+
+    def start(self) -> Engine:
+        self._thread = threading.Thread(target=self._run, name="lm-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    @property
+    def free_slots(self) -> int:
+        return sum(s is None for s in self.slots)
+
+    @property
+    def queued(self) -> int:
+        return self._pending.qsize()
+
+    # ----------------------------------------------------------------- engine thread
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._admit()
+            if any(s is not None for s in self.slots):
+                self._step()
+            else:
+                self._wake.wait(timeout=0.1)
+                self._wake.clear()
+        for i, slot in enumerate(self.slots):
+            if slot is not None:
+                self._finish(i, Finished("cancelled", "the engine is shutting down"))
+
+    def _admit(self) -> None:
+        """Prefill waiting requests into free slots; while slots decode, one per step (no starvation)."""
+        busy = any(s is not None for s in self.slots)
+        while None in self.slots:
+            try:
+                request = self._pending.get_nowait()
+            except queue.Empty:
+                return
+            if request.cancelled or request.expired(time.monotonic()):
+                request.events.put(Finished("cancelled" if request.cancelled else "deadline"))
+                continue
+            try:
+                self._prefill_into(self.slots.index(None), request)
+            except Exception as e:  # a bad request must not take the engine down
+                log.exception("prefill failed for request %s", request.id)
+                request.events.put(Finished("error", str(e)))
+            if busy:
+                return
+
+    def _prefill_into(self, slot: int, request: Request) -> None:
+        n = len(request.prompt_ids)
+        bucket = next(b for b in self.buckets if b >= n)
+        ids = np.zeros((1, bucket), np.int32)
+        ids[0, :n] = request.prompt_ids
+        extra = {k: jnp.asarray(v)[None] if k == "token_type_ids" else jnp.asarray(v)
+                 for k, v in request.prefill_inputs.items()}
+        if "token_type_ids" in extra:
+            extra["token_type_ids"] = jnp.pad(extra["token_type_ids"], ((0, 0), (0, bucket - n)))
+        token, row = self._prefill(self.state, jnp.asarray(ids), jnp.int32(n), extra, *_sampling(request))
+        self.cache = self._insert(self.cache, row, jnp.int32(slot))
+        self.slots[slot] = _Slot(request)
+        self._emit(slot, int(token[0]))
+
+    def _step(self) -> None:
+        active = np.array([s is not None for s in self.slots])
+        params = [_sampling(s.request) if s else (0.0, 0, 1.0, 0) for s in self.slots]
+        temperature, top_k, top_p, seed = (np.array(col) for col in zip(*params))
+        steps = np.array([s.generated if s else 0 for s in self.slots], np.int32)
+        try:
+            tokens, self.cache = self._decode(self.state, jnp.asarray(self.tokens), self.cache, jnp.asarray(active),
+                                              jnp.asarray(seed, jnp.uint32), jnp.asarray(steps),
+                                              jnp.asarray(temperature, jnp.float32), jnp.asarray(top_k, jnp.int32),
+                                              jnp.asarray(top_p, jnp.float32))
+            tokens = np.asarray(tokens)
+        except Exception as e:
+            log.exception("decode step failed; failing the active requests")
+            self.cache = self.model.init_cache(self.num_slots, self.max_length)
+            for i, slot in enumerate(self.slots):
+                if slot is not None:
+                    self._finish(i, Finished("error", f"decode failed: {e}"))
+            return
+        for i, slot in enumerate(self.slots):
+            if slot is not None:
+                slot.generated += 1
+                self._emit(i, int(tokens[i]))
+
+    def _emit(self, slot: int, token: int) -> None:
+        """Deliver a token, then free the slot if the request is done."""
+        s = self.slots[slot]
+        request = s.request
+        if request.cancelled:
+            return self._finish(slot, Finished("cancelled"))
+        if request.expired(time.monotonic()):
+            return self._finish(slot, Finished("deadline"))
+        self.tokens[slot] = token
+        request.events.put(Token(token))
+        if token in request.stop_token_ids:
+            self._finish(slot, Finished("stop"))
+        elif s.generated >= request.max_new_tokens:
+            self._finish(slot, Finished("length"))
+
+    def _finish(self, slot: int, event: Finished) -> None:
+        self.slots[slot].request.events.put(event)
+        self.slots[slot] = None
+
+
+def _sampling(r: Request):
+    return r.temperature, r.top_k, r.top_p, r.seed
+
+
+@functools.lru_cache(maxsize=8)
+def _compile(graphdef, max_length: int):
+    """Jitted prefill (one request, bucketed), slot insertion and batched decode (cache donated)."""
+
+    def prefill(state, ids, length, extra, temperature, top_k, top_p, seed):
+        model = nnx.merge(graphdef, state)
+        valid = jnp.arange(ids.shape[1])[None, :] < length
+        cache = model.init_cache(1, max_length)
+        out = model.model(input_ids=ids, attention_mask=valid, past_key_values=cache, **extra)
+        last = out.last_hidden_state[:, length - 1]
+        logits = model.apply_lm_head(last)
+        seeds = jnp.asarray(seed, jnp.uint32)[None]
+        token = sample_tokens(logits, step_keys(seeds, jnp.int32(0)), jnp.asarray(temperature, jnp.float32)[None],
+                              jnp.asarray(top_k, jnp.int32)[None], jnp.asarray(top_p, jnp.float32)[None])
+        return token, out.past_key_values
+
+    def insert(cache, row, slot):
+        return jax.tree.map(lambda big, small: jax.lax.dynamic_update_slice_in_dim(big, small, slot, axis=0),
+                            cache, row)
+
+    def decode(state, tokens, cache, active, seeds, steps, temperature, top_k, top_p):
+        model = nnx.merge(graphdef, state)
+        out = model.model(input_ids=tokens[:, None], attention_mask=active[:, None], past_key_values=cache)
+        logits = model.apply_lm_head(out.last_hidden_state[:, 0])
+        return sample_tokens(logits, step_keys(seeds, steps), temperature, top_k, top_p), out.past_key_values
+
+    return jax.jit(prefill), jax.jit(insert, donate_argnums=(0,)), jax.jit(decode, donate_argnums=(2,))

@@ -1,0 +1,108 @@
+"""The continuous-batching engine: each request gets exactly what it would get alone."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from gemma3 import Gemma3ForCausalLM
+from lm_worker.engine import Engine, Finished, QueueFull, Request, Token
+
+
+@pytest.fixture(scope="module")
+def model(text_checkpoints):
+    return Gemma3ForCausalLM.from_pretrained(text_checkpoints["base"][0])
+
+
+@pytest.fixture(scope="module")
+def engine(model):
+    eng = Engine(model, num_slots=3, max_length=48, max_queue=16, prefill_buckets=(8, 16, 48)).start()
+    yield eng
+    eng.stop()
+
+
+def _collect(request, timeout=60):
+    tokens, finish = [], None
+    for event in request.stream(timeout=timeout):
+        if isinstance(event, Token):
+            tokens.append(event.token_id)
+        else:
+            finish = event
+    return tokens, finish
+
+
+def _alone(model, r: Request):
+    out = model.generate([r.prompt_ids], max_new_tokens=r.max_new_tokens, temperature=r.temperature,
+                         top_k=r.top_k, top_p=r.top_p, seed=r.seed, eos_token_id=[],
+                         stop_token_ids=sorted(r.stop_token_ids))
+    return out.new_tokens[0, : out.num_new_tokens[0]].tolist()
+
+
+def test_concurrent_requests_equal_their_solo_runs(model, engine):
+    rng = np.random.default_rng(0)
+    requests = []
+    for i, n in enumerate([3, 9, 14, 6, 20, 11, 5]):  # more requests than slots: queueing and slot reuse
+        sampled = i % 2 == 1
+        requests.append(Request(prompt_ids=[2] + rng.integers(3, 160, n).tolist(), max_new_tokens=4 + 3 * i,
+                                temperature=20.0 if sampled else 0.0, top_k=40 if sampled else 0, seed=i))
+    for r in requests:
+        engine.submit(r)
+    for r in requests:
+        tokens, finish = _collect(r)
+        assert finish == Finished("length")
+        assert tokens == _alone(model, r), f"request {r.id}"
+    assert engine.free_slots == 3
+
+
+def test_stop_tokens_finish_early(model, engine):
+    prompt = [2, 40, 41, 42, 43]
+    free = _alone(model, Request(prompt_ids=prompt, max_new_tokens=10))
+    r = engine.submit(Request(prompt_ids=prompt, max_new_tokens=10, stop_token_ids=frozenset({free[2]})))
+    tokens, finish = _collect(r)
+    assert finish == Finished("stop") and tokens == free[: free.index(free[2]) + 1]
+
+
+def test_cancel_frees_the_slot_and_spares_the_others(model, engine):
+    long_ = [engine.submit(Request(prompt_ids=[2, 7 + i, 8, 9], max_new_tokens=40)) for i in range(3)]
+    first = next(long_[0].stream(timeout=60))
+    assert isinstance(first, Token)
+    long_[0].cancel()
+    tokens, finish = _collect(long_[0])
+    assert finish == Finished("cancelled")
+    for r in long_[1:]:
+        assert _collect(r) == (_alone(model, r), Finished("length"))
+    deadline = time.monotonic() + 5
+    while engine.free_slots != 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.free_slots == 3
+
+
+def test_deadline_ends_a_request(engine):
+    r = engine.submit(Request(prompt_ids=[2, 5, 6], max_new_tokens=40, deadline=time.monotonic() + 0.05))
+    tokens, finish = _collect(r)
+    assert finish == Finished("deadline") and len(tokens) < 40
+
+
+def test_bad_requests_are_refused_up_front(engine):
+    with pytest.raises(ValueError, match="exceeds the context of 48 tokens"):
+        engine.submit(Request(prompt_ids=list(range(40)), max_new_tokens=10))
+    with pytest.raises(ValueError, match="empty"):
+        engine.submit(Request(prompt_ids=[], max_new_tokens=1))
+
+
+def test_full_queue_is_refused(model):
+    eng = Engine(model, num_slots=1, max_length=48, max_queue=2, prefill_buckets=(8, 48))  # not started
+    eng.submit(Request(prompt_ids=[2, 3]))
+    eng.submit(Request(prompt_ids=[2, 3]))
+    with pytest.raises(QueueFull):
+        eng.submit(Request(prompt_ids=[2, 3]))
+
+
+def test_a_failing_prefill_fails_only_its_request(model, engine):
+    bad = engine.submit(Request(prompt_ids=[2, 3, 4], prefill_inputs={"image_features": np.zeros((1, 9, 64))}))
+    good = engine.submit(Request(prompt_ids=[2, 3, 4], max_new_tokens=5))
+    tokens, finish = _collect(bad)
+    assert finish.reason == "error" and tokens == []
+    assert _collect(good) == (_alone(model, good), Finished("length"))
+    assert threading.active_count() >= 1
