@@ -63,25 +63,35 @@ def test_stop_tokens_finish_early(model, engine):
     assert finish == Finished("stop") and tokens == free[: free.index(free[2]) + 1]
 
 
-def test_cancel_frees_the_slot_and_spares_the_others(model, engine):
-    long_ = [engine.submit(Request(prompt_ids=[2, 7 + i, 8, 9], max_new_tokens=40)) for i in range(3)]
-    first = next(long_[0].stream(timeout=60))
-    assert isinstance(first, Token)
-    long_[0].cancel()
-    tokens, finish = _collect(long_[0])
-    assert finish == Finished("cancelled")
-    for r in long_[1:]:
+def test_cancel_frees_the_slot_and_spares_the_others(model):
+    eng = Engine(model, num_slots=3, max_length=48, prefill_buckets=(8, 16, 48))  # driven step by step
+    requests = [eng.submit(Request(prompt_ids=[2, 7 + i, 8, 9], max_new_tokens=12)) for i in range(3)]
+    eng._admit()
+    eng._step()
+    requests[0].cancel()
+    eng._step()
+    assert eng.free_slots == 1
+    tokens, finish = _collect(requests[0])
+    assert finish == Finished("cancelled") and len(tokens) == 2
+    while eng.free_slots < 3:
+        eng._step()
+    for r in requests[1:]:
         assert _collect(r) == (_alone(model, r), Finished("length"))
-    deadline = time.monotonic() + 5
-    while engine.free_slots != 3 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert engine.free_slots == 3
 
 
-def test_deadline_ends_a_request(engine):
-    r = engine.submit(Request(prompt_ids=[2, 5, 6], max_new_tokens=40, deadline=time.monotonic() + 0.05))
-    tokens, finish = _collect(r)
-    assert finish == Finished("deadline") and len(tokens) < 40
+def test_deadlines_end_requests_waiting_or_decoding(model):
+    """Driven step by step (engine not started), so the timing is the test's, not the machine's."""
+    eng = Engine(model, num_slots=2, max_length=48, prefill_buckets=(8, 16, 48))
+    late = eng.submit(Request(prompt_ids=[2, 5, 6], deadline=time.monotonic() - 1))
+    running = eng.submit(Request(prompt_ids=[2, 5, 6], max_new_tokens=40))
+    eng._admit()
+    assert _collect(late) == ([], Finished("deadline"))
+    assert isinstance(running.events.get(timeout=1), Token) and eng.free_slots == 1
+    eng._step()
+    assert isinstance(running.events.get(timeout=1), Token)
+    running.deadline = time.monotonic() - 1
+    eng._step()
+    assert running.events.get(timeout=1) == Finished("deadline") and eng.free_slots == 2
 
 
 def test_bad_requests_are_refused_up_front(engine):
