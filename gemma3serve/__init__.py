@@ -1,0 +1,1 @@
+"""Versioned gRPC APIs of the Gemma 3 services."""

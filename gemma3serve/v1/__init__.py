@@ -1,0 +1,1 @@
+"""Generated gRPC stubs of protos/gemma3serve/v1 (do not edit)."""

@@ -1,0 +1,32 @@
+from gemma3serve.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class ImageInput(_message.Message):
+    __slots__ = ("key", "inline", "num_crops")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    INLINE_FIELD_NUMBER: _ClassVar[int]
+    NUM_CROPS_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    inline: _common_pb2.Tensor
+    num_crops: int
+    def __init__(self, key: _Optional[str] = ..., inline: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., num_crops: _Optional[int] = ...) -> None: ...
+
+class LMGenerateRequest(_message.Message):
+    __slots__ = ("request_id", "chat", "raw", "images", "sampling")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    CHAT_FIELD_NUMBER: _ClassVar[int]
+    RAW_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    chat: _common_pb2.Chat
+    raw: _common_pb2.RawPrompt
+    images: _containers.RepeatedCompositeFieldContainer[ImageInput]
+    sampling: _common_pb2.SamplingParams
+    def __init__(self, request_id: _Optional[str] = ..., chat: _Optional[_Union[_common_pb2.Chat, _Mapping]] = ..., raw: _Optional[_Union[_common_pb2.RawPrompt, _Mapping]] = ..., images: _Optional[_Iterable[_Union[ImageInput, _Mapping]]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ...) -> None: ...
