@@ -1,0 +1,1 @@
+"""What every service shares: server bootstrap (health, reflection, tracing, drain), settings, logs."""

@@ -1,0 +1,74 @@
+"""Server bootstrap shared by the three services.
+
+Health answers NOT_SERVING from the moment the port opens until ``warm_up`` has loaded and compiled
+the model, then SERVING; on SIGTERM or SIGINT it flips back to NOT_SERVING (so load balancers stop
+sending), in-flight calls get ``drain_seconds`` to finish, and the server stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+
+import grpc
+from grpc_health.v1 import _async as health_async
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from serving.telemetry import configure_tracing, server_interceptors
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+CHANNEL_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+
+
+class Server:
+    """A grpc.aio server with health, reflection and tracing; ``serve`` runs until a signal."""
+
+    def __init__(self, service_names: list[str], host: str, port: int, drain_seconds: float = 10.0):
+        configure_tracing(service_names[0])
+        self.service_names = service_names
+        self.drain_seconds = drain_seconds
+        self.grpc = grpc.aio.server(interceptors=server_interceptors(), options=CHANNEL_OPTIONS)
+        self.health = health_async.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+        reflection.enable_server_reflection(
+            [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            self.grpc)
+        self.port = self.grpc.add_insecure_port(f"{host}:{port}")
+        if self.port == 0:
+            raise OSError(f"cannot listen on {host}:{port}")
+        self.stopping = asyncio.Event()
+
+    async def set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ["", *self.service_names]:
+            await self.health.set(name, status)
+
+    async def serve(self, warm_up: Callable[[], Awaitable[None]] | None = None,
+                    on_stop: Callable[[], Awaitable[None]] | None = None) -> None:
+        await self.set_serving(False)
+        await self.grpc.start()
+        log.info("listening", extra={"port": self.port, "services": self.service_names})
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                loop.add_signal_handler(sig, self.stopping.set)
+            except (NotImplementedError, RuntimeError):  # not the main thread (tests)
+                pass
+        if warm_up is not None:
+            await warm_up()
+        if not self.stopping.is_set():
+            await self.set_serving(True)
+            log.info("serving")
+        await self.stopping.wait()
+        log.info("draining", extra={"seconds": self.drain_seconds})
+        await self.health.enter_graceful_shutdown()
+        await self.grpc.stop(self.drain_seconds)
+        if on_stop is not None:
+            await on_stop()
+        log.info("stopped")

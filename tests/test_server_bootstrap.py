@@ -1,0 +1,53 @@
+"""The shared server bootstrap over a real loopback channel: health states, reflection, drain."""
+
+import asyncio
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from serving.server import Server
+
+NAME = "gemma3serve.v1.LMWorker"
+
+
+async def _status(channel, service=NAME):
+    reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service))
+    return reply.status
+
+
+def test_not_serving_until_warm_then_serving_then_drained():
+    async def scenario():
+        server = Server([NAME], "127.0.0.1", 0, drain_seconds=0.5)
+        warm = asyncio.Event()
+        seen = {}
+
+        async def warm_up():
+            await warm.wait()
+
+        task = asyncio.create_task(server.serve(warm_up))
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            await asyncio.sleep(0.2)
+            seen["cold"] = await _status(channel)
+            warm.set()
+            await asyncio.sleep(0.2)
+            seen["warm"] = await _status(channel)
+            seen["overall"] = await _status(channel, "")
+            stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+            async for reply in stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(
+                    list_services="")])):
+                seen["services"] = {s.name for s in reply.list_services_response.service}
+                break
+            server.stopping.set()
+            await asyncio.wait_for(task, 5)
+            try:
+                seen["after"] = await asyncio.wait_for(_status(channel), 2)
+            except grpc.aio.AioRpcError as e:
+                seen["after"] = e.code()
+        return seen
+
+    seen = asyncio.run(scenario())
+    assert seen["cold"] == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert seen["warm"] == seen["overall"] == health_pb2.HealthCheckResponse.SERVING
+    assert {NAME, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= seen["services"]
+    assert seen["after"] in (grpc.StatusCode.UNAVAILABLE, health_pb2.HealthCheckResponse.NOT_SERVING)
