@@ -9,7 +9,7 @@ from flax import nnx
 from gemma3 import cache as kv
 from gemma3.config import Gemma3Config
 from gemma3.outputs import ModelOutput, output_class
-from gemma3.text import CausalLMMixin, Gemma3RMSNorm, Gemma3TextModel, _linear, causal_lm_loss
+from gemma3.text import CausalLMMixin, Gemma3RMSNorm, Gemma3TextModel, _linear
 from gemma3.vision import SiglipVisionModel
 
 
@@ -179,10 +179,9 @@ class Gemma3ForConditionalGeneration(CausalLMMixin, nnx.Module):
                  output_attentions=False, output_hidden_states=False, logits_to_keep: int = 0):
         out = self.model(input_ids, pixel_values, attention_mask, position_ids, past_key_values, token_type_ids,
                          inputs_embeds, image_features, output_attentions, output_hidden_states)
-        hidden = out.last_hidden_state if logits_to_keep == 0 else out.last_hidden_state[:, -logits_to_keep:]
-        logits = self.apply_lm_head(hidden)
+        logits, loss = self.logits_and_loss(out.last_hidden_state, labels, logits_to_keep)
         return Gemma3MultimodalCausalLMOutputWithPast(
-            loss=None if labels is None else causal_lm_loss(logits, labels),
+            loss=loss,
             logits=logits,
             past_key_values=out.past_key_values,
             hidden_states=out.hidden_states,

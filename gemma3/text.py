@@ -318,6 +318,11 @@ class CausalLMMixin(PretrainedMixin):
         logits = text.embed_tokens.attend(hidden) if lm_head is None else lm_head(hidden)
         return softcap(logits, text.config.final_logit_softcapping)
 
+    def logits_and_loss(self, hidden: jax.Array, labels: jax.Array | None, logits_to_keep: int):
+        """Logits of the last ``logits_to_keep`` positions (0: all), and the loss when labels are given."""
+        logits = self.apply_lm_head(hidden if logits_to_keep == 0 else hidden[:, -logits_to_keep:])
+        return logits, None if labels is None else causal_lm_loss(logits, labels)
+
     def init_cache(self, batch_size: int, max_length: int) -> kv.KVCache:
         text = self.get_decoder()
         return kv.KVCache.init(text.config, batch_size, max_length, text.dtype)
@@ -387,10 +392,9 @@ class Gemma3ForCausalLM(CausalLMMixin, nnx.Module):
         """``logits_to_keep=n`` computes logits for the last n positions only (0: all), as transformers."""
         out = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds,
                          output_attentions, output_hidden_states)
-        hidden = out.last_hidden_state if logits_to_keep == 0 else out.last_hidden_state[:, -logits_to_keep:]
-        logits = self.apply_lm_head(hidden)
+        logits, loss = self.logits_and_loss(out.last_hidden_state, labels, logits_to_keep)
         return Gemma3CausalLMOutputWithPast(
-            loss=None if labels is None else causal_lm_loss(logits, labels),
+            loss=loss,
             logits=logits,
             past_key_values=out.past_key_values,
             hidden_states=out.hidden_states,
