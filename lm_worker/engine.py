@@ -16,6 +16,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -58,9 +59,15 @@ class Request:
     stop_token_ids: frozenset[int] = frozenset()
     prefill_inputs: dict = dataclasses.field(default_factory=dict)  # image_features, token_type_ids
     deadline: float | None = None  # time.monotonic() after which the request is dropped
+    notify: Callable[[], None] | None = None  # called (on the engine thread) after each new event
     id: int = dataclasses.field(default_factory=lambda: next(_ids))
     events: queue.SimpleQueue = dataclasses.field(default_factory=queue.SimpleQueue)
     _cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+    def put(self, event) -> None:
+        self.events.put(event)
+        if self.notify is not None:
+            self.notify()
 
     def cancel(self) -> None:
         self._cancelled.set()
@@ -169,13 +176,13 @@ class Engine:
             except queue.Empty:
                 return
             if request.cancelled or request.expired(time.monotonic()):
-                request.events.put(Finished("cancelled" if request.cancelled else "deadline"))
+                request.put(Finished("cancelled" if request.cancelled else "deadline"))
                 continue
             try:
                 self._prefill_into(self.slots.index(None), request)
             except Exception as e:  # a bad request must not take the engine down
                 log.exception("prefill failed for request %s", request.id)
-                request.events.put(Finished("error", str(e)))
+                request.put(Finished("error", str(e)))
             if busy:
                 return
 
@@ -225,14 +232,14 @@ class Engine:
         if request.expired(time.monotonic()):
             return self._finish(slot, Finished("deadline"))
         self.tokens[slot] = token
-        request.events.put(Token(token))
+        request.put(Token(token))
         if token in request.stop_token_ids:
             self._finish(slot, Finished("stop"))
         elif s.generated >= request.max_new_tokens:
             self._finish(slot, Finished("length"))
 
     def _finish(self, slot: int, event: Finished) -> None:
-        self.slots[slot].request.events.put(event)
+        self.slots[slot].request.put(event)
         self.slots[slot] = None
 
 

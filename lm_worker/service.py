@@ -1,0 +1,173 @@
+"""The LMWorker gRPC service: prompts in, streamed text out, over the continuous-batching engine.
+
+The asyncio front never touches the device: it builds the prompt, fetches image embeddings from
+Redis in one round trip, hands a Request to the engine thread and relays its events, detokenized
+and cut at stop strings. A client that goes away or runs out of time cancels its request, which
+frees the decode slot at the engine's next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+import uuid
+
+import grpc
+import numpy as np
+
+from gemma3serve.v1 import common_pb2, lm_worker_pb2_grpc
+from lm_worker.detokenize import StopMatcher, StreamDecoder
+from lm_worker.engine import Engine, Finished, QueueFull, Request, Token
+from lm_worker.prompts import InvalidRequest
+from serving.embedding_cache import DTYPES, CacheUnavailable, EmbeddingCache, decode
+
+log = logging.getLogger(__name__)
+
+FINISH = {"stop": common_pb2.FINISH_REASON_STOP, "length": common_pb2.FINISH_REASON_LENGTH}
+
+
+def check_sampling(s: common_pb2.SamplingParams, default_max_new_tokens: int) -> dict:
+    """Validated sampling parameters for the engine."""
+    for name in ("temperature", "top_p"):
+        value = getattr(s, name)
+        if not math.isfinite(value) or value < 0:
+            raise InvalidRequest(f"sampling.{name} must be a finite number >= 0, got {value}")
+    if s.top_p > 1:
+        raise InvalidRequest(f"sampling.top_p must be at most 1, got {s.top_p}")
+    if s.top_logprobs or s.logprobs:
+        raise InvalidRequest("logprobs are not supported yet")
+    return dict(max_new_tokens=s.max_new_tokens or default_max_new_tokens, temperature=float(s.temperature),
+                top_k=int(s.top_k), top_p=float(s.top_p) if s.top_p > 0 else 1.0,
+                seed=int(s.seed) if s.HasField("seed") else 0)
+
+
+class LMWorkerService(lm_worker_pb2_grpc.LMWorkerServicer):
+    """Registered before the server starts; answers UNAVAILABLE until ``attach`` gives it a warm engine."""
+
+    def __init__(self, cache: EmbeddingCache | None, *, default_max_new_tokens: int = 256):
+        self.engine: Engine | None = None
+        self.prompts = None
+        self.cache = cache
+        self.default_max_new_tokens = default_max_new_tokens
+        self.stop_token_ids: frozenset[int] = frozenset()
+
+    def attach(self, engine: Engine, prompts) -> None:
+        self.engine, self.prompts = engine, prompts
+        self.stop_token_ids = frozenset(prompts.stop_token_ids)
+
+    async def _image_features(self, images, context) -> np.ndarray | None:
+        """(total crops, tokens, width) for the request's images: Redis values fetched in one MGET."""
+        if not images:
+            return None
+        keys = [i.key for i in images if not i.HasField("inline")]
+        values = {}
+        if keys:
+            if self.cache is None:
+                await context.abort(grpc.StatusCode.NOT_FOUND, "no embedding cache is configured; send images inline")
+            try:
+                values = dict(zip(keys, await self.cache.get_many(keys)))
+            except CacheUnavailable as e:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, f"the embedding cache is unreachable: {e}")
+        width = self.prompts.embedding_shape
+        out = []
+        for image in images:
+            if image.HasField("inline"):
+                t = image.inline
+                array = _tensor(t, width)
+                if array is None:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                        f"inline embedding has dtype {t.dtype} and shape {list(t.shape)}; "
+                                        f"expected (crops, {', '.join(map(str, width))})")
+            else:
+                array = decode(values.get(image.key), expect_trailing_shape=width)
+                if array is None:
+                    await context.abort(grpc.StatusCode.NOT_FOUND,
+                                        f"embedding {image.key} is not in the cache (expired, evicted or corrupt)")
+            out.append(np.asarray(array, np.float32).reshape(-1, *width))
+        return np.concatenate(out)
+
+    async def Generate(self, request, context):
+        if self.engine is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading")
+        started = time.monotonic()
+        request_id = request.request_id or uuid.uuid4().hex
+        try:
+            sampling = check_sampling(request.sampling, self.default_max_new_tokens)
+            crops = [max(1, i.num_crops) for i in request.images]
+            ids, token_types = self.prompts.build(request, crops)
+        except InvalidRequest as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        features = await self._image_features(request.images, context)
+        prefill_inputs = {}
+        if features is not None:
+            prefill_inputs = {"image_features": features, "token_type_ids": np.asarray(token_types, np.int32)}
+        loop = asyncio.get_running_loop()
+        wake = asyncio.Event()
+        remaining = context.time_remaining()
+        job = Request(prompt_ids=ids, stop_token_ids=self.stop_token_ids | set(request.sampling.stop_token_ids),
+                      prefill_inputs=prefill_inputs, notify=lambda: loop.call_soon_threadsafe(wake.set),
+                      deadline=None if remaining is None else time.monotonic() + remaining, **sampling)
+        try:
+            self.engine.submit(job)
+        except QueueFull as e:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        log.info("admitted", extra={"request_id": request_id, "prompt_tokens": len(ids)})
+
+        text = StreamDecoder(self.prompts.tokenizer)
+        stops = StopMatcher(list(request.sampling.stop))
+        completion, first_token_at, finished = 0, None, None
+        try:
+            while finished is None:
+                await wake.wait()
+                wake.clear()
+                delta, token_ids = "", []
+                while not job.events.empty():
+                    event = job.events.get_nowait()
+                    if isinstance(event, Token):
+                        completion += 1
+                        first_token_at = first_token_at or time.monotonic()
+                        token_ids.append(event.token_id)
+                        piece = text.push(event.token_id)
+                        delta += stops.push(piece)
+                        if stops.stopped:
+                            job.cancel()
+                            finished = Finished("stop")
+                            break
+                    else:
+                        finished = event
+                        if finished.reason in ("stop", "length"):
+                            delta += stops.push(text.flush()) + stops.flush()
+                        break
+                if finished is not None and finished.reason not in ("stop", "length"):
+                    if finished.reason == "deadline":
+                        await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed while generating")
+                    if finished.reason == "cancelled":
+                        await context.abort(grpc.StatusCode.CANCELLED, finished.detail or "cancelled")
+                    await context.abort(grpc.StatusCode.INTERNAL, f"generation failed: {finished.detail}")
+                chunk = common_pb2.GenerateResponse(request_id=request_id, text=delta, token_ids=token_ids)
+                if finished is not None:
+                    chunk.finish_reason = FINISH[finished.reason]
+                    chunk.usage.CopyFrom(common_pb2.Usage(
+                        prompt_tokens=len(ids), completion_tokens=completion,
+                        time_to_first_token_s=(first_token_at or time.monotonic()) - started))
+                if delta or token_ids or finished is not None:
+                    yield chunk
+        finally:
+            job.cancel()  # no-op when finished; frees the slot when the client left or failed
+            log.info("finished", extra={"request_id": request_id, "completion_tokens": completion,
+                                        "reason": finished.reason if finished else "client-gone"})
+
+
+def _tensor(t: common_pb2.Tensor, trailing: tuple[int, ...]) -> np.ndarray | None:
+    """The array in an inline Tensor message, or None when its dtype, shape or size is wrong."""
+    dtype = DTYPES.get(t.dtype)
+    shape = tuple(t.shape)
+    if dtype is None or not shape or shape[-len(trailing):] != tuple(trailing):
+        return None
+    if len(t.data) != int(np.prod(shape)) * np.dtype(dtype).itemsize:
+        return None
+    return np.frombuffer(t.data, dtype).reshape(shape)
