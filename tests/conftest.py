@@ -8,6 +8,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from tests import gemma_tokenizer, services  # noqa: E402
 from tests import make_checkpoints as mk  # noqa: E402
 
 torch.set_num_threads(2)
@@ -28,3 +29,34 @@ def text_checkpoints(tmp_path_factory):
 def left_padded_batch():
     return mk.prompts(mk.TEXT_BASE["vocab_size"])
 
+
+
+@pytest.fixture(scope="session")
+def served_checkpoint(tmp_path_factory):
+    """A random multimodal checkpoint with a Gemma-style tokenizer.json, as the services load it."""
+    path = str(tmp_path_factory.mktemp("served-model"))
+    tok = gemma_tokenizer.write(path)
+    ids = {s: tok.token_to_id(s) for s in ("<start_of_image>", "<end_of_image>", "<image_soft_token>")}
+    hf = mk.hf_multimodal_model(seed=11, text={"vocab_size": tok.get_vocab_size()},
+                                image_token_index=ids["<image_soft_token>"], boi_token_index=ids["<start_of_image>"],
+                                eoi_token_index=ids["<end_of_image>"])
+    hf.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def reference(served_checkpoint):
+    """Our model and prompt builder on the served checkpoint, in this process, for expected answers."""
+    from gemma3 import Gemma3ForConditionalGeneration
+    from lm_worker.prompts import PromptBuilder
+
+    model = Gemma3ForConditionalGeneration.from_pretrained(served_checkpoint)
+    return model, PromptBuilder.from_pretrained(served_checkpoint, model.config)
+
+
+@pytest.fixture(scope="session")
+def lm_worker(served_checkpoint):
+    with services.running("lm_worker", "gemma3serve.v1.LMWorker", "--model", served_checkpoint,
+                          "--dtype", "float32", "--num-slots", "2", "--max-length", "256", "--max-queue", "4",
+                          "--redis-url", services.REDIS_URL) as (proc, target):
+        yield proc, target

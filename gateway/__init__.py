@@ -1,0 +1,1 @@
+"""The public gateway and its Python client."""

@@ -1,0 +1,162 @@
+"""The public Gateway service: images to the vision worker, then the LM worker's stream back to the client.
+
+The gateway keeps image bytes and embeddings off the LM worker's wire: it forwards the prompt with
+each image replaced by its embedding key (or inline embedding when the cache was down). Deadlines
+travel with every downstream call and a client that goes away cancels them. When the LM worker no
+longer finds an embedding (expired between the two calls), the gateway embeds the images again,
+once, and retries.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+
+import grpc
+
+from gemma3serve.v1 import (
+    common_pb2,
+    gateway_pb2_grpc,
+    lm_worker_pb2,
+    lm_worker_pb2_grpc,
+    vision_worker_pb2,
+    vision_worker_pb2_grpc,
+)
+
+log = logging.getLogger(__name__)
+PASS_THROUGH = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE}
+
+
+class Limits:
+    """Input limits the gateway enforces before any work is done."""
+
+    def __init__(self, max_images: int = 8, max_image_bytes: int = 20 << 20):
+        self.max_images, self.max_image_bytes = max_images, max_image_bytes
+
+
+def _images_of(request) -> list[common_pb2.Image]:
+    kind = request.WhichOneof("prompt")
+    if kind == "chat":
+        return [p.image for t in request.chat.turns for p in t.parts if p.WhichOneof("part") == "image"]
+    if kind == "raw":
+        return list(request.raw.images)
+    return []
+
+
+class GatewayService(gateway_pb2_grpc.GatewayServicer):
+    def __init__(self, vision: vision_worker_pb2_grpc.VisionWorkerStub, lm: lm_worker_pb2_grpc.LMWorkerStub,
+                 limits: Limits | None = None, downstream_timeout: float = 600.0):
+        self.vision, self.lm = vision, lm
+        self.limits = limits or Limits()
+        self.timeout = downstream_timeout
+
+    def _remaining(self, context) -> float:
+        left = context.time_remaining()
+        return self.timeout if left is None else max(0.0, min(left, self.timeout))
+
+    async def _embed(self, request, images, context, request_id) -> tuple[list[lm_worker_pb2.ImageInput], int]:
+        """ImageInputs for the request's images, in order, and how many came from the cache."""
+        data = [i.data for i in images if i.WhichOneof("source") == "data"]
+        embedded = iter(())
+        hits = 0
+        if data:
+            try:
+                reply = await self.vision.EmbedImages(
+                    vision_worker_pb2.EmbedImagesRequest(request_id=request_id, images=data,
+                                                         pan_and_scan=request.pan_and_scan),
+                    timeout=self._remaining(context))
+            except grpc.aio.AioRpcError as e:
+                await _relay_error(context, e, "vision worker")
+            hits = sum(e.cache_hit for e in reply.embeddings)
+            embedded = iter(reply.embeddings)
+        out = []
+        for image in images:
+            if image.WhichOneof("source") == "data":
+                e = next(embedded)
+                out.append(lm_worker_pb2.ImageInput(key=e.key, inline=e.inline if e.HasField("inline") else None,
+                                                    num_crops=e.num_crops))
+            else:
+                out.append(lm_worker_pb2.ImageInput(key=image.embedding_key))
+        return out, hits
+
+    def _validate(self, request, images) -> str | None:
+        if request.WhichOneof("prompt") is None:
+            return "the request has no prompt: set chat or raw"
+        if len(images) > self.limits.max_images:
+            return f"{len(images)} images exceed the limit of {self.limits.max_images} per request"
+        for i, image in enumerate(images):
+            kind = image.WhichOneof("source")
+            if kind is None or (kind == "data" and not image.data):
+                return f"image {i} is empty: send its bytes or an embedding_key"
+            if kind == "data" and len(image.data) > self.limits.max_image_bytes:
+                return f"image {i} has {len(image.data)} bytes, over the limit of {self.limits.max_image_bytes}"
+        return None
+
+    async def Generate(self, request, context):
+        started = time.monotonic()
+        request_id = request.request_id or uuid.uuid4().hex
+        images = _images_of(request)
+        problem = self._validate(request, images)
+        if problem:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        for attempt in (0, 1):
+            inputs, hits = await self._embed(request, images, context, request_id)
+            lm_request = lm_worker_pb2.LMGenerateRequest(request_id=request_id, images=inputs,
+                                                         sampling=request.sampling)
+            if request.WhichOneof("prompt") == "chat":
+                lm_request.chat.CopyFrom(_without_image_bytes(request.chat))
+            else:
+                lm_request.raw.text = request.raw.text
+            sent, first_token_at = 0, None
+            try:
+                async for chunk in self.lm.Generate(lm_request, timeout=self._remaining(context)):
+                    if chunk.token_ids and first_token_at is None:
+                        first_token_at = time.monotonic()
+                    if chunk.finish_reason:  # usage as the client sees it: from the gateway's clock
+                        chunk.usage.image_cache_hits = hits
+                        chunk.usage.time_to_first_token_s = (first_token_at or time.monotonic()) - started
+                        chunk.usage.image_embedding_keys.extend(i.key for i in inputs)
+                    sent += 1
+                    yield chunk
+                log.info("done", extra={"request_id": request_id, "seconds": time.monotonic() - started})
+                return
+            except grpc.aio.AioRpcError as e:
+                if e.code() == grpc.StatusCode.NOT_FOUND and attempt == 0 and sent == 0 and any(
+                        i.WhichOneof("source") == "data" for i in images):
+                    log.warning("embedding expired, embedding again", extra={"request_id": request_id})
+                    continue
+                await _relay_error(context, e, "LM worker")
+
+    async def GenerateComplete(self, request, context):
+        whole = common_pb2.GenerateResponse()
+        async for chunk in self.Generate(request, context):
+            whole.request_id = chunk.request_id
+            whole.text += chunk.text
+            whole.token_ids.extend(chunk.token_ids)
+            whole.logprobs.extend(chunk.logprobs)
+            if chunk.finish_reason:
+                whole.finish_reason = chunk.finish_reason
+                whole.usage.CopyFrom(chunk.usage)
+        return whole
+
+
+def _without_image_bytes(chat: common_pb2.Chat) -> common_pb2.Chat:
+    """The chat with each image part reduced to a placeholder (the LM worker gets images separately)."""
+    out = common_pb2.Chat()
+    out.CopyFrom(chat)
+    for turn in out.turns:
+        for part in turn.parts:
+            if part.WhichOneof("part") == "image":
+                part.image.Clear()
+                part.image.embedding_key = ""
+    return out
+
+
+async def _relay_error(context, error: grpc.aio.AioRpcError, who: str):
+    code = error.code()
+    if code in PASS_THROUGH:
+        await context.abort(code, error.details() if code != grpc.StatusCode.UNAVAILABLE
+                            else f"the {who} is unavailable: {error.details()}")
+    await context.abort(grpc.StatusCode.INTERNAL, f"the {who} failed: {code.name}: {error.details()}")

@@ -1,0 +1,81 @@
+"""Start the project's services as real processes on free loopback ports, and wait for their health."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from gemma3serve.v1 import common_pb2
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_serving(target: str, service: str, proc: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        while True:
+            assert proc.poll() is None, f"{service} exited:\n{proc.stdout.read()}"
+            try:
+                reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            assert time.monotonic() < deadline, f"{service} did not become healthy in {timeout} s"
+            time.sleep(0.3)
+
+
+@contextlib.contextmanager
+def running(module: str, service: str, *args: str):
+    """Run ``python -m module --port P *args`` on one CPU device; yield (process, target); SIGTERM
+    at the end, which must drain and exit 0."""
+    port = free_port()
+    env = {**os.environ, "XLA_FLAGS": "", "PYTHONPATH": ROOT}
+    proc = subprocess.Popen([sys.executable, "-m", module, "--port", str(port), "--log-format", "text",
+                             "--drain-seconds", "2", *args], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    target = f"127.0.0.1:{port}"
+    try:
+        wait_serving(target, service, proc)
+        yield proc, target
+        proc.terminate()
+        assert proc.wait(30) == 0, proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def chat(text, images=0, system=None):
+    """A chat: an optional system turn, then one user turn with ``images`` image parts and the text."""
+    turns = []
+    if system:
+        turns.append(common_pb2.Turn(role="system", parts=[common_pb2.ContentPart(text=system)]))
+    parts = [common_pb2.ContentPart(image=common_pb2.Image(embedding_key="x")) for _ in range(images)]
+    turns.append(common_pb2.Turn(role="user", parts=parts + [common_pb2.ContentPart(text=text)]))
+    return common_pb2.Chat(turns=turns)
+
+
+def expected_answer(reference, request, features=None):
+    """(prompt ids, greedy answer ids) of an LMGenerateRequest, computed in this process."""
+    model, prompts = reference
+    crops = [0] * len(request.images)
+    ids, types = prompts.build(request, crops)
+    extra = {} if features is None else {"image_features": features, "token_type_ids": types[None]}
+    out = model.generate([ids], max_new_tokens=request.sampling.max_new_tokens, eos_token_id=prompts.stop_token_ids,
+                         **extra)
+    return ids, out.new_tokens[0, : out.num_new_tokens[0]].tolist()

@@ -1,0 +1,96 @@
+"""The gateway as a real process in front of a real LM worker (and no vision worker, to see faults)."""
+
+import asyncio
+import time
+import uuid
+
+import grpc
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gemma3serve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, lm_worker_pb2
+from serving.embedding_cache import EmbeddingCache
+from tests import make_checkpoints as mk
+from tests import services
+from tests.services import chat, expected_answer
+
+
+@pytest.fixture(scope="module")
+def gateway(lm_worker):
+    _, lm_target = lm_worker
+    nobody = f"127.0.0.1:{services.free_port()}"  # no vision worker listens here
+    with services.running("gateway", "gemma3serve.v1.Gateway", "--lm-target", lm_target,
+                          "--vision-target", nobody, "--max-images", "3") as (proc, target):
+        yield target
+
+
+def _call(target, request, unary=False, timeout=60):
+    with grpc.insecure_channel(target) as channel:
+        stub = gateway_pb2_grpc.GatewayStub(channel)
+        if unary:
+            return stub.GenerateComplete(request, timeout=timeout)
+        return list(stub.Generate(request, timeout=timeout))
+
+
+def _lm_request(request):
+    """What the gateway forwards, for computing the expected answer."""
+    n = sum(p.WhichOneof("part") == "image" for t in request.chat.turns for p in t.parts)
+    return lm_worker_pb2.LMGenerateRequest(chat=request.chat, sampling=request.sampling,
+                                           images=[lm_worker_pb2.ImageInput()] * n)
+
+
+def test_text_chat_streams_and_completes(gateway, reference):
+    request = gateway_pb2.GenerateRequest(request_id="g1", chat=chat("What colour is the triangle?"),
+                                          sampling=common_pb2.SamplingParams(max_new_tokens=10))
+    chunks = _call(gateway, request)
+    _, want = expected_answer(reference, _lm_request(request))
+    assert [t for c in chunks for t in c.token_ids] == want
+    whole = _call(gateway, request, unary=True)
+    assert list(whole.token_ids) == want and whole.text == "".join(c.text for c in chunks)
+    assert whole.request_id == "g1" and whole.finish_reason == chunks[-1].finish_reason != 0
+    assert whole.usage.completion_tokens == len(want) and whole.usage.image_cache_hits == 0
+    assert whole.usage.time_to_first_token_s > 0
+
+
+def test_an_embedding_key_needs_no_vision_worker(gateway, reference):
+    model, _ = reference
+    features = np.asarray(model.get_image_features(jnp.asarray(mk.random_pixels(1, seed=9))))
+    key = f"test:{uuid.uuid4()}"
+
+    async def put():
+        cache = EmbeddingCache(services.REDIS_URL, ttl_seconds=60)
+        await cache.put(key, features)
+        await cache.close()
+
+    asyncio.run(put())
+    conversation = chat("Where is the square?", images=1)
+    conversation.turns[0].parts[0].image.embedding_key = key
+    request = gateway_pb2.GenerateRequest(chat=conversation, sampling=common_pb2.SamplingParams(max_new_tokens=8))
+    whole = _call(gateway, request, unary=True)
+    _, want = expected_answer(reference, _lm_request(request), features)
+    assert list(whole.token_ids) == want and list(whole.usage.image_embedding_keys) == [key]
+
+
+def test_image_bytes_without_a_vision_worker_fail_fast_with_unavailable(gateway):
+    conversation = chat("What is in this image?", images=1)
+    conversation.turns[0].parts[0].image.data = b"\x89PNG not really"
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as e:
+        _call(gateway, gateway_pb2.GenerateRequest(chat=conversation), timeout=30)
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "vision worker" in e.value.details()
+    assert time.monotonic() - started < 10
+
+
+@pytest.mark.parametrize("request_, message", [
+    (gateway_pb2.GenerateRequest(), "no prompt"),
+    (gateway_pb2.GenerateRequest(chat=chat("four images", images=4)), "4 images exceed the limit of 3"),
+    (gateway_pb2.GenerateRequest(raw=common_pb2.RawPrompt(text="<start_of_image>", images=[common_pb2.Image()])),
+     "image 0 is empty"),
+    (gateway_pb2.GenerateRequest(chat=chat("hi"), sampling=common_pb2.SamplingParams(temperature=-2)),
+     "temperature"),  # found by the LM worker, passed through
+])
+def test_bad_requests_get_invalid_argument(gateway, request_, message):
+    with pytest.raises(grpc.RpcError) as e:
+        _call(gateway, request_)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in e.value.details()
