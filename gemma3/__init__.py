@@ -6,6 +6,7 @@ from gemma3.config import ConfigError, Gemma3Config, Gemma3TextConfig, SiglipVis
 from gemma3.generation import GenerateOutput, generate, sample_tokens
 from gemma3.multimodal import (
     Gemma3ForConditionalGeneration,
+    Gemma3ImageEncoder,
     Gemma3Model,
     Gemma3MultimodalCausalLMOutputWithPast,
     Gemma3MultiModalProjector,
@@ -30,7 +31,8 @@ from gemma3.vision import SiglipVisionModel
 __all__ = [
     "Checkpoint", "CheckpointError", "ConfigError", "GenerateOutput", "Gemma3Attention",
     "Gemma3CausalLMOutputWithPast", "Gemma3Config", "Gemma3DecoderLayer", "Gemma3ForCausalLM",
-    "Gemma3ForConditionalGeneration", "Gemma3ForSequenceClassification", "Gemma3MLP", "Gemma3Model",
+    "Gemma3ForConditionalGeneration", "Gemma3ForSequenceClassification", "Gemma3ImageEncoder", "Gemma3MLP",
+    "Gemma3Model",
     "Gemma3ModelOutputWithPast", "Gemma3MultiModalProjector", "Gemma3MultimodalCausalLMOutputWithPast",
     "Gemma3RMSNorm", "Gemma3SequenceClassifierOutputWithPast", "Gemma3TextConfig", "Gemma3TextModel", "KVCache",
     "SiglipVisionConfig", "SiglipVisionModel", "create_mesh", "generate", "sample_tokens", "shard_model",

@@ -9,7 +9,7 @@ from flax import nnx
 from gemma3 import cache as kv
 from gemma3.config import Gemma3Config
 from gemma3.outputs import ModelOutput, output_class
-from gemma3.text import CausalLMMixin, Gemma3RMSNorm, Gemma3TextModel, _linear
+from gemma3.text import CausalLMMixin, Gemma3RMSNorm, Gemma3TextModel, PretrainedMixin, _linear
 from gemma3.vision import SiglipVisionModel
 
 
@@ -188,3 +188,31 @@ class Gemma3ForConditionalGeneration(CausalLMMixin, nnx.Module):
             attentions=out.attentions,
             image_hidden_states=out.image_hidden_states,
         )
+
+
+class _VisionHalf(nnx.Module):
+    def __init__(self, config: Gemma3Config, *, dtype, rngs: nnx.Rngs):
+        self.vision_tower = SiglipVisionModel(config.vision_config, dtype=dtype, rngs=rngs)
+        self.multi_modal_projector = Gemma3MultiModalProjector(config, dtype=dtype, rngs=rngs)
+
+
+class Gemma3ImageEncoder(PretrainedMixin, nnx.Module):
+    """Only the vision tower and the projector, loaded from a full multimodal checkpoint: what a
+    vision worker needs, without the memory of the decoder."""
+
+    config_class = Gemma3Config
+
+    def __init__(self, config: Gemma3Config, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+        self.config = config
+        self.model = _VisionHalf(config, dtype=dtype, rngs=rngs or nnx.Rngs(0))
+
+    @staticmethod
+    def checkpoint_key(key: str) -> str | None:
+        from gemma3.checkpoint import multimodal_key
+
+        name = multimodal_key(key)
+        return name if name and name.startswith(("model.vision_tower.", "model.multi_modal_projector.")) else None
+
+    def __call__(self, pixel_values: jax.Array) -> jax.Array:
+        """(N, 3, H, W) pixels → (N, mm_tokens_per_image, text hidden): what Gemma3Model merges."""
+        return self.model.multi_modal_projector(self.model.vision_tower(pixel_values))

@@ -64,6 +64,16 @@ def test_greedy_continuation_matches_transformers_generate(pair):
     np.testing.assert_array_equal(got.sequences, ref)
 
 
+def test_image_encoder_loads_only_the_vision_half(pair):
+    from gemma3 import Gemma3ImageEncoder
+
+    path, _, ours = pair
+    encoder = Gemma3ImageEncoder.from_pretrained(path)
+    assert not hasattr(encoder.model, "language_model")
+    pixels = jnp.asarray(mk.random_pixels(2, seed=4))
+    np.testing.assert_array_equal(np.asarray(encoder(pixels)), np.asarray(ours.get_image_features(pixels)))
+
+
 def test_precomputed_image_features_give_the_same_logits(pair):
     _, _, ours = pair
     ids, mask, tt = mk.image_prompt([1], length=20, seed=5)
