@@ -1,6 +1,10 @@
 """The gateway as a real process in front of a real LM worker (and no vision worker, to see faults)."""
 
 import asyncio
+import json
+import os
+import subprocess
+import sys
 import time
 import uuid
 
@@ -94,3 +98,33 @@ def test_bad_requests_get_invalid_argument(gateway, request_, message):
     with pytest.raises(grpc.RpcError) as e:
         _call(gateway, request_)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in e.value.details()
+
+
+def test_python_clients_and_cli(gateway, reference):
+    from gateway.client import AsyncClient, Client, build_request
+
+    request = build_request("How many shapes are there?", max_new_tokens=8, request_id="c1")
+    with Client(gateway) as client:
+        streamed = list(client.stream(request))
+        whole = client.complete(request)
+
+    async def go():
+        async with AsyncClient(gateway) as client:
+            return [c async for c in client.stream(request)], await client.complete(request)
+
+    async_streamed, async_whole = asyncio.run(go())
+    text = "".join(c.text for c in streamed)
+    assert whole.text == text == async_whole.text == "".join(c.text for c in async_streamed)
+    _, want = expected_answer(reference, _lm_request(request))
+    assert list(whole.token_ids) == want
+
+    env = {**os.environ, "PYTHONPATH": services.ROOT}
+    cli = [sys.executable, "-m", "gateway.client", "--target", gateway, "--max-new-tokens", "8",
+           "How many shapes are there?"]
+    out = subprocess.run(cli, capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 0 and out.stdout == text + "\n"
+    out = subprocess.run(cli + ["--json"], capture_output=True, text=True, env=env, timeout=60)
+    reply = json.loads(out.stdout)
+    assert reply["text"] == text and reply["usage"]["completion_tokens"] == len(want)
+    bad = subprocess.run(cli[:-1] + ["--image", "/nonexistent.png", "x"], capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and "cannot read image" in bad.stderr
