@@ -28,6 +28,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     env_flag(p, "--max-queue", "GEMMA3_LM_MAX_QUEUE", 64, "requests waiting beyond the slots before "
              "RESOURCE_EXHAUSTED", type=int)
     env_flag(p, "--max-new-tokens", "GEMMA3_LM_MAX_NEW_TOKENS", 256, "default max_new_tokens", type=int)
+    env_flag(p, "--max-top-logprobs", "GEMMA3_LM_MAX_TOP_LOGPROBS", 5, "most alternatives a request may ask "
+             "logprobs for", type=int)
     env_flag(p, "--tensor-parallel", "GEMMA3_LM_TENSOR_PARALLEL", 1, "mesh tensor axis (the rest goes to data)",
              type=int)
     env_flag(p, "--fsdp", "GEMMA3_LM_FSDP", 1, "mesh fsdp axis", type=int)
@@ -69,7 +71,8 @@ async def main_async(args) -> None:
     async def warm_up():
         model = await asyncio.to_thread(load, args)
         prompts = PromptBuilder.from_pretrained(args.model, model.config)
-        engine = Engine(model, num_slots=args.num_slots, max_length=args.max_length, max_queue=args.max_queue).start()
+        engine = Engine(model, num_slots=args.num_slots, max_length=args.max_length, max_queue=args.max_queue,
+                        max_top_logprobs=args.max_top_logprobs).start()
         probe = engine.submit(Request(prompt_ids=[prompts.bos_id], max_new_tokens=2))  # compiles the hot path
         await asyncio.to_thread(lambda: list(probe.stream()))
         service.attach(engine, prompts)

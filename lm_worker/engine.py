@@ -35,6 +35,8 @@ class QueueFull(Exception):
 @dataclasses.dataclass(frozen=True)
 class Token:
     token_id: int
+    logprob: float = 0.0  # under the model's distribution (before temperature and filters)
+    top: tuple[tuple[int, float], ...] = ()  # the request's top_logprobs best (id, logprob), best first
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +59,7 @@ class Request:
     top_p: float = 1.0
     seed: int = 0
     stop_token_ids: frozenset[int] = frozenset()
+    top_logprobs: int = 0  # alternatives reported with each token (at most the engine's max_top_logprobs)
     prefill_inputs: dict = dataclasses.field(default_factory=dict)  # image_features, token_type_ids
     deadline: float | None = None  # time.monotonic() after which the request is dropped
     notify: Callable[[], None] | None = None  # called (on the engine thread) after each new event
@@ -107,11 +110,12 @@ class Engine:
     """Owns a causal-LM model (text or multimodal) and serves Requests with continuous batching."""
 
     def __init__(self, model, *, num_slots: int = 8, max_length: int = 1024, max_queue: int = 64,
-                 prefill_buckets: tuple[int, ...] | None = None):
+                 prefill_buckets: tuple[int, ...] | None = None, max_top_logprobs: int = 5):
         self.model, self.num_slots, self.max_length, self.max_queue = model, num_slots, max_length, max_queue
+        self.max_top_logprobs = max_top_logprobs
         self.buckets = prefill_buckets or buckets_for(max_length)
         self.graphdef, self.state = nnx.split(model)
-        self._prefill, self._insert, self._decode = _compile(self.graphdef, max_length)
+        self._prefill, self._insert, self._decode = _compile(self.graphdef, max_length, max_top_logprobs)
         self.cache = model.init_cache(num_slots, max_length)
         self.tokens = np.zeros(num_slots, np.int32)
         self.slots: list[_Slot | None] = [None] * num_slots
@@ -125,6 +129,8 @@ class Engine:
         n = len(request.prompt_ids)
         if n == 0:
             raise ValueError("the prompt is empty")
+        if not 0 <= request.top_logprobs <= self.max_top_logprobs:
+            raise ValueError(f"top_logprobs must be between 0 and {self.max_top_logprobs}, got {request.top_logprobs}")
         if n + request.max_new_tokens > self.max_length:
             raise ValueError(f"prompt ({n} tokens) + max_new_tokens ({request.max_new_tokens}) exceeds the "
                              f"context of {self.max_length} tokens")
@@ -195,10 +201,10 @@ class Engine:
                  for k, v in request.prefill_inputs.items()}
         if "token_type_ids" in extra:
             extra["token_type_ids"] = jnp.pad(extra["token_type_ids"], ((0, 0), (0, bucket - n)))
-        token, row = self._prefill(self.state, jnp.asarray(ids), jnp.int32(n), extra, *_sampling(request))
+        picked, row = self._prefill(self.state, jnp.asarray(ids), jnp.int32(n), extra, *_sampling(request))
         self.cache = self._insert(self.cache, row, jnp.int32(slot))
         self.slots[slot] = _Slot(request)
-        self._emit(slot, int(token[0]))
+        self._emit(slot, *(np.asarray(x)[0] for x in picked))
 
     def _step(self) -> None:
         active = np.array([s is not None for s in self.slots])
@@ -206,11 +212,11 @@ class Engine:
         temperature, top_k, top_p, seed = (np.array(col) for col in zip(*params))
         steps = np.array([s.generated if s else 0 for s in self.slots], np.int32)
         try:
-            tokens, self.cache = self._decode(self.state, jnp.asarray(self.tokens), self.cache, jnp.asarray(active),
+            picked, self.cache = self._decode(self.state, jnp.asarray(self.tokens), self.cache, jnp.asarray(active),
                                               jnp.asarray(seed, jnp.uint32), jnp.asarray(steps),
                                               jnp.asarray(temperature, jnp.float32), jnp.asarray(top_k, jnp.int32),
                                               jnp.asarray(top_p, jnp.float32))
-            tokens = np.asarray(tokens)
+            picked = [np.asarray(x) for x in picked]  # the step's one host transfer
         except Exception as e:
             log.exception("decode step failed; failing the active requests")
             self.cache = self.model.init_cache(self.num_slots, self.max_length)
@@ -221,10 +227,11 @@ class Engine:
         for i, slot in enumerate(self.slots):
             if slot is not None:
                 slot.generated += 1
-                self._emit(i, int(tokens[i]))
+                self._emit(i, *(x[i] for x in picked))
 
-    def _emit(self, slot: int, token: int) -> None:
+    def _emit(self, slot: int, token, logprob, top_ids, top_logprobs) -> None:
         """Deliver a token, then free the slot if the request is done."""
+        token = int(token)
         s = self.slots[slot]
         request = s.request
         if request.cancelled:
@@ -232,7 +239,8 @@ class Engine:
         if request.expired(time.monotonic()):
             return self._finish(slot, Finished("deadline"))
         self.tokens[slot] = token
-        request.put(Token(token))
+        n = request.top_logprobs
+        request.put(Token(token, float(logprob), tuple(zip(top_ids[:n].tolist(), top_logprobs[:n].tolist()))))
         if token in request.stop_token_ids:
             self._finish(slot, Finished("stop"))
         elif s.generated >= request.max_new_tokens:
@@ -247,8 +255,17 @@ def _sampling(r: Request):
     return r.temperature, r.top_k, r.top_p, r.seed
 
 
+def pick(logits, keys, temperature, top_k, top_p, n_top: int):
+    """Sampled tokens with their log-probabilities and the ``n_top`` most likely alternatives."""
+    tokens = sample_tokens(logits, keys, temperature, top_k, top_p)
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    chosen = jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
+    top_lp, top_ids = jax.lax.top_k(logp, max(n_top, 1))
+    return tokens, chosen, top_ids, top_lp
+
+
 @functools.lru_cache(maxsize=8)
-def _compile(graphdef, max_length: int):
+def _compile(graphdef, max_length: int, n_top: int):
     """Jitted prefill (one request, bucketed), slot insertion and batched decode (cache donated)."""
 
     def prefill(state, ids, length, extra, temperature, top_k, top_p, seed):
@@ -259,9 +276,9 @@ def _compile(graphdef, max_length: int):
         last = out.last_hidden_state[:, length - 1]
         logits = model.apply_lm_head(last)
         seeds = jnp.asarray(seed, jnp.uint32)[None]
-        token = sample_tokens(logits, step_keys(seeds, jnp.int32(0)), jnp.asarray(temperature, jnp.float32)[None],
-                              jnp.asarray(top_k, jnp.int32)[None], jnp.asarray(top_p, jnp.float32)[None])
-        return token, out.past_key_values
+        picked = pick(logits, step_keys(seeds, jnp.int32(0)), jnp.asarray(temperature, jnp.float32)[None],
+                      jnp.asarray(top_k, jnp.int32)[None], jnp.asarray(top_p, jnp.float32)[None], n_top)
+        return picked, out.past_key_values
 
     def insert(cache, row, slot):
         return jax.tree.map(lambda big, small: jax.lax.dynamic_update_slice_in_dim(big, small, slot, axis=0),
@@ -271,6 +288,6 @@ def _compile(graphdef, max_length: int):
         model = nnx.merge(graphdef, state)
         out = model.model(input_ids=tokens[:, None], attention_mask=active[:, None], past_key_values=cache)
         logits = model.apply_lm_head(out.last_hidden_state[:, 0])
-        return sample_tokens(logits, step_keys(seeds, steps), temperature, top_k, top_p), out.past_key_values
+        return pick(logits, step_keys(seeds, steps), temperature, top_k, top_p, n_top), out.past_key_values
 
     return jax.jit(prefill), jax.jit(insert, donate_argnums=(0,)), jax.jit(decode, donate_argnums=(2,))

@@ -36,11 +36,9 @@ def check_sampling(s: common_pb2.SamplingParams, default_max_new_tokens: int) ->
             raise InvalidRequest(f"sampling.{name} must be a finite number >= 0, got {value}")
     if s.top_p > 1:
         raise InvalidRequest(f"sampling.top_p must be at most 1, got {s.top_p}")
-    if s.top_logprobs or s.logprobs:
-        raise InvalidRequest("logprobs are not supported yet")
     return dict(max_new_tokens=s.max_new_tokens or default_max_new_tokens, temperature=float(s.temperature),
                 top_k=int(s.top_k), top_p=float(s.top_p) if s.top_p > 0 else 1.0,
-                seed=int(s.seed) if s.HasField("seed") else 0)
+                seed=int(s.seed) if s.HasField("seed") else 0, top_logprobs=int(s.top_logprobs))
 
 
 class LMWorkerService(lm_worker_pb2_grpc.LMWorkerServicer):
@@ -119,18 +117,23 @@ class LMWorkerService(lm_worker_pb2_grpc.LMWorkerServicer):
 
         text = StreamDecoder(self.prompts.tokenizer)
         stops = StopMatcher(list(request.sampling.stop))
+        want_logprobs = request.sampling.logprobs or request.sampling.top_logprobs > 0
         completion, first_token_at, finished = 0, None, None
         try:
             while finished is None:
                 await wake.wait()
                 wake.clear()
-                delta, token_ids = "", []
+                delta, token_ids, logprobs = "", [], []
                 while not job.events.empty():
                     event = job.events.get_nowait()
                     if isinstance(event, Token):
                         completion += 1
                         first_token_at = first_token_at or time.monotonic()
                         token_ids.append(event.token_id)
+                        if want_logprobs:
+                            logprobs.append(common_pb2.TokenLogprob(
+                                token_id=event.token_id, logprob=event.logprob,
+                                top=[common_pb2.TopLogprob(token_id=i, logprob=p) for i, p in event.top]))
                         piece = text.push(event.token_id)
                         delta += stops.push(piece)
                         if stops.stopped:
@@ -148,7 +151,8 @@ class LMWorkerService(lm_worker_pb2_grpc.LMWorkerServicer):
                     if finished.reason == "cancelled":
                         await context.abort(grpc.StatusCode.CANCELLED, finished.detail or "cancelled")
                     await context.abort(grpc.StatusCode.INTERNAL, f"generation failed: {finished.detail}")
-                chunk = common_pb2.GenerateResponse(request_id=request_id, text=delta, token_ids=token_ids)
+                chunk = common_pb2.GenerateResponse(request_id=request_id, text=delta, token_ids=token_ids,
+                                                    logprobs=logprobs)
                 if finished is not None:
                     chunk.finish_reason = FINISH[finished.reason]
                     chunk.usage.CopyFrom(common_pb2.Usage(

@@ -116,3 +116,26 @@ def test_a_failing_prefill_fails_only_its_request(model, engine):
     assert finish.reason == "error" and tokens == []
     assert _collect(good) == (_alone(model, good), Finished("length"))
     assert threading.active_count() >= 1
+
+
+def test_logprobs_are_the_models_log_softmax(model):
+    import jax
+    import jax.numpy as jnp
+
+    eng = Engine(model, num_slots=2, max_length=48, prefill_buckets=(8, 16, 48), max_top_logprobs=3)
+    prompt = [2, 30, 31, 32]
+    r = eng.submit(Request(prompt_ids=prompt, max_new_tokens=3, top_logprobs=3, temperature=5.0, seed=1))
+    eng._admit()
+    eng._step()
+    eng._step()
+    tokens = [e for e in r.stream(timeout=5) if isinstance(e, Token)]
+    assert len(tokens) == 3
+    ids = prompt + [t.token_id for t in tokens]
+    logp = np.asarray(jax.nn.log_softmax(model(jnp.asarray([ids])).logits[0], axis=-1))
+    for i, t in enumerate(tokens):
+        row = logp[len(prompt) - 1 + i]
+        assert abs(t.logprob - row[t.token_id]) < 1e-4
+        assert [a for a, _ in t.top] == np.argsort(-row)[:3].tolist()
+        np.testing.assert_allclose([b for _, b in t.top], np.sort(row)[::-1][:3], atol=1e-4)
+    with pytest.raises(ValueError, match="top_logprobs must be between 0 and 3"):
+        eng.submit(Request(prompt_ids=prompt, top_logprobs=4))

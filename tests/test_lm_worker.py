@@ -112,3 +112,24 @@ def test_cancel_and_deadline_free_the_slots(lm_worker, reference):
                                               sampling=common_pb2.SamplingParams(max_new_tokens=6))
     got = [t for c in _stream(target, request, timeout=30) for t in c.token_ids]
     assert got == expected_answer(reference, request)[1]
+
+
+def test_logprobs_stream_with_the_tokens(lm_worker, reference):
+    import jax
+
+    _, target = lm_worker
+    model, prompts = reference
+    request = lm_worker_pb2.LMGenerateRequest(chat=chat("What is in this image?"), sampling=common_pb2.SamplingParams(
+        max_new_tokens=4, top_logprobs=2))
+    chunks = _stream(target, request)
+    entries = [lp for c in chunks for lp in c.logprobs]
+    tokens = [t for c in chunks for t in c.token_ids]
+    assert [e.token_id for e in entries] == tokens and all(len(e.top) == 2 for e in entries)
+    ids, _ = prompts.build(request, [])
+    logp = np.asarray(jax.nn.log_softmax(model(jnp.asarray([ids + tokens])).logits[0], axis=-1))
+    for i, e in enumerate(entries):
+        assert abs(e.logprob - logp[len(ids) - 1 + i, e.token_id]) < 1e-3
+    request.sampling.top_logprobs = 6
+    with pytest.raises(grpc.RpcError) as err:
+        _stream(target, request)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "top_logprobs" in err.value.details()
