@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import grpc
@@ -16,6 +17,11 @@ from gemma3serve.v1 import common_pb2
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def trace_file(target: str) -> str:
+    """Where the service at ``target`` appends its spans (JSON lines) in the tests."""
+    return os.path.join(tempfile.gettempdir(), f"gemma3-trace-{target.rsplit(':', 1)[1]}.jsonl")
 
 
 def free_port() -> int:
@@ -45,11 +51,13 @@ def running(module: str, service: str, *args: str):
     """Run ``python -m module --port P *args`` on one CPU device; yield (process, target); SIGTERM
     at the end, which must drain and exit 0."""
     port = free_port()
-    env = {**os.environ, "XLA_FLAGS": "", "PYTHONPATH": ROOT}
+    target = f"127.0.0.1:{port}"
+    if os.path.exists(trace_file(target)):
+        os.remove(trace_file(target))
+    env = {**os.environ, "XLA_FLAGS": "", "PYTHONPATH": ROOT, "GEMMA3_TRACE_FILE": trace_file(target)}
     proc = subprocess.Popen([sys.executable, "-m", module, "--port", str(port), "--log-format", "text",
                              "--drain-seconds", "2", *args], env=env, cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
-    target = f"127.0.0.1:{port}"
     try:
         wait_serving(target, service, proc)
         yield proc, target

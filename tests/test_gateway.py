@@ -29,6 +29,11 @@ def gateway(lm_worker):
         yield target
 
 
+def _spans(target):
+    with open(services.trace_file(target)) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
 def _call(target, request, unary=False, timeout=60):
     with grpc.insecure_channel(target) as channel:
         stub = gateway_pb2_grpc.GatewayStub(channel)
@@ -128,3 +133,12 @@ def test_python_clients_and_cli(gateway, reference):
     assert reply["text"] == text and reply["usage"]["completion_tokens"] == len(want)
     bad = subprocess.run(cli[:-1] + ["--image", "/nonexistent.png", "x"], capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and "cannot read image" in bad.stderr
+
+
+def test_one_trace_spans_the_gateway_and_the_lm_worker(gateway, lm_worker):
+    request = gateway_pb2.GenerateRequest(chat=chat("Trace me"), sampling=common_pb2.SamplingParams(max_new_tokens=2))
+    _call(gateway, request, unary=True)
+    time.sleep(0.5)
+    server = [s for s in _spans(gateway) if s["name"].endswith("Gateway/GenerateComplete")]
+    worker = {s["context"]["trace_id"] for s in _spans(lm_worker[1]) if s["name"].endswith("LMWorker/Generate")}
+    assert server and server[-1]["context"]["trace_id"] in worker
