@@ -57,6 +57,6 @@ def reference(served_checkpoint):
 @pytest.fixture(scope="session")
 def lm_worker(served_checkpoint):
     with services.running("lm_worker", "gemma3serve.v1.LMWorker", "--model", served_checkpoint,
-                          "--dtype", "float32", "--num-slots", "2", "--max-length", "256", "--max-queue", "4",
+                          "--dtype", "float32", "--num-slots", "4", "--max-length", "256", "--max-queue", "32",
                           "--redis-url", services.REDIS_URL) as (proc, target):
         yield proc, target

@@ -80,10 +80,30 @@ def chat(text, images=0, system=None):
 
 def expected_answer(reference, request, features=None):
     """(prompt ids, greedy answer ids) of an LMGenerateRequest, computed in this process."""
+    return expected_answers(reference, [request], [features])[0]
+
+
+def expected_answers(reference, requests, features):
+    """The library's own greedy generate() over LMGenerateRequests, as one left-padded batch (one
+    compilation): [(prompt ids, answer ids)], each answer cut at its request's max_new_tokens."""
+    import numpy as np
+
     model, prompts = reference
-    crops = [0] * len(request.images)
-    ids, types = prompts.build(request, crops)
-    extra = {} if features is None else {"image_features": features, "token_type_ids": types[None]}
-    out = model.generate([ids], max_new_tokens=request.sampling.max_new_tokens, eos_token_id=prompts.stop_token_ids,
-                         **extra)
-    return ids, out.new_tokens[0, : out.num_new_tokens[0]].tolist()
+    built = [prompts.build(r, [0] * len(r.images)) for r in requests]
+    width = max(len(ids) for ids, _ in built)
+    ids = np.zeros((len(built), width), np.int64)
+    mask, types = np.zeros_like(ids), np.zeros_like(ids)
+    for row, (prompt, token_types) in enumerate(built):
+        ids[row, width - len(prompt):], mask[row, width - len(prompt):] = prompt, 1
+        types[row, width - len(prompt):] = token_types
+    extra = {}
+    used = [f for f in features if f is not None]
+    if used:
+        extra = {"image_features": np.concatenate(used), "token_type_ids": types}
+    longest = max(r.sampling.max_new_tokens for r in requests)
+    out = model.generate(ids, mask, max_new_tokens=longest, eos_token_id=prompts.stop_token_ids, **extra)
+    answers = []
+    for row, (request, (prompt, _)) in enumerate(zip(requests, built)):
+        n = min(int(out.num_new_tokens[row]), request.sampling.max_new_tokens)
+        answers.append((prompt, out.new_tokens[row, :n].tolist()))
+    return answers
