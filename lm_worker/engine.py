@@ -9,6 +9,7 @@ through each request's own queue, so detokenization and the network never block 
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import itertools
@@ -120,6 +121,7 @@ class Engine:
         self.tokens = np.zeros(num_slots, np.int32)
         self.slots: list[_Slot | None] = [None] * num_slots
         self._pending: queue.Queue[Request] = queue.Queue(maxsize=max_queue)
+        self.finished: collections.Counter[str] = collections.Counter()  # requests ended, by reason
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -182,12 +184,15 @@ class Engine:
             except queue.Empty:
                 return
             if request.cancelled or request.expired(time.monotonic()):
-                request.put(Finished("cancelled" if request.cancelled else "deadline"))
+                reason = "cancelled" if request.cancelled else "deadline"
+                self.finished[reason] += 1
+                request.put(Finished(reason))
                 continue
             try:
                 self._prefill_into(self.slots.index(None), request)
             except Exception as e:  # a bad request must not take the engine down
                 log.exception("prefill failed for request %s", request.id)
+                self.finished["error"] += 1
                 request.put(Finished("error", str(e)))
             if busy:
                 return
@@ -247,6 +252,7 @@ class Engine:
             self._finish(slot, Finished("length"))
 
     def _finish(self, slot: int, event: Finished) -> None:
+        self.finished[event.reason] += 1
         self.slots[slot].request.put(event)
         self.slots[slot] = None
 

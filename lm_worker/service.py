@@ -17,7 +17,7 @@ import uuid
 import grpc
 import numpy as np
 
-from gemma3serve.v1 import common_pb2, lm_worker_pb2_grpc
+from gemma3serve.v1 import common_pb2, lm_worker_pb2, lm_worker_pb2_grpc
 from lm_worker.detokenize import StopMatcher, StreamDecoder
 from lm_worker.engine import Engine, Finished, QueueFull, Request, Token
 from lm_worker.prompts import InvalidRequest
@@ -85,6 +85,13 @@ class LMWorkerService(lm_worker_pb2_grpc.LMWorkerServicer):
                                         f"embedding {image.key} is not in the cache (expired, evicted or corrupt)")
             out.append(np.asarray(array, np.float32).reshape(-1, *width))
         return np.concatenate(out)
+
+    async def GetStats(self, request, context):
+        if self.engine is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading")
+        e = self.engine
+        return lm_worker_pb2.LMWorkerStats(num_slots=e.num_slots, active_slots=e.num_slots - e.free_slots,
+                                           queued=e.queued, finished=dict(e.finished))
 
     async def Generate(self, request, context):
         if self.engine is None:

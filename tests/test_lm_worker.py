@@ -1,6 +1,7 @@
 """The LM worker as a real process on a loopback port, through real gRPC channels and real Redis."""
 
 import asyncio
+import time
 import uuid
 
 import grpc
@@ -98,16 +99,25 @@ def test_stop_strings_cut_the_text(lm_worker, reference):
 def test_cancel_and_deadline_free_the_slots(lm_worker, reference):
     _, target = lm_worker
     long_ = lm_worker_pb2.LMGenerateRequest(raw=common_pb2.RawPrompt(text="What colour"),
-                                            sampling=common_pb2.SamplingParams(max_new_tokens=80))
+                                            sampling=common_pb2.SamplingParams(max_new_tokens=200))
     with grpc.insecure_channel(target) as channel:
         stub = lm_worker_pb2_grpc.LMWorkerStub(channel)
-        for _ in range(3):  # more cancelled streams than slots: each must give its slot back
+        ended = lambda stats: stats.finished["cancelled"] + stats.finished["deadline"]  # noqa: E731
+        before = ended(stub.GetStats(lm_worker_pb2.StatsRequest()))
+        for _ in range(6):  # more cancelled streams than slots: each must give its slot back
             call = stub.Generate(long_)
             next(call)
             call.cancel()
         with pytest.raises(grpc.RpcError) as e:
             list(stub.Generate(long_, timeout=0.05))
         assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            stats = stub.GetStats(lm_worker_pb2.StatsRequest())
+            if stats.active_slots == 0 and ended(stats) - before == 7:
+                break
+            time.sleep(0.05)
+        assert stats.num_slots == 4 and stats.active_slots == 0 and ended(stats) - before == 7
     request = lm_worker_pb2.LMGenerateRequest(chat=chat("How many shapes are there?"),
                                               sampling=common_pb2.SamplingParams(max_new_tokens=6))
     got = [t for c in _stream(target, request, timeout=30) for t in c.token_ids]

@@ -30,3 +30,26 @@ class LMGenerateRequest(_message.Message):
     images: _containers.RepeatedCompositeFieldContainer[ImageInput]
     sampling: _common_pb2.SamplingParams
     def __init__(self, request_id: _Optional[str] = ..., chat: _Optional[_Union[_common_pb2.Chat, _Mapping]] = ..., raw: _Optional[_Union[_common_pb2.RawPrompt, _Mapping]] = ..., images: _Optional[_Iterable[_Union[ImageInput, _Mapping]]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ...) -> None: ...
+
+class StatsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class LMWorkerStats(_message.Message):
+    __slots__ = ("num_slots", "active_slots", "queued", "finished")
+    class FinishedEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    NUM_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    num_slots: int
+    active_slots: int
+    queued: int
+    finished: _containers.ScalarMap[str, int]
+    def __init__(self, num_slots: _Optional[int] = ..., active_slots: _Optional[int] = ..., queued: _Optional[int] = ..., finished: _Optional[_Mapping[str, int]] = ...) -> None: ...

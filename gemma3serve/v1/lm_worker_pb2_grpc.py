@@ -40,12 +40,23 @@ class LMWorkerStub:
                 request_serializer=gemma3serve_dot_v1_dot_lm__worker__pb2.LMGenerateRequest.SerializeToString,
                 response_deserializer=gemma3serve_dot_v1_dot_common__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.GetStats = channel.unary_unary(
+                '/gemma3serve.v1.LMWorker/GetStats',
+                request_serializer=gemma3serve_dot_v1_dot_lm__worker__pb2.StatsRequest.SerializeToString,
+                response_deserializer=gemma3serve_dot_v1_dot_lm__worker__pb2.LMWorkerStats.FromString,
+                _registered_method=True)
 
 
 class LMWorkerServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Generate(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetStats(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -58,6 +69,11 @@ def add_LMWorkerServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=gemma3serve_dot_v1_dot_lm__worker__pb2.LMGenerateRequest.FromString,
                     response_serializer=gemma3serve_dot_v1_dot_common__pb2.GenerateResponse.SerializeToString,
+            ),
+            'GetStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStats,
+                    request_deserializer=gemma3serve_dot_v1_dot_lm__worker__pb2.StatsRequest.FromString,
+                    response_serializer=gemma3serve_dot_v1_dot_lm__worker__pb2.LMWorkerStats.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -87,6 +103,33 @@ class LMWorker:
             '/gemma3serve.v1.LMWorker/Generate',
             gemma3serve_dot_v1_dot_lm__worker__pb2.LMGenerateRequest.SerializeToString,
             gemma3serve_dot_v1_dot_common__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gemma3serve.v1.LMWorker/GetStats',
+            gemma3serve_dot_v1_dot_lm__worker__pb2.StatsRequest.SerializeToString,
+            gemma3serve_dot_v1_dot_lm__worker__pb2.LMWorkerStats.FromString,
             options,
             channel_credentials,
             insecure,
