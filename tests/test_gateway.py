@@ -190,3 +190,25 @@ def test_seeded_sampling_is_reproducible_through_the_gateway(gateway):
     assert list(first.token_ids) == list(second.token_ids)
     request.sampling.seed = 99
     assert list(_call(gateway, request, unary=True).token_ids) != list(first.token_ids)
+
+
+def test_two_lm_workers_behind_one_gateway_both_serve(lm_worker, served_checkpoint):
+    from gemma3serve.v1 import lm_worker_pb2_grpc
+
+    def finished(target):
+        with grpc.insecure_channel(target) as channel:
+            stats = lm_worker_pb2_grpc.LMWorkerStub(channel).GetStats(lm_worker_pb2.StatsRequest())
+            return sum(stats.finished.values())
+
+    first = lm_worker[1]
+    with services.running("lm_worker", "gemma3serve.v1.LMWorker", "--model", served_checkpoint, "--dtype",
+                          "float32", "--num-slots", "2", "--max-length", "256") as (_, second):
+        targets = f"ipv4:{first},{second}"  # a list of addresses, balanced round robin
+        with services.running("gateway", "gemma3serve.v1.Gateway", "--lm-target", targets) as (_, gateway):
+            before = finished(first), finished(second)
+            request = gateway_pb2.GenerateRequest(chat=chat("Which worker?"),
+                                                  sampling=common_pb2.SamplingParams(max_new_tokens=2))
+            answers = [_call(gateway, request, unary=True).token_ids for _ in range(8)]
+            after = finished(first), finished(second)
+    assert all(list(a) == list(answers[0]) for a in answers)
+    assert after[0] - before[0] >= 2 and after[1] - before[1] >= 2
