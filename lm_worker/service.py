@@ -100,13 +100,18 @@ class LMWorkerService(lm_worker_pb2_grpc.LMWorkerServicer):
         request_id = request.request_id or uuid.uuid4().hex
         try:
             sampling = check_sampling(request.sampling, self.default_max_new_tokens)
-            crops = [max(1, i.num_crops) for i in request.images]
+            crops = [i.num_crops for i in request.images]
             ids, token_types = self.prompts.build(request, crops)
         except InvalidRequest as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         features = await self._image_features(request.images, context)
         prefill_inputs = {}
         if features is not None:
+            soft = int(token_types.sum())
+            if soft != features.shape[0] * features.shape[1]:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                    f"the images' embeddings hold {features.shape[0]} images (crops included) but the "
+                                    f"prompt has room for {soft // features.shape[1]}: check num_crops")
             prefill_inputs = {"image_features": features, "token_type_ids": np.asarray(token_types, np.int32)}
         loop = asyncio.get_running_loop()
         wake = asyncio.Event()

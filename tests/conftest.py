@@ -37,7 +37,7 @@ def served_checkpoint(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("served-model"))
     tok = gemma_tokenizer.write(path)
     ids = {s: tok.token_to_id(s) for s in ("<start_of_image>", "<end_of_image>", "<image_soft_token>")}
-    hf = mk.hf_multimodal_model(seed=11, text={"vocab_size": tok.get_vocab_size()},
+    hf = mk.hf_multimodal_model(seed=11, text={"vocab_size": tok.get_vocab_size()}, embed_std=0.1,
                                 image_token_index=ids["<image_soft_token>"], boi_token_index=ids["<start_of_image>"],
                                 eoi_token_index=ids["<end_of_image>"])
     hf.save_pretrained(path)

@@ -32,12 +32,14 @@ VARIANTS = {
 }
 
 
-def randomize(model: torch.nn.Module, seed: int) -> None:
-    """Draw every parameter at random: linear weights ~ N(0, 0.15), norm offsets ~ N(0, 0.5)."""
+def randomize(model: torch.nn.Module, seed: int, embed_std: float = 1.0) -> None:
+    """Draw every parameter at random: linear weights ~ N(0, 0.15), norm offsets ~ N(0, 0.5).
+    Embeddings of std 1 give very peaked next-token distributions (the same token whatever the
+    prompt); services tests use 0.1, so that answers depend on the prompt and the images."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            std = 0.5 if "norm" in name else (1.0 if "embed" in name else 0.15)
+            std = 0.5 if "norm" in name else (embed_std if "embed" in name else 0.15)
             p.copy_(torch.randn(p.shape, generator=gen) * std)
 
 
@@ -120,7 +122,7 @@ VISION_BASE = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, nu
 MULTIMODAL_BASE = dict(mm_tokens_per_image=9, image_token_index=150, boi_token_index=151, eoi_token_index=152)
 
 
-def hf_multimodal_model(seed: int = 0, text: dict | None = None, **overrides):
+def hf_multimodal_model(seed: int = 0, text: dict | None = None, embed_std: float = 1.0, **overrides):
     """A random transformers Gemma3ForConditionalGeneration: 6x6 patches pooled to 3x3 = 9 image tokens,
     so one image's block is longer than the sliding window (5) and is cut by it on sliding layers."""
     import transformers
@@ -135,7 +137,7 @@ def hf_multimodal_model(seed: int = 0, text: dict | None = None, **overrides):
     config.vision_config._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = transformers.Gemma3ForConditionalGeneration(config).eval()
-    randomize(model, seed)
+    randomize(model, seed, embed_std)
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     return model

@@ -180,7 +180,8 @@ def test_sixteen_concurrent_requests_get_their_solo_greedy_answers(gateway, refe
                 [(np.asarray(full) == prompts.soft_id).astype(np.int32)]))
         logits = np.asarray(model(jnp.asarray([full]), **extra).logits[0, len(ids) - 1:-1])
         top2 = np.sort(logits, axis=-1)[:, -2:]
-        assert (top2[:, 1] - top2[:, 0]).min() > 1e-3, "a near-tie would make this comparison flaky"
+        # float32 noise between batched and solo runs is ~1e-6 here; a near-tie would make equality luck
+        assert (top2[:, 1] - top2[:, 0]).min() > 1e-4
 
 
 def test_seeded_sampling_is_reproducible_through_the_gateway(gateway):

@@ -57,6 +57,17 @@ def test_images_inline_and_from_redis_give_the_same_answer(lm_worker, reference)
     assert got == want
 
 
+def test_embedding_rows_must_match_the_prompt(lm_worker, reference):
+    _, target = lm_worker
+    features = np.zeros((2, 9, 64), np.float32)  # two images' worth, announced as one without crops
+    inline = common_pb2.Tensor(dtype="float32", shape=list(features.shape), data=features.tobytes())
+    request = lm_worker_pb2.LMGenerateRequest(chat=chat("hi", images=1), images=[lm_worker_pb2.ImageInput(
+        inline=inline)])
+    with pytest.raises(grpc.RpcError) as e:
+        _stream(target, request)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "check num_crops" in e.value.details()
+
+
 def test_missing_embedding_is_not_found_naming_the_key(lm_worker):
     _, target = lm_worker
     request = lm_worker_pb2.LMGenerateRequest(chat=chat("hi", images=1),
