@@ -16,6 +16,7 @@ import uuid
 
 import grpc
 import numpy as np
+from opentelemetry import trace
 
 from gemma3serve.v1 import common_pb2, lm_worker_pb2, lm_worker_pb2_grpc
 from lm_worker.detokenize import StopMatcher, StreamDecoder
@@ -24,6 +25,7 @@ from lm_worker.prompts import InvalidRequest
 from serving.embedding_cache import DTYPES, CacheUnavailable, EmbeddingCache, decode
 
 log = logging.getLogger(__name__)
+tracer = trace.get_tracer("lm_worker")
 
 FINISH = {"stop": common_pb2.FINISH_REASON_STOP, "length": common_pb2.FINISH_REASON_LENGTH}
 
@@ -104,7 +106,11 @@ class LMWorkerService(lm_worker_pb2_grpc.LMWorkerServicer):
             ids, token_types = self.prompts.build(request, crops)
         except InvalidRequest as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        features = await self._image_features(request.images, context)
+        span = tracer.start_span("lm_worker.embeddings", attributes={"images": len(request.images)})
+        try:
+            features = await self._image_features(request.images, context)
+        finally:
+            span.end()
         prefill_inputs = {}
         if features is not None:
             soft = int(token_types.sum())
@@ -119,11 +125,14 @@ class LMWorkerService(lm_worker_pb2_grpc.LMWorkerServicer):
         job = Request(prompt_ids=ids, stop_token_ids=self.stop_token_ids | set(request.sampling.stop_token_ids),
                       prefill_inputs=prefill_inputs, notify=lambda: loop.call_soon_threadsafe(wake.set),
                       deadline=None if remaining is None else time.monotonic() + remaining, **sampling)
+        phase = tracer.start_span("lm_worker.prefill", attributes={"prompt_tokens": len(ids)})  # queue + prefill
         try:
             self.engine.submit(job)
         except QueueFull as e:
+            phase.end()
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         except ValueError as e:
+            phase.end()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         log.info("admitted", extra={"request_id": request_id, "prompt_tokens": len(ids)})
 
@@ -140,7 +149,10 @@ class LMWorkerService(lm_worker_pb2_grpc.LMWorkerServicer):
                     event = job.events.get_nowait()
                     if isinstance(event, Token):
                         completion += 1
-                        first_token_at = first_token_at or time.monotonic()
+                        if first_token_at is None:
+                            first_token_at = time.monotonic()
+                            phase.end()
+                            phase = tracer.start_span("lm_worker.decode")
                         token_ids.append(event.token_id)
                         if want_logprobs:
                             logprobs.append(common_pb2.TokenLogprob(
@@ -174,6 +186,9 @@ class LMWorkerService(lm_worker_pb2_grpc.LMWorkerServicer):
                     yield chunk
         finally:
             job.cancel()  # no-op when finished; frees the slot when the client left or failed
+            phase.set_attribute("completion_tokens", completion)
+            phase.set_attribute("finish", finished.reason if finished else "client-gone")
+            phase.end()
             log.info("finished", extra={"request_id": request_id, "completion_tokens": completion,
                                         "reason": finished.reason if finished else "client-gone"})
 

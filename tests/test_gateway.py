@@ -140,8 +140,11 @@ def test_one_trace_spans_the_gateway_and_the_lm_worker(gateway, lm_worker):
     _call(gateway, request, unary=True)
     time.sleep(0.5)
     server = [s for s in _spans(gateway) if s["name"].endswith("Gateway/GenerateComplete")]
-    worker = {s["context"]["trace_id"] for s in _spans(lm_worker[1]) if s["name"].endswith("LMWorker/Generate")}
-    assert server and server[-1]["context"]["trace_id"] in worker
+    assert server
+    trace_id = server[-1]["context"]["trace_id"]
+    names = {s["name"] for s in _spans(lm_worker[1]) if s["context"]["trace_id"] == trace_id}
+    assert {"/gemma3serve.v1.LMWorker/Generate", "lm_worker.prefill", "lm_worker.decode",
+            "lm_worker.embeddings"} <= names
 
 
 def test_sixteen_concurrent_requests_get_their_solo_greedy_answers(gateway, reference):
