@@ -154,3 +154,23 @@ def test_logprobs_stream_with_the_tokens(lm_worker, reference):
     with pytest.raises(grpc.RpcError) as err:
         _stream(target, request)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "top_logprobs" in err.value.details()
+
+
+def test_a_full_queue_answers_resource_exhausted(lm_worker):
+    from concurrent.futures import ThreadPoolExecutor
+
+    _, target = lm_worker
+    request = lm_worker_pb2.LMGenerateRequest(raw=common_pb2.RawPrompt(text="Queue"),
+                                              sampling=common_pb2.SamplingParams(max_new_tokens=40))
+
+    def one(_):
+        try:
+            _stream(target, request, timeout=120)
+            return "ok"
+        except grpc.RpcError as e:
+            return e.code()
+
+    with ThreadPoolExecutor(60) as pool:  # 4 slots + 32 queued: the rest must be refused, not lost
+        outcomes = list(pool.map(one, range(60)))
+    refused = outcomes.count(grpc.StatusCode.RESOURCE_EXHAUSTED)
+    assert refused >= 1 and outcomes.count("ok") + refused == 60
