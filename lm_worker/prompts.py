@@ -24,8 +24,9 @@ def chat_text(turns) -> str:
     text parts are stripped; each image part becomes ``<start_of_image>``."""
     turns = list(turns)
     prefix = ""
-    if turns and turns[0].role == "system":
-        prefix = "".join(p.text for p in turns[0].parts if p.WhichOneof("part") == "text") + "\n\n"
+    if turns and turns[0].role == "system":  # the template takes the system turn's first part, untrimmed
+        first = turns[0].parts[0] if turns[0].parts else None
+        prefix = (first.text if first is not None and first.WhichOneof("part") == "text" else "") + "\n\n"
         turns = turns[1:]
     out = ["<bos>"]
     for i, turn in enumerate(turns):
