@@ -1,5 +1,6 @@
 """Test setup: 8 forced CPU devices (before jax is imported) and shared tiny checkpoints."""
 
+import json
 import os
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
@@ -41,6 +42,10 @@ def served_checkpoint(tmp_path_factory):
                                 image_token_index=ids["<image_soft_token>"], boi_token_index=ids["<start_of_image>"],
                                 eoi_token_index=ids["<end_of_image>"])
     hf.save_pretrained(path)
+    size = mk.VISION_BASE["image_size"]
+    with open(f"{path}/preprocessor_config.json", "w") as f:
+        json.dump({"image_processor_type": "Gemma3ImageProcessor", "size": {"height": size, "width": size},
+                   "resample": 2, "rescale_factor": 1 / 255, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}, f)
     return path
 
 
@@ -60,3 +65,10 @@ def lm_worker(served_checkpoint):
                           "--dtype", "float32", "--num-slots", "4", "--max-length", "256", "--max-queue", "32",
                           "--redis-url", services.REDIS_URL) as (proc, target):
         yield proc, target
+
+
+@pytest.fixture(scope="session")
+def vision_worker(served_checkpoint):
+    with services.running("vision_worker", "gemma3serve.v1.VisionWorker", "--model", served_checkpoint,
+                          "--dtype", "float32", "--redis-url", services.REDIS_URL, "--cache-ttl", "120") as running:
+        yield running

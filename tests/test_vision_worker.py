@@ -1,0 +1,100 @@
+"""The vision worker as a real process with the real Redis: cache keys, hits, poisoned entries, outages."""
+
+import asyncio
+import io
+
+import grpc
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from gemma3 import Gemma3ImageEncoder
+from gemma3.processing import Gemma3ImageProcessor
+from gemma3serve.v1 import vision_worker_pb2, vision_worker_pb2_grpc
+from serving.embedding_cache import EmbeddingCache, decode
+from tests import services
+
+
+def png(seed: int, size=(40, 30)) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def embed(target, images, pan_and_scan=False, timeout=60):
+    with grpc.insecure_channel(target) as channel:
+        return vision_worker_pb2_grpc.VisionWorkerStub(channel).EmbedImages(
+            vision_worker_pb2.EmbedImagesRequest(images=images, pan_and_scan=pan_and_scan), timeout=timeout)
+
+
+def redis(op):
+    async def go():
+        cache = EmbeddingCache(services.REDIS_URL, ttl_seconds=120)
+        try:
+            return await op(cache)
+        finally:
+            await cache.close()
+
+    return asyncio.run(go())
+
+
+@pytest.fixture(scope="module")
+def expected(served_checkpoint):
+    encoder = Gemma3ImageEncoder.from_pretrained(served_checkpoint)
+    processor = Gemma3ImageProcessor.from_pretrained(served_checkpoint)
+    return lambda data: np.asarray(encoder(jnp.asarray(processor([data])["pixel_values"])))
+
+
+def test_embeddings_are_cached_by_content(vision_worker, expected):
+    _, target = vision_worker
+    a, b = png(100 + np.random.default_rng().integers(1 << 30)), png(7)
+    redis(lambda c: c.redis.delete(*[k.key for k in embed(target, [b]).embeddings]))
+    first = embed(target, [a, b, a])
+    assert [e.cache_hit for e in first.embeddings] == [False, False, False]
+    assert first.embeddings[0].key == first.embeddings[2].key != first.embeddings[1].key
+    stored = redis(lambda c: c.get_many([first.embeddings[0].key, first.embeddings[1].key]))
+    for value, image in zip(stored, [a, b]):
+        np.testing.assert_allclose(decode(value), expected(image), atol=1e-5)
+    again = embed(target, [b, a])
+    assert [e.cache_hit for e in again.embeddings] == [True, True]
+    assert not any(e.HasField("inline") for e in again.embeddings)
+
+
+def test_a_poisoned_entry_is_recomputed(vision_worker, expected):
+    _, target = vision_worker
+    image = png(8)
+    key = embed(target, [image]).embeddings[0].key
+    good = redis(lambda c: c.get_many([key]))[0]
+    redis(lambda c: c.redis.set(key, good[:-4] + b"\x00\x00\x00\x00"))  # checksum no longer matches
+    reply = embed(target, [image]).embeddings[0]
+    assert not reply.cache_hit
+    np.testing.assert_allclose(decode(redis(lambda c: c.get_many([key]))[0]), expected(image), atol=1e-5)
+    wrong_shape = np.zeros((1, 4, 4), np.float32)
+    redis(lambda c: c.put(key, wrong_shape))  # well-formed but the wrong shape: a foreign entry
+    assert not embed(target, [image]).embeddings[0].cache_hit
+
+
+def test_bad_image_bytes_are_invalid_argument(vision_worker):
+    _, target = vision_worker
+    with pytest.raises(grpc.RpcError) as e:
+        embed(target, [png(1), b"not an image"])
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "image 1: cannot decode" in e.value.details()
+
+
+def test_pan_and_scan_changes_the_key_and_adds_crops(vision_worker):
+    _, target = vision_worker
+    wide = png(9, size=(1024, 300))  # crops must be at least pan_and_scan_min_crop_size (256) a side
+    plain, panned = embed(target, [wide]).embeddings[0], embed(target, [wide], pan_and_scan=True).embeddings[0]
+    assert plain.key != panned.key and plain.num_crops == 0 and panned.num_crops > 0
+
+
+def test_without_redis_embeddings_come_inline(served_checkpoint, expected):
+    with services.running("vision_worker", "gemma3serve.v1.VisionWorker", "--model", served_checkpoint,
+                          "--dtype", "float32", "--redis-url", "redis://127.0.0.1:1/0") as (_, target):
+        image = png(10)
+        reply = embed(target, [image]).embeddings[0]
+    assert not reply.cache_hit and reply.HasField("inline") and reply.inline.dtype == "float32"
+    inline = np.frombuffer(reply.inline.data, np.float32).reshape(reply.inline.shape)
+    np.testing.assert_allclose(inline, expected(image), atol=1e-5)

@@ -1,0 +1,1 @@
+"""The vision worker: SigLIP + projector behind a content-addressed Redis cache."""

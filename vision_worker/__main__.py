@@ -1,0 +1,79 @@
+"""``gemma3-vision-worker``: serve a Gemma 3 checkpoint's vision tower and projector over gRPC."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+import numpy as np
+
+from serving.logs import configure_logging
+from serving.settings import env_flag, server_flags
+
+SERVICE = "gemma3serve.v1.VisionWorker"
+log = logging.getLogger("vision_worker")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="gemma3-vision-worker", description=__doc__)
+    server_flags(p, "GEMMA3_VISION", 50053)
+    env_flag(p, "--model", "GEMMA3_MODEL", None, "Hugging Face Gemma 3 (multimodal) checkpoint directory")
+    env_flag(p, "--dtype", "GEMMA3_VISION_DTYPE", "bfloat16", "compute dtype", choices=["float32", "bfloat16"])
+    env_flag(p, "--max-batch", "GEMMA3_VISION_MAX_BATCH", 8, "images run through the tower together", type=int)
+    env_flag(p, "--batch-wait-ms", "GEMMA3_VISION_BATCH_WAIT_MS", 5.0, "how long a batch waits for company",
+             type=float)
+    env_flag(p, "--redis-url", "REDIS_URL", "redis://127.0.0.1:6379/0", "Redis for the embedding cache")
+    env_flag(p, "--cache-ttl", "GEMMA3_VISION_CACHE_TTL", 3600, "seconds an embedding stays cached", type=int)
+    args = p.parse_args(argv)
+    if not args.model:
+        p.error("--model (or GEMMA3_MODEL) is required")
+    return args
+
+
+async def main_async(args) -> None:
+    import jax.numpy as jnp
+
+    from gemma3 import Gemma3ImageEncoder
+    from gemma3.processing import Gemma3ImageProcessor
+    from gemma3serve.v1 import vision_worker_pb2_grpc
+    from serving.embedding_cache import EmbeddingCache
+    from serving.server import Server
+    from vision_worker.service import Batcher, VisionWorkerService, namespace_for, weights_fingerprint
+
+    server = Server([SERVICE], args.host, args.port, args.drain_seconds)
+    service = VisionWorkerService(EmbeddingCache(args.redis_url, ttl_seconds=args.cache_ttl),
+                                  namespace_for(args.model))
+    vision_worker_pb2_grpc.add_VisionWorkerServicer_to_server(service, server.grpc)
+
+    async def warm_up():
+        encoder = await asyncio.to_thread(Gemma3ImageEncoder.from_pretrained, args.model,
+                                          dtype=getattr(jnp, args.dtype))
+        fingerprint = await asyncio.to_thread(weights_fingerprint, args.model, encoder)
+        processor = Gemma3ImageProcessor.from_pretrained(args.model)
+        batcher = Batcher(encoder, args.max_batch, args.batch_wait_ms)
+        batcher.start()
+        c = encoder.config
+        size = c.vision_config.image_size
+        await batcher.embed(np.zeros((1, 3, size, size), np.float32))  # compile the smallest batch
+        service.attach(processor, batcher, fingerprint, (c.mm_tokens_per_image, c.text_config.hidden_size))
+        log.info("model ready", extra={"model": args.model, "fingerprint": fingerprint[:12]})
+
+    async def on_stop():
+        if service.batcher is not None:
+            await service.batcher.stop()
+        await service.cache.close()
+
+    await server.serve(warm_up, on_stop)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    configure_logging("vision-worker", args.log_level, args.log_format)
+    asyncio.run(main_async(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

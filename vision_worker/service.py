@@ -1,0 +1,146 @@
+"""The VisionWorker gRPC service: image bytes to projected image embeddings, cached in Redis by content.
+
+Cache hits answer at once. Misses are decoded and preprocessed with Pillow in a thread, embedded by
+a micro-batcher that runs concurrent requests' images through the vision tower together, stored
+with a TTL, and returned by key; when Redis cannot be reached the embedding travels inline and the
+request still succeeds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+
+import grpc
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from gemma3.checkpoint import Checkpoint
+from gemma3serve.v1 import common_pb2, vision_worker_pb2, vision_worker_pb2_grpc
+from serving.embedding_cache import CacheUnavailable, EmbeddingCache, decode, embedding_key
+
+log = logging.getLogger(__name__)
+
+
+def weights_fingerprint(path: str, encoder) -> str:
+    """SHA-256 over the bytes of every tensor the encoder uses (vision tower and projector), so a
+    retrained checkpoint never reuses another's embeddings."""
+    h = hashlib.sha256()
+    ckpt = Checkpoint(path)
+    for key in sorted(ckpt.where):
+        if encoder.checkpoint_key(key) is not None:
+            h.update(key.encode())
+            h.update(np.ascontiguousarray(ckpt.where[key].array(key)).view(np.uint8))
+    return h.hexdigest()
+
+
+class Batcher:
+    """Runs the encoder over images from many requests at once, in power-of-two batch shapes."""
+
+    def __init__(self, encoder, max_batch: int = 8, wait_ms: float = 5.0):
+        graphdef, state = nnx.split(encoder)
+        self._run = jax.jit(lambda pixels: nnx.merge(graphdef, state)(pixels))
+        self.max_batch, self.wait = max_batch, wait_ms / 1000
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+
+    async def embed(self, pixels: np.ndarray) -> np.ndarray:
+        """(n, 3, H, W) → (n, tokens, width) float32, batched with whatever else is waiting."""
+        future = asyncio.get_running_loop().create_future()
+        await self.queue.put((pixels, future))
+        return await future
+
+    def _forward(self, pixels: np.ndarray) -> np.ndarray:
+        n = pixels.shape[0]
+        size = 1 << max(0, (n - 1).bit_length())
+        padded = np.concatenate([pixels, np.zeros((size - n, *pixels.shape[1:]), pixels.dtype)]) if size > n else pixels
+        return np.asarray(self._run(jnp.asarray(padded)), np.float32)[:n]
+
+    async def _loop(self) -> None:
+        while True:
+            jobs = [await self.queue.get()]
+            await asyncio.sleep(self.wait)
+            while not self.queue.empty() and sum(len(p) for p, _ in jobs) < self.max_batch:
+                jobs.append(self.queue.get_nowait())
+            try:
+                out = await asyncio.to_thread(self._forward, np.concatenate([p for p, _ in jobs]))
+            except Exception as e:  # a failure fails this batch's requests, not the worker
+                for _, future in jobs:
+                    if not future.done():
+                        future.set_exception(e)
+                continue
+            start = 0
+            for pixels, future in jobs:
+                if not future.done():
+                    future.set_result(out[start:start + len(pixels)])
+                start += len(pixels)
+
+
+class VisionWorkerService(vision_worker_pb2_grpc.VisionWorkerServicer):
+    """Registered before the server starts; answers UNAVAILABLE until ``attach``."""
+
+    def __init__(self, cache: EmbeddingCache, namespace: str):
+        self.cache, self.namespace = cache, namespace
+        self.processor = self.batcher = None
+        self.fingerprint = ""
+        self.shape: tuple[int, int] | None = None
+
+    def attach(self, processor, batcher: Batcher, fingerprint: str, shape: tuple[int, int]) -> None:
+        self.processor, self.batcher, self.fingerprint, self.shape = processor, batcher, fingerprint, shape
+
+    def _key(self, image: bytes, pan_and_scan: bool) -> str:
+        return embedding_key(self.namespace, image, self.fingerprint,
+                             {**self.processor.to_dict(), "do_pan_and_scan": pan_and_scan})
+
+    async def EmbedImages(self, request, context):
+        if self.batcher is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the vision model is still loading")
+        keys = [self._key(image, request.pan_and_scan) for image in request.images]
+        cache_up = True
+        try:
+            values = await self.cache.get_many(keys)
+        except CacheUnavailable as e:
+            log.warning("cache unreachable, embeddings go inline", extra={"error": str(e)})
+            values, cache_up = [None] * len(keys), False
+        found = [decode(v, expect_trailing_shape=self.shape) for v in values]
+        misses = [i for i, f in enumerate(found) if f is None]
+        pixels = []
+        for i in misses:  # one at a time, so an undecodable image is named
+            try:
+                batch = await asyncio.to_thread(self.processor, [request.images[i]],
+                                                do_pan_and_scan=request.pan_and_scan)
+            except ValueError as e:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"image {i}: {e}")
+            pixels.append(np.asarray(batch["pixel_values"], np.float32))
+        embedded = await asyncio.gather(*(self.batcher.embed(p) for p in pixels))
+        computed = dict(zip(misses, embedded))
+        out = vision_worker_pb2.EmbedImagesResponse()
+        for i, key in enumerate(keys):
+            emb = found[i] if found[i] is not None else computed[i]
+            item = out.embeddings.add(key=key, cache_hit=found[i] is not None, num_crops=len(emb) - 1)
+            if i in computed and cache_up:
+                try:
+                    await self.cache.put(key, computed[i])
+                except CacheUnavailable:
+                    cache_up = False
+            if i in computed and not cache_up:
+                item.inline.CopyFrom(common_pb2.Tensor(dtype="float32", shape=list(emb.shape),
+                                                       data=np.ascontiguousarray(emb, np.float32).tobytes()))
+        return out
+
+
+def namespace_for(path: str) -> str:
+    """Keys are namespaced per model directory name (the fingerprint makes them exact anyway)."""
+    return "gemma3:" + os.path.basename(os.path.normpath(path))
+
