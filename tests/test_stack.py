@@ -1,0 +1,86 @@
+"""The whole stack through the gateway: image bytes → vision worker → Redis → LM worker → client."""
+
+import io
+import json
+
+import grpc
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from gemma3.processing import Gemma3ImageProcessor
+from gemma3serve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, lm_worker_pb2
+from tests import services
+from tests.services import chat
+
+
+def png(seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def stack(lm_worker, vision_worker):
+    with services.running("gateway", "gemma3serve.v1.Gateway", "--lm-target", lm_worker[1],
+                          "--vision-target", vision_worker[1]) as (_, target):
+        yield target
+
+
+def ask(target, request):
+    with grpc.insecure_channel(target) as channel:
+        return gateway_pb2_grpc.GatewayStub(channel).GenerateComplete(request, timeout=120)
+
+
+def image_request(images, text="What is in this image?", max_new_tokens=8):
+    conversation = chat(text, images=len(images))
+    for part, data in zip(conversation.turns[0].parts, images):
+        part.image.data = data
+    return gateway_pb2.GenerateRequest(chat=conversation, sampling=common_pb2.SamplingParams(
+        max_new_tokens=max_new_tokens))
+
+
+def library_answer(reference, served_checkpoint, request):
+    """The library alone: Hugging Face preprocessing, prompt, generate() with pixel values."""
+    model, prompts = reference
+    images = [p.image.data for p in request.chat.turns[0].parts if p.WhichOneof("part") == "image"]
+    lm = lm_worker_pb2.LMGenerateRequest(chat=request.chat, images=[lm_worker_pb2.ImageInput()] * len(images))
+    ids, types = prompts.build(lm, [0] * len(images))
+    pixels = Gemma3ImageProcessor.from_pretrained(served_checkpoint)(images)["pixel_values"]
+    out = model.generate([ids], pixel_values=jnp.asarray(pixels), token_type_ids=types[None],
+                         max_new_tokens=request.sampling.max_new_tokens, eos_token_id=prompts.stop_token_ids)
+    return out.new_tokens[0, : out.num_new_tokens[0]].tolist()
+
+
+def test_image_answer_equals_the_library_and_repeats_hit_the_cache(stack, reference, served_checkpoint):
+    request = image_request([png(np.random.default_rng().integers(1 << 30)), png(2)])
+    first = ask(stack, request)
+    assert list(first.token_ids) == library_answer(reference, served_checkpoint, request)
+    assert len(first.usage.image_embedding_keys) == 2
+    second = ask(stack, request)
+    assert list(second.token_ids) == list(first.token_ids)
+    assert second.usage.image_cache_hits == 2 and first.usage.image_cache_hits <= 1
+
+
+def test_bad_image_bytes_through_the_gateway(stack):
+    with pytest.raises(grpc.RpcError) as e:
+        ask(stack, image_request([b"GIF89a broken"]))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "cannot decode" in e.value.details()
+
+
+def test_an_embedding_the_lm_worker_cannot_find_is_embedded_again_once(lm_worker, served_checkpoint):
+    """A vision worker writing to another Redis database than the LM worker reads: the key is never
+    found, so the gateway re-embeds exactly once, then answers NOT_FOUND naming the key."""
+    elsewhere = services.REDIS_URL.rsplit("/", 1)[0] + "/1"
+    with services.running("vision_worker", "gemma3serve.v1.VisionWorker", "--model", served_checkpoint,
+                          "--dtype", "float32", "--redis-url", elsewhere) as (_, vision):
+        with services.running("gateway", "gemma3serve.v1.Gateway", "--lm-target", lm_worker[1],
+                              "--vision-target", vision) as (_, gateway):
+            with pytest.raises(grpc.RpcError) as e:
+                ask(gateway, image_request([png(3)]))
+            with open(services.trace_file(vision)) as f:
+                calls = [s for s in map(json.loads, f) if s["name"].endswith("VisionWorker/EmbedImages")]
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND and "is not in the cache" in e.value.details()
+    assert len(calls) == 2
