@@ -129,3 +129,103 @@ class Gemma3ImageProcessor:
             pixels.extend(self._pixels(a) for a in [array, *crops])
             num_crops.append(len(crops))
         return {"pixel_values": np.stack(pixels), "num_crops": num_crops}
+
+
+BOI, EOI, IMAGE_TOKEN = "<start_of_image>", "<end_of_image>", "<image_soft_token>"
+CROPS_INTRO = "Here is the original image {} and here are some crops to help you see better "
+
+
+def apply_chat_template(messages: list[dict], add_generation_prompt: bool = True, bos: str = "<bos>") -> str:
+    """Gemma 3's chat template (the checkpoints' tokenizer_config.json), in Python: messages as
+    transformers takes them ({"role", "content": str or [{"type": "text"|"image", ...}]}). A system
+    message is prefixed to the first user turn; roles must alternate user/assistant; text is stripped;
+    each image part becomes ``<start_of_image>``."""
+    prefix = ""
+    if messages and messages[0]["role"] == "system":
+        content = messages[0]["content"]
+        prefix = (content if isinstance(content, str) else content[0].get("text", "")) + "\n\n"
+        messages = messages[1:]
+    out = [bos]
+    for i, message in enumerate(messages):
+        if (message["role"] == "user") != (i % 2 == 0):
+            raise ValueError("Conversation roles must alternate user/assistant/user/assistant/...")
+        role = "model" if message["role"] == "assistant" else message["role"]
+        content = message["content"]
+        if isinstance(content, str):
+            body = content.strip()
+        else:
+            body = "".join(BOI if c["type"] == "image" else c["text"].strip() if c["type"] == "text" else ""
+                           for c in content)
+        out.append(f"<start_of_turn>{role}\n{prefix if i == 0 else ''}{body}<end_of_turn>\n")
+    if add_generation_prompt:
+        out.append("<start_of_turn>model\n")
+    return "".join(out)
+
+
+class Gemma3Processor:
+    """Text and images to model inputs, as transformers' ``Gemma3Processor``: every ``<start_of_image>``
+    becomes ``"\\n\\n<start_of_image>" + <image_soft_token> x image_seq_length + "<end_of_image>\\n\\n"``
+    (with pan-and-scan, the original image and its crops, introduced by a sentence)."""
+
+    def __init__(self, tokenizer, image_processor: Gemma3ImageProcessor | None = None, image_seq_length: int = 256,
+                 padding_side: str = "left"):
+        self.tokenizer, self.image_processor = tokenizer, image_processor or Gemma3ImageProcessor()
+        self.image_seq_length, self.padding_side = image_seq_length, padding_side
+        self.full_image = f"\n\n{BOI}{IMAGE_TOKEN * image_seq_length}{EOI}\n\n"
+        self.image_token_id = tokenizer.token_to_id(IMAGE_TOKEN)
+        self.pad_id = tokenizer.token_to_id("<pad>") or 0
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> Gemma3Processor:
+        from tokenizers import Tokenizer
+
+        def read(name):
+            if not os.path.exists(os.path.join(path, name)):
+                return {}
+            with open(os.path.join(path, name)) as f:
+                return json.load(f)
+
+        seq = read("processor_config.json").get("image_seq_length") or read("config.json").get("mm_tokens_per_image")
+        image = Gemma3ImageProcessor.from_pretrained(path) if os.path.exists(
+            os.path.join(path, "preprocessor_config.json")) else None
+        return cls(Tokenizer.from_file(os.path.join(path, "tokenizer.json")), image, seq or 256,
+                   read("tokenizer_config.json").get("padding_side", "left"))
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        return apply_chat_template(messages, add_generation_prompt)
+
+    def expand_images(self, text: str, num_crops: list[int]) -> str:
+        """Each ``<start_of_image>`` in order becomes the full image sequence for its crops."""
+        pieces = text.split(BOI)
+        if len(pieces) - 1 != len(num_crops):
+            raise ValueError(f"the prompt has {len(pieces) - 1} image placeholders but {len(num_crops)} images")
+        full = lambda n: self.full_image if not n else (  # noqa: E731
+            CROPS_INTRO.format(self.full_image) + " ".join([self.full_image] * n))
+        return pieces[0] + "".join(full(n) + rest for n, rest in zip(num_crops, pieces[1:]))
+
+    def __call__(self, text, images=None, padding_side: str | None = None, do_pan_and_scan: bool | None = None):
+        """text: a prompt or a list; images: one list of images per prompt. Returns NumPy input_ids,
+        attention_mask, token_type_ids (1 at image soft tokens) and pixel_values (when there are images)."""
+        texts = [text] if isinstance(text, str) else list(text)
+        per_prompt = images if images is not None else [[] for _ in texts]
+        if len(per_prompt) != len(texts):
+            raise ValueError(f"{len(texts)} prompts but {len(per_prompt)} lists of images")
+        pixels, rows = [], []
+        for prompt, imgs in zip(texts, per_prompt):
+            crops = []
+            if imgs:
+                batch = self.image_processor(imgs, do_pan_and_scan=do_pan_and_scan)
+                pixels.append(batch["pixel_values"])
+                crops = batch["num_crops"]
+            rows.append(self.tokenizer.encode(self.expand_images(prompt, crops)).ids)
+        width = max(len(r) for r in rows)
+        ids = np.full((len(rows), width), self.pad_id, np.int64)
+        mask = np.zeros((len(rows), width), np.int64)
+        for i, r in enumerate(rows):
+            at = slice(width - len(r), width) if (padding_side or self.padding_side) == "left" else slice(0, len(r))
+            ids[i, at], mask[i, at] = r, 1
+        out = {"input_ids": ids, "attention_mask": mask,
+               "token_type_ids": ((ids == self.image_token_id) & (mask == 1)).astype(np.int64)}
+        if pixels:
+            out["pixel_values"] = np.concatenate(pixels)
+        return out

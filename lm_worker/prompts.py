@@ -10,35 +10,33 @@ import os
 import numpy as np
 from tokenizers import Tokenizer
 
-BOI, EOI, SOFT = "<start_of_image>", "<end_of_image>", "<image_soft_token>"
-CROPS_INTRO = "Here is the original image {} and here are some crops to help you see better "
+from gemma3.processing import EOI, IMAGE_TOKEN, Gemma3Processor, apply_chat_template
 
 
 class InvalidRequest(ValueError):
     """Bad input (prompt or sampling): answered with INVALID_ARGUMENT and this message."""
 
 
+ROLES = {"system": "system", "user": "user", "assistant": "assistant", "model": "assistant"}
+
+
 def chat_text(turns) -> str:
-    """The Gemma 3 chat template (as in the checkpoints' tokenizer_config.json), generation prompt
-    included: a system turn is prefixed to the first user turn; roles must alternate user/assistant;
-    text parts are stripped; each image part becomes ``<start_of_image>``."""
-    turns = list(turns)
-    prefix = ""
-    if turns and turns[0].role == "system":  # the template takes the system turn's first part, untrimmed
-        first = turns[0].parts[0] if turns[0].parts else None
-        prefix = (first.text if first is not None and first.WhichOneof("part") == "text" else "") + "\n\n"
-        turns = turns[1:]
-    out = ["<bos>"]
+    """The chat's prompt text through gemma3.processing's chat template (generation prompt included)."""
+    messages = []
     for i, turn in enumerate(turns):
-        role = {"assistant": "model", "model": "model", "user": "user"}.get(turn.role)
-        if role is None:
-            raise InvalidRequest(f"turn {i}: unknown role {turn.role!r} (system, user or assistant)")
-        if (role == "user") != (i % 2 == 0):
-            raise InvalidRequest("conversation roles must alternate user/assistant/user/..., starting with user")
-        body = "".join(BOI if p.WhichOneof("part") == "image" else p.text.strip() for p in turn.parts)
-        out.append(f"<start_of_turn>{role}\n{prefix if i == 0 else ''}{body}<end_of_turn>\n")
-    out.append("<start_of_turn>model\n")
-    return "".join(out)
+        role = ROLES.get(turn.role)
+        if role is None or (role == "system" and i > 0):
+            raise InvalidRequest(f"turn {i}: role {turn.role!r} is not allowed there (system first, then user and "
+                                 "assistant)")
+        messages.append({"role": role, "content": [
+            {"type": "image"} if p.WhichOneof("part") == "image" else {"type": "text", "text": p.text}
+            for p in turn.parts]})
+    if messages and messages[0]["role"] == "system" and not messages[0]["content"]:
+        messages[0]["content"] = ""
+    try:
+        return apply_chat_template(messages)
+    except ValueError as e:
+        raise InvalidRequest(str(e)) from None
 
 
 class PromptBuilder:
@@ -51,9 +49,8 @@ class PromptBuilder:
         self.embedding_shape = (mm_tokens_per_image, hidden_size) if mm_tokens_per_image else None
         self.stop_token_ids = stop_token_ids
         self.bos_id = tokenizer.token_to_id("<bos>")
-        self.soft_id = tokenizer.token_to_id(SOFT)
-        full = f"\n\n{BOI}{SOFT * (mm_tokens_per_image or 0)}{EOI}\n\n"
-        self._full_image = full
+        self.soft_id = tokenizer.token_to_id(IMAGE_TOKEN)
+        self.processor = Gemma3Processor(tokenizer, image_seq_length=mm_tokens_per_image or 0)
 
     @classmethod
     def from_pretrained(cls, path: str, config) -> PromptBuilder:
@@ -70,11 +67,6 @@ class PromptBuilder:
             stops.update([eos] if isinstance(eos, int) else (eos or []))
         return cls(tokenizer, getattr(config, "mm_tokens_per_image", None), text.hidden_size, sorted(stops))
 
-    def _expand(self, num_crops: int) -> str:
-        if not num_crops:
-            return self._full_image
-        return CROPS_INTRO.format(self._full_image) + " ".join([self._full_image] * num_crops)
-
     def build(self, request, crops: list[int]) -> tuple[list[int], np.ndarray]:
         """``crops``: pan-and-scan crops per image of the request (0 without)."""
         kind = request.WhichOneof("prompt")
@@ -84,14 +76,14 @@ class PromptBuilder:
             text = request.raw.text
         else:
             raise InvalidRequest("the request has no prompt (chat or raw)")
-        pieces = text.split(BOI)
-        if len(pieces) - 1 != len(crops):
-            raise InvalidRequest(f"the prompt has {len(pieces) - 1} image placeholders but {len(crops)} images")
         if crops and self.mm_tokens is None:
             raise InvalidRequest("this model is text-only: it takes no images")
-        if SOFT in text or EOI in text:
-            raise InvalidRequest(f"the prompt may not contain {SOFT} or {EOI}; images go in image parts")
-        text = pieces[0] + "".join(self._expand(c) + rest for c, rest in zip(crops, pieces[1:]))
+        if IMAGE_TOKEN in text or EOI in text:
+            raise InvalidRequest(f"the prompt may not contain {IMAGE_TOKEN} or {EOI}; images go in image parts")
+        try:
+            text = self.processor.expand_images(text, crops)
+        except ValueError as e:
+            raise InvalidRequest(str(e)) from None
         ids = self.tokenizer.encode(text, add_special_tokens=False).ids
         if kind == "raw" and (not ids or ids[0] != self.bos_id):
             ids = [self.bos_id, *ids]
