@@ -64,6 +64,23 @@ def test_image_answer_equals_the_library_and_repeats_hit_the_cache(stack, refere
     assert second.usage.image_cache_hits == 2 and first.usage.image_cache_hits <= 1
 
 
+def test_one_trace_spans_all_three_services(stack, lm_worker, vision_worker):
+    request = image_request([png(np.random.default_rng().integers(1 << 30))], max_new_tokens=2)
+    ask(stack, request)
+
+    def spans(target):
+        with open(services.trace_file(target)) as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+    trace_id = [s for s in spans(stack) if s["name"].endswith("Gateway/GenerateComplete")][-1]["context"]["trace_id"]
+    vision = {s["name"]: s for s in spans(vision_worker[1]) if s["context"]["trace_id"] == trace_id}
+    lm = {s["name"] for s in spans(lm_worker[1]) if s["context"]["trace_id"] == trace_id}
+    assert {"/gemma3serve.v1.VisionWorker/EmbedImages", "vision_worker.cache_lookup", "vision_worker.forward"} <= set(
+        vision)
+    assert vision["vision_worker.cache_lookup"]["attributes"]["hit"] is False
+    assert {"/gemma3serve.v1.LMWorker/Generate", "lm_worker.prefill", "lm_worker.decode"} <= lm
+
+
 def test_bad_image_bytes_through_the_gateway(stack):
     with pytest.raises(grpc.RpcError) as e:
         ask(stack, image_request([b"GIF89a broken"]))

@@ -18,12 +18,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from opentelemetry import trace
 
 from gemma3.checkpoint import Checkpoint
 from gemma3serve.v1 import common_pb2, vision_worker_pb2, vision_worker_pb2_grpc
 from serving.embedding_cache import CacheUnavailable, EmbeddingCache, decode, embedding_key
 
 log = logging.getLogger(__name__)
+tracer = trace.get_tracer("vision_worker")
 
 
 def weights_fingerprint(path: str, encoder) -> str:
@@ -108,13 +110,17 @@ class VisionWorkerService(vision_worker_pb2_grpc.VisionWorkerServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the vision model is still loading")
         keys = [self._key(image, request.pan_and_scan) for image in request.images]
         cache_up = True
-        try:
-            values = await self.cache.get_many(keys)
-        except CacheUnavailable as e:
-            log.warning("cache unreachable, embeddings go inline", extra={"error": str(e)})
-            values, cache_up = [None] * len(keys), False
-        found = [decode(v, expect_trailing_shape=self.shape) for v in values]
-        misses = [i for i, f in enumerate(found) if f is None]
+        with tracer.start_as_current_span("vision_worker.cache_lookup", attributes={"images": len(keys)}) as span:
+            try:
+                values = await self.cache.get_many(keys)
+            except CacheUnavailable as e:
+                log.warning("cache unreachable, embeddings go inline", extra={"error": str(e)})
+                values, cache_up = [None] * len(keys), False
+            found = [decode(v, expect_trailing_shape=self.shape) for v in values]
+            misses = [i for i, f in enumerate(found) if f is None]
+            span.set_attribute("hits", len(keys) - len(misses))
+            span.set_attribute("hit", not misses)
+            span.set_attribute("cache_reachable", cache_up)
         pixels = []
         for i in misses:  # one at a time, so an undecodable image is named
             try:
@@ -123,7 +129,8 @@ class VisionWorkerService(vision_worker_pb2_grpc.VisionWorkerServicer):
             except ValueError as e:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"image {i}: {e}")
             pixels.append(np.asarray(batch["pixel_values"], np.float32))
-        embedded = await asyncio.gather(*(self.batcher.embed(p) for p in pixels))
+        with tracer.start_as_current_span("vision_worker.forward", attributes={"images": len(pixels)}):
+            embedded = await asyncio.gather(*(self.batcher.embed(p) for p in pixels))
         computed = dict(zip(misses, embedded))
         out = vision_worker_pb2.EmbedImagesResponse()
         for i, key in enumerate(keys):
