@@ -1,4 +1,4 @@
-"""The LM worker's chat template and image expansion against the published Gemma 3 template (jinja)."""
+"""The LM worker's prompts (chat turns from protos, image expansion) against the published template (jinja)."""
 
 import jinja2
 import pytest
@@ -6,56 +6,14 @@ import pytest
 from gemma3serve.v1 import common_pb2, lm_worker_pb2
 from lm_worker.prompts import InvalidRequest, PromptBuilder, chat_text
 from tests import gemma_tokenizer
-
-# google/gemma-3-4b-it's tokenizer_config.json "chat_template", verbatim.
-GEMMA3_TEMPLATE = (
-    "{{ bos_token }}\n"
-    "{%- if messages[0]['role'] == 'system' -%}\n"
-    "    {%- if messages[0]['content'] is string -%}\n"
-    "        {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}\n"
-    "    {%- else -%}\n"
-    "        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}\n"
-    "    {%- endif -%}\n"
-    "    {%- set loop_messages = messages[1:] -%}\n"
-    "{%- else -%}\n"
-    "    {%- set first_user_prefix = \"\" -%}\n"
-    "    {%- set loop_messages = messages -%}\n"
-    "{%- endif -%}\n"
-    "{%- for message in loop_messages -%}\n"
-    "    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}\n"
-    "        {{ raise_exception(\"Conversation roles must alternate user/assistant/user/assistant/...\") }}\n"
-    "    {%- endif -%}\n"
-    "    {%- if (message['role'] == 'assistant') -%}\n"
-    "        {%- set role = \"model\" -%}\n"
-    "    {%- else -%}\n"
-    "        {%- set role = message['role'] -%}\n"
-    "    {%- endif -%}\n"
-    "    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else \"\") }}\n"
-    "    {%- if message['content'] is string -%}\n"
-    "        {{ message['content'] | trim }}\n"
-    "    {%- elif message['content'] is iterable -%}\n"
-    "        {%- for item in message['content'] -%}\n"
-    "            {%- if item['type'] == 'image' -%}\n"
-    "                {{ '<start_of_image>' }}\n"
-    "            {%- elif item['type'] == 'text' -%}\n"
-    "                {{ item['text'] | trim }}\n"
-    "            {%- endif -%}\n"
-    "        {%- endfor -%}\n"
-    "    {%- else -%}\n"
-    "        {{ raise_exception(\"Invalid content type\") }}\n"
-    "    {%- endif -%}\n"
-    "    {{ '<end_of_turn>\n' }}\n"
-    "{%- endfor -%}\n"
-    "{%- if add_generation_prompt -%}\n"
-    "    {{'<start_of_turn>model\n'}}\n"
-    "{%- endif -%}\n"
-)
+from tests.test_processing import GEMMA3_CHAT_TEMPLATE
 
 
 def render(messages):
     env = jinja2.Environment()
     env.globals["raise_exception"] = lambda m: (_ for _ in ()).throw(ValueError(m))
-    return env.from_string(GEMMA3_TEMPLATE).render(messages=messages, bos_token="<bos>", add_generation_prompt=True)
+    template = env.from_string(GEMMA3_CHAT_TEMPLATE)
+    return template.render(messages=messages, bos_token="<bos>", add_generation_prompt=True)
 
 
 def to_proto(messages):
