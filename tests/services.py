@@ -19,6 +19,22 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
+def cache_put(key: str, array, ttl_seconds: int = 120) -> None:
+    """Store an embedding in the real Redis, as the vision worker would."""
+    import asyncio
+
+    from serving.embedding_cache import EmbeddingCache
+
+    async def put():
+        cache = EmbeddingCache(REDIS_URL, ttl_seconds=ttl_seconds)
+        try:
+            await cache.put(key, array)
+        finally:
+            await cache.close()
+
+    asyncio.run(put())
+
+
 def trace_file(target: str) -> str:
     """Where the service at ``target`` appends its spans (JSON lines) in the tests."""
     return os.path.join(tempfile.gettempdir(), f"gemma3-trace-{target.rsplit(':', 1)[1]}.jsonl")

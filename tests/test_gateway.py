@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 
 from gemma3serve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, lm_worker_pb2
-from serving.embedding_cache import EmbeddingCache
 from tests import make_checkpoints as mk
 from tests import services
 from tests.services import chat, expected_answer, expected_answers
@@ -67,12 +66,7 @@ def test_an_embedding_key_needs_no_vision_worker(gateway, reference):
     features = np.asarray(model.get_image_features(jnp.asarray(mk.random_pixels(1, seed=9))))
     key = f"test:{uuid.uuid4()}"
 
-    async def put():
-        cache = EmbeddingCache(services.REDIS_URL, ttl_seconds=60)
-        await cache.put(key, features)
-        await cache.close()
-
-    asyncio.run(put())
+    services.cache_put(key, features)
     conversation = chat("Where is the square?", images=1)
     conversation.turns[0].parts[0].image.embedding_key = key
     request = gateway_pb2.GenerateRequest(chat=conversation, sampling=common_pb2.SamplingParams(max_new_tokens=8))
@@ -156,12 +150,7 @@ def test_sixteen_concurrent_requests_get_their_solo_greedy_answers(gateway, refe
     features = np.asarray(model.get_image_features(jnp.asarray(mk.random_pixels(1, seed=21))))
     key = f"test:{uuid.uuid4()}"
 
-    async def put():
-        cache = EmbeddingCache(services.REDIS_URL, ttl_seconds=120)
-        await cache.put(key, features)
-        await cache.close()
-
-    asyncio.run(put())
+    services.cache_put(key, features)
     words = "what colour shape where circle square triangle left right top bottom red blue green".split()
     requests = []
     for i in range(16):
