@@ -9,11 +9,13 @@ once, and retries.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
 
 import grpc
+from opentelemetry import metrics
 
 from gemma3serve.v1 import (
     common_pb2,
@@ -25,6 +27,11 @@ from gemma3serve.v1 import (
 )
 
 log = logging.getLogger(__name__)
+meter = metrics.get_meter("gateway")
+requests_counter = meter.create_counter("gemma3.gateway.requests", unit="{request}",
+                                        description="Generate calls ended, by gRPC status")
+ttft = meter.create_histogram("gemma3.gateway.time_to_first_token", unit="s",
+                              description="time to first token as the client sees it (images included)")
 PASS_THROUGH = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.RESOURCE_EXHAUSTED,
                 grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE}
 
@@ -95,6 +102,21 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
         return None
 
     async def Generate(self, request, context):
+        status = "OK"
+        try:
+            async for chunk in self._generate(request, context):
+                yield chunk
+        except asyncio.CancelledError:
+            status = "CANCELLED"
+            raise
+        except BaseException:
+            code = context.code()
+            status = code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
+            raise
+        finally:
+            requests_counter.add(1, {"grpc.status": status})
+
+    async def _generate(self, request, context):
         started = time.monotonic()
         request_id = request.request_id or uuid.uuid4().hex
         images = _images_of(request)
@@ -110,10 +132,12 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
             else:
                 lm_request.raw.text = request.raw.text
             sent, first_token_at = 0, None
+            call = self.lm.Generate(lm_request, timeout=self._remaining(context))
             try:
-                async for chunk in self.lm.Generate(lm_request, timeout=self._remaining(context)):
+                async for chunk in call:
                     if chunk.token_ids and first_token_at is None:
                         first_token_at = time.monotonic()
+                        ttft.record(first_token_at - started)
                     if chunk.finish_reason:  # usage as the client sees it: from the gateway's clock
                         chunk.usage.image_cache_hits = hits
                         chunk.usage.time_to_first_token_s = (first_token_at or time.monotonic()) - started
@@ -128,6 +152,8 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
                     log.warning("embedding expired, embedding again", extra={"request_id": request_id})
                     continue
                 await _relay_error(context, e, "LM worker")
+            finally:
+                call.cancel()  # no-op once it ended; when the client left, the LM worker frees the slot now
 
     async def GenerateComplete(self, request, context):
         whole = common_pb2.GenerateResponse()

@@ -16,7 +16,7 @@ import uuid
 
 import grpc
 import numpy as np
-from opentelemetry import trace
+from opentelemetry import metrics, trace
 
 from gemma3serve.v1 import common_pb2, lm_worker_pb2, lm_worker_pb2_grpc
 from lm_worker.detokenize import StopMatcher, StreamDecoder
@@ -26,6 +26,14 @@ from serving.embedding_cache import DTYPES, CacheUnavailable, EmbeddingCache, de
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("lm_worker")
+meter = metrics.get_meter("lm_worker")
+ttft = meter.create_histogram("gemma3.lm.time_to_first_token", unit="s",
+                              description="from the request's arrival to its first token (queueing and prefill)")
+tpot = meter.create_histogram("gemma3.lm.time_per_output_token", unit="s",
+                              description="per request: decode time over the tokens after the first")
+finished_requests = meter.create_counter("gemma3.lm.requests", unit="{request}",
+                                         description="requests ended, by finish reason")
+token_counter = meter.create_counter("gemma3.lm.tokens", unit="{token}", description="prompt and completion tokens")
 
 FINISH = {"stop": common_pb2.FINISH_REASON_STOP, "length": common_pb2.FINISH_REASON_LENGTH}
 
@@ -56,6 +64,11 @@ class LMWorkerService(lm_worker_pb2_grpc.LMWorkerServicer):
     def attach(self, engine: Engine, prompts) -> None:
         self.engine, self.prompts = engine, prompts
         self.stop_token_ids = frozenset(prompts.stop_token_ids)
+        meter.create_observable_gauge("gemma3.lm.queue_depth", [lambda _: [metrics.Observation(engine.queued)]],
+                                      unit="{request}", description="requests waiting for a decode slot")
+        meter.create_observable_gauge(
+            "gemma3.lm.active_slots", [lambda _: [metrics.Observation(engine.num_slots - engine.free_slots)]],
+            unit="{slot}", description="decode slots in use")
 
     async def _image_features(self, images, context) -> np.ndarray | None:
         """(total crops, tokens, width) for the request's images: Redis values fetched in one MGET."""
@@ -186,11 +199,22 @@ class LMWorkerService(lm_worker_pb2_grpc.LMWorkerServicer):
                     yield chunk
         finally:
             job.cancel()  # no-op when finished; frees the slot when the client left or failed
+            reason = finished.reason if finished else "client-gone"
             phase.set_attribute("completion_tokens", completion)
-            phase.set_attribute("finish", finished.reason if finished else "client-gone")
+            phase.set_attribute("finish", reason)
             phase.end()
-            log.info("finished", extra={"request_id": request_id, "completion_tokens": completion,
-                                        "reason": finished.reason if finished else "client-gone"})
+            _record(started, first_token_at, len(ids), completion, reason)
+            log.info("finished", extra={"request_id": request_id, "completion_tokens": completion, "reason": reason})
+
+
+def _record(started: float, first_token_at: float | None, prompt: int, completion: int, reason: str) -> None:
+    finished_requests.add(1, {"finish_reason": reason})
+    token_counter.add(prompt, {"kind": "prompt"})
+    token_counter.add(completion, {"kind": "completion"})
+    if first_token_at is not None:
+        ttft.record(first_token_at - started)
+        if completion > 1:
+            tpot.record((time.monotonic() - first_token_at) / (completion - 1))
 
 
 def _tensor(t: common_pb2.Tensor, trailing: tuple[int, ...]) -> np.ndarray | None:

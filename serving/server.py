@@ -17,7 +17,7 @@ from grpc_health.v1 import _async as health_async
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from serving.telemetry import configure_tracing, server_interceptors
+from serving.telemetry import configure_telemetry, server_interceptors
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ class Server:
     """A grpc.aio server with health, reflection and tracing; ``serve`` runs until a signal."""
 
     def __init__(self, service_names: list[str], host: str, port: int, drain_seconds: float = 10.0):
-        configure_tracing(service_names[0])
+        configure_telemetry(service_names[0])
         self.service_names = service_names
         self.drain_seconds = drain_seconds
         self.grpc = grpc.aio.server(interceptors=server_interceptors(), options=CHANNEL_OPTIONS)

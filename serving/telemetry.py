@@ -1,8 +1,12 @@
-"""OpenTelemetry tracing: every server and client call is a span, context crosses the services.
+"""OpenTelemetry traces and metrics: every server and client call is a span, context crosses the services,
+and each service records its own measurements (time to first token, cache hits, ...).
 
-Spans are exported over OTLP when ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set (and the exporter package
-is installed), appended as JSON lines to ``GEMMA3_TRACE_FILE`` when that is set (tests read it), and
-otherwise only created and propagated.
+Exporters follow the standard variables: ``OTEL_TRACES_EXPORTER`` / ``OTEL_METRICS_EXPORTER`` name them
+(``otlp``, ``console``, ``none``; comma-separated), and they default to ``otlp`` when an
+``OTEL_EXPORTER_OTLP_*ENDPOINT`` is set and to nothing otherwise, so nothing leaves the process
+unless asked. The OTLP exporter reads its own ``OTEL_EXPORTER_OTLP_*`` settings and
+``OTEL_METRIC_EXPORT_INTERVAL`` sets how often metrics go out. ``GEMMA3_TRACE_FILE`` and
+``GEMMA3_METRICS_FILE`` append spans and metrics as JSON lines to a file (the tests read them).
 """
 
 from __future__ import annotations
@@ -10,8 +14,10 @@ from __future__ import annotations
 import logging
 import os
 
-from opentelemetry import trace
+from opentelemetry import metrics, trace
 from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import ConsoleMetricExporter, PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SimpleSpanProcessor
@@ -20,23 +26,67 @@ log = logging.getLogger(__name__)
 _configured = False
 
 
-def configure_tracing(service: str) -> None:
+def exporter_names(signal: str) -> set[str]:
+    """The exporters asked for ``signal`` ("traces" or "metrics") by the standard OTEL_* variables."""
+    named = os.environ.get(f"OTEL_{signal.upper()}_EXPORTER")
+    if named is None:
+        endpoint = (os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+                    or os.environ.get(f"OTEL_EXPORTER_OTLP_{signal.upper()}_ENDPOINT"))
+        return {"otlp"} if endpoint else set()
+    names = {n.strip() for n in named.split(",") if n.strip()} - {"none"}
+    unknown = names - {"otlp", "console"}
+    if unknown:
+        log.warning("ignoring unsupported OTEL_%s_EXPORTER values %s", signal.upper(), sorted(unknown))
+    return names - unknown
+
+
+def _otlp(signal: str):
+    try:
+        if signal == "traces":
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+            return OTLPSpanExporter()
+        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+
+        return OTLPMetricExporter()
+    except ImportError:
+        log.warning("an OTLP %s exporter is asked for but opentelemetry-exporter-otlp-proto-grpc is missing", signal)
+        return None
+
+
+def _json_lines(path: str):
+    return open(path, "a", buffering=1)  # open for the life of the process
+
+
+def configure_telemetry(service: str) -> None:
+    """Install this process's tracer and meter providers (once)."""
     global _configured
     if _configured:
         return
-    provider = TracerProvider(resource=Resource.create({"service.name": service}))
-    if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
-        try:
-            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+    resource = Resource.create({"service.name": service})
 
-            provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
-        except ImportError:
-            log.warning("OTEL_EXPORTER_OTLP_ENDPOINT is set but opentelemetry-exporter-otlp is not installed")
+    tracer_provider = TracerProvider(resource=resource)
+    names = exporter_names("traces")
+    if "otlp" in names and (exporter := _otlp("traces")) is not None:
+        tracer_provider.add_span_processor(BatchSpanProcessor(exporter))
+    if "console" in names:
+        tracer_provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
     if os.environ.get("GEMMA3_TRACE_FILE"):
-        out = open(os.environ["GEMMA3_TRACE_FILE"], "a", buffering=1)  # open for the life of the process
-        provider.add_span_processor(SimpleSpanProcessor(
-            ConsoleSpanExporter(out=out, formatter=lambda span: span.to_json(indent=None) + "\n")))
-    trace.set_tracer_provider(provider)
+        tracer_provider.add_span_processor(SimpleSpanProcessor(ConsoleSpanExporter(
+            out=_json_lines(os.environ["GEMMA3_TRACE_FILE"]), formatter=lambda s: s.to_json(indent=None) + "\n")))
+    trace.set_tracer_provider(tracer_provider)
+
+    readers = []
+    names = exporter_names("metrics")
+    if "otlp" in names and (exporter := _otlp("metrics")) is not None:
+        readers.append(PeriodicExportingMetricReader(exporter))
+    if "console" in names:
+        readers.append(PeriodicExportingMetricReader(ConsoleMetricExporter()))
+    if os.environ.get("GEMMA3_METRICS_FILE"):
+        readers.append(PeriodicExportingMetricReader(ConsoleMetricExporter(
+            out=_json_lines(os.environ["GEMMA3_METRICS_FILE"]), formatter=lambda m: m.to_json(indent=None) + "\n")))
+    # shuts down (one last export) at exit, like the tracer provider
+    metrics.set_meter_provider(MeterProvider(resource=resource, metric_readers=readers))
     _configured = True
 
 

@@ -12,13 +12,14 @@ import asyncio
 import hashlib
 import logging
 import os
+import time
 
 import grpc
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from opentelemetry import trace
+from opentelemetry import metrics, trace
 
 from gemma3.checkpoint import Checkpoint
 from gemma3serve.v1 import common_pb2, vision_worker_pb2, vision_worker_pb2_grpc
@@ -26,6 +27,14 @@ from serving.embedding_cache import CacheUnavailable, EmbeddingCache, decode, em
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("vision_worker")
+meter = metrics.get_meter("vision_worker")
+cache_hits = meter.create_counter("gemma3.vision.cache.hits", unit="{image}", description="images found in Redis")
+cache_misses = meter.create_counter("gemma3.vision.cache.misses", unit="{image}",
+                                    description="images embedded by the vision tower (not in Redis, or corrupt)")
+batch_images = meter.create_histogram("gemma3.vision.batch.images", unit="{image}",
+                                      description="images (crops included) per vision-tower call")
+forward_time = meter.create_histogram("gemma3.vision.forward.duration", unit="s",
+                                      description="time of one vision-tower call")
 
 
 def weights_fingerprint(path: str, encoder) -> str:
@@ -67,7 +76,11 @@ class Batcher:
         n = pixels.shape[0]
         size = 1 << max(0, (n - 1).bit_length())
         padded = np.concatenate([pixels, np.zeros((size - n, *pixels.shape[1:]), pixels.dtype)]) if size > n else pixels
-        return np.asarray(self._run(jnp.asarray(padded)), np.float32)[:n]
+        started = time.perf_counter()
+        out = np.asarray(self._run(jnp.asarray(padded)), np.float32)[:n]
+        forward_time.record(time.perf_counter() - started)
+        batch_images.record(n)
+        return out
 
     async def _loop(self) -> None:
         while True:
@@ -121,6 +134,8 @@ class VisionWorkerService(vision_worker_pb2_grpc.VisionWorkerServicer):
             span.set_attribute("hits", len(keys) - len(misses))
             span.set_attribute("hit", not misses)
             span.set_attribute("cache_reachable", cache_up)
+        cache_hits.add(len(keys) - len(misses))
+        cache_misses.add(len(misses))
         pixels = []
         for i in misses:  # one at a time, so an undecodable image is named
             try:
