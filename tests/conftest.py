@@ -72,3 +72,11 @@ def vision_worker(served_checkpoint):
     with services.running("vision_worker", "gemma3serve.v1.VisionWorker", "--model", served_checkpoint,
                           "--dtype", "float32", "--redis-url", services.REDIS_URL, "--cache-ttl", "120") as running:
         yield running
+
+
+@pytest.fixture(scope="session")
+def stack(lm_worker, vision_worker):
+    """The gateway in front of the session's LM and vision workers: the whole stack."""
+    with services.running("gateway", "gemma3serve.v1.Gateway", "--lm-target", lm_worker[1],
+                          "--vision-target", vision_worker[1]) as (_, target):
+        yield target

@@ -40,6 +40,26 @@ def trace_file(target: str) -> str:
     return os.path.join(tempfile.gettempdir(), f"gemma3-trace-{target.rsplit(':', 1)[1]}.jsonl")
 
 
+def metrics_file(target: str) -> str:
+    """Where the service at ``target`` appends its metrics (JSON lines, one export per line)."""
+    return os.path.join(tempfile.gettempdir(), f"gemma3-metrics-{target.rsplit(':', 1)[1]}.jsonl")
+
+
+def metric_points(target: str) -> dict[str, list[dict]]:
+    """The service's latest exported metrics: name -> data points (cumulative since it started)."""
+    import json
+
+    with open(metrics_file(target)) as f:
+        lines = [line for line in f if line.strip()]
+    out: dict[str, list[dict]] = {}
+    if lines:
+        for resource in json.loads(lines[-1])["resource_metrics"]:
+            for scope in resource["scope_metrics"]:
+                for metric in scope["metrics"]:
+                    out.setdefault(metric["name"], []).extend(metric["data"]["data_points"])
+    return out
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -68,9 +88,11 @@ def running(module: str, service: str, *args: str):
     at the end, which must drain and exit 0."""
     port = free_port()
     target = f"127.0.0.1:{port}"
-    if os.path.exists(trace_file(target)):
-        os.remove(trace_file(target))
-    env = {**os.environ, "XLA_FLAGS": "", "PYTHONPATH": ROOT, "GEMMA3_TRACE_FILE": trace_file(target)}
+    for path in (trace_file(target), metrics_file(target)):
+        if os.path.exists(path):
+            os.remove(path)
+    env = {**os.environ, "XLA_FLAGS": "", "PYTHONPATH": ROOT, "GEMMA3_TRACE_FILE": trace_file(target),
+           "GEMMA3_METRICS_FILE": metrics_file(target), "OTEL_METRIC_EXPORT_INTERVAL": "1000"}
     proc = subprocess.Popen([sys.executable, "-m", module, "--port", str(port), "--log-format", "text",
                              "--drain-seconds", "2", *args], env=env, cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
