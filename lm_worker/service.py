@@ -117,6 +117,11 @@ class LMWorkerService(lm_worker_pb2_grpc.LMWorkerServicer):
             sampling = check_sampling(request.sampling, self.default_max_new_tokens)
             crops = [i.num_crops for i in request.images]
             ids, token_types = self.prompts.build(request, crops)
+            if not request.sampling.max_new_tokens:  # unset: the default, or what the context has left
+                sampling["max_new_tokens"] = min(self.default_max_new_tokens, self.engine.max_length - len(ids))
+                if sampling["max_new_tokens"] < 1:
+                    raise InvalidRequest(f"the prompt ({len(ids)} tokens) fills the context of "
+                                         f"{self.engine.max_length} tokens")
         except InvalidRequest as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         span = tracer.start_span("lm_worker.embeddings", attributes={"images": len(request.images)})

@@ -8,6 +8,13 @@ import sys
 from pythonjsonlogger.json import JsonFormatter
 
 
+def _not_a_stream_closed_elsewhere(record: logging.LogRecord) -> bool:
+    """opentelemetry-instrumentation-grpc's aio server interceptor logs an error with a traceback
+    whenever a client leaves a server stream early: the generator is closed in another context than
+    the one its span was attached in. The span still ends; the message is noise, so it is dropped."""
+    return not record.getMessage().startswith("Failed to detach context")
+
+
 def configure_logging(service: str, level: str = "INFO", fmt: str = "json") -> None:
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
@@ -18,3 +25,4 @@ def configure_logging(service: str, level: str = "INFO", fmt: str = "json") -> N
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    logging.getLogger("opentelemetry.context").addFilter(_not_a_stream_closed_elsewhere)

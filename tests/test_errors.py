@@ -95,6 +95,7 @@ def wait_for_free_slots(lm_target, condition=lambda stats: True, seconds=15) -> 
      INVALID, "the prompt has 2 image placeholders but 1 images"),
     (text("A <start_of_image> typed by hand"), INVALID, "1 image placeholders but 0 images"),
     (text("Fill the window", max_new_tokens=250), INVALID, "exceeds the context of 256 tokens"),
+    (text("word " * 300), INVALID, "fills the context of 256 tokens"),  # max_new_tokens unset
     (text(temperature=float("nan")), INVALID, "sampling.temperature must be a finite number"),
     (text(temperature=-0.5), INVALID, "sampling.temperature must be a finite number >= 0"),
     (text(top_p=1.5), INVALID, "sampling.top_p must be at most 1"),
@@ -107,7 +108,7 @@ def wait_for_free_slots(lm_target, condition=lambda stats: True, seconds=15) -> 
         common_pb2.ContentPart(image=common_pb2.Image(embedding_key="gemma3:nowhere:0123"))])])),
      NOT_FOUND, "embedding gemma3:nowhere:0123 is not in the cache"),
 ], ids=["undecodable", "not-an-image-format", "zero-bytes", "decompression-bomb", "too-many-pixels", "too-many-images",
-        "placeholder-mismatch", "placeholder-in-text", "beyond-context", "nan-temperature", "negative-temperature",
+        "placeholder-mismatch", "placeholder-in-text", "beyond-context", "prompt-fills-context", "nan-temperature", "negative-temperature",
         "top-p-above-1", "infinite-top-p", "too-many-logprobs", "unknown-role", "no-prompt", "unknown-embedding-key"])
 def test_bad_input_gets_its_status_and_a_readable_message(stack, request_, code, message):
     got_code, details = status_of(stack, request_)

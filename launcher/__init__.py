@@ -1,0 +1,1 @@
+"""The gemma3-stack launcher (see __main__)."""
