@@ -13,6 +13,7 @@ Redis is the one ``--redis-url`` / ``REDIS_URL`` names; without one, the launche
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import signal
@@ -172,11 +173,15 @@ def bring_up(stack: Stack, args) -> str:
 
     vision_port, lm_port = free_port(), free_port()
     common = ["--model", args.model, "--dtype", args.dtype, "--redis-url", redis_url]
-    vision = stack.service("vision-worker", "vision_worker", vision_port, *common)
+    with open(os.path.join(args.model, "config.json")) as f:
+        multimodal = "vision_config" in json.load(f)
+    if multimodal:  # a text-only checkpoint gets no vision worker: image requests are then UNAVAILABLE
+        vision = stack.service("vision-worker", "vision_worker", vision_port, *common)
     lm = stack.service("lm-worker", "lm_worker", lm_port, *common, "--num-slots", str(args.num_slots),
                        "--max-length", str(args.max_length))
-    wait_healthy("vision-worker", f"127.0.0.1:{vision_port}", "gemma3serve.v1.VisionWorker", vision,
-                 args.startup_timeout)
+    if multimodal:
+        wait_healthy("vision-worker", f"127.0.0.1:{vision_port}", "gemma3serve.v1.VisionWorker", vision,
+                     args.startup_timeout)
     wait_healthy("lm-worker", f"127.0.0.1:{lm_port}", "gemma3serve.v1.LMWorker", lm, args.startup_timeout)
 
     port = args.port or free_port()

@@ -24,6 +24,10 @@ log = logging.getLogger(__name__)
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 CHANNEL_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+# Servers close each connection after a few minutes (streams in flight get up to 10 more to finish):
+# clients then resolve dns:/// targets again, so a gateway finds worker replicas added since it started.
+SERVER_OPTIONS = [*CHANNEL_OPTIONS, ("grpc.max_connection_age_ms", 5 * 60_000),
+                  ("grpc.max_connection_age_grace_ms", 10 * 60_000)]
 
 
 class Server:
@@ -33,7 +37,7 @@ class Server:
         configure_telemetry(service_names[0])
         self.service_names = service_names
         self.drain_seconds = drain_seconds
-        self.grpc = grpc.aio.server(interceptors=server_interceptors(), options=CHANNEL_OPTIONS)
+        self.grpc = grpc.aio.server(interceptors=server_interceptors(), options=SERVER_OPTIONS)
         self.health = health_async.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection(
