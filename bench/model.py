@@ -1,0 +1,585 @@
+"""Gemma 3 text decoding on CPU: this library (JAX/Flax NNX) against transformers (PyTorch), same weights.
+
+    python bench/model.py                                   # 270m, float32+bfloat16, batch 1 and 8
+    python bench/model.py --shapes 270m,1b --dtypes bfloat16 --batches 1 --output /tmp/table.md
+
+What it does:
+
+1. Writes random weights ONCE per shape with transformers itself (``Gemma3ForCausalLM(config)``, every
+   parameter redrawn: matrices and embedding ~ N(0, 0.02), RMSNorm offsets ~ N(0, 0.1)) at the real
+   shapes of gemma-3-270m / gemma-3-1b, ``save_pretrained`` in float32. Both libraries load that directory
+   (and cast to the benchmarked dtype themselves).
+2. Measures the machine's memory bandwidth with numpy copies (bytes read + written / time, best of 5)
+   and derives the decode roofline: parameter bytes (tied embedding counted once, as the LM head reads
+   it) / bandwidth = the fastest a batch-1 decode step can be when every weight is read once per step.
+3. For each (shape, dtype, batch) starts one worker process per library (so peak RSS is per library and
+   per configuration: VmHWM), loads the checkpoint, warms up, then alternates the two workers
+   repeat by repeat (the machine may be shared: each ratio compares runs measured side by side).
+   Each repeat times, on the same random prompt (B x prompt_len tokens, greedy, no stop token):
+     * prefill: one forward of the prompt with a fresh cache, last-position logits only
+       (ours: the jitted prefill of ``gemma3.generation._compiled``; transformers: ``model(...,
+       use_cache=True, logits_to_keep=1)``, which is what its ``generate`` runs first);
+     * generate: the whole ``generate`` call (prefill + new_tokens - 1 decode steps);
+     * ours only, with --step-loop: a bare decode loop with the jitted step, syncing the token to the
+       host each step as ``generate`` does (a cross-check of the derived decode rate).
+   Reported: the best (minimum time) over the repeats for every timing. Decode tokens/s =
+   B * (new_tokens - 1) / (generate - prefill), the same derivation for both libraries. Compile time
+   (ours) = the first ``generate`` in a fresh process minus the best steady-state ``generate``.
+4. Prints Markdown tables (``--output`` also writes them to a file; ``--json`` dumps the raw numbers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SHAPES = {
+    # https://huggingface.co/google/gemma-3-270m/blob/main/config.json (weights replaced by random ones)
+    "270m": dict(hidden_size=640, intermediate_size=2048, num_hidden_layers=18, num_attention_heads=4,
+                 num_key_value_heads=1, head_dim=256, sliding_window=512, vocab_size=262_144,
+                 query_pre_attn_scalar=256, rope_theta=1_000_000.0, rope_local_base_freq=10_000.0,
+                 sliding_window_pattern=6, max_position_embeddings=32_768),
+    # https://huggingface.co/google/gemma-3-1b-it/blob/main/config.json
+    "1b": dict(hidden_size=1152, intermediate_size=6912, num_hidden_layers=26, num_attention_heads=4,
+               num_key_value_heads=1, head_dim=256, sliding_window=512, vocab_size=262_144,
+               query_pre_attn_scalar=256, rope_theta=1_000_000.0, rope_local_base_freq=10_000.0,
+               sliding_window_pattern=6, max_position_embeddings=32_768),
+}
+COMMON = dict(rms_norm_eps=1e-6, final_logit_softcapping=None, attn_logit_softcapping=None, rope_scaling=None,
+              tie_word_embeddings=True, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+              hidden_activation="gelu_pytorch_tanh")
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
+GIB = 1 << 30
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def rss_now() -> int:
+    """Current resident set size in bytes."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def rss_peak() -> int:
+    """Peak resident set size of this process in bytes: VmHWM, the high-water mark of this address space.
+
+    Not ``ru_maxrss``: Linux carries that over fork and exec, so a worker would report at least the
+    coordinator's own peak (the 2 GiB bandwidth buffers).
+    """
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def prompt_ids(batch: int, length: int, vocab: int, seed: int) -> np.ndarray:
+    """The random prompt both libraries get: ids above the special tokens (0 pad, 1 eos, 2 bos)."""
+    return np.random.default_rng(seed).integers(3, vocab, size=(batch, length), dtype=np.int64)
+
+
+# --------------------------------------------------------------------------------------- the checkpoint
+def make_checkpoint(shape: str, path: str, seed: int) -> None:
+    """Random weights at the real shapes, written by transformers' save_pretrained (float32)."""
+    import torch
+    import transformers
+
+    config = transformers.Gemma3TextConfig(**SHAPES[shape], **COMMON)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        model = transformers.Gemma3ForCausalLM(config).eval()
+        gen = torch.Generator().manual_seed(seed)
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * (0.1 if "norm" in name else 0.02))
+    model.save_pretrained(path)
+    with open(os.path.join(path, "bench_meta.json"), "w") as f:
+        json.dump({"shape": shape, "seed": seed, "config": SHAPES[shape] | COMMON}, f)
+
+
+def ensure_checkpoint(shape: str, workdir: str, seed: int) -> str:
+    path = os.path.join(workdir, f"gemma-3-{shape}-random-seed{seed}")
+    meta = os.path.join(path, "bench_meta.json")
+    if os.path.exists(meta):
+        with open(meta) as f:
+            m = json.load(f)
+        if m.get("config") == json.loads(json.dumps(SHAPES[shape] | COMMON)):
+            print(f"# reusing checkpoint {path}", file=sys.stderr)
+            return path
+    shutil.rmtree(path, ignore_errors=True)
+    t0 = time.perf_counter()
+    # a subprocess, so that torch and the float32 model never sit in the coordinator's memory
+    subprocess.run([sys.executable, os.path.abspath(__file__), "--_make-checkpoint", shape, path, "--seed", str(seed)],
+                   check=True)
+    print(f"# wrote {path} in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
+    return path
+
+
+def parameter_count(path: str) -> int:
+    """Elements of every tensor in the checkpoint (the tied embedding is stored once)."""
+    import struct
+
+    total = 0
+    for name in os.listdir(path):
+        if name.endswith(".safetensors"):
+            with open(os.path.join(path, name), "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(n))
+            header.pop("__metadata__", None)
+            for key, info in header.items():
+                if key == "lm_head.weight":  # tied: the head reads the embedding; never counted twice
+                    continue
+                total += int(np.prod(info["shape"]))
+    return total
+
+
+# -------------------------------------------------------------------------------------------- bandwidth
+def memory_bandwidth(gib: float = 1.0, repeats: int = 5) -> dict:
+    """Copy bandwidth (bytes read + written per second), best of ``repeats``, 1 thread and all cores.
+
+    Also a read-only figure (a float64 sum, which numpy vectorises), since decode mostly reads.
+    """
+    n = int(gib * GIB) // 8
+    src = np.ones(n, np.float64)
+    dst = np.zeros(n, np.float64)  # both touched, so no page faults are timed
+    threads = os.cpu_count() or 1
+    parts = np.array_split(np.arange(n), threads)
+    bounds = [(int(p[0]), int(p[-1]) + 1) for p in parts if len(p)]
+
+    def copy_part(b):
+        np.copyto(dst[b[0]:b[1]], src[b[0]:b[1]])
+
+    def sum_part(b):
+        return float(src[b[0]:b[1]].sum())
+
+    out = {"buffer_bytes": n * 8, "threads": threads}
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        for label, fn, factor in (("copy_1t", lambda: np.copyto(dst, src), 2),
+                                  ("copy_mt", lambda: list(pool.map(copy_part, bounds)), 2),
+                                  ("read_1t", lambda: src.sum(), 1),
+                                  ("read_mt", lambda: list(pool.map(sum_part, bounds)), 1)):
+            fn()
+            best = float("inf")
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                fn()
+                best = min(best, time.perf_counter() - t0)
+            out[label] = factor * n * 8 / best
+    src = dst = None  # free the 2 GiB before the workers start
+    out["copy"] = max(out["copy_1t"], out["copy_mt"])
+    out["read"] = max(out["read_1t"], out["read_mt"])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- workers
+class OursWorker:
+    """gemma3 (JAX/Flax NNX)."""
+
+    def __init__(self, ckpt, dtype, batch, prompt_len, new_tokens, seed):
+        import jax
+        import jax.numpy as jnp
+
+        sys.path.insert(0, ROOT)
+        from gemma3 import Gemma3ForCausalLM
+
+        self.jax, self.jnp = jax, jnp
+        t0 = time.perf_counter()
+        self.model = Gemma3ForCausalLM.from_pretrained(ckpt, dtype={"float32": jnp.float32,
+                                                                     "bfloat16": jnp.bfloat16}[dtype], progress=False)
+        jax.block_until_ready(self.model)
+        self.load_s = time.perf_counter() - t0
+        self.batch, self.t, self.n = batch, prompt_len, new_tokens
+        self.ids = prompt_ids(batch, prompt_len, self.model.config.vocab_size, seed)
+        self.jids = jnp.asarray(self.ids, jnp.int32)
+        self.info = {"jax": jax.__version__, "backend": jax.default_backend(), "devices": str(jax.devices())}
+
+    def generate(self):
+        t0 = time.perf_counter()
+        out = self.model.generate(self.jids, max_new_tokens=self.n, eos_token_id=[])
+        dt = time.perf_counter() - t0
+        assert out.new_tokens.shape == (self.batch, self.n) and (out.num_new_tokens == self.n).all()
+        return dt, out.new_tokens
+
+    def cold(self):
+        dt, _ = self.generate()
+        return {"cold_generate_s": dt}
+
+    def _fresh(self):
+        from flax import nnx
+
+        from gemma3.generation import _compiled
+
+        graphdef, state = nnx.split(self.model)
+        prefill, decode, first = _compiled(graphdef)
+        kw = self.model.prepare_inputs_for_generation(self.jids, max_length=self.t + self.n)
+        self.jax.block_until_ready(kw)
+        return state, prefill, decode, first, kw
+
+    def repeat(self, prefill_reps, step_loop=False):
+        jnp, np_ = self.jnp, np
+        b = self.batch
+        seeds, zero_f = jnp.zeros((b,), jnp.uint32), jnp.zeros((b,), jnp.float32)
+        top_k, top_p = jnp.zeros((b,), jnp.int32), jnp.ones((b,), jnp.float32)
+        prefill_s = float("inf")
+        for _ in range(prefill_reps):
+            state, prefill, decode, first, kw = self._fresh()
+            t0 = time.perf_counter()
+            logits, cache = prefill(state, self.jids, kw["attention_mask"], kw["position_ids"],
+                                    kw["past_key_values"], {})
+            logits.block_until_ready()
+            prefill_s = min(prefill_s, time.perf_counter() - t0)
+        out = {"prefill_s": prefill_s}
+        if step_loop:  # the bare decode loop, continuing from the last prefill (host sync per token, as generate)
+            token = first(logits, seeds, zero_f, top_k, top_p)
+            np_.asarray(token)
+            t0 = time.perf_counter()
+            for i in range(self.n - 1):
+                token, cache = decode(state, token, cache, seeds, jnp.int32(i + 1), zero_f, top_k, top_p)
+                np_.asarray(token)
+            out["step_loop_s"] = time.perf_counter() - t0
+        del logits, cache
+        out["generate_s"], new = self.generate()
+        out["tokens"] = new.tolist()
+        return out
+
+
+class HFWorker:
+    """transformers (PyTorch, CPU, eager execution, default attention implementation)."""
+
+    def __init__(self, ckpt, dtype, batch, prompt_len, new_tokens, seed):
+        import torch
+        import transformers
+
+        self.torch = torch
+        torch.set_num_threads(os.cpu_count() or 1)
+        t0 = time.perf_counter()
+        self.model = transformers.Gemma3ForCausalLM.from_pretrained(
+            ckpt, dtype={"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]).eval()
+        self.load_s = time.perf_counter() - t0
+        self.batch, self.t, self.n = batch, prompt_len, new_tokens
+        self.ids = torch.from_numpy(prompt_ids(batch, prompt_len, self.model.config.vocab_size, seed))
+        self.mask = torch.ones_like(self.ids)
+        self.info = {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "threads": torch.get_num_threads(), "attn": self.model.config._attn_implementation}
+
+    def generate(self):
+        with self.torch.inference_mode():
+            t0 = time.perf_counter()
+            out = self.model.generate(self.ids, attention_mask=self.mask, do_sample=False, max_new_tokens=self.n,
+                                      min_new_tokens=self.n, pad_token_id=0)
+            dt = time.perf_counter() - t0
+        new = out[:, self.t:]
+        assert new.shape == (self.batch, self.n), new.shape
+        return dt, new.numpy()
+
+    def cold(self):
+        dt, _ = self.generate()
+        return {"cold_generate_s": dt}
+
+    def repeat(self, prefill_reps, step_loop=False):
+        prefill_s = float("inf")
+        with self.torch.inference_mode():
+            for _ in range(prefill_reps):
+                t0 = time.perf_counter()
+                out = self.model(input_ids=self.ids, attention_mask=self.mask, use_cache=True, logits_to_keep=1)
+                prefill_s = min(prefill_s, time.perf_counter() - t0)
+                del out
+        gen_s, new = self.generate()
+        return {"prefill_s": prefill_s, "generate_s": gen_s, "tokens": new.tolist()}
+
+
+def worker_main(lib: str) -> None:
+    """Serve JSON-line commands on the original stdout; everything libraries print goes to stderr."""
+    proto = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    w = None
+    for line in sys.stdin:
+        msg = json.loads(line)
+        cmd = msg.pop("cmd")
+        try:
+            if cmd == "load":
+                rss0 = rss_now()
+                w = (OursWorker if lib == "ours" else HFWorker)(**msg)
+                reply = {"load_s": w.load_s, "rss_after_load": rss_now(), "rss_before_load": rss0, "info": w.info}
+            elif cmd == "cold":
+                reply = w.cold()
+            elif cmd == "repeat":
+                reply = w.repeat(**msg)
+            elif cmd == "finish":
+                reply = {"peak_rss": rss_peak(), "rss_now": rss_now()}
+            else:
+                raise ValueError(cmd)
+        except Exception as e:  # reported to the coordinator, which stops
+            import traceback
+
+            traceback.print_exc()
+            reply = {"error": f"{type(e).__name__}: {e}"}
+        proto.write(json.dumps(reply) + "\n")
+        if cmd == "finish":
+            break
+
+
+class Worker:
+    """The coordinator's handle on one worker process."""
+
+    def __init__(self, lib: str, log_path: str):
+        self.lib = lib
+        self.log_path = log_path
+        self.log = open(log_path, "w")
+        env = dict(os.environ, JAX_PLATFORMS="cpu", TOKENIZERS_PARALLELISM="false")
+        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--_worker", lib],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
+                                     env=env, cwd=ROOT)
+
+    def call(self, cmd: str, **kw) -> dict:
+        self.proc.stdin.write(json.dumps({"cmd": cmd, **kw}) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait()
+            raise RuntimeError(f"{self.lib} worker died (rc {self.proc.returncode}); see {self.log_path}:\n"
+                               + tail(self.log_path))
+        reply = json.loads(line)
+        if "error" in reply:
+            raise RuntimeError(f"{self.lib} worker: {reply['error']}; see {self.log_path}:\n" + tail(self.log_path))
+        return reply
+
+    def close(self):
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+def tail(path: str, n: int = 30) -> str:
+    with open(path) as f:
+        return "".join(f.readlines()[-n:])
+
+
+# ------------------------------------------------------------------------------------------ the benchmark
+def run_config(ckpt, shape, dtype, batch, args, logdir) -> dict:
+    load = dict(ckpt=ckpt, dtype=dtype, batch=batch, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                seed=args.seed + 1)
+    res = {"shape": shape, "dtype": dtype, "batch": batch}
+    workers = {}
+    try:
+        for lib in ("ours", "hf"):  # loaded one after the other, so loads do not compete
+            workers[lib] = Worker(lib, os.path.join(logdir, f"{shape}-{dtype}-b{batch}-{lib}.log"))
+            res[lib] = {"load": workers[lib].call("load", **load), "repeats": []}
+        for lib in ("ours", "hf"):  # first generate: ours compiles here, transformers warms up
+            res[lib].update(workers[lib].call("cold"))
+            log(f"  {shape} {dtype} B={batch} {lib}: first generate {res[lib]['cold_generate_s']:.2f}s")
+        for r in range(args.repeats):
+            order = ("ours", "hf") if r % 2 == 0 else ("hf", "ours")  # alternate who goes first
+            for lib in order:
+                rep = workers[lib].call("repeat", prefill_reps=args.prefill_reps, step_loop=args.step_loop)
+                rep["loadavg_1m"] = os.getloadavg()[0]  # our worker alone accounts for ~its thread count
+                res[lib]["repeats"].append(rep)
+                extra = f", step loop {rep['step_loop_s']:.2f}s" if "step_loop_s" in rep else ""
+                log(f"  {shape} {dtype} B={batch} {lib} repeat {r + 1}: prefill {rep['prefill_s']:.3f}s, "
+                    f"generate {rep['generate_s']:.2f}s{extra}, load average {rep['loadavg_1m']:.1f}")
+        for lib in ("ours", "hf"):
+            res[lib].update(workers[lib].call("finish"))
+    finally:
+        for w in workers.values():
+            w.close()
+    return res
+
+
+def summarize(res: dict, args) -> dict:
+    b, t, n = res["batch"], args.prompt_len, args.new_tokens
+    for lib in ("ours", "hf"):
+        r = res[lib]
+        reps = r["repeats"]
+        r["prefill_best_s"] = min(x["prefill_s"] for x in reps)
+        r["generate_best_s"] = min(x["generate_s"] for x in reps)
+        r["prefill_tok_s"] = b * t / r["prefill_best_s"]
+        decode_s = r["generate_best_s"] - r["prefill_best_s"]
+        r["decode_tok_s"] = b * (n - 1) / decode_s if decode_s > 0 else float("nan")
+        r["generate_tok_s"] = b * n / r["generate_best_s"]
+        if "step_loop_s" in reps[0]:
+            r["step_loop_best_s"] = min(x["step_loop_s"] for x in reps)
+            r["step_loop_tok_s"] = b * (n - 1) / r["step_loop_best_s"]
+        r["compile_s"] = r["cold_generate_s"] - r["generate_best_s"]
+    a, h = np.array(res["ours"]["repeats"][-1]["tokens"]), np.array(res["hf"]["repeats"][-1]["tokens"])
+    same = a == h
+    first_diff = [int(np.argmin(row)) if not row.all() else n for row in same]
+    res["loadavg_max"] = max(x["loadavg_1m"] for lib in ("ours", "hf") for x in res[lib]["repeats"])
+    res["greedy_agree_prefix"] = first_diff  # per row: new tokens identical before the first difference
+    return res
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def fmt(x, digits=1):
+    if x is None or (isinstance(x, float) and not np.isfinite(x)):
+        return "n/a"
+    return f"{x:,.{digits}f}"
+
+
+def measure_bandwidth(when: str) -> dict:
+    log(f"# measuring memory bandwidth ({when} the runs)")
+    bw = memory_bandwidth()
+    bw["when"] = when
+    log(f"# copy {bw['copy'] / 1e9:.1f} GB/s, read {bw['read'] / 1e9:.1f} GB/s")
+    return bw
+
+
+def tables(results, rooflines, bw, args) -> str:
+    n = args.new_tokens
+    lines = [
+        f"Prompt {args.prompt_len} random tokens, {n} new tokens greedy (no stop token); best of {args.repeats} "
+        f"repeats (prefill: best of {args.repeats} x {args.prefill_reps}). Decode tok/s = B x {n - 1} / "
+        "(generate - prefill), aggregated over the batch. Roofline = B x bandwidth / weight bytes "
+        "(weights read once per step; ignores KV-cache reads and compute).",
+        "",
+        "| model | dtype | B | library | prefill tok/s | decode tok/s | generate s | generate tok/s | "
+        + ("decode step loop tok/s | " if args.step_loop else "") + "compile s | peak RSS GiB | % of decode roofline |",
+        "|---|---|---:|---|---:|---:|---:|---:|" + ("---:|" if args.step_loop else "") + "---:|---:|---:|",
+    ]
+    for res in results:
+        roof = res["batch"] * rooflines[(res["shape"], res["dtype"])]["tok_s"]
+        for lib, name in (("ours", "gemma3 (JAX)"), ("hf", "transformers (torch)")):
+            r = res[lib]
+            lines.append(
+                f"| {res['shape']} | {res['dtype']} | {res['batch']} | {name} | {fmt(r['prefill_tok_s'])} | "
+                f"{fmt(r['decode_tok_s'])} | {fmt(r['generate_best_s'], 2)} | {fmt(r['generate_tok_s'])} | "
+                + (f"{fmt(r.get('step_loop_tok_s'))} | " if args.step_loop else "")
+                + f"{fmt(r['compile_s'], 1) if lib == 'ours' else '-'} | "
+                f"{fmt(r['peak_rss'] / GIB, 2)} | {fmt(100 * r['decode_tok_s'] / roof, 0)}% |")
+    lines += [
+        "",
+        f"Ours / transformers (same run, interleaved; > 1 means ours is faster, or for RSS larger). Load average "
+        f"after each repeat: the benchmark itself accounts for about {os.cpu_count()}; more means other work "
+        "competed for the cores.",
+        "",
+        "| model | dtype | B | prefill x | decode x | generate x | peak RSS x | greedy tokens equal before first "
+        "difference (per row) | max 1-min load avg |",
+        "|---|---|---:|---:|---:|---:|---:|---|---:|",
+    ]
+    for res in results:
+        o, h = res["ours"], res["hf"]
+        agree = res["greedy_agree_prefix"]
+        agree_s = f"all {n}" if all(a == n for a in agree) else ", ".join(map(str, agree))
+        lines.append(
+            f"| {res['shape']} | {res['dtype']} | {res['batch']} | {o['prefill_tok_s'] / h['prefill_tok_s']:.2f} | "
+            f"{o['decode_tok_s'] / h['decode_tok_s']:.2f} | {h['generate_best_s'] / o['generate_best_s']:.2f} | "
+            f"{o['peak_rss'] / h['peak_rss']:.2f} | {agree_s} | {res['loadavg_max']:.1f} |")
+    lines += [
+        "",
+        f"Memory bandwidth (numpy, {bw['buffer_bytes'] / GIB:.0f} GiB buffers, best of 5, measured before and after "
+        f"the runs: copy {' / '.join(f'{c / 1e9:.1f}' for c in bw['all_copy'])} GB/s; details of the better one, "
+        f"{bw['when']}): copy "
+        f"{bw['copy_1t'] / 1e9:.1f} GB/s (1 thread), {bw['copy_mt'] / 1e9:.1f} GB/s ({bw['threads']} threads), "
+        f"read+written bytes; read-only sum {bw['read_1t'] / 1e9:.1f} / {bw['read_mt'] / 1e9:.1f} GB/s. "
+        f"Roofline uses the copy figure, {bw['copy'] / 1e9:.1f} GB/s.",
+        "",
+        "| model | dtype | parameters | weight bytes / step | roofline decode tok/s (B=1) | "
+        "same, read-only bandwidth |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for (shape, dtype), rf in rooflines.items():
+        lines.append(f"| {shape} | {dtype} | {rf['params'] / 1e6:,.1f} M | {rf['bytes'] / 1e9:.3f} GB | "
+                     f"{rf['tok_s']:.1f} | {rf['tok_s_read']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--shapes", default="270m", help="comma-separated: 270m,1b (default 270m)")
+    p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--batches", default="1,8")
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=2, help="timed repeats per library (best is reported)")
+    p.add_argument("--prefill-reps", type=int, default=2, help="prefill timings inside each repeat")
+    p.add_argument("--step-loop", action="store_true",
+                   help="also time ours' bare jitted decode loop (cross-check of generate - prefill; slower)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workdir", default=None, help="keep checkpoints and logs here (reused); default: a temp dir")
+    p.add_argument("--output", default=None, help="also write the Markdown tables to this file")
+    p.add_argument("--json", default=None, help="dump the raw measurements to this file")
+    p.add_argument("--_worker", choices=["ours", "hf"], help=argparse.SUPPRESS)
+    p.add_argument("--_make-checkpoint", nargs=2, metavar=("SHAPE", "DIR"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args._worker:
+        return worker_main(args._worker)
+    if args._make_checkpoint:
+        return make_checkpoint(args._make_checkpoint[0], args._make_checkpoint[1], args.seed)
+
+    shapes = [s for s in args.shapes.split(",") if s]
+    dtypes = [d for d in args.dtypes.split(",") if d]
+    batches = [int(b) for b in args.batches.split(",") if b]
+    for s in shapes:
+        if s not in SHAPES:
+            p.error(f"unknown shape {s}; choose from {sorted(SHAPES)}")
+    for d in dtypes:
+        if d not in DTYPE_BYTES:
+            p.error(f"unknown dtype {d}; choose from {sorted(DTYPE_BYTES)}")
+    if args.new_tokens < 2 or args.repeats < 1:
+        p.error("need --new-tokens >= 2 and --repeats >= 1")
+
+    temp = args.workdir is None
+    workdir = tempfile.mkdtemp(prefix="gemma3-bench-") if temp else args.workdir
+    os.makedirs(workdir, exist_ok=True)
+    logdir = os.path.join(workdir, "logs")
+    os.makedirs(logdir, exist_ok=True)
+    t_start = time.perf_counter()
+    try:
+        # Bandwidth before and after the runs; the best of the two (a shared machine only ever lowers it).
+        bws = [measure_bandwidth("before")]
+        params, results = {}, []
+        for shape in shapes:
+            ckpt = ensure_checkpoint(shape, workdir, args.seed)
+            params[shape] = parameter_count(ckpt)
+            for dtype in dtypes:
+                for batch in batches:
+                    log(f"# {shape} {dtype} batch {batch}")
+                    results.append(summarize(run_config(ckpt, shape, dtype, batch, args, logdir), args))
+        bws.append(measure_bandwidth("after"))
+        bw = max(bws, key=lambda b: b["copy"])
+        bw["all_copy"] = [b["copy"] for b in bws]
+        rooflines = {}
+        for shape in shapes:
+            for dtype in dtypes:
+                nbytes = params[shape] * DTYPE_BYTES[dtype]
+                rooflines[(shape, dtype)] = {"params": params[shape], "bytes": nbytes, "tok_s": bw["copy"] / nbytes,
+                                             "tok_s_read": bw["read"] / nbytes}
+        text = tables(results, rooflines, bw, args)
+        print(text)
+        if args.output:
+            with open(args.output, "w") as f:
+                f.write(text)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"args": vars(args), "bandwidth": bws, "python": platform.python_version(),
+                           "rooflines": {f"{k[0]}/{k[1]}": v for k, v in rooflines.items()},
+                           "results": results}, f, indent=1)
+        log(f"# total {time.perf_counter() - t_start:.0f}s")
+    finally:
+        if temp:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
