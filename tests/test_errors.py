@@ -108,8 +108,9 @@ def wait_for_free_slots(lm_target, condition=lambda stats: True, seconds=15) -> 
         common_pb2.ContentPart(image=common_pb2.Image(embedding_key="gemma3:nowhere:0123"))])])),
      NOT_FOUND, "embedding gemma3:nowhere:0123 is not in the cache"),
 ], ids=["undecodable", "not-an-image-format", "zero-bytes", "decompression-bomb", "too-many-pixels", "too-many-images",
-        "placeholder-mismatch", "placeholder-in-text", "beyond-context", "prompt-fills-context", "nan-temperature", "negative-temperature",
-        "top-p-above-1", "infinite-top-p", "too-many-logprobs", "unknown-role", "no-prompt", "unknown-embedding-key"])
+        "placeholder-mismatch", "placeholder-in-text", "beyond-context", "prompt-fills-context", "nan-temperature",
+        "negative-temperature", "top-p-above-1", "infinite-top-p", "too-many-logprobs", "unknown-role", "no-prompt",
+        "unknown-embedding-key"])
 def test_bad_input_gets_its_status_and_a_readable_message(stack, request_, code, message):
     got_code, details = status_of(stack, request_)
     assert got_code == code, details
