@@ -2,6 +2,7 @@
 
     gemma3-client --image cat.png "What is in this image?"
     gemma3-client --json --max-new-tokens 64 "Tell me a joke"
+    GEMMA3_CLIENT_TOKEN=... gemma3-client --target gemma.example.com:443 --ca-cert ca.pem "Hello"
 """
 
 from __future__ import annotations
@@ -40,19 +41,37 @@ def build_request(prompt: str, images: Sequence[ImageLike] = (), system: str | N
                                        sampling=common_pb2.SamplingParams(**sampling), pan_and_scan=pan_and_scan)
 
 
-class Client:
-    """Blocking client: ``stream`` yields GenerateResponse chunks, ``complete`` returns the whole answer."""
+def _security(token: str | None, ca_cert: str | None, tls: bool, tls_server_name: str | None):
+    """(channel credentials or None for plaintext, channel options, call metadata)."""
+    from serving.security import channel_credentials
 
-    def __init__(self, target: str = "127.0.0.1:50051", timeout: float | None = 300.0):
-        self.channel = grpc.insecure_channel(target)
+    metadata = (("authorization", f"Bearer {token}"),) if token else None
+    if not (tls or ca_cert):
+        return None, [], metadata
+    options = [("grpc.ssl_target_name_override", tls_server_name)] if tls_server_name else []
+    return channel_credentials(ca_cert), options, metadata
+
+
+class Client:
+    """Blocking client: ``stream`` yields GenerateResponse chunks, ``complete`` returns the whole answer.
+
+    ``token``: a bearer token for a gateway that requires one; ``ca_cert`` (or ``tls=True`` for the
+    system's roots): TLS; ``tls_server_name``: the name the gateway's certificate carries, when the
+    target's host is another (a port-forward, an IP address)."""
+
+    def __init__(self, target: str = "127.0.0.1:50051", timeout: float | None = 300.0, *, token: str | None = None,
+                 ca_cert: str | None = None, tls: bool = False, tls_server_name: str | None = None):
+        credentials, options, self.metadata = _security(token, ca_cert, tls, tls_server_name)
+        self.channel = (grpc.secure_channel(target, credentials, options=options) if credentials
+                        else grpc.insecure_channel(target))
         self.stub = gateway_pb2_grpc.GatewayStub(self.channel)
         self.timeout = timeout
 
     def stream(self, request: gateway_pb2.GenerateRequest) -> Iterator[common_pb2.GenerateResponse]:
-        return self.stub.Generate(request, timeout=self.timeout)
+        return self.stub.Generate(request, timeout=self.timeout, metadata=self.metadata)
 
     def complete(self, request: gateway_pb2.GenerateRequest) -> common_pb2.GenerateResponse:
-        return self.stub.GenerateComplete(request, timeout=self.timeout)
+        return self.stub.GenerateComplete(request, timeout=self.timeout, metadata=self.metadata)
 
     def close(self) -> None:
         self.channel.close()
@@ -65,18 +84,21 @@ class Client:
 
 
 class AsyncClient:
-    """asyncio client with the same methods as :class:`Client`."""
+    """asyncio client with the same methods and options as :class:`Client`."""
 
-    def __init__(self, target: str = "127.0.0.1:50051", timeout: float | None = 300.0):
-        self.channel = grpc.aio.insecure_channel(target)
+    def __init__(self, target: str = "127.0.0.1:50051", timeout: float | None = 300.0, *, token: str | None = None,
+                 ca_cert: str | None = None, tls: bool = False, tls_server_name: str | None = None):
+        credentials, options, self.metadata = _security(token, ca_cert, tls, tls_server_name)
+        self.channel = (grpc.aio.secure_channel(target, credentials, options=options) if credentials
+                        else grpc.aio.insecure_channel(target))
         self.stub = gateway_pb2_grpc.GatewayStub(self.channel)
         self.timeout = timeout
 
     def stream(self, request: gateway_pb2.GenerateRequest) -> AsyncIterator[common_pb2.GenerateResponse]:
-        return self.stub.Generate(request, timeout=self.timeout)
+        return self.stub.Generate(request, timeout=self.timeout, metadata=self.metadata)
 
     async def complete(self, request: gateway_pb2.GenerateRequest) -> common_pb2.GenerateResponse:
-        return await self.stub.GenerateComplete(request, timeout=self.timeout)
+        return await self.stub.GenerateComplete(request, timeout=self.timeout, metadata=self.metadata)
 
     async def close(self) -> None:
         await self.channel.close()
@@ -96,6 +118,17 @@ def main(argv=None) -> int:
     p.add_argument("--system", help="a system prompt")
     p.add_argument("--target", default=os.environ.get("GEMMA3_GATEWAY_TARGET", "127.0.0.1:50051"),
                    help="gateway address [env GEMMA3_GATEWAY_TARGET]")
+    p.add_argument("--token", default=os.environ.get("GEMMA3_CLIENT_TOKEN"),
+                   help="bearer token for a gateway that requires one (the variable keeps it out of `ps`) "
+                   "[env GEMMA3_CLIENT_TOKEN]")
+    p.add_argument("--ca-cert", default=os.environ.get("GEMMA3_CLIENT_CA_CERT"),
+                   help="PEM CA that signed the gateway's certificate: connect with TLS [env GEMMA3_CLIENT_CA_CERT]")
+    p.add_argument("--tls", action=argparse.BooleanOptionalAction,
+                   default=os.environ.get("GEMMA3_CLIENT_TLS", "").lower() in ("1", "true", "yes", "on"),
+                   help="connect with TLS, trusting the system's roots [env GEMMA3_CLIENT_TLS]")
+    p.add_argument("--tls-server-name", default=os.environ.get("GEMMA3_CLIENT_TLS_SERVER_NAME"),
+                   help="name the gateway's certificate carries, if not the target's host "
+                   "[env GEMMA3_CLIENT_TLS_SERVER_NAME]")
     p.add_argument("--max-new-tokens", type=int, default=0)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-k", type=int, default=0)
@@ -115,7 +148,15 @@ def main(argv=None) -> int:
     except OSError as e:
         print(f"gemma3-client: cannot read image: {e}", file=sys.stderr)
         return 2
-    with Client(args.target, args.timeout) as client:
+    try:
+        client = Client(args.target, args.timeout, token=args.token, ca_cert=args.ca_cert, tls=args.tls,
+                        tls_server_name=args.tls_server_name)
+    except ValueError as e:
+        print(f"gemma3-client: {e}", file=sys.stderr)
+        return 2
+    if args.token and not (args.tls or args.ca_cert) and not _is_local(args.target):
+        print("gemma3-client: warning: sending the token without TLS (--ca-cert or --tls)", file=sys.stderr)
+    with client:
         try:
             if args.json:
                 reply = client.complete(request)
@@ -129,6 +170,13 @@ def main(argv=None) -> int:
             print(f"gemma3-client: {e.code().name}: {e.details()}", file=sys.stderr)
             return 1
     return 0
+
+
+def _is_local(target: str) -> bool:
+    from serving.security import is_loopback
+
+    host = target.split("///")[-1].rsplit(":", 1)[0]
+    return is_loopback(host)
 
 
 if __name__ == "__main__":

@@ -3,13 +3,15 @@
 The gateway keeps image bytes and embeddings off the LM worker's wire: it forwards the prompt with
 each image replaced by its embedding key (or inline embedding when the cache was down). Deadlines
 travel with every downstream call and a client that goes away cancels them. When the LM worker no
-longer finds an embedding (expired between the two calls), the gateway embeds the images again,
-once, and retries.
+longer finds an embedding (expired between the two calls) or is unavailable before the first token
+(it died, or could not reach Redis), the gateway embeds the images again and tries once more.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import hashlib
 import logging
 import time
 import uuid
@@ -37,10 +39,24 @@ PASS_THROUGH = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grp
 
 
 class Limits:
-    """Input limits the gateway enforces before any work is done."""
+    """Input limits the gateway enforces before any work is done (0 streams per client: no limit)."""
 
-    def __init__(self, max_images: int = 8, max_image_bytes: int = 20 << 20):
+    def __init__(self, max_images: int = 8, max_image_bytes: int = 20 << 20, max_streams_per_client: int = 64):
         self.max_images, self.max_image_bytes = max_images, max_image_bytes
+        self.max_streams_per_client = max_streams_per_client
+
+
+def client_of(context) -> str:
+    """Who a call comes from, for per-client limits: its bearer token (hashed, never kept in clear) when
+    it sends one, else its IP address (without the port, which changes per connection)."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization":
+            return "token:" + hashlib.sha256(value.encode()).hexdigest()[:16]
+    peer = context.peer() or ""
+    kind, _, address = peer.partition(":")
+    if kind in ("ipv4", "ipv6"):
+        return address.rsplit(":", 1)[0]
+    return peer
 
 
 def _images_of(request) -> list[common_pb2.Image]:
@@ -58,6 +74,7 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
         self.vision, self.lm = vision, lm
         self.limits = limits or Limits()
         self.timeout = downstream_timeout
+        self.open_streams: collections.Counter[str] = collections.Counter()
 
     def _remaining(self, context) -> float:
         left = context.time_remaining()
@@ -103,6 +120,14 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
 
     async def Generate(self, request, context):
         status = "OK"
+        client = client_of(context)
+        limit = self.limits.max_streams_per_client
+        if limit and self.open_streams[client] >= limit:
+            requests_counter.add(1, {"grpc.status": "RESOURCE_EXHAUSTED"})
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"this client already has {limit} calls open, the most it may have at once; "
+                                "wait for one to finish")
+        self.open_streams[client] += 1
         try:
             async for chunk in self._generate(request, context):
                 yield chunk
@@ -115,6 +140,9 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
             raise
         finally:
             requests_counter.add(1, {"grpc.status": status})
+            self.open_streams[client] -= 1
+            if not self.open_streams[client]:
+                del self.open_streams[client]
 
     async def _generate(self, request, context):
         started = time.monotonic()
@@ -147,9 +175,16 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
                 log.info("done", extra={"request_id": request_id, "seconds": time.monotonic() - started})
                 return
             except grpc.aio.AioRpcError as e:
-                if e.code() == grpc.StatusCode.NOT_FOUND and attempt == 0 and sent == 0 and any(
+                if attempt == 0 and sent == 0 and e.code() == grpc.StatusCode.NOT_FOUND and any(
                         i.WhichOneof("source") == "data" for i in images):
                     log.warning("embedding expired, embedding again", extra={"request_id": request_id})
+                    continue
+                if attempt == 0 and sent == 0 and e.code() == grpc.StatusCode.UNAVAILABLE:
+                    # Nothing reached the client yet, so one more try is invisible to it: round robin picks
+                    # another LM worker when this one died, and when it could not read Redis, the images
+                    # are embedded again (inline if Redis is down for the vision worker too).
+                    log.warning("LM worker unavailable, trying again", extra={"request_id": request_id,
+                                                                              "error": e.details()})
                     continue
                 await _relay_error(context, e, "LM worker")
             finally:

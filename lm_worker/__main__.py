@@ -10,7 +10,7 @@ import os
 import sys
 
 from serving.logs import configure_logging
-from serving.settings import env_flag, server_flags
+from serving.settings import check_worker_security, env_flag, server_flags, worker_security_flags
 
 SERVICE = "gemma3serve.v1.LMWorker"
 log = logging.getLogger("lm_worker")
@@ -28,15 +28,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     env_flag(p, "--max-queue", "GEMMA3_LM_MAX_QUEUE", 64, "requests waiting beyond the slots before "
              "RESOURCE_EXHAUSTED", type=int)
     env_flag(p, "--max-new-tokens", "GEMMA3_LM_MAX_NEW_TOKENS", 256, "default max_new_tokens", type=int)
+    env_flag(p, "--max-new-tokens-limit", "GEMMA3_LM_MAX_NEW_TOKENS_LIMIT", 0, "most max_new_tokens a request may "
+             "ask (0: what the context has left)", type=int)
+    env_flag(p, "--max-prompt-tokens", "GEMMA3_LM_MAX_PROMPT_TOKENS", 0, "most prompt tokens, image tokens included "
+             "(0: the context less one)", type=int)
     env_flag(p, "--max-top-logprobs", "GEMMA3_LM_MAX_TOP_LOGPROBS", 5, "most alternatives a request may ask "
              "logprobs for", type=int)
     env_flag(p, "--tensor-parallel", "GEMMA3_LM_TENSOR_PARALLEL", 1, "mesh tensor axis (the rest goes to data)",
              type=int)
     env_flag(p, "--fsdp", "GEMMA3_LM_FSDP", 1, "mesh fsdp axis", type=int)
     env_flag(p, "--redis-url", "REDIS_URL", "redis://127.0.0.1:6379/0", "Redis holding the image embeddings")
+    worker_security_flags(p, "GEMMA3_LM")
     args = p.parse_args(argv)
     if not args.model:
         p.error("--model (or GEMMA3_MODEL) is required")
+    check_worker_security(p, args, "GEMMA3_LM")
     return args
 
 
@@ -62,10 +68,14 @@ async def main_async(args) -> None:
     from lm_worker.prompts import PromptBuilder
     from lm_worker.service import LMWorkerService
     from serving.embedding_cache import EmbeddingCache
+    from serving.security import redact_url
     from serving.server import Server
 
-    server = Server([SERVICE], args.host, args.port, args.drain_seconds)
-    service = LMWorkerService(EmbeddingCache(args.redis_url), default_max_new_tokens=args.max_new_tokens)
+    server = Server([SERVICE], args.host, args.port, args.drain_seconds, credentials=args.server_credentials)
+    cache = EmbeddingCache(args.redis_url, secret=args.cache_secret, ssl_ca_certs=args.redis_ca_cert)
+    log.info("embedding cache", extra={"redis": redact_url(args.redis_url), "signed": args.cache_secret is not None})
+    service = LMWorkerService(cache, default_max_new_tokens=args.max_new_tokens,
+                              max_new_tokens_limit=args.max_new_tokens_limit, max_prompt_tokens=args.max_prompt_tokens)
     lm_worker_pb2_grpc.add_LMWorkerServicer_to_server(service, server.grpc)
 
     async def warm_up():

@@ -258,7 +258,10 @@ class Engine:
 
 
 def _sampling(r: Request):
-    return r.temperature, r.top_k, r.top_p, r.seed
+    """Typed for the jitted programs (a Python int past int32 would not convert): a top_k that large
+    filters nothing anyway, and a 64-bit seed folds into 32 bits (seeds under 2**32 stay as they are)."""
+    seed = (r.seed & 0xFFFFFFFF) ^ (r.seed >> 32 & 0xFFFFFFFF)
+    return np.float32(r.temperature), np.int32(min(r.top_k, 2**31 - 1)), np.float32(r.top_p), np.uint32(seed)
 
 
 def pick(logits, keys, temperature, top_k, top_p, n_top: int):

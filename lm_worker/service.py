@@ -22,7 +22,7 @@ from gemma3serve.v1 import common_pb2, lm_worker_pb2, lm_worker_pb2_grpc
 from lm_worker.detokenize import StopMatcher, StreamDecoder
 from lm_worker.engine import Engine, Finished, QueueFull, Request, Token
 from lm_worker.prompts import InvalidRequest
-from serving.embedding_cache import DTYPES, CacheUnavailable, EmbeddingCache, decode
+from serving.embedding_cache import DTYPES, CacheUnavailable, EmbeddingCache
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("lm_worker")
@@ -54,11 +54,16 @@ def check_sampling(s: common_pb2.SamplingParams, default_max_new_tokens: int) ->
 class LMWorkerService(lm_worker_pb2_grpc.LMWorkerServicer):
     """Registered before the server starts; answers UNAVAILABLE until ``attach`` gives it a warm engine."""
 
-    def __init__(self, cache: EmbeddingCache | None, *, default_max_new_tokens: int = 256):
+    def __init__(self, cache: EmbeddingCache | None, *, default_max_new_tokens: int = 256,
+                 max_new_tokens_limit: int = 0, max_prompt_tokens: int = 0):
+        """Limits of 0 leave only the context window (``--max-length``) as the bound."""
         self.engine: Engine | None = None
         self.prompts = None
         self.cache = cache
         self.default_max_new_tokens = default_max_new_tokens
+        if max_new_tokens_limit:
+            self.default_max_new_tokens = min(default_max_new_tokens, max_new_tokens_limit)
+        self.max_new_tokens_limit, self.max_prompt_tokens = max_new_tokens_limit, max_prompt_tokens
         self.stop_token_ids: frozenset[int] = frozenset()
 
     def attach(self, engine: Engine, prompts) -> None:
@@ -94,7 +99,7 @@ class LMWorkerService(lm_worker_pb2_grpc.LMWorkerServicer):
                                         f"inline embedding has dtype {t.dtype} and shape {list(t.shape)}; "
                                         f"expected (crops, {', '.join(map(str, width))})")
             else:
-                array = decode(values.get(image.key), expect_trailing_shape=width)
+                array = self.cache.decode(image.key, values.get(image.key), expect_trailing_shape=width)
                 if array is None:
                     await context.abort(grpc.StatusCode.NOT_FOUND,
                                         f"embedding {image.key} is not in the cache (expired, evicted or corrupt)")
@@ -116,7 +121,13 @@ class LMWorkerService(lm_worker_pb2_grpc.LMWorkerServicer):
         try:
             sampling = check_sampling(request.sampling, self.default_max_new_tokens)
             crops = [i.num_crops for i in request.images]
+            if self.max_new_tokens_limit and request.sampling.max_new_tokens > self.max_new_tokens_limit:
+                raise InvalidRequest(f"max_new_tokens is {request.sampling.max_new_tokens}, over this server's "
+                                     f"limit of {self.max_new_tokens_limit}")
             ids, token_types = self.prompts.build(request, crops)
+            if self.max_prompt_tokens and len(ids) > self.max_prompt_tokens:
+                raise InvalidRequest(f"the prompt has {len(ids)} tokens (images included), over this server's "
+                                     f"limit of {self.max_prompt_tokens}")
             if not request.sampling.max_new_tokens:  # unset: the default, or what the context has left
                 sampling["max_new_tokens"] = min(self.default_max_new_tokens, self.engine.max_length - len(ids))
                 if sampling["max_new_tokens"] < 1:

@@ -8,6 +8,7 @@ sending), in-flight calls get ``drain_seconds`` to finish, and the server stops.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import signal
 from collections.abc import Awaitable, Callable
@@ -30,20 +31,81 @@ SERVER_OPTIONS = [*CHANNEL_OPTIONS, ("grpc.max_connection_age_ms", 5 * 60_000),
                   ("grpc.max_connection_age_grace_ms", 10 * 60_000)]
 
 
+class _Malformed:
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+class RejectMalformed(grpc.aio.ServerInterceptor):
+    """Bytes that do not parse as the method's request message (broken protobuf, invalid UTF-8 in a
+    string field) get INVALID_ARGUMENT with the parser's reason; grpc alone would answer UNKNOWN."""
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or handler.request_streaming or handler.request_deserializer is None:
+            return handler
+        parse = handler.request_deserializer
+
+        def deserializer(data: bytes):
+            try:
+                return parse(data)
+            except Exception as e:  # noqa: BLE001 - whatever the parser raises, the caller sent it
+                return _Malformed(e)
+
+        async def refuse(request, context):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"the request is not a valid {details.method.rsplit('/', 1)[-1]} message: "
+                                f"{request.error}")
+
+        if handler.unary_unary is not None:
+            behaviour = handler.unary_unary
+
+            async def unary_unary(request, context):
+                if isinstance(request, _Malformed):
+                    await refuse(request, context)
+                return await behaviour(request, context)
+
+            return handler._replace(request_deserializer=deserializer, unary_unary=unary_unary)
+        behaviour = handler.unary_stream
+        if inspect.isasyncgenfunction(behaviour):
+            async def unary_stream(request, context):
+                if isinstance(request, _Malformed):
+                    await refuse(request, context)
+                async for response in behaviour(request, context):
+                    yield response
+        else:  # a coroutine that writes through context.write (health's Watch)
+            async def unary_stream(request, context):
+                if isinstance(request, _Malformed):
+                    await refuse(request, context)
+                return await behaviour(request, context)
+
+        return handler._replace(request_deserializer=deserializer, unary_stream=unary_stream)
+
+
 class Server:
     """A grpc.aio server with health, reflection and tracing; ``serve`` runs until a signal."""
 
-    def __init__(self, service_names: list[str], host: str, port: int, drain_seconds: float = 10.0):
+    def __init__(self, service_names: list[str], host: str, port: int, drain_seconds: float = 10.0,
+                 credentials: grpc.ServerCredentials | None = None, interceptors: list | tuple = (),
+                 max_request_bytes: int = MAX_MESSAGE_BYTES):
+        """``credentials``: TLS (None: plaintext); ``interceptors`` run inside tracing, so refused calls
+        are traced too."""
         configure_telemetry(service_names[0])
         self.service_names = service_names
         self.drain_seconds = drain_seconds
-        self.grpc = grpc.aio.server(interceptors=server_interceptors(), options=SERVER_OPTIONS)
+        self.tls = credentials is not None
+        options = [(k, v) for k, v in SERVER_OPTIONS if k != "grpc.max_receive_message_length"]
+        options.append(("grpc.max_receive_message_length", max_request_bytes))
+        self.grpc = grpc.aio.server(interceptors=[*server_interceptors(), RejectMalformed(), *interceptors],
+                                    options=options)
         self.health = health_async.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection(
             [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
             self.grpc)
-        self.port = self.grpc.add_insecure_port(f"{host}:{port}")
+        address = f"{host}:{port}"
+        self.port = (self.grpc.add_secure_port(address, credentials) if credentials is not None
+                     else self.grpc.add_insecure_port(address))
         if self.port == 0:
             raise OSError(f"cannot listen on {host}:{port}")
         self.stopping = asyncio.Event()
@@ -57,7 +119,7 @@ class Server:
                     on_stop: Callable[[], Awaitable[None]] | None = None) -> None:
         await self.set_serving(False)
         await self.grpc.start()
-        log.info("listening", extra={"port": self.port, "services": self.service_names})
+        log.info("listening", extra={"port": self.port, "services": self.service_names, "tls": self.tls})
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:

@@ -33,3 +33,41 @@ def server_flags(parser: argparse.ArgumentParser, prefix: str, port: int) -> Non
     env_flag(parser, "--log-level", f"{prefix}_LOG_LEVEL", "INFO", "log level")
     env_flag(parser, "--log-format", f"{prefix}_LOG_FORMAT", "json", "log format: json or text",
              choices=["json", "text"])
+
+
+def tls_flags(parser: argparse.ArgumentParser, prefix: str, client_ca: bool) -> None:
+    """The server's own certificate (TLS) and, for workers, the CA whose client certificates it accepts."""
+    env_flag(parser, "--tls-cert", f"{prefix}_TLS_CERT", None, "PEM certificate (chain) to serve TLS with")
+    env_flag(parser, "--tls-key", f"{prefix}_TLS_KEY", None, "PEM private key of --tls-cert")
+    if client_ca:
+        env_flag(parser, "--tls-client-ca", f"{prefix}_TLS_CLIENT_CA", None,
+                 "PEM CA: require clients (the gateway) to present a certificate it signed (mutual TLS)")
+
+
+def worker_security_flags(parser: argparse.ArgumentParser, prefix: str) -> None:
+    """A worker's TLS, the plaintext opt-in, and the embedding cache's Redis TLS and secret."""
+    tls_flags(parser, prefix, client_ca=True)
+    env_flag(parser, "--allow-insecure", f"{prefix}_ALLOW_INSECURE", False,
+             "serve plaintext on a non-loopback --host (only inside a private network)", type=bool)
+    env_flag(parser, "--redis-ca-cert", "REDIS_CA_CERT", None, "PEM CA that signed the Redis server's "
+             "certificate (rediss:// URLs; default: the system's roots)")
+    env_flag(parser, "--cache-secret-file", "GEMMA3_CACHE_SECRET_FILE", None,
+             "file with the secret that signs cache entries (HMAC-SHA256; the same on every worker; "
+             "or the secret itself in GEMMA3_CACHE_SECRET)")
+
+
+def check_worker_security(parser: argparse.ArgumentParser, args: argparse.Namespace, prefix: str) -> None:
+    """Load and check what ``worker_security_flags`` named (``parser.error`` on a problem): sets
+    ``args.server_credentials`` and ``args.cache_secret``."""
+    from serving.security import ConfigError, load_secret, plaintext_refusal, server_credentials
+
+    try:
+        args.server_credentials = server_credentials(args.tls_cert, args.tls_key, args.tls_client_ca)
+        args.cache_secret = load_secret(args.cache_secret_file, os.environ.get("GEMMA3_CACHE_SECRET"))
+    except ConfigError as e:
+        parser.error(str(e))
+    refusal = plaintext_refusal(args.host, args.server_credentials is not None, args.allow_insecure, prefix)
+    if refusal:
+        parser.error(refusal)
+    if args.redis_ca_cert and not args.redis_url.startswith("rediss://"):
+        parser.error("--redis-ca-cert (REDIS_CA_CERT) applies to TLS connections: use a rediss:// Redis URL")

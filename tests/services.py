@@ -66,12 +66,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_serving(target: str, service: str, proc: subprocess.Popen, timeout: float = 180) -> None:
+def _output(proc: subprocess.Popen, log: str | None) -> str:
+    if log:
+        with open(log) as f:
+            return f.read()
+    return proc.stdout.read()
+
+
+def wait_serving(target: str, service: str, proc: subprocess.Popen, timeout: float = 180,
+                 credentials: grpc.ChannelCredentials | None = None, log: str | None = None) -> None:
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(target) as channel:
+    channel = grpc.secure_channel(target, credentials) if credentials else grpc.insecure_channel(target)
+    with channel:
         health = health_pb2_grpc.HealthStub(channel)
         while True:
-            assert proc.poll() is None, f"{service} exited:\n{proc.stdout.read()}"
+            assert proc.poll() is None, f"{service} exited:\n{_output(proc, log)}"
             try:
                 reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=1)
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
@@ -83,27 +92,34 @@ def wait_serving(target: str, service: str, proc: subprocess.Popen, timeout: flo
 
 
 @contextlib.contextmanager
-def running(module: str, service: str, *args: str):
+def running(module: str, service: str, *args: str, credentials: grpc.ChannelCredentials | None = None,
+            env: dict | None = None, log: str | None = None):
     """Run ``python -m module --port P *args`` on one CPU device; yield (process, target); SIGTERM
-    at the end, which must drain and exit 0."""
+    at the end, which must drain and exit 0. ``credentials``: how to reach a TLS server's health;
+    ``env``: extra variables; ``log``: a file for its output (else a temporary one: a pipe nobody
+    reads fills up and blocks the service at its next log line)."""
     port = free_port()
     target = f"127.0.0.1:{port}"
     for path in (trace_file(target), metrics_file(target)):
         if os.path.exists(path):
             os.remove(path)
     env = {**os.environ, "XLA_FLAGS": "", "PYTHONPATH": ROOT, "GEMMA3_TRACE_FILE": trace_file(target),
-           "GEMMA3_METRICS_FILE": metrics_file(target), "OTEL_METRIC_EXPORT_INTERVAL": "1000"}
+           "GEMMA3_METRICS_FILE": metrics_file(target), "OTEL_METRIC_EXPORT_INTERVAL": "1000", **(env or {})}
+    if log is None:
+        log = os.path.join(tempfile.gettempdir(), f"gemma3-{module}-{port}.log")
+    out = open(log, "w")
     proc = subprocess.Popen([sys.executable, "-m", module, "--port", str(port), "--log-format", "text",
-                             "--drain-seconds", "2", *args], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                             "--drain-seconds", "2", *args], env=env, cwd=ROOT, stdout=out,
                             stderr=subprocess.STDOUT, text=True)
     try:
-        wait_serving(target, service, proc)
+        wait_serving(target, service, proc, credentials=credentials, log=log)
         yield proc, target
         proc.terminate()
-        assert proc.wait(30) == 0, proc.stdout.read()
+        assert proc.wait(30) == 0, _output(proc, log)
     finally:
         if proc.poll() is None:
             proc.kill()
+        out.close()
 
 
 def chat(text, images=0, system=None):

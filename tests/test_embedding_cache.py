@@ -70,3 +70,57 @@ def test_unreachable_redis_raises_cache_unavailable_quickly():
 
     with pytest.raises(CacheUnavailable):
         run(go())
+
+
+SECRET = b"0123456789abcdef0123456789abcdef"
+
+
+def _with_header(value: bytes, **changes) -> bytes:
+    """``value`` with header fields replaced (its length prefix fixed): what someone with write access
+    to Redis can do without the secret."""
+    import json
+    import struct
+
+    from serving.embedding_cache import MAGIC
+
+    (n,) = struct.unpack_from("<I", value, len(MAGIC))
+    start = len(MAGIC) + 4
+    header = {**json.loads(value[start:start + n]), **changes}
+    raw = json.dumps(header).encode()
+    return MAGIC + struct.pack("<I", len(raw)) + raw + value[start + n:]
+
+
+def test_signed_entries_verify_only_under_their_key_and_secret():
+    array = np.random.default_rng(1).standard_normal((2, 4, 8)).astype(np.float32)
+    signed = encode(array, "m:emb:1", SECRET)
+    assert np.array_equal(decode(signed, key="m:emb:1", secret=SECRET), array)
+    assert np.array_equal(decode(signed), array)  # a worker without a secret ignores the signature
+    assert decode(signed, key="m:emb:2", secret=SECRET) is None  # moved to another key
+    assert decode(signed, key="m:emb:1", secret=SECRET[::-1]) is None  # signed with another secret
+    assert decode(encode(array), key="m:emb:1", secret=SECRET) is None  # unsigned, though its SHA-256 is right
+    reshaped = _with_header(signed, shape=[4, 2, 8])  # same bytes, same SHA-256, another header
+    assert decode(reshaped) is not None and decode(reshaped, key="m:emb:1", secret=SECRET) is None
+    assert decode(_with_header(signed, hmac=None), key="m:emb:1", secret=SECRET) is None
+    assert decode(_with_header(signed, hmac=["x"]), key="m:emb:1", secret=SECRET) is None
+    with pytest.raises(ValueError):
+        encode(array, secret=SECRET)  # a signature binds a key
+
+
+def test_a_cache_with_a_secret_signs_what_it_puts_and_refuses_what_it_did_not_sign():
+    array = np.ones((1, 4, 8), np.float32)
+    key, foreign = f"test:{uuid.uuid4()}", f"test:{uuid.uuid4()}"
+
+    async def go():
+        signing = EmbeddingCache(REDIS_URL, ttl_seconds=60, secret=SECRET)
+        try:
+            await signing.put(key, array)
+            await signing.redis.set(foreign, encode(array), ex=60)  # written by someone without the secret
+            raw, unsigned = await signing.get_many([key, foreign])
+            out = signing.decode(key, raw), signing.decode(foreign, unsigned), decode(raw)
+            await signing.redis.delete(key, foreign)
+            return out
+        finally:
+            await signing.close()
+
+    mine, forged, unchecked = run(go())
+    assert np.array_equal(mine, array) and forged is None and np.array_equal(unchecked, array)

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 
 from serving.logs import configure_logging
-from serving.settings import env_flag, server_flags
+from serving.settings import check_worker_security, env_flag, server_flags, worker_security_flags
 
 SERVICE = "gemma3serve.v1.VisionWorker"
 log = logging.getLogger("vision_worker")
@@ -26,9 +26,13 @@ def parse_args(argv=None) -> argparse.Namespace:
              type=float)
     env_flag(p, "--redis-url", "REDIS_URL", "redis://127.0.0.1:6379/0", "Redis for the embedding cache")
     env_flag(p, "--cache-ttl", "GEMMA3_VISION_CACHE_TTL", 3600, "seconds an embedding stays cached", type=int)
+    worker_security_flags(p, "GEMMA3_VISION")
+    env_flag(p, "--max-image-pixels", "GEMMA3_VISION_MAX_IMAGE_PIXELS", 64_000_000,
+             "pixels per image (width x height, read from the header before decoding)", type=int)
     args = p.parse_args(argv)
     if not args.model:
         p.error("--model (or GEMMA3_MODEL) is required")
+    check_worker_security(p, args, "GEMMA3_VISION")
     return args
 
 
@@ -39,12 +43,15 @@ async def main_async(args) -> None:
     from gemma3.processing import Gemma3ImageProcessor
     from gemma3serve.v1 import vision_worker_pb2_grpc
     from serving.embedding_cache import EmbeddingCache
+    from serving.security import redact_url
     from serving.server import Server
     from vision_worker.service import Batcher, VisionWorkerService, namespace_for, weights_fingerprint
 
-    server = Server([SERVICE], args.host, args.port, args.drain_seconds)
-    service = VisionWorkerService(EmbeddingCache(args.redis_url, ttl_seconds=args.cache_ttl),
-                                  namespace_for(args.model))
+    server = Server([SERVICE], args.host, args.port, args.drain_seconds, credentials=args.server_credentials)
+    cache = EmbeddingCache(args.redis_url, ttl_seconds=args.cache_ttl, secret=args.cache_secret,
+                           ssl_ca_certs=args.redis_ca_cert)
+    log.info("embedding cache", extra={"redis": redact_url(args.redis_url), "signed": args.cache_secret is not None})
+    service = VisionWorkerService(cache, namespace_for(args.model), args.max_image_pixels)
     vision_worker_pb2_grpc.add_VisionWorkerServicer_to_server(service, server.grpc)
 
     async def warm_up():

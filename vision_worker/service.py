@@ -22,8 +22,9 @@ from flax import nnx
 from opentelemetry import metrics, trace
 
 from gemma3.checkpoint import Checkpoint
+from gemma3.processing import DEFAULT_MAX_PIXELS
 from gemma3serve.v1 import common_pb2, vision_worker_pb2, vision_worker_pb2_grpc
-from serving.embedding_cache import CacheUnavailable, EmbeddingCache, decode, embedding_key
+from serving.embedding_cache import CacheUnavailable, EmbeddingCache, embedding_key
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("vision_worker")
@@ -105,8 +106,8 @@ class Batcher:
 class VisionWorkerService(vision_worker_pb2_grpc.VisionWorkerServicer):
     """Registered before the server starts; answers UNAVAILABLE until ``attach``."""
 
-    def __init__(self, cache: EmbeddingCache, namespace: str):
-        self.cache, self.namespace = cache, namespace
+    def __init__(self, cache: EmbeddingCache, namespace: str, max_pixels: int = DEFAULT_MAX_PIXELS):
+        self.cache, self.namespace, self.max_pixels = cache, namespace, max_pixels
         self.processor = self.batcher = None
         self.fingerprint = ""
         self.shape: tuple[int, int] | None = None
@@ -129,7 +130,7 @@ class VisionWorkerService(vision_worker_pb2_grpc.VisionWorkerServicer):
             except CacheUnavailable as e:
                 log.warning("cache unreachable, embeddings go inline", extra={"error": str(e)})
                 values, cache_up = [None] * len(keys), False
-            found = [decode(v, expect_trailing_shape=self.shape) for v in values]
+            found = [self.cache.decode(k, v, expect_trailing_shape=self.shape) for k, v in zip(keys, values)]
             misses = [i for i, f in enumerate(found) if f is None]
             span.set_attribute("hits", len(keys) - len(misses))
             span.set_attribute("hit", not misses)
@@ -140,7 +141,7 @@ class VisionWorkerService(vision_worker_pb2_grpc.VisionWorkerServicer):
         for i in misses:  # one at a time, so an undecodable image is named
             try:
                 batch = await asyncio.to_thread(self.processor, [request.images[i]],
-                                                do_pan_and_scan=request.pan_and_scan)
+                                                do_pan_and_scan=request.pan_and_scan, max_pixels=self.max_pixels)
             except ValueError as e:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"image {i}: {e}")
             pixels.append(np.asarray(batch["pixel_values"], np.float32))
