@@ -7,7 +7,10 @@ import asyncio
 import json
 import logging
 import os
+import socket
 import sys
+
+from grpc_health.v1 import health_pb2
 
 from serving.logs import configure_logging
 from serving.settings import check_worker_security, env_flag, server_flags, worker_security_flags
@@ -38,16 +41,38 @@ def parse_args(argv=None) -> argparse.Namespace:
              type=int)
     env_flag(p, "--fsdp", "GEMMA3_LM_FSDP", 1, "mesh fsdp axis", type=int)
     env_flag(p, "--redis-url", "REDIS_URL", "redis://127.0.0.1:6379/0", "Redis holding the image embeddings")
+    env_flag(p, "--coordinator-address", "GEMMA3_LM_COORDINATOR_ADDRESS", None, "multi-host: host:port of "
+             "process 0's JAX coordinator (unset: one process)")
+    env_flag(p, "--num-processes", "GEMMA3_LM_NUM_PROCESSES", 1, "multi-host: processes in the group", type=int)
+    env_flag(p, "--process-id", "GEMMA3_LM_PROCESS_ID", -1, "multi-host: this process's id, 0 the leader (-1: "
+             "the ordinal at the end of the host name, as in a StatefulSet)", type=int)
+    env_flag(p, "--group-port", "GEMMA3_LM_GROUP_PORT", 0, "multi-host: the leader's port for its followers "
+             "(0: the coordinator's port + 1)", type=int)
+    env_flag(p, "--group-timeout", "GEMMA3_LM_GROUP_TIMEOUT", 5.0, "multi-host: seconds of silence after which a "
+             "process counts as gone", type=float)
     worker_security_flags(p, "GEMMA3_LM")
     args = p.parse_args(argv)
     if not args.model:
         p.error("--model (or GEMMA3_MODEL) is required")
+    if args.num_processes > 1:
+        if not args.coordinator_address:
+            p.error("--num-processes > 1 needs --coordinator-address")
+        if args.process_id < 0:
+            ordinal = socket.gethostname().rsplit("-", 1)[-1]
+            if not ordinal.isdigit():
+                p.error(f"--process-id is not set and the host name {socket.gethostname()!r} ends in no ordinal")
+            args.process_id = int(ordinal)
+        if not 0 <= args.process_id < args.num_processes:
+            p.error(f"--process-id {args.process_id} is not in [0, {args.num_processes})")
+        host, port = args.coordinator_address.rsplit(":", 1)
+        args.group_address = f"{host}:{args.group_port or int(port) + 1}"
     check_worker_security(p, args, "GEMMA3_LM")
     return args
 
 
 def load(args):
-    """The model (text-only or multimodal, by its config.json), on a mesh over every local device."""
+    """The model (text-only or multimodal, by its config.json) and its mesh over every device (each
+    process reads only the slices of the weights its own devices hold)."""
     import jax
     import jax.numpy as jnp
 
@@ -57,14 +82,54 @@ def load(args):
         multimodal = "vision_config" in json.load(f)
     cls = Gemma3ForConditionalGeneration if multimodal else Gemma3ForCausalLM
     mesh = None
-    if len(jax.devices()) > 1:
+    if len(jax.devices()) > 1:  # with several processes: every device of the group
         mesh = create_mesh(data=-1, fsdp=args.fsdp, tensor=args.tensor_parallel)
-    return cls.from_pretrained(args.model, dtype=getattr(jnp, args.dtype), mesh=mesh)
+    return cls.from_pretrained(args.model, dtype=getattr(jnp, args.dtype), mesh=mesh), mesh
+
+
+def follower(args) -> int:
+    """A follower process: the model's slice on this host's devices, running the leader's device calls."""
+    from lm_worker.engine import DeviceProgram
+    from lm_worker.group import follow
+
+    health = follower_health(args)
+    model, mesh = load(args)
+    program = DeviceProgram(model, args.num_slots, args.max_length, args.max_top_logprobs, mesh)
+    try:
+        follow(program, args.group_address, args.process_id,
+               on_connected=lambda: health.set(SERVICE, health_pb2.HealthCheckResponse.SERVING))
+    except (OSError, ValueError) as e:
+        log.error("lost the leader", extra={"error": str(e)})
+        return 1
+    return 0
+
+
+def follower_health(args):
+    """A follower serves only grpc.health.v1 (NOT_SERVING until it follows the leader), on the worker's
+    port, so that one pod template with the same probes fits every process of a group."""
+    from concurrent import futures
+
+    import grpc
+    from grpc_health.v1 import health, health_pb2_grpc
+
+    servicer = health.HealthServicer()
+    servicer.set(SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    address = f"{args.host}:{args.port}"
+    if args.server_credentials is not None:
+        server.add_secure_port(address, args.server_credentials)
+    else:
+        server.add_insecure_port(address)
+    server.start()
+    servicer.server = server  # kept alive with the servicer (a collected grpc.Server stops)
+    return servicer
 
 
 async def main_async(args) -> None:
     from gemma3serve.v1 import lm_worker_pb2_grpc
-    from lm_worker.engine import Engine, Request
+    from lm_worker.engine import DeviceProgram, Engine, Request
+    from lm_worker.group import GroupProgram, Leader
     from lm_worker.prompts import PromptBuilder
     from lm_worker.service import LMWorkerService
     from serving.embedding_cache import EmbeddingCache
@@ -78,19 +143,39 @@ async def main_async(args) -> None:
                               max_new_tokens_limit=args.max_new_tokens_limit, max_prompt_tokens=args.max_prompt_tokens)
     lm_worker_pb2_grpc.add_LMWorkerServicer_to_server(service, server.grpc)
 
+    leader = None
+
     async def warm_up():
-        model = await asyncio.to_thread(load, args)
+        nonlocal leader
+        model, mesh = await asyncio.to_thread(load, args)
         prompts = PromptBuilder.from_pretrained(args.model, model.config)
+        program = DeviceProgram(model, args.num_slots, args.max_length, args.max_top_logprobs, mesh)
+        if args.num_processes > 1:
+            host, port = args.group_address.rsplit(":", 1)
+            leader = Leader(host, int(port), args.num_processes - 1, timeout=args.group_timeout)
+            await asyncio.to_thread(leader.accept)
+            program = GroupProgram(program, leader)
         engine = Engine(model, num_slots=args.num_slots, max_length=args.max_length, max_queue=args.max_queue,
-                        max_top_logprobs=args.max_top_logprobs).start()
+                        max_top_logprobs=args.max_top_logprobs, program=program)
+        if leader is not None:
+            loop = asyncio.get_running_loop()
+
+            def on_failure(reason: str) -> None:  # from a watcher thread
+                engine.fail_all(reason)
+                loop.call_soon_threadsafe(lambda: asyncio.ensure_future(server.set_serving(False)))
+
+            leader.on_failure = on_failure
+        engine.start()
         probe = engine.submit(Request(prompt_ids=[prompts.bos_id], max_new_tokens=2))  # compiles the hot path
         await asyncio.to_thread(lambda: list(probe.stream()))
         service.attach(engine, prompts)
         log.info("model ready", extra={"model": args.model, "slots": args.num_slots})
 
     async def on_stop():
-        if service.engine is not None:
+        if service.engine is not None and not service.engine.broken:
             service.engine.stop()
+        if leader is not None:
+            leader.close()
         await service.cache.close()
 
     await server.serve(warm_up, on_stop)
@@ -99,7 +184,18 @@ async def main_async(args) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     configure_logging("lm-worker", args.log_level, args.log_format)
+    if args.num_processes > 1:
+        from lm_worker.group import initialize
+
+        initialize(args.coordinator_address, args.num_processes, args.process_id)
+        if args.process_id != 0:
+            code = follower(args)
+            logging.shutdown()
+            os._exit(code)  # not jax.distributed's exit barrier: the group may already be gone
     asyncio.run(main_async(args))
+    if args.num_processes > 1:
+        logging.shutdown()
+        os._exit(0)
     return 0
 
 

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from gemma3.generation import sample_tokens, step_keys
 
@@ -31,6 +32,10 @@ log = logging.getLogger(__name__)
 
 class QueueFull(Exception):
     """The admission queue is at capacity (the gRPC layer answers RESOURCE_EXHAUSTED)."""
+
+
+class EngineBroken(Exception):
+    """The engine can no longer serve (a multi-host group lost a process): UNAVAILABLE."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +47,7 @@ class Token:
 
 @dataclasses.dataclass(frozen=True)
 class Finished:
-    reason: str  # "stop", "length", "cancelled", "deadline", "error"
+    reason: str  # "stop", "length", "cancelled", "deadline", "error", "unavailable"
     detail: str = ""
 
 
@@ -111,14 +116,17 @@ class Engine:
     """Owns a causal-LM model (text or multimodal) and serves Requests with continuous batching."""
 
     def __init__(self, model, *, num_slots: int = 8, max_length: int = 1024, max_queue: int = 64,
-                 prefill_buckets: tuple[int, ...] | None = None, max_top_logprobs: int = 5):
+                 prefill_buckets: tuple[int, ...] | None = None, max_top_logprobs: int = 5, mesh=None,
+                 program: DeviceProgram | None = None):
+        """``mesh``: the model's mesh (its cache is sharded to match); ``program``: the device side to
+        drive, by default a DeviceProgram of ``model`` (a multi-host leader passes one that also sends
+        each call to its followers)."""
         self.model, self.num_slots, self.max_length, self.max_queue = model, num_slots, max_length, max_queue
         self.max_top_logprobs = max_top_logprobs
         self.buckets = prefill_buckets or buckets_for(max_length)
-        self.graphdef, self.state = nnx.split(model)
-        self._prefill, self._insert, self._decode = _compile(self.graphdef, max_length, max_top_logprobs)
-        self.cache = model.init_cache(num_slots, max_length)
+        self.device = program or DeviceProgram(model, num_slots, max_length, max_top_logprobs, mesh)
         self.tokens = np.zeros(num_slots, np.int32)
+        self.broken: str | None = None  # why the engine can no longer serve (a multi-host group lost a process)
         self.slots: list[_Slot | None] = [None] * num_slots
         self._pending: queue.Queue[Request] = queue.Queue(maxsize=max_queue)
         self.finished: collections.Counter[str] = collections.Counter()  # requests ended, by reason
@@ -128,6 +136,8 @@ class Engine:
 
     # ----------------------------------------------------------------- API (any thread)
     def submit(self, request: Request) -> Request:
+        if self.broken:
+            raise EngineBroken(self.broken)
         n = len(request.prompt_ids)
         if n == 0:
             raise ValueError("the prompt is empty")
@@ -163,8 +173,22 @@ class Engine:
         return self._pending.qsize()
 
     # ----------------------------------------------------------------- engine thread
+    def fail_all(self, reason: str) -> None:
+        """From any thread: refuse new requests and end every waiting and running one as "unavailable"
+        (the engine thread may be stuck in a collective with a dead process, so it is not asked)."""
+        self.broken = reason
+        while True:
+            try:
+                self._pending.get_nowait().put(Finished("unavailable", reason))
+            except queue.Empty:
+                break
+        for slot in list(self.slots):
+            if slot is not None:
+                slot.request.put(Finished("unavailable", reason))
+        self._wake.set()
+
     def _run(self) -> None:
-        while not self._stop.is_set():
+        while not self._stop.is_set() and not self.broken:
             self._admit()
             if any(s is not None for s in self.slots):
                 self._step()
@@ -172,7 +196,7 @@ class Engine:
                 self._wake.wait(timeout=0.1)
                 self._wake.clear()
         for i, slot in enumerate(self.slots):
-            if slot is not None:
+            if slot is not None and not self.broken:
                 self._finish(i, Finished("cancelled", "the engine is shutting down"))
 
     def _admit(self) -> None:
@@ -191,6 +215,9 @@ class Engine:
             try:
                 self._prefill_into(self.slots.index(None), request)
             except Exception as e:  # a bad request must not take the engine down
+                if self.broken:
+                    request.put(Finished("unavailable", self.broken))
+                    return
                 log.exception("prefill failed for request %s", request.id)
                 self.finished["error"] += 1
                 request.put(Finished("error", str(e)))
@@ -202,29 +229,27 @@ class Engine:
         bucket = next(b for b in self.buckets if b >= n)
         ids = np.zeros((1, bucket), np.int32)
         ids[0, :n] = request.prompt_ids
-        extra = {k: jnp.asarray(v)[None] if k == "token_type_ids" else jnp.asarray(v)
+        extra = {k: np.asarray(v, np.float32 if k == "image_features" else np.int32)
                  for k, v in request.prefill_inputs.items()}
         if "token_type_ids" in extra:
-            extra["token_type_ids"] = jnp.pad(extra["token_type_ids"], ((0, 0), (0, bucket - n)))
-        picked, row = self._prefill(self.state, jnp.asarray(ids), jnp.int32(n), extra, *_sampling(request))
-        self.cache = self._insert(self.cache, row, jnp.int32(slot))
+            extra["token_type_ids"] = np.pad(extra["token_type_ids"][None], ((0, 0), (0, bucket - n)))
+        picked = self.device.prefill(np.int32(slot), ids, np.int32(n), extra, *_sampling(request))
         self.slots[slot] = _Slot(request)
-        self._emit(slot, *(np.asarray(x)[0] for x in picked))
+        self._emit(slot, *(x[0] for x in picked))
 
     def _step(self) -> None:
         active = np.array([s is not None for s in self.slots])
         params = [_sampling(s.request) if s else (0.0, 0, 1.0, 0) for s in self.slots]
-        temperature, top_k, top_p, seed = (np.array(col) for col in zip(*params))
+        temperature, top_k, top_p, seed = (np.array(col, dtype) for col, dtype in
+                                           zip(zip(*params), (np.float32, np.int32, np.float32, np.uint32)))
         steps = np.array([s.generated if s else 0 for s in self.slots], np.int32)
         try:
-            picked, self.cache = self._decode(self.state, jnp.asarray(self.tokens), self.cache, jnp.asarray(active),
-                                              jnp.asarray(seed, jnp.uint32), jnp.asarray(steps),
-                                              jnp.asarray(temperature, jnp.float32), jnp.asarray(top_k, jnp.int32),
-                                              jnp.asarray(top_p, jnp.float32))
-            picked = [np.asarray(x) for x in picked]  # the step's one host transfer
+            picked = self.device.decode(self.tokens.copy(), active, seed, steps, temperature, top_k, top_p)
         except Exception as e:
+            if self.broken:
+                return
             log.exception("decode step failed; failing the active requests")
-            self.cache = self.model.init_cache(self.num_slots, self.max_length)
+            self.device.reset()
             for i, slot in enumerate(self.slots):
                 if slot is not None:
                     self._finish(i, Finished("error", f"decode failed: {e}"))
@@ -257,6 +282,34 @@ class Engine:
         self.slots[slot] = None
 
 
+class DeviceProgram:
+    """The engine's device side: the weights, the batched KV cache and the jitted programs. Every call
+    takes host (NumPy) values only and returns host values, so a multi-host group runs the very same
+    calls on every process, in lockstep (lm_worker.group sends the leader's calls to its followers)."""
+
+    def __init__(self, model, num_slots: int, max_length: int, max_top_logprobs: int, mesh=None):
+        graphdef, self.state = nnx.split(model)
+        self._prefill, self._insert, self._decode, self._init = _compile(graphdef, num_slots, max_length,
+                                                                         max_top_logprobs, mesh)
+        self.cache = self._init(self.state)
+
+    def prefill(self, slot, ids, length, extra, temperature, top_k, top_p, seed) -> list[np.ndarray]:
+        """Prefill one request (ids: (1, bucket)) into decode slot ``slot``; its first token's picks."""
+        picked, row = self._prefill(self.state, ids, length, extra, temperature, top_k, top_p, seed)
+        self.cache = self._insert(self.cache, row, slot)
+        return [np.asarray(x) for x in picked]
+
+    def decode(self, tokens, active, seeds, steps, temperature, top_k, top_p) -> list[np.ndarray]:
+        """One step of every slot; the picks come back in the step's one host transfer."""
+        picked, self.cache = self._decode(self.state, tokens, self.cache, active, seeds, steps, temperature,
+                                          top_k, top_p)
+        return [np.asarray(x) for x in picked]
+
+    def reset(self) -> None:
+        """A fresh cache (after a failed step, whose cache was donated)."""
+        self.cache = self._init(self.state)
+
+
 def _sampling(r: Request):
     """Typed for the jitted programs (a Python int past int32 would not convert): a top_k that large
     filters nothing anyway, and a 64-bit seed folds into 32 bits (seeds under 2**32 stay as they are)."""
@@ -274,8 +327,15 @@ def pick(logits, keys, temperature, top_k, top_p, n_top: int):
 
 
 @functools.lru_cache(maxsize=8)
-def _compile(graphdef, max_length: int, n_top: int):
-    """Jitted prefill (one request, bucketed), slot insertion and batched decode (cache donated)."""
+def _compile(graphdef, num_slots: int, max_length: int, n_top: int, mesh=None):
+    """Jitted prefill (one request, bucketed), slot insertion, batched decode (cache donated) and cache
+    creation. With a mesh the cache is sharded by its rules and the picks are replicated, so every
+    process of a multi-host group can read them."""
+    replicated = (lambda tree: tree) if mesh is None else (
+        lambda tree: jax.lax.with_sharding_constraint(tree, NamedSharding(mesh, PartitionSpec())))
+
+    def init(state):
+        return nnx.merge(graphdef, state).init_cache(num_slots, max_length)
 
     def prefill(state, ids, length, extra, temperature, top_k, top_p, seed):
         model = nnx.merge(graphdef, state)
@@ -287,7 +347,7 @@ def _compile(graphdef, max_length: int, n_top: int):
         seeds = jnp.asarray(seed, jnp.uint32)[None]
         picked = pick(logits, step_keys(seeds, jnp.int32(0)), jnp.asarray(temperature, jnp.float32)[None],
                       jnp.asarray(top_k, jnp.int32)[None], jnp.asarray(top_p, jnp.float32)[None], n_top)
-        return picked, out.past_key_values
+        return replicated(picked), out.past_key_values
 
     def insert(cache, row, slot):
         return jax.tree.map(lambda big, small: jax.lax.dynamic_update_slice_in_dim(big, small, slot, axis=0),
@@ -297,6 +357,23 @@ def _compile(graphdef, max_length: int, n_top: int):
         model = nnx.merge(graphdef, state)
         out = model.model(input_ids=tokens[:, None], attention_mask=active[:, None], past_key_values=cache)
         logits = model.apply_lm_head(out.last_hidden_state[:, 0])
-        return pick(logits, step_keys(seeds, steps), temperature, top_k, top_p, n_top), out.past_key_values
+        return replicated(pick(logits, step_keys(seeds, steps), temperature, top_k, top_p, n_top)), out.past_key_values
 
-    return jax.jit(prefill), jax.jit(insert, donate_argnums=(0,)), jax.jit(decode, donate_argnums=(2,))
+    return (jax.jit(prefill), jax.jit(insert, donate_argnums=(0,)), jax.jit(decode, donate_argnums=(2,)),
+            _sharded_init(init, mesh))
+
+
+def _sharded_init(init, mesh):
+    """``init`` jitted; with a mesh, its cache comes out laid out by the cache rules."""
+    if mesh is None:
+        return jax.jit(init)
+    from gemma3.sharding import cache_sharding
+
+    compiled = {}
+
+    def run(state):
+        if "f" not in compiled:
+            compiled["f"] = jax.jit(init, out_shardings=cache_sharding(jax.eval_shape(init, state), mesh))
+        return compiled["f"](state)
+
+    return run

@@ -20,7 +20,7 @@ from opentelemetry import metrics, trace
 
 from gemma3serve.v1 import common_pb2, lm_worker_pb2, lm_worker_pb2_grpc
 from lm_worker.detokenize import StopMatcher, StreamDecoder
-from lm_worker.engine import Engine, Finished, QueueFull, Request, Token
+from lm_worker.engine import Engine, EngineBroken, Finished, QueueFull, Request, Token
 from lm_worker.prompts import InvalidRequest
 from serving.embedding_cache import DTYPES, CacheUnavailable, EmbeddingCache
 
@@ -160,6 +160,9 @@ class LMWorkerService(lm_worker_pb2_grpc.LMWorkerServicer):
         except QueueFull as e:
             phase.end()
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        except EngineBroken as e:
+            phase.end()
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"this LM worker cannot serve: {e}")
         except ValueError as e:
             phase.end()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
@@ -203,6 +206,8 @@ class LMWorkerService(lm_worker_pb2_grpc.LMWorkerServicer):
                         await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed while generating")
                     if finished.reason == "cancelled":
                         await context.abort(grpc.StatusCode.CANCELLED, finished.detail or "cancelled")
+                    if finished.reason == "unavailable":
+                        await context.abort(grpc.StatusCode.UNAVAILABLE, finished.detail)
                     await context.abort(grpc.StatusCode.INTERNAL, f"generation failed: {finished.detail}")
                 chunk = common_pb2.GenerateResponse(request_id=request_id, text=delta, token_ids=token_ids,
                                                     logprobs=logprobs)

@@ -93,11 +93,12 @@ def wait_serving(target: str, service: str, proc: subprocess.Popen, timeout: flo
 
 @contextlib.contextmanager
 def running(module: str, service: str, *args: str, credentials: grpc.ChannelCredentials | None = None,
-            env: dict | None = None, log: str | None = None):
+            env: dict | None = None, log: str | None = None, expect_exit_code: int | None = 0):
     """Run ``python -m module --port P *args`` on one CPU device; yield (process, target); SIGTERM
     at the end, which must drain and exit 0. ``credentials``: how to reach a TLS server's health;
-    ``env``: extra variables; ``log``: a file for its output (else a temporary one: a pipe nobody
-    reads fills up and blocks the service at its next log line)."""
+    ``env``: extra variables; ``expect_exit_code``: None when a test leaves it broken; ``log``: a file
+    for its output (else a temporary one: a pipe nobody reads fills up and blocks the service at its
+    next log line)."""
     port = free_port()
     target = f"127.0.0.1:{port}"
     for path in (trace_file(target), metrics_file(target)):
@@ -115,7 +116,10 @@ def running(module: str, service: str, *args: str, credentials: grpc.ChannelCred
         wait_serving(target, service, proc, credentials=credentials, log=log)
         yield proc, target
         proc.terminate()
-        assert proc.wait(30) == 0, _output(proc, log)
+        if expect_exit_code is None:  # whatever it exits with, it must exit
+            proc.wait(30)
+        else:
+            assert proc.wait(30) == expect_exit_code, _output(proc, log)
     finally:
         if proc.poll() is None:
             proc.kill()

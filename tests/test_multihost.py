@@ -1,0 +1,123 @@
+"""A multi-host LM worker on loopback: 2 JAX processes of 4 CPU devices each (gloo collectives) hold
+one model on one 8-device mesh (data across the processes, tensor within each). Through a gateway,
+its greedy answers equal the library's own generate() on one process; a follower killed mid-stream
+ends the streams with UNAVAILABLE within seconds and the leader's health with NOT_SERVING."""
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from gemma3serve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, lm_worker_pb2
+from tests import make_checkpoints as mk
+from tests import services
+from tests.services import chat, expected_answers
+
+FOUR_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+
+
+@pytest.fixture(scope="module")
+def group(served_checkpoint, tmp_path_factory):
+    """(leader target, follower process, gateway target)."""
+    coordinator = f"127.0.0.1:{services.free_port()}"
+    group_port = services.free_port()
+    common = ["--model", served_checkpoint, "--dtype", "float32", "--num-slots", "4", "--max-length", "256",
+              "--tensor-parallel", "4", "--coordinator-address", coordinator, "--num-processes", "2",
+              "--group-port", str(group_port), "--redis-url", services.REDIS_URL]
+    log = tmp_path_factory.mktemp("multihost") / "follower.log"
+    follower_port = services.free_port()
+    with open(log, "w") as out:
+        follower = subprocess.Popen([sys.executable, "-m", "lm_worker", "--log-format", "text", "--process-id", "1",
+                                     "--port", str(follower_port), *common],
+                                    env={**os.environ, **FOUR_DEVICES, "PYTHONPATH": services.ROOT},
+                                    cwd=services.ROOT, stdout=out, stderr=subprocess.STDOUT)
+    follower.target = f"127.0.0.1:{follower_port}"
+    try:
+        with services.running("lm_worker", "gemma3serve.v1.LMWorker", "--process-id", "0", *common,
+                              env=FOUR_DEVICES, expect_exit_code=None) as (_, leader), \
+                services.running("gateway", "gemma3serve.v1.Gateway", "--lm-target", leader) as (_, gateway):
+            yield leader, follower, gateway, log
+    finally:
+        if follower.poll() is None:
+            follower.kill()
+        follower.wait()
+
+
+def _complete(target, request):
+    with grpc.insecure_channel(target) as channel:
+        return gateway_pb2_grpc.GatewayStub(channel).GenerateComplete(request, timeout=120)
+
+
+def _lm_request(request):
+    n = sum(p.WhichOneof("part") == "image" for t in request.chat.turns for p in t.parts)
+    return lm_worker_pb2.LMGenerateRequest(chat=request.chat, sampling=request.sampling,
+                                           images=[lm_worker_pb2.ImageInput()] * n)
+
+
+def test_two_processes_answer_exactly_as_one(group, reference):
+    _, follower, gateway, log = group
+    model, _ = reference
+    features = np.asarray(model.get_image_features(jnp.asarray(mk.random_pixels(1, seed=21))))
+    key = f"test:{uuid.uuid4()}"
+    services.cache_put(key, features)
+    words = "what colour shape where circle square triangle left right top bottom red blue green".split()
+    requests = []
+    for i in range(8):
+        conversation = chat(" ".join(words[: 2 + i % 11]) + "?", images=i % 3 == 0)
+        if i % 3 == 0:
+            conversation.turns[0].parts[0].image.embedding_key = key
+        requests.append(gateway_pb2.GenerateRequest(chat=conversation, sampling=common_pb2.SamplingParams(
+            max_new_tokens=4 + i % 5)))
+    with ThreadPoolExecutor(8) as pool:  # more requests than slots: continuous batching across the group
+        answers = list(pool.map(lambda r: _complete(gateway, r), requests))
+    lm_requests = [_lm_request(r) for r in requests]
+    expected = expected_answers(reference, lm_requests, [features if len(r.images) else None for r in lm_requests])
+    assert [list(a.token_ids) for a in answers] == [want for _, want in expected]
+    assert follower.poll() is None, log.read_text()
+    assert _health(follower.target) == health_pb2.HealthCheckResponse.SERVING  # the follower's probes pass
+
+
+def _health(target) -> int:
+    with grpc.insecure_channel(target) as channel:
+        return health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service="gemma3serve.v1.LMWorker"), timeout=5).status
+
+
+def test_a_follower_killed_mid_stream_ends_the_streams_and_takes_the_leader_out(group):
+    leader, follower, gateway, _ = group
+    assert _health(leader) == health_pb2.HealthCheckResponse.SERVING
+    request = gateway_pb2.GenerateRequest(chat=chat("Tell me a long story"), sampling=common_pb2.SamplingParams(
+        max_new_tokens=200, temperature=1.0, seed=7))
+    outcomes, killed_at = [], None
+    with grpc.insecure_channel(gateway) as channel:
+        stub = gateway_pb2_grpc.GatewayStub(channel)
+        calls = [stub.Generate(request, timeout=120) for _ in range(4)]
+        next(calls[0])  # the group is decoding
+        follower.kill()
+        killed_at = time.monotonic()
+        for call in calls:
+            try:
+                for _ in call:
+                    pass
+                outcomes.append(("OK", time.monotonic()))
+            except grpc.RpcError as e:
+                outcomes.append((e.code().name, time.monotonic(), e.details()))
+    assert all(o[1] - killed_at < 15 for o in outcomes), outcomes  # nothing hangs
+    assert any(o[0] == "UNAVAILABLE" for o in outcomes), outcomes
+    assert {o[0] for o in outcomes} <= {"OK", "UNAVAILABLE"}, outcomes
+    deadline = time.monotonic() + 10
+    while _health(leader) != health_pb2.HealthCheckResponse.NOT_SERVING:
+        assert time.monotonic() < deadline, "the leader still reports SERVING"
+        time.sleep(0.2)
+    with pytest.raises(grpc.RpcError) as e:
+        _complete(gateway, gateway_pb2.GenerateRequest(chat=chat("Anyone there?")))
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "group" in e.value.details()
