@@ -9,6 +9,7 @@ reader stages every tensor on one device, hence the small reader here; writing u
 from __future__ import annotations
 
 import json
+import logging
 import os
 import struct
 from collections.abc import Callable
@@ -25,6 +26,8 @@ _DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
 }
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(ValueError):
@@ -134,9 +137,12 @@ def _hf_name(path: tuple) -> tuple[str, bool]:
     return ".".join(head + [leaf]), False
 
 
-def _reader(array: np.ndarray, transposed: bool, dtype) -> Callable:
+def _reader(array: np.ndarray, transposed: bool, dtype, seen: dict | None = None) -> Callable:
+    """Reads one device's slice; ``seen`` collects the distinct slices' byte counts (from the file)."""
     def read(index):
         part = array.T[index] if transposed else array[index]
+        if seen is not None:
+            seen[(id(array), str(index))] = part.nbytes
         return np.ascontiguousarray(part).astype(dtype)
 
     return read
@@ -190,16 +196,22 @@ def load_pretrained(cls, path, dtype=np.float32, mesh: Mesh | None = None, progr
 
         bar = tqdm(total=ckpt.nbytes, unit="B", unit_scale=True, desc=f"loading {os.path.basename(path)}")
     device = SingleDeviceSharding(jax.devices()[0])
+    seen: dict = {}
+    total = 0
     for name, (p, v) in params.items():
         key = available[name]
         source = ckpt.where[key].array(key)
+        total += source.nbytes
         shape = tuple(v.get_value().shape)
         sharding = parameter_sharding(".".join(map(str, p)), shape, mesh) if mesh is not None else device
-        v.set_value(jax.make_array_from_callback(shape, sharding, _reader(source, _hf_name(p)[1], dtype)))
+        v.set_value(jax.make_array_from_callback(shape, sharding, _reader(source, _hf_name(p)[1], dtype, seen)))
         if bar is not None:
             bar.update(source.nbytes)
     if bar is not None:
         bar.close()
+    # make_array_from_callback asks only for this process's devices' slices: in a multi-host group each
+    # process reads its part of the file, not all of it.
+    log.info("weights read", extra={"checkpoint": path, "bytes_read": sum(seen.values()), "tensor_bytes": total})
     return nnx.merge(graphdef, state)
 
 

@@ -55,14 +55,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not args.model:
         p.error("--model (or GEMMA3_MODEL) is required")
     if args.num_processes > 1:
-        if not args.coordinator_address:
-            p.error("--num-processes > 1 needs --coordinator-address")
-        if args.process_id < 0:
-            ordinal = socket.gethostname().rsplit("-", 1)[-1]
-            if not ordinal.isdigit():
-                p.error(f"--process-id is not set and the host name {socket.gethostname()!r} ends in no ordinal")
-            args.process_id = int(ordinal)
-        if not 0 <= args.process_id < args.num_processes:
+        if not args.coordinator_address or ":" not in args.coordinator_address:
+            p.error("--num-processes > 1 needs --coordinator-address host:port")
+        if args.process_id >= args.num_processes:
             p.error(f"--process-id {args.process_id} is not in [0, {args.num_processes})")
         host, port = args.coordinator_address.rsplit(":", 1)
         args.group_address = f"{host}:{args.group_port or int(port) + 1}"
@@ -187,6 +182,13 @@ def main(argv=None) -> int:
     if args.num_processes > 1:
         from lm_worker.group import initialize
 
+        if args.process_id < 0:  # a StatefulSet's pod: lm-worker-3 is process 3
+            ordinal = socket.gethostname().rsplit("-", 1)[-1]
+            if not ordinal.isdigit() or int(ordinal) >= args.num_processes:
+                print(f"gemma3-lm-worker: error: --process-id is not set and the host name {socket.gethostname()!r} "
+                      f"does not end in an ordinal below {args.num_processes}", file=sys.stderr)
+                return 2
+            args.process_id = int(ordinal)
         initialize(args.coordinator_address, args.num_processes, args.process_id)
         if args.process_id != 0:
             code = follower(args)

@@ -45,7 +45,10 @@ K8S = ROOT / "deploy" / "k8s"
 OVERLAYS = sorted(p.parent.name for p in (K8S / "overlays").glob("*/kustomization.yaml"))
 RENDERINGS = ["base", *OVERLAYS]
 # overlay -> the image tag, which is the Dockerfile's VARIANT build argument (the base is the CPU image)
-VARIANT = {"base": "cpu", "cpu": "cpu", "gpu": "cuda", "tpu": "tpu"}
+VARIANT = {"base": "cpu", "cpu": "cpu", "gpu": "cuda", "multihost": "cuda", "tpu": "tpu"}
+# The one object an overlay may add: the multi-host LM worker group's own headless Service.
+GROUP_SERVICE = "lm-worker-group"
+POD_NAME = "statefulset.kubernetes.io/pod-name"  # a label the StatefulSet controller gives each of its pods
 IMAGE = "gemma3-serve"
 APPS = ("vision-worker", "lm-worker", "gateway")  # workload, Service and compose service share the name
 PORTS = {"gateway": 50051, "lm-worker": 50052, "vision-worker": 50053}
@@ -196,8 +199,18 @@ def selects(selector: dict, labels: dict) -> bool:
 
 
 def selected_workloads(objects: list[dict], selector: dict) -> list[str]:
-    return [w["metadata"]["name"] for w in workloads(objects) if selects(selector, w["spec"]["template"]
-                                                                          ["metadata"]["labels"])]
+    """Workloads with a pod the selector selects (a pod-name label: one of a StatefulSet's ordinals)."""
+    out = []
+    for w in workloads(objects):
+        labels = dict(w["spec"]["template"]["metadata"]["labels"])
+        pod = (selector.get("matchLabels") or selector).get(POD_NAME)
+        if pod is not None and w["kind"] == "StatefulSet":
+            name, _, ordinal = pod.rpartition("-")
+            if name == w["metadata"]["name"] and ordinal.isdigit() and int(ordinal) < w["spec"]["replicas"]:
+                labels[POD_NAME] = pod
+        if selects(selector, labels):
+            out.append(w["metadata"]["name"])
+    return out
 
 
 # --- quantities ------------------------------------------------------------------------------------------
@@ -334,10 +347,11 @@ def test_the_validator_rejects_an_unknown_kind():
 # --- the renderer ----------------------------------------------------------------------------------------
 
 def test_every_overlay_renders_the_whole_stack():
-    assert OVERLAYS == ["cpu", "gpu", "tpu"]
+    assert OVERLAYS == ["cpu", "gpu", "multihost", "tpu"]
     ids = {name: sorted((o["kind"], o["metadata"]["name"]) for o in rendered(name)) for name in RENDERINGS}
     for name in OVERLAYS:
-        assert ids[name] == ids["base"], f"{name} adds or drops objects"
+        extra = [("Service", GROUP_SERVICE)] if name == "multihost" else []
+        assert ids[name] == sorted(ids["base"] + extra), f"{name} adds or drops objects"
     assert {"ConfigMap", "Deployment", "StatefulSet", "Service", "PodDisruptionBudget"} == {k for k, _ in ids["base"]}
 
 
@@ -537,7 +551,20 @@ def test_worker_services_are_headless_and_the_gateway_targets_them(name, monkeyp
         assert not service["spec"].get("publishNotReadyAddresses"), "only ready (warm) workers in DNS"
         assert int(port) == service["spec"]["ports"][0]["port"] == parsed_flags(objects, worker, monkeypatch)[0].port
     lm = workload(objects, "lm-worker")
-    assert lm["kind"] == "StatefulSet" and lm["spec"]["serviceName"] == "lm-worker"
+    assert lm["kind"] == "StatefulSet"
+    lm_args = parsed_flags(objects, "lm-worker", monkeypatch)[0]
+    if lm_args.num_processes == 1:
+        assert lm["spec"]["serviceName"] == "lm-worker"
+    else:  # a multi-host group: the gateway reaches process 0 only; the group finds itself before readiness
+        assert find(objects, "Service", "lm-worker")["spec"]["selector"][POD_NAME] == "lm-worker-0"
+        group = find(objects, "Service", lm["spec"]["serviceName"])
+        assert group["metadata"]["name"] == GROUP_SERVICE and group["spec"]["clusterIP"] == "None"
+        assert group["spec"]["publishNotReadyAddresses"] is True
+        assert lm["spec"]["replicas"] == lm_args.num_processes and lm["spec"]["podManagementPolicy"] == "Parallel"
+        host, port = lm_args.coordinator_address.rsplit(":", 1)
+        assert host == f"lm-worker-0.{GROUP_SERVICE}"
+        assert {int(port), int(port) + 1} == {p["port"] for p in group["spec"]["ports"]}  # coordinator, group
+        assert lm_args.process_id == -1, "each pod's process id is its ordinal"
     assert workload(objects, "vision-worker")["kind"] == workload(objects, "gateway")["kind"] == "Deployment"
     gateway = find(objects, "Service", "gateway")
     assert gateway["spec"].get("clusterIP") != "None" and gateway["spec"].get("type", "ClusterIP") == "ClusterIP"
@@ -551,7 +578,9 @@ def test_selectors_pick_their_own_pods(name):
         assert selects(w["spec"]["selector"], labels)
         assert selected_workloads(objects, w["spec"]["selector"]) == [w["metadata"]["name"]]
     for service in (o for o in objects if o["kind"] == "Service"):
-        assert selected_workloads(objects, service["spec"]["selector"]) == [service["metadata"]["name"]]
+        name = service["metadata"]["name"]
+        assert selected_workloads(objects, service["spec"]["selector"]) == [
+            "lm-worker" if name == GROUP_SERVICE else name]
 
 
 @pytest.mark.parametrize("name", RENDERINGS)
@@ -634,7 +663,8 @@ def accelerators(objects: list[dict], app: str) -> dict:
 @pytest.mark.parametrize("name", RENDERINGS)
 def test_each_overlay_asks_for_its_accelerators(name, monkeypatch):
     objects = rendered(name)
-    expected = {"base": None, "cpu": None, "gpu": "nvidia.com/gpu", "tpu": "google.com/tpu"}[name]
+    expected = {"base": None, "cpu": None, "gpu": "nvidia.com/gpu", "multihost": "nvidia.com/gpu",
+                "tpu": "google.com/tpu"}[name]
     assert accelerators(objects, "gateway") == {} and accelerators(objects, "redis") == {}
     for worker in ("vision-worker", "lm-worker"):
         args, _ = parsed_flags(objects, worker, monkeypatch)

@@ -1,8 +1,10 @@
 """A multi-host LM worker on loopback: 2 JAX processes of 4 CPU devices each (gloo collectives) hold
-one model on one 8-device mesh (data across the processes, tensor within each). Through a gateway,
-its greedy answers equal the library's own generate() on one process; a follower killed mid-stream
-ends the streams with UNAVAILABLE within seconds and the leader's health with NOT_SERVING."""
+one model on one 8-device mesh (fsdp across the processes, tensor within each), each process reading
+only its half of the weights. Through a gateway, its greedy answers equal the library's own generate()
+on one process; a follower killed mid-stream ends the streams with UNAVAILABLE within seconds and the
+leader's health with NOT_SERVING."""
 
+import json
 import os
 import subprocess
 import sys
@@ -30,12 +32,12 @@ def group(served_checkpoint, tmp_path_factory):
     coordinator = f"127.0.0.1:{services.free_port()}"
     group_port = services.free_port()
     common = ["--model", served_checkpoint, "--dtype", "float32", "--num-slots", "4", "--max-length", "256",
-              "--tensor-parallel", "4", "--coordinator-address", coordinator, "--num-processes", "2",
+              "--fsdp", "2", "--tensor-parallel", "4", "--coordinator-address", coordinator, "--num-processes", "2",
               "--group-port", str(group_port), "--redis-url", services.REDIS_URL]
     log = tmp_path_factory.mktemp("multihost") / "follower.log"
     follower_port = services.free_port()
     with open(log, "w") as out:
-        follower = subprocess.Popen([sys.executable, "-m", "lm_worker", "--log-format", "text", "--process-id", "1",
+        follower = subprocess.Popen([sys.executable, "-m", "lm_worker", "--log-format", "json", "--process-id", "1",
                                      "--port", str(follower_port), *common],
                                     env={**os.environ, **FOUR_DEVICES, "PYTHONPATH": services.ROOT},
                                     cwd=services.ROOT, stdout=out, stderr=subprocess.STDOUT)
@@ -83,6 +85,9 @@ def test_two_processes_answer_exactly_as_one(group, reference):
     assert [list(a.token_ids) for a in answers] == [want for _, want in expected]
     assert follower.poll() is None, log.read_text()
     assert _health(follower.target) == health_pb2.HealthCheckResponse.SERVING  # the follower's probes pass
+    (read,) = [json.loads(line) for line in log.read_text().splitlines()
+               if line.startswith("{") and json.loads(line)["message"] == "weights read"]
+    assert 0.4 < read["bytes_read"] / read["tensor_bytes"] < 0.75, read  # its fsdp half (norms are whole)
 
 
 def _health(target) -> int:
