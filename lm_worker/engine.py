@@ -127,6 +127,7 @@ class Engine:
         self.device = program or DeviceProgram(model, num_slots, max_length, max_top_logprobs, mesh)
         self.tokens = np.zeros(num_slots, np.int32)
         self.broken: str | None = None  # why the engine can no longer serve (a multi-host group lost a process)
+        self._admitting: Request | None = None  # the request being prefilled
         self.slots: list[_Slot | None] = [None] * num_slots
         self._pending: queue.Queue[Request] = queue.Queue(maxsize=max_queue)
         self.finished: collections.Counter[str] = collections.Counter()  # requests ended, by reason
@@ -182,8 +183,11 @@ class Engine:
                 self._pending.get_nowait().put(Finished("unavailable", reason))
             except queue.Empty:
                 break
+        admitting = self._admitting
+        if admitting is not None:
+            admitting.put(Finished("unavailable", reason))
         for slot in list(self.slots):
-            if slot is not None:
+            if slot is not None and slot.request is not admitting:
                 slot.request.put(Finished("unavailable", reason))
         self._wake.set()
 
@@ -212,6 +216,7 @@ class Engine:
                 self.finished[reason] += 1
                 request.put(Finished(reason))
                 continue
+            self._admitting = request  # (fail_all reaches it while its prefill is stuck)
             try:
                 self._prefill_into(self.slots.index(None), request)
             except Exception as e:  # a bad request must not take the engine down
@@ -221,6 +226,8 @@ class Engine:
                 log.exception("prefill failed for request %s", request.id)
                 self.finished["error"] += 1
                 request.put(Finished("error", str(e)))
+            finally:
+                self._admitting = None
             if busy:
                 return
 

@@ -4,8 +4,10 @@ only its half of the weights. Through a gateway, its greedy answers equal the li
 on one process; a follower killed mid-stream ends the streams with UNAVAILABLE within seconds and the
 leader's health with NOT_SERVING."""
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -26,15 +28,14 @@ from tests.services import chat, expected_answers
 FOUR_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
 
 
-@pytest.fixture(scope="module")
-def group(served_checkpoint, tmp_path_factory):
-    """(leader target, follower process, gateway target)."""
+@contextlib.contextmanager
+def running_group(checkpoint: str, log_dir, *extra: str):
+    """A 2-process LM worker group and a gateway: (leader target, follower process, gateway target, log)."""
     coordinator = f"127.0.0.1:{services.free_port()}"
-    group_port = services.free_port()
-    common = ["--model", served_checkpoint, "--dtype", "float32", "--num-slots", "4", "--max-length", "256",
+    common = ["--model", checkpoint, "--dtype", "float32", "--num-slots", "4", "--max-length", "256",
               "--fsdp", "2", "--tensor-parallel", "4", "--coordinator-address", coordinator, "--num-processes", "2",
-              "--group-port", str(group_port), "--redis-url", services.REDIS_URL]
-    log = tmp_path_factory.mktemp("multihost") / "follower.log"
+              "--group-port", str(services.free_port()), "--redis-url", services.REDIS_URL, *extra]
+    log = log_dir / "follower.log"
     follower_port = services.free_port()
     with open(log, "w") as out:
         follower = subprocess.Popen([sys.executable, "-m", "lm_worker", "--log-format", "json", "--process-id", "1",
@@ -51,6 +52,12 @@ def group(served_checkpoint, tmp_path_factory):
         if follower.poll() is None:
             follower.kill()
         follower.wait()
+
+
+@pytest.fixture(scope="module")
+def group(served_checkpoint, tmp_path_factory):
+    with running_group(served_checkpoint, tmp_path_factory.mktemp("multihost")) as running:
+        yield running
 
 
 def _complete(target, request):
@@ -96,18 +103,19 @@ def _health(target) -> int:
             health_pb2.HealthCheckRequest(service="gemma3serve.v1.LMWorker"), timeout=5).status
 
 
-def test_a_follower_killed_mid_stream_ends_the_streams_and_takes_the_leader_out(group):
-    leader, follower, gateway, _ = group
+def _kill_mid_stream_and_check(leader, gateway, stop_follower, within: float):
+    """Streams in flight, then ``stop_follower``: each stream ends (UNAVAILABLE when cut) within
+    ``within`` seconds, the leader turns NOT_SERVING, and new requests get UNAVAILABLE naming the group."""
     assert _health(leader) == health_pb2.HealthCheckResponse.SERVING
     request = gateway_pb2.GenerateRequest(chat=chat("Tell me a long story"), sampling=common_pb2.SamplingParams(
         max_new_tokens=200, temperature=1.0, seed=7))
-    outcomes, killed_at = [], None
+    outcomes = []
     with grpc.insecure_channel(gateway) as channel:
         stub = gateway_pb2_grpc.GatewayStub(channel)
         calls = [stub.Generate(request, timeout=120) for _ in range(4)]
         next(calls[0])  # the group is decoding
-        follower.kill()
-        killed_at = time.monotonic()
+        stop_follower()
+        stopped_at = time.monotonic()
         for call in calls:
             try:
                 for _ in call:
@@ -115,7 +123,7 @@ def test_a_follower_killed_mid_stream_ends_the_streams_and_takes_the_leader_out(
                 outcomes.append(("OK", time.monotonic()))
             except grpc.RpcError as e:
                 outcomes.append((e.code().name, time.monotonic(), e.details()))
-    assert all(o[1] - killed_at < 15 for o in outcomes), outcomes  # nothing hangs
+    assert all(o[1] - stopped_at < within for o in outcomes), [(o[0], o[1] - stopped_at, o[2:]) for o in outcomes]
     assert any(o[0] == "UNAVAILABLE" for o in outcomes), outcomes
     assert {o[0] for o in outcomes} <= {"OK", "UNAVAILABLE"}, outcomes
     deadline = time.monotonic() + 10
@@ -126,3 +134,16 @@ def test_a_follower_killed_mid_stream_ends_the_streams_and_takes_the_leader_out(
         _complete(gateway, gateway_pb2.GenerateRequest(chat=chat("Anyone there?")))
     assert e.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "group" in e.value.details()
+
+
+def test_a_follower_killed_mid_stream_ends_the_streams_and_takes_the_leader_out(group):
+    leader, follower, gateway, _ = group
+    _kill_mid_stream_and_check(leader, gateway, follower.kill, within=15)
+
+
+def test_a_follower_that_stops_answering_is_noticed_within_the_group_timeout(served_checkpoint, tmp_path):
+    with running_group(served_checkpoint, tmp_path, "--group-timeout", "2") as (leader, follower, gateway, _):
+        try:
+            _kill_mid_stream_and_check(leader, gateway, lambda: follower.send_signal(signal.SIGSTOP), within=2 + 10)
+        finally:
+            follower.send_signal(signal.SIGCONT)
