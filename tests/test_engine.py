@@ -139,3 +139,24 @@ def test_logprobs_are_the_models_log_softmax(model):
         np.testing.assert_allclose([b for _, b in t.top], np.sort(row)[::-1][:3], atol=1e-4)
     with pytest.raises(ValueError, match="top_logprobs must be between 0 and 3"):
         eng.submit(Request(prompt_ids=prompt, top_logprobs=4))
+
+
+def test_steady_state_compiles_nothing(model):
+    """Once warm, new prompt lengths inside a compiled bucket and requests joining the running batch
+    reuse the compiled programs: no step of a serving engine waits for XLA."""
+    eng = Engine(model, num_slots=3, max_length=48, prefill_buckets=(8, 16, 48)).start()
+    try:
+        for length in (3, 12):  # one prompt per bucket used below, and decode
+            _collect(eng.submit(Request(prompt_ids=list(range(1, length + 1)), max_new_tokens=3)))
+        programs = (eng.device._prefill, eng.device._insert, eng.device._decode)
+        compiled = [p._cache_size() for p in programs]
+        rng = np.random.default_rng(0)
+        requests = [eng.submit(Request(prompt_ids=rng.integers(1, 50, n).tolist(), max_new_tokens=int(k),
+                                       temperature=float(t), seed=int(s)))
+                    for n, k, t, s in zip((2, 5, 8, 9, 13, 16, 7), (4, 9, 2, 6, 3, 8, 5), (0, 1, 0, 0.7, 0, 1, 0),
+                                          range(7))]
+        for r in requests:  # more requests than slots: they join the batch as others leave
+            assert isinstance(_collect(r)[1], Finished)
+        assert [p._cache_size() for p in programs] == compiled
+    finally:
+        eng.stop()
