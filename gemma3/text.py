@@ -25,9 +25,34 @@ from gemma3.outputs import (
 _MASKED = float(jnp.finfo(jnp.float32).min)  # finite, so a fully masked row gives no NaN
 
 
+def accumulating_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
+                             out_sharding=None):
+    """``lax.dot_general`` whose low-precision (bfloat16) products accumulate in float32 and come back in
+    the operands' dtype: better numerics, and XLA's CPU backend then runs them as fast library kernels
+    instead of slow loops. A one-row product still takes a slow path there, so on CPU one row is padded
+    to two (bench/RESULTS.md has the measurements). Float32 operands are multiplied as before."""
+    if lhs.dtype == jnp.float32 and rhs.dtype == jnp.float32:
+        return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                                   preferred_element_type=preferred_element_type)
+    (contract_l, contract_r), batch = dimension_numbers
+    one_row = (jax.default_backend() == "cpu" and batch == ((), ()) and tuple(contract_l) == (lhs.ndim - 1,)
+               and math.prod(lhs.shape[:-1]) == 1)
+    if not one_row:
+        out = jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                                  preferred_element_type=jnp.float32)
+        return out.astype(lhs.dtype)
+    row = lhs.reshape(1, lhs.shape[-1])
+    two = jnp.concatenate([row, jnp.zeros_like(row)])
+    out = jax.lax.dot_general(two, rhs, (((1,), tuple(contract_r)), ((), ())), precision=precision,
+                              preferred_element_type=jnp.float32)[:1]
+    free = [d for i, d in enumerate(rhs.shape) if i not in tuple(contract_r)]
+    return out.reshape(*lhs.shape[:-1], *free).astype(lhs.dtype)
+
+
 def _linear(n_in: int, n_out: int, dtype, rngs: nnx.Rngs) -> nnx.Linear:
     init = nnx.initializers.normal(0.02)
-    return nnx.Linear(n_in, n_out, use_bias=False, dtype=dtype, param_dtype=dtype, kernel_init=init, rngs=rngs)
+    return nnx.Linear(n_in, n_out, use_bias=False, dtype=dtype, param_dtype=dtype, kernel_init=init, rngs=rngs,
+                      dot_general=accumulating_dot_general)
 
 
 class Gemma3RMSNorm(nnx.Module):
@@ -315,7 +340,11 @@ class CausalLMMixin(PretrainedMixin):
         """Logits (with final-logit softcapping) from hidden states; tied heads use the embedding."""
         text = self.get_decoder()
         lm_head = self.get_lm_head()
-        logits = text.embed_tokens.attend(hidden) if lm_head is None else lm_head(hidden)
+        if lm_head is None:  # tied: the embedding table (vocab, hidden) is the head
+            table = text.embed_tokens.embedding[...]
+            logits = accumulating_dot_general(hidden.astype(table.dtype), table, (((hidden.ndim - 1,), (1,)), ((), ())))
+        else:
+            logits = lm_head(hidden)
         return softcap(logits, text.config.final_logit_softcapping)
 
     def logits_and_loss(self, hidden: jax.Array, labels: jax.Array | None, logits_to_keep: int):
