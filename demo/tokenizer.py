@@ -25,8 +25,8 @@ SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>
                   "<start_of_image>", "<end_of_image>", "<image_soft_token>")
 BYTE_TOKENS = tuple(f"<0x{i:02X}>" for i in range(256))
 
-# google/gemma-3-4b-it's tokenizer_config.json "chat_template", verbatim (the same string as the copy
-# in tests/test_processing.py, against which our apply_chat_template is tested).
+# google/gemma-3-4b-it's tokenizer_config.json "chat_template", verbatim (tests/test_processing.py checks
+# our apply_chat_template against transformers' rendering of it).
 GEMMA3_CHAT_TEMPLATE = (
     "{{ bos_token }}\n"
     "{%- if messages[0]['role'] == 'system' -%}\n"

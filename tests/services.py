@@ -165,3 +165,28 @@ def expected_answers(reference, requests, features):
         n = min(int(out.num_new_tokens[row]), request.sampling.max_new_tokens)
         answers.append((prompt, out.new_tokens[row, :n].tolist()))
     return answers
+
+
+def mixed_requests(n: int, embedding_key: str):
+    """``n`` gateway chats of growing length, every third with one image (by ``embedding_key``), each
+    asking 4 to 8 new tokens: a batch whose requests join and leave at different steps."""
+    from gemma3serve.v1 import gateway_pb2
+
+    words = "what colour shape where circle square triangle left right top bottom red blue green".split()
+    requests = []
+    for i in range(n):
+        conversation = chat(" ".join(words[: 2 + i % 11]) + "?", images=i % 3 == 0)
+        if i % 3 == 0:
+            conversation.turns[0].parts[0].image.embedding_key = embedding_key
+        requests.append(gateway_pb2.GenerateRequest(chat=conversation, sampling=common_pb2.SamplingParams(
+            max_new_tokens=4 + i % 5)))
+    return requests
+
+
+def lm_request(request):
+    """What the gateway forwards to the LM worker for a gateway request, for computing its expected answer."""
+    from gemma3serve.v1 import lm_worker_pb2
+
+    n = sum(p.WhichOneof("part") == "image" for t in request.chat.turns for p in t.parts)
+    return lm_worker_pb2.LMGenerateRequest(chat=request.chat, sampling=request.sampling,
+                                           images=[lm_worker_pb2.ImageInput()] * n)

@@ -41,18 +41,12 @@ def _call(target, request, unary=False, timeout=60):
         return list(stub.Generate(request, timeout=timeout))
 
 
-def _lm_request(request):
-    """What the gateway forwards, for computing the expected answer."""
-    n = sum(p.WhichOneof("part") == "image" for t in request.chat.turns for p in t.parts)
-    return lm_worker_pb2.LMGenerateRequest(chat=request.chat, sampling=request.sampling,
-                                           images=[lm_worker_pb2.ImageInput()] * n)
-
 
 def test_text_chat_streams_and_completes(gateway, reference):
     request = gateway_pb2.GenerateRequest(request_id="g1", chat=chat("What colour is the triangle?"),
                                           sampling=common_pb2.SamplingParams(max_new_tokens=10))
     chunks = _call(gateway, request)
-    _, want = expected_answer(reference, _lm_request(request))
+    _, want = expected_answer(reference, services.lm_request(request))
     assert [t for c in chunks for t in c.token_ids] == want
     whole = _call(gateway, request, unary=True)
     assert list(whole.token_ids) == want and whole.text == "".join(c.text for c in chunks)
@@ -71,7 +65,7 @@ def test_an_embedding_key_needs_no_vision_worker(gateway, reference):
     conversation.turns[0].parts[0].image.embedding_key = key
     request = gateway_pb2.GenerateRequest(chat=conversation, sampling=common_pb2.SamplingParams(max_new_tokens=8))
     whole = _call(gateway, request, unary=True)
-    _, want = expected_answer(reference, _lm_request(request), features)
+    _, want = expected_answer(reference, services.lm_request(request), features)
     assert list(whole.token_ids) == want and list(whole.usage.image_embedding_keys) == [key]
 
 
@@ -114,7 +108,7 @@ def test_python_clients_and_cli(gateway, reference):
     async_streamed, async_whole = asyncio.run(go())
     text = "".join(c.text for c in streamed)
     assert whole.text == text == async_whole.text == "".join(c.text for c in async_streamed)
-    _, want = expected_answer(reference, _lm_request(request))
+    _, want = expected_answer(reference, services.lm_request(request))
     assert list(whole.token_ids) == want
 
     env = {**os.environ, "PYTHONPATH": services.ROOT}
@@ -151,17 +145,10 @@ def test_sixteen_concurrent_requests_get_their_solo_greedy_answers(gateway, refe
     key = f"test:{uuid.uuid4()}"
 
     services.cache_put(key, features)
-    words = "what colour shape where circle square triangle left right top bottom red blue green".split()
-    requests = []
-    for i in range(16):
-        conversation = chat(" ".join(words[: 2 + i % 11]) + "?", images=i % 3 == 0)
-        if i % 3 == 0:
-            conversation.turns[0].parts[0].image.embedding_key = key
-        requests.append(gateway_pb2.GenerateRequest(chat=conversation, sampling=common_pb2.SamplingParams(
-            max_new_tokens=4 + i % 5)))
+    requests = services.mixed_requests(16, key)
     with ThreadPoolExecutor(16) as pool:
         answers = list(pool.map(lambda r: _call(gateway, r, unary=True), requests))
-    lm_requests = [_lm_request(r) for r in requests]
+    lm_requests = [services.lm_request(r) for r in requests]
     expected = expected_answers(reference, lm_requests, [features if len(r.images) else None for r in lm_requests])
     for lm_request, answer, (ids, want) in zip(lm_requests, answers, expected):
         assert list(answer.token_ids) == want

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from gemma3serve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, lm_worker_pb2
+from gemma3serve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from tests import make_checkpoints as mk
 from tests import services
 from tests.services import chat, expected_answers
@@ -65,11 +65,6 @@ def _complete(target, request):
         return gateway_pb2_grpc.GatewayStub(channel).GenerateComplete(request, timeout=120)
 
 
-def _lm_request(request):
-    n = sum(p.WhichOneof("part") == "image" for t in request.chat.turns for p in t.parts)
-    return lm_worker_pb2.LMGenerateRequest(chat=request.chat, sampling=request.sampling,
-                                           images=[lm_worker_pb2.ImageInput()] * n)
-
 
 def test_two_processes_answer_exactly_as_one(group, reference):
     _, follower, gateway, log = group
@@ -77,17 +72,10 @@ def test_two_processes_answer_exactly_as_one(group, reference):
     features = np.asarray(model.get_image_features(jnp.asarray(mk.random_pixels(1, seed=21))))
     key = f"test:{uuid.uuid4()}"
     services.cache_put(key, features)
-    words = "what colour shape where circle square triangle left right top bottom red blue green".split()
-    requests = []
-    for i in range(8):
-        conversation = chat(" ".join(words[: 2 + i % 11]) + "?", images=i % 3 == 0)
-        if i % 3 == 0:
-            conversation.turns[0].parts[0].image.embedding_key = key
-        requests.append(gateway_pb2.GenerateRequest(chat=conversation, sampling=common_pb2.SamplingParams(
-            max_new_tokens=4 + i % 5)))
+    requests = services.mixed_requests(8, key)
     with ThreadPoolExecutor(8) as pool:  # more requests than slots: continuous batching across the group
         answers = list(pool.map(lambda r: _complete(gateway, r), requests))
-    lm_requests = [_lm_request(r) for r in requests]
+    lm_requests = [services.lm_request(r) for r in requests]
     expected = expected_answers(reference, lm_requests, [features if len(r.images) else None for r in lm_requests])
     assert [list(a.token_ids) for a in answers] == [want for _, want in expected]
     assert follower.poll() is None, log.read_text()
