@@ -296,8 +296,14 @@ class DeviceProgram:
 
     def __init__(self, model, num_slots: int, max_length: int, max_top_logprobs: int, mesh=None):
         graphdef, self.state = nnx.split(model)
-        self._prefill, self._insert, self._decode, self._init = _compile(graphdef, num_slots, max_length,
-                                                                         max_top_logprobs, mesh)
+        self._prefill, self._insert, self._decode, init = _compile(graphdef, num_slots, max_length,
+                                                                   max_top_logprobs, mesh)
+        shardings = None
+        if mesh is not None:  # the cache laid out by the cache rules, as a multi-host group needs
+            from gemma3.sharding import cache_sharding
+
+            shardings = cache_sharding(jax.eval_shape(init, self.state), mesh)
+        self._init = jax.jit(init, out_shardings=shardings)
         self.cache = self._init(self.state)
 
     def prefill(self, slot, ids, length, extra, temperature, top_k, top_p, seed) -> list[np.ndarray]:
@@ -335,9 +341,9 @@ def pick(logits, keys, temperature, top_k, top_p, n_top: int):
 
 @functools.lru_cache(maxsize=8)
 def _compile(graphdef, num_slots: int, max_length: int, n_top: int, mesh=None):
-    """Jitted prefill (one request, bucketed), slot insertion, batched decode (cache donated) and cache
-    creation. With a mesh the cache is sharded by its rules and the picks are replicated, so every
-    process of a multi-host group can read them."""
+    """Jitted prefill (one request, bucketed), slot insertion and batched decode (cache donated), and the
+    cache's creation (jitted by DeviceProgram, with the mesh's layout). With a mesh the picks are
+    replicated, so every process of a multi-host group can read them."""
     replicated = (lambda tree: tree) if mesh is None else (
         lambda tree: jax.lax.with_sharding_constraint(tree, NamedSharding(mesh, PartitionSpec())))
 
@@ -366,21 +372,4 @@ def _compile(graphdef, num_slots: int, max_length: int, n_top: int, mesh=None):
         logits = model.apply_lm_head(out.last_hidden_state[:, 0])
         return replicated(pick(logits, step_keys(seeds, steps), temperature, top_k, top_p, n_top)), out.past_key_values
 
-    return (jax.jit(prefill), jax.jit(insert, donate_argnums=(0,)), jax.jit(decode, donate_argnums=(2,)),
-            _sharded_init(init, mesh))
-
-
-def _sharded_init(init, mesh):
-    """``init`` jitted; with a mesh, its cache comes out laid out by the cache rules."""
-    if mesh is None:
-        return jax.jit(init)
-    from gemma3.sharding import cache_sharding
-
-    compiled = {}
-
-    def run(state):
-        if "f" not in compiled:
-            compiled["f"] = jax.jit(init, out_shardings=cache_sharding(jax.eval_shape(init, state), mesh))
-        return compiled["f"](state)
-
-    return run
+    return jax.jit(prefill), jax.jit(insert, donate_argnums=(0,)), jax.jit(decode, donate_argnums=(2,)), init

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gemma3serve.v1 import common_pb2
+from launcher.__main__ import StackError, free_port, wait_healthy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -60,12 +58,6 @@ def metric_points(target: str) -> dict[str, list[dict]]:
     return out
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _output(proc: subprocess.Popen, log: str | None) -> str:
     if log:
         with open(log) as f:
@@ -75,20 +67,11 @@ def _output(proc: subprocess.Popen, log: str | None) -> str:
 
 def wait_serving(target: str, service: str, proc: subprocess.Popen, timeout: float = 180,
                  credentials: grpc.ChannelCredentials | None = None, log: str | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    channel = grpc.secure_channel(target, credentials) if credentials else grpc.insecure_channel(target)
-    with channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        while True:
-            assert proc.poll() is None, f"{service} exited:\n{_output(proc, log)}"
-            try:
-                reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            assert time.monotonic() < deadline, f"{service} did not become healthy in {timeout} s"
-            time.sleep(0.3)
+    """The launcher's wait for SERVING, failing the test with the service's output."""
+    try:
+        wait_healthy(service, target, service, proc, timeout, credentials)
+    except StackError as e:
+        raise AssertionError(f"{e}:\n{_output(proc, log)}") from None
 
 
 @contextlib.contextmanager
