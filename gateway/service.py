@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import hashlib
 import logging
 import time
@@ -129,8 +130,11 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
                                 "wait for one to finish")
         self.open_streams[client] += 1
         try:
-            async for chunk in self._generate(request, context):
-                yield chunk
+            # aclosing: when the client leaves, the inner generator's finally (which cancels the LM
+            # worker's call and so frees its slot) runs now, not whenever the generator is collected
+            async with contextlib.aclosing(self._generate(request, context)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
         except asyncio.CancelledError:
             status = "CANCELLED"
             raise
@@ -192,14 +196,15 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
 
     async def GenerateComplete(self, request, context):
         whole = common_pb2.GenerateResponse()
-        async for chunk in self.Generate(request, context):
-            whole.request_id = chunk.request_id
-            whole.text += chunk.text
-            whole.token_ids.extend(chunk.token_ids)
-            whole.logprobs.extend(chunk.logprobs)
-            if chunk.finish_reason:
-                whole.finish_reason = chunk.finish_reason
-                whole.usage.CopyFrom(chunk.usage)
+        async with contextlib.aclosing(self.Generate(request, context)) as chunks:
+            async for chunk in chunks:
+                whole.request_id = chunk.request_id
+                whole.text += chunk.text
+                whole.token_ids.extend(chunk.token_ids)
+                whole.logprobs.extend(chunk.logprobs)
+                if chunk.finish_reason:
+                    whole.finish_reason = chunk.finish_reason
+                    whole.usage.CopyFrom(chunk.usage)
         return whole
 
 
