@@ -1,31 +1,39 @@
-"""Gemma 3 text decoding on CPU: this library (JAX/Flax NNX) against transformers (PyTorch), same weights.
+"""Gemma 3 text decoding on CPU: this library (JAX/Flax NNX) against its peers, same weights.
 
     python bench/model.py                                   # 270m, float32+bfloat16, batch 1 and 8
     python bench/model.py --shapes 270m,1b --dtypes bfloat16 --batches 1 --output /tmp/table.md
+
+The peers (``--peers``, default both): transformers (PyTorch, eager), and EasyDeL 0.3.0 (JAX/Flax NNX, the
+framework whose Gemma 3 API we follow), which pins its own jax and transformers and so runs from its own virtual
+environment: make it once with ``bench/setup_easydel.sh`` (or pass ``--easydel-python``).
 
 What it does:
 
 1. Writes random weights ONCE per shape with transformers itself (``Gemma3ForCausalLM(config)``, every
    parameter redrawn: matrices and embedding ~ N(0, 0.02), RMSNorm offsets ~ N(0, 0.1)) at the real
-   shapes of gemma-3-270m / gemma-3-1b, ``save_pretrained`` in float32. Both libraries load that directory
-   (and cast to the benchmarked dtype themselves).
+   shapes of gemma-3-270m / gemma-3-1b, ``save_pretrained`` in float32. Every library loads that directory
+   (and casts to the benchmarked dtype itself).
 2. Measures the machine's memory bandwidth with numpy copies (bytes read + written / time, best of 5)
    and derives the decode roofline: parameter bytes (tied embedding counted once, as the LM head reads
    it) / bandwidth = the fastest a batch-1 decode step can be when every weight is read once per step.
 3. For each (shape, dtype, batch) starts one worker process per library (so peak RSS is per library and
-   per configuration: VmHWM), loads the checkpoint, warms up, then alternates the two workers
-   repeat by repeat (the machine may be shared: each ratio compares runs measured side by side).
-   Each repeat times, on the same random prompt (B x prompt_len tokens, greedy, no stop token):
-     * prefill: one forward of the prompt with a fresh cache, last-position logits only
-       (ours: the jitted prefill of ``gemma3.generation._compiled``; transformers: ``model(...,
-       use_cache=True, logits_to_keep=1)``, which is what its ``generate`` runs first);
-     * generate: the whole ``generate`` call (prefill + new_tokens - 1 decode steps);
+   per configuration: VmHWM), loads the checkpoint, warms up, then runs the workers one after the other,
+   repeat by repeat, rotating who goes first (the machine may be shared: each ratio compares runs measured
+   side by side). Each repeat times, on the same random prompt (B x prompt_len tokens, greedy, no stop token):
+     * prefill: one forward of the prompt filling a fresh cache, what each library's ``generate`` runs first:
+       ours, the jitted prefill of ``gemma3.generation._compiled`` (last-position logits only; the cache is
+       allocated before the timer starts); transformers, ``model(..., use_cache=True, logits_to_keep=1)``;
+       EasyDeL, its generate's first step jitted alone (cache allocated before the timer), which computes the
+       LM head for EVERY prompt position, as its generate does (see bench/easydel_worker.py);
+     * generate: the whole ``generate`` call (prefill + new_tokens - 1 decode steps); EasyDeL's is its traced
+       generate (prefill, then a ``lax.while_loop``) in one ``jax.jit``;
      * ours only, with --step-loop: a bare decode loop with the jitted step, syncing the token to the
        host each step as ``generate`` does (a cross-check of the derived decode rate).
    Reported: the best (minimum time) over the repeats for every timing. Decode tokens/s =
-   B * (new_tokens - 1) / (generate - prefill), the same derivation for both libraries. Compile time
-   (ours) = the first ``generate`` in a fresh process minus the best steady-state ``generate``.
-4. Prints Markdown tables (``--output`` also writes them to a file; ``--json`` dumps the raw numbers).
+   B * (new_tokens - 1) / (generate - prefill), the same derivation for every library. Compile time
+   (the JAX libraries) = the first ``generate`` in a fresh process minus the best steady-state ``generate``.
+4. Prints Markdown tables (``--output`` also writes them to a file; ``--json`` dumps the raw numbers): one
+   row per library and configuration, then ours against each peer and against the best peer.
 """
 
 from __future__ import annotations
@@ -62,6 +70,14 @@ COMMON = dict(rms_norm_eps=1e-6, final_logit_softcapping=None, attn_logit_softca
               tie_word_embeddings=True, pad_token_id=0, eos_token_id=1, bos_token_id=2,
               hidden_activation="gelu_pytorch_tanh")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
+LIBS = {  # worker key: (name in --peers, name in the tables); "ours" is always run
+    "ours": ("ours", "gemma3 (JAX)"),
+    "hf": ("transformers", "transformers (torch)"),
+    "easydel": ("easydel", "EasyDeL 0.3.0 (JAX)"),
+}
+PEERS = {v[0]: k for k, v in LIBS.items() if k != "ours"}
+JIT_LIBS = {"ours", "easydel"}  # their first generate compiles
+EASYDEL_PYTHON = os.path.expanduser("~/.cache/gemma3-bench/easydel-venv/bin/python")  # bench/setup_easydel.sh's
 GIB = 1 << 30
 
 
@@ -299,6 +315,14 @@ class HFWorker:
         return {"prefill_s": prefill_s, "generate_s": gen_s, "tokens": new.tolist()}
 
 
+def worker_class(lib: str):
+    if lib == "easydel":  # that module runs only in EasyDeL's own virtual environment
+        from easydel_worker import EasyDeLWorker
+
+        return EasyDeLWorker
+    return {"ours": OursWorker, "hf": HFWorker}[lib]
+
+
 def worker_main(lib: str) -> None:
     """Serve JSON-line commands on the original stdout; everything libraries print goes to stderr."""
     proto = os.fdopen(os.dup(1), "w", buffering=1)
@@ -311,7 +335,7 @@ def worker_main(lib: str) -> None:
         try:
             if cmd == "load":
                 rss0 = rss_now()
-                w = (OursWorker if lib == "ours" else HFWorker)(**msg)
+                w = worker_class(lib)(**msg)
                 reply = {"load_s": w.load_s, "rss_after_load": rss_now(), "rss_before_load": rss0, "info": w.info}
             elif cmd == "cold":
                 reply = w.cold()
@@ -334,12 +358,12 @@ def worker_main(lib: str) -> None:
 class Worker:
     """The coordinator's handle on one worker process."""
 
-    def __init__(self, lib: str, log_path: str):
+    def __init__(self, lib: str, log_path: str, python: str = sys.executable):
         self.lib = lib
         self.log_path = log_path
         self.log = open(log_path, "w")
         env = dict(os.environ, JAX_PLATFORMS="cpu", TOKENIZERS_PARALLELISM="false")
-        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--_worker", lib],
+        self.proc = subprocess.Popen([python, os.path.abspath(__file__), "--_worker", lib],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
                                      env=env, cwd=ROOT)
 
@@ -378,25 +402,27 @@ def tail(path: str, n: int = 30) -> str:
 def run_config(ckpt, shape, dtype, batch, args, logdir) -> dict:
     load = dict(ckpt=ckpt, dtype=dtype, batch=batch, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
                 seed=args.seed + 1)
-    res = {"shape": shape, "dtype": dtype, "batch": batch}
+    libs = args.libs
+    res = {"shape": shape, "dtype": dtype, "batch": batch, "libs": libs}
     workers = {}
     try:
-        for lib in ("ours", "hf"):  # loaded one after the other, so loads do not compete
-            workers[lib] = Worker(lib, os.path.join(logdir, f"{shape}-{dtype}-b{batch}-{lib}.log"))
+        for lib in libs:  # loaded one after the other, so loads do not compete
+            workers[lib] = Worker(lib, os.path.join(logdir, f"{shape}-{dtype}-b{batch}-{lib}.log"),
+                                  args.easydel_python if lib == "easydel" else sys.executable)
             res[lib] = {"load": workers[lib].call("load", **load), "repeats": []}
-        for lib in ("ours", "hf"):  # first generate: ours compiles here, transformers warms up
+        for lib in libs:  # first generate: the JAX libraries compile here, transformers warms up
             res[lib].update(workers[lib].call("cold"))
             log(f"  {shape} {dtype} B={batch} {lib}: first generate {res[lib]['cold_generate_s']:.2f}s")
         for r in range(args.repeats):
-            order = ("ours", "hf") if r % 2 == 0 else ("hf", "ours")  # alternate who goes first
-            for lib in order:
+            k = r % len(libs)
+            for lib in libs[k:] + libs[:k]:  # rotate who goes first
                 rep = workers[lib].call("repeat", prefill_reps=args.prefill_reps, step_loop=args.step_loop)
                 rep["loadavg_1m"] = os.getloadavg()[0]  # our worker alone accounts for ~its thread count
                 res[lib]["repeats"].append(rep)
                 extra = f", step loop {rep['step_loop_s']:.2f}s" if "step_loop_s" in rep else ""
                 log(f"  {shape} {dtype} B={batch} {lib} repeat {r + 1}: prefill {rep['prefill_s']:.3f}s, "
                     f"generate {rep['generate_s']:.2f}s{extra}, load average {rep['loadavg_1m']:.1f}")
-        for lib in ("ours", "hf"):
+        for lib in libs:
             res[lib].update(workers[lib].call("finish"))
     finally:
         for w in workers.values():
@@ -406,7 +432,7 @@ def run_config(ckpt, shape, dtype, batch, args, logdir) -> dict:
 
 def summarize(res: dict, args) -> dict:
     b, t, n = res["batch"], args.prompt_len, args.new_tokens
-    for lib in ("ours", "hf"):
+    for lib in res["libs"]:
         r = res[lib]
         reps = r["repeats"]
         r["prefill_best_s"] = min(x["prefill_s"] for x in reps)
@@ -419,11 +445,12 @@ def summarize(res: dict, args) -> dict:
             r["step_loop_best_s"] = min(x["step_loop_s"] for x in reps)
             r["step_loop_tok_s"] = b * (n - 1) / r["step_loop_best_s"]
         r["compile_s"] = r["cold_generate_s"] - r["generate_best_s"]
-    a, h = np.array(res["ours"]["repeats"][-1]["tokens"]), np.array(res["hf"]["repeats"][-1]["tokens"])
-    same = a == h
-    first_diff = [int(np.argmin(row)) if not row.all() else n for row in same]
-    res["loadavg_max"] = max(x["loadavg_1m"] for lib in ("ours", "hf") for x in res[lib]["repeats"])
-    res["greedy_agree_prefix"] = first_diff  # per row: new tokens identical before the first difference
+    ours = np.array(res["ours"]["repeats"][-1]["tokens"])
+    res["greedy_agree_prefix"] = {}  # per peer, per row: new tokens identical to ours before the first difference
+    for lib in res["libs"][1:]:
+        same = ours == np.array(res[lib]["repeats"][-1]["tokens"])
+        res["greedy_agree_prefix"][lib] = [int(np.argmin(row)) if not row.all() else n for row in same]
+    res["loadavg_max"] = max(x["loadavg_1m"] for lib in res["libs"] for x in res[lib]["repeats"])
     return res
 
 
@@ -451,7 +478,9 @@ def tables(results, rooflines, bw, args) -> str:
         f"Prompt {args.prompt_len} random tokens, {n} new tokens greedy (no stop token); best of {args.repeats} "
         f"repeats (prefill: best of {args.repeats} x {args.prefill_reps}). Decode tok/s = B x {n - 1} / "
         "(generate - prefill), aggregated over the batch. Roofline = B x bandwidth / weight bytes "
-        "(weights read once per step; ignores KV-cache reads and compute).",
+        "(weights read once per step; ignores KV-cache reads and compute)."
+        + (" EasyDeL's prefill computes the LM head at every prompt position, as its generate does; the others' "
+           "at the last one only." if "easydel" in args.libs else ""),
         "",
         "| model | dtype | B | library | prefill tok/s | decode tok/s | generate s | generate tok/s | "
         + ("decode step loop tok/s | " if args.step_loop else "") + "compile s | peak RSS GiB | % of decode roofline |",
@@ -459,32 +488,46 @@ def tables(results, rooflines, bw, args) -> str:
     ]
     for res in results:
         roof = res["batch"] * rooflines[(res["shape"], res["dtype"])]["tok_s"]
-        for lib, name in (("ours", "gemma3 (JAX)"), ("hf", "transformers (torch)")):
+        for lib in res["libs"]:
             r = res[lib]
             lines.append(
-                f"| {res['shape']} | {res['dtype']} | {res['batch']} | {name} | {fmt(r['prefill_tok_s'])} | "
+                f"| {res['shape']} | {res['dtype']} | {res['batch']} | {LIBS[lib][1]} | {fmt(r['prefill_tok_s'])} | "
                 f"{fmt(r['decode_tok_s'])} | {fmt(r['generate_best_s'], 2)} | {fmt(r['generate_tok_s'])} | "
                 + (f"{fmt(r.get('step_loop_tok_s'))} | " if args.step_loop else "")
-                + f"{fmt(r['compile_s'], 1) if lib == 'ours' else '-'} | "
+                + f"{fmt(r['compile_s'], 1) if lib in JIT_LIBS else '-'} | "
                 f"{fmt(r['peak_rss'] / GIB, 2)} | {fmt(100 * r['decode_tok_s'] / roof, 0)}% |")
     lines += [
         "",
-        f"Ours / transformers (same run, interleaved; > 1 means ours is faster, or for RSS larger). Load average "
-        f"after each repeat: the benchmark itself accounts for about {os.cpu_count()}; more means other work "
-        "competed for the cores.",
+        "Ours / each peer (same run, interleaved; > 1 means ours is faster, or for RSS larger), and ours / the best "
+        "peer for each figure (named). Load average after each repeat: the benchmark itself accounts for about "
+        f"{os.cpu_count()}; more means other work competed for the cores.",
         "",
-        "| model | dtype | B | prefill x | decode x | generate x | peak RSS x | greedy tokens equal before first "
-        "difference (per row) | max 1-min load avg |",
-        "|---|---|---:|---:|---:|---:|---:|---|---:|",
+        "| model | dtype | B | ours vs | prefill x | decode x | generate x | peak RSS x | greedy tokens equal before "
+        "first difference (per row) | max 1-min load avg |",
+        "|---|---|---|---|---:|---:|---:|---:|---|---:|",
     ]
     for res in results:
-        o, h = res["ours"], res["hf"]
-        agree = res["greedy_agree_prefix"]
-        agree_s = f"all {n}" if all(a == n for a in agree) else ", ".join(map(str, agree))
-        lines.append(
-            f"| {res['shape']} | {res['dtype']} | {res['batch']} | {o['prefill_tok_s'] / h['prefill_tok_s']:.2f} | "
-            f"{o['decode_tok_s'] / h['decode_tok_s']:.2f} | {h['generate_best_s'] / o['generate_best_s']:.2f} | "
-            f"{o['peak_rss'] / h['peak_rss']:.2f} | {agree_s} | {res['loadavg_max']:.1f} |")
+        o, peers = res["ours"], res["libs"][1:]
+        config = f"| {res['shape']} | {res['dtype']} | {res['batch']} |"
+        for lib in peers:
+            h, agree = res[lib], res["greedy_agree_prefix"][lib]
+            agree_s = f"all {n}" if all(a == n for a in agree) else ", ".join(map(str, agree))
+            lines.append(
+                f"{config} {LIBS[lib][1]} | {fmt(o['prefill_tok_s'] / h['prefill_tok_s'], 2)} | "
+                f"{fmt(o['decode_tok_s'] / h['decode_tok_s'], 2)} | "
+                f"{fmt(h['generate_best_s'] / o['generate_best_s'], 2)} | "
+                f"{fmt(o['peak_rss'] / h['peak_rss'], 2)} | {agree_s} | {res['loadavg_max']:.1f} |")
+        if len(peers) > 1:
+            cells = []
+            for key, faster in (("prefill_tok_s", max), ("decode_tok_s", max), ("generate_best_s", min)):
+                ok = [lib for lib in peers if np.isfinite(res[lib][key])]  # decode is n/a where generate <= prefill
+                if not ok:
+                    cells.append("n/a")
+                    continue
+                best = faster(ok, key=lambda lib: res[lib][key])
+                x = o[key] / res[best][key] if faster is max else res[best][key] / o[key]
+                cells.append(f"{fmt(x, 2)} ({LIBS[best][0]})")
+            lines.append(f"{config} best peer | {' | '.join(cells)} | - | - | {res['loadavg_max']:.1f} |")
     lines += [
         "",
         f"Memory bandwidth (numpy, {bw['buffer_bytes'] / GIB:.0f} GiB buffers, best of 5, measured before and after "
@@ -515,11 +558,16 @@ def main(argv=None) -> None:
     p.add_argument("--prefill-reps", type=int, default=2, help="prefill timings inside each repeat")
     p.add_argument("--step-loop", action="store_true",
                    help="also time ours' bare jitted decode loop (cross-check of generate - prefill; slower)")
+    p.add_argument("--peers", default="transformers,easydel",
+                   help=f"comma-separated libraries to measure ours against: {','.join(PEERS)} (default both)")
+    p.add_argument("--easydel-python", default=EASYDEL_PYTHON,
+                   help="the python of EasyDeL's virtual environment (made by bench/setup_easydel.sh; "
+                        "default %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", default=None, help="keep checkpoints and logs here (reused); default: a temp dir")
     p.add_argument("--output", default=None, help="also write the Markdown tables to this file")
     p.add_argument("--json", default=None, help="dump the raw measurements to this file")
-    p.add_argument("--_worker", choices=["ours", "hf"], help=argparse.SUPPRESS)
+    p.add_argument("--_worker", choices=list(LIBS), help=argparse.SUPPRESS)
     p.add_argument("--_make-checkpoint", nargs=2, metavar=("SHAPE", "DIR"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args._worker:
@@ -538,6 +586,16 @@ def main(argv=None) -> None:
             p.error(f"unknown dtype {d}; choose from {sorted(DTYPE_BYTES)}")
     if args.new_tokens < 2 or args.repeats < 1:
         p.error("need --new-tokens >= 2 and --repeats >= 1")
+    peers = [x for x in args.peers.split(",") if x]
+    for x in peers:
+        if x not in PEERS:
+            p.error(f"unknown peer {x}; choose from {list(PEERS)}")
+    if not peers:
+        p.error("--peers: name at least one")
+    args.libs = ["ours"] + [PEERS[x] for x in dict.fromkeys(peers)]
+    if "easydel" in args.libs and not os.path.exists(args.easydel_python):
+        p.error(f"EasyDeL's python {args.easydel_python} does not exist: run bench/setup_easydel.sh (its default "
+                "location) or pass --easydel-python, or leave easydel out of --peers")
 
     temp = args.workdir is None
     workdir = tempfile.mkdtemp(prefix="gemma3-bench-") if temp else args.workdir
