@@ -59,6 +59,14 @@ class GenerateOutput:
     num_new_tokens: np.ndarray  # (B,) tokens generated per row, the stop token included
 
 
+def _decode_step(graphdef, state, tokens, cache, seeds, step, temperature, top_k, top_p):
+    """One token per row from the previous one: a forward of length 1 through the cache, then sampling."""
+    model = nnx.merge(graphdef, state)
+    out = model(input_ids=tokens[:, None], position_ids=cache.next_position[:, None], past_key_values=cache)
+    nxt = sample_tokens(out.logits[:, -1], step_keys(seeds, step), temperature, top_k, top_p)
+    return nxt, out.past_key_values
+
+
 @functools.lru_cache(maxsize=32)
 def _compiled(graphdef):
     """The jitted prefill and decode step of one model structure (the cache is donated)."""
@@ -69,16 +77,37 @@ def _compiled(graphdef):
                     past_key_values=cache, logits_to_keep=1, **extra)
         return out.logits[:, -1], out.past_key_values
 
-    def decode(state, tokens, cache, seeds, step, temperature, top_k, top_p):
-        model = nnx.merge(graphdef, state)
-        out = model(input_ids=tokens[:, None], position_ids=cache.next_position[:, None], past_key_values=cache)
-        nxt = sample_tokens(out.logits[:, -1], step_keys(seeds, step), temperature, top_k, top_p)
-        return nxt, out.past_key_values
+    decode = functools.partial(_decode_step, graphdef)
 
     def first(logits, seeds, temperature, top_k, top_p):
         return sample_tokens(logits, step_keys(seeds, jnp.int32(0)), temperature, top_k, top_p)
 
     return jax.jit(prefill, donate_argnums=(4,)), jax.jit(decode, donate_argnums=(2,)), jax.jit(first)
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled_loop(graphdef, size: int):
+    """All decode steps of ``generate`` in one jitted ``while_loop``: tokens land in a (B, size) buffer
+    (pad after a row's stop token) until every row has stopped or ``limit`` tokens were made."""
+    def loop(state, token, cache, seeds, temperature, top_k, top_p, stop_ids, limit, pad):
+        def record(i, tok, out, done, count):
+            out = jax.lax.dynamic_update_slice(out, jnp.where(done, pad, tok)[:, None], (0, i))
+            return out, done | (tok[:, None] == stop_ids[None, :]).any(-1), count + (~done)
+
+        b = token.shape[0]
+        out, done, count = record(0, token, jnp.full((b, size), pad, jnp.int32), jnp.zeros((b,), bool),
+                                  jnp.zeros((b,), jnp.int32))
+
+        def body(carry):
+            i, tok, cache, out, done, count = carry
+            tok, cache = _decode_step(graphdef, state, tok, cache, seeds, i, temperature, top_k, top_p)
+            return (i + 1, tok, cache, *record(i, tok, out, done, count))
+
+        carry = (jnp.int32(1), token, cache, out, done, count)
+        carry = jax.lax.while_loop(lambda c: (c[0] < limit) & ~c[4].all(), body, carry)
+        return carry[3], carry[5]
+
+    return jax.jit(loop, donate_argnums=(2,))
 
 
 def _per_row(value, b: int, dtype) -> jax.Array:
@@ -117,7 +146,7 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int = 32,
 
         cache = shard_cache(cache, mesh)
     graphdef, state = nnx.split(model)
-    prefill, decode, first = _compiled(graphdef)
+    prefill, _, first = _compiled(graphdef)
     extra = {k: jnp.asarray(v) for k, v in prefill_inputs.items() if v is not None}
     if "pixel_values" in extra or "image_features" in extra:  # the image-token count is checked eagerly here
         from gemma3.multimodal import check_image_token_count
@@ -126,17 +155,13 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int = 32,
     logits, cache = prefill(state, input_ids, kwargs["attention_mask"], kwargs["position_ids"], cache, extra)
     token = first(logits, seeds, temperature, top_k, top_p)
 
-    stop_ids = np.array(sorted(stops), np.int64)
-    new = np.full((b, max_new_tokens), pad, np.int64)
-    done = np.zeros(b, bool)
-    count = np.zeros(b, np.int64)
-    for i in range(max_new_tokens):
-        host = np.asarray(token)
-        new[:, i] = np.where(done, pad, host)
-        count += ~done
-        done |= np.isin(host, stop_ids)
-        if done.all() or i == max_new_tokens - 1:
-            break
-        token, cache = decode(state, token, cache, seeds, jnp.int32(i + 1), temperature, top_k, top_p)
+    # The decode loop runs on the device (one call, no host round trip per token); its buffer and the stop
+    # list are padded to powers of two, so other lengths and stop sets reuse the compiled loop.
+    size = 1 << max(3, (max_new_tokens - 1).bit_length())
+    stop_ids = np.full(1 << max(2, (len(stops) - 1).bit_length()), -1, np.int32)
+    stop_ids[:len(stops)] = sorted(stops)
+    out, count = _compiled_loop(graphdef, size)(state, token, cache, seeds, temperature, top_k, top_p,
+                                                jnp.asarray(stop_ids), jnp.int32(max_new_tokens), jnp.int32(pad))
+    new = np.asarray(out)[:, :max_new_tokens].astype(np.int64)
     return GenerateOutput(sequences=np.concatenate([np.asarray(input_ids), new], axis=1), new_tokens=new,
-                          num_new_tokens=count)
+                          num_new_tokens=np.asarray(count).astype(np.int64))
