@@ -148,12 +148,12 @@ def _hf_name(path: tuple) -> tuple[str, bool]:
     return ".".join(head + [leaf]), False
 
 
-def _reader(array: np.ndarray, transposed: bool, dtype, seen: dict | None = None) -> Callable:
+def _reader(array: np.ndarray, transposed: bool, dtype, seen: dict | None = None, key: str = "") -> Callable:
     """Reads one device's slice; ``seen`` collects the distinct slices' byte counts (from the file)."""
     def read(index):
         part = array.T[index] if transposed else array[index]
         if seen is not None:
-            seen[(id(array), str(index))] = part.nbytes
+            seen[(key, str(index))] = part.nbytes
         return np.ascontiguousarray(part, dtype=dtype)  # one copy: transposed and cast in one pass
 
     return read
@@ -248,9 +248,9 @@ def load_pretrained(cls, path, dtype=np.float32, mesh: Mesh | None = None, progr
         transposed = _hf_name(p)[1]
         if mesh is None and source.nbytes > CHUNK_BYTES:
             value = _place_in_chunks(source, transposed, dtype, device, ckpt.where[key].release)
-            seen[(id(source), "all")] = source.nbytes
+            seen[(key, "all")] = source.nbytes
         else:
-            value = jax.make_array_from_callback(shape, sharding, _reader(source, transposed, dtype, seen))
+            value = jax.make_array_from_callback(shape, sharding, _reader(source, transposed, dtype, seen, key))
         v.set_value(value.block_until_ready())  # the copy is asynchronous: wait before dropping its source pages
         if bar is not None:
             bar.update(source.nbytes)

@@ -305,6 +305,15 @@ class DeviceProgram:
             shardings = cache_sharding(jax.eval_shape(init, self.state), mesh)
         self._init = jax.jit(init, out_shardings=shardings)
         self.cache = self._init(self.state)
+        # Decode runs on the first ``rows`` slots only, ``rows`` the smallest bucket holding every active slot
+        # (slots fill from the lowest free one), so a lone request does not pay for a full batch. Every
+        # bucket is compiled here, with all slots idle: no request ever waits for XLA.
+        self.buckets = sorted({1 << i for i in range(num_slots.bit_length()) if 1 << i < num_slots} | {num_slots})
+        idle = np.zeros(num_slots, bool)
+        for rows in self.buckets:
+            self._run_decode(rows, np.zeros(num_slots, np.int32), idle, np.zeros(num_slots, np.uint32),
+                             np.zeros(num_slots, np.int32), np.zeros(num_slots, np.float32),
+                             np.zeros(num_slots, np.int32), np.ones(num_slots, np.float32))
 
     def prefill(self, slot, ids, length, extra, temperature, top_k, top_p, seed) -> list[np.ndarray]:
         """Prefill one request (ids: (1, bucket)) into decode slot ``slot``; its first token's picks."""
@@ -313,7 +322,14 @@ class DeviceProgram:
         return [np.asarray(x) for x in picked]
 
     def decode(self, tokens, active, seeds, steps, temperature, top_k, top_p) -> list[np.ndarray]:
-        """One step of every slot; the picks come back in the step's one host transfer."""
+        """One step of the active slots; the picks (one row per slot of the bucket run) come back in the
+        step's one host transfer."""
+        used = int(np.flatnonzero(active)[-1]) + 1 if active.any() else 1
+        rows = next(b for b in self.buckets if b >= used)
+        return self._run_decode(rows, tokens, active, seeds, steps, temperature, top_k, top_p)
+
+    def _run_decode(self, rows, *host) -> list[np.ndarray]:
+        tokens, active, seeds, steps, temperature, top_k, top_p = (x[:rows] for x in host)
         picked, self.cache = self._decode(self.state, tokens, self.cache, active, seeds, steps, temperature,
                                           top_k, top_p)
         return [np.asarray(x) for x in picked]
@@ -367,9 +383,16 @@ def _compile(graphdef, num_slots: int, max_length: int, n_top: int, mesh=None):
                             cache, row)
 
     def decode(state, tokens, cache, active, seeds, steps, temperature, top_k, top_p):
+        """One step of the cache's first len(tokens) slots (the rest are left as they are)."""
         model = nnx.merge(graphdef, state)
-        out = model.model(input_ids=tokens[:, None], attention_mask=active[:, None], past_key_values=cache)
+        rows = tokens.shape[0]
+        sub = cache if rows == num_slots else jax.tree.map(lambda x: x[:rows], cache)
+        out = model.model(input_ids=tokens[:, None], attention_mask=active[:, None], past_key_values=sub)
         logits = model.apply_lm_head(out.last_hidden_state[:, 0])
-        return replicated(pick(logits, step_keys(seeds, steps), temperature, top_k, top_p, n_top)), out.past_key_values
+        picked = replicated(pick(logits, step_keys(seeds, steps), temperature, top_k, top_p, n_top))
+        if rows == num_slots:
+            return picked, out.past_key_values
+        return picked, jax.tree.map(lambda big, small: jax.lax.dynamic_update_slice_in_dim(big, small, 0, axis=0),
+                                    cache, out.past_key_values)
 
     return jax.jit(prefill), jax.jit(insert, donate_argnums=(0,)), jax.jit(decode, donate_argnums=(2,)), init
