@@ -93,8 +93,14 @@ def chunk_slots(cache: KVCache, index: jax.Array, valid: jax.Array) -> ChunkSlot
 
 
 def _scatter(buf: jax.Array, slots: jax.Array, new: jax.Array) -> jax.Array:
-    rows = jnp.arange(buf.shape[0])[:, None]
+    """Write ``new`` at ``slots`` of the buffer's first ``len(slots)`` rows."""
+    rows = jnp.arange(slots.shape[0])[:, None]
     return buf.at[rows, slots].set(new.astype(buf.dtype), mode="drop")
+
+
+def scatter_rows(buf: jax.Array, slots: jax.Array, new: jax.Array) -> jax.Array:
+    """The first ``len(slots)`` rows of ``buf`` after writing ``new`` at ``slots``."""
+    return _scatter(buf, slots, new)[:slots.shape[0]]
 
 
 def write_layer(cache_k: jax.Array, cache_v: jax.Array, slots: jax.Array, k: jax.Array, v: jax.Array):
@@ -105,8 +111,9 @@ def write_layer(cache_k: jax.Array, cache_v: jax.Array, slots: jax.Array, k: jax
 def advance(cache: KVCache, keys, values, slots: ChunkSlots, index, valid, positions) -> KVCache:
     """The cache after a chunk: new layer buffers, entry indices, lengths and next positions."""
     idx = jnp.where(valid, index, EMPTY).astype(jnp.int32)
-    last_idx = jnp.max(jnp.where(valid, index, -1), axis=1)
-    last_pos = jnp.max(jnp.where(valid, positions, -1), axis=1)
+    last_idx = jnp.max(jnp.where(valid, index, -1), axis=1).astype(jnp.int32)
+    last_pos = jnp.max(jnp.where(valid, positions, -1), axis=1).astype(jnp.int32)
+    b = index.shape[0]  # the chunk's rows: the cache's first b
     return KVCache(
         keys=list(keys),
         values=list(values),
@@ -114,6 +121,6 @@ def advance(cache: KVCache, keys, values, slots: ChunkSlots, index, valid, posit
         sliding_index=_scatter(cache.sliding_index, slots.sliding, idx),
         # Trailing padding (a right-padded prefill bucket) does not advance the sequence, so the
         # next token sits right after the last real one and sliding windows count real tokens.
-        length=jnp.maximum(cache.length, last_idx + 1).astype(jnp.int32),
-        next_position=jnp.maximum(cache.next_position, last_pos + 1).astype(jnp.int32),
+        length=cache.length.at[:b].max(last_idx + 1),
+        next_position=cache.next_position.at[:b].max(last_pos + 1),
     )

@@ -104,6 +104,10 @@ class AttentionContext:
     EMPTY where the token is padding. blocks: (B, T) image-block id per token (0 = text) or None;
     tokens of one block see each other whatever their order. cache_index / slots: the cache entries'
     indices and where the chunk is written, or None without a cache. window: sliding window or None.
+    write_first: a one-token step (decode) writes its key and value into the cache before attending to
+    the cache alone, and cache_index already holds the new token's entry. A buffer that is only updated
+    in place and then read needs no copy, while reading the old cache beside the write made XLA copy
+    every layer's buffers twice per step.
     """
 
     cos: jax.Array
@@ -114,6 +118,7 @@ class AttentionContext:
     cache_index: jax.Array | None
     slots: jax.Array | None
     window: int | None = dataclasses.field(metadata=dict(static=True), default=None)
+    write_first: bool = dataclasses.field(metadata=dict(static=True), default=False)
 
 
 def visibility_mask(q_index, k_index, window, q_blocks=None, k_blocks=None) -> jax.Array:
@@ -180,8 +185,12 @@ class Gemma3Attention(nnx.Module):
         q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
         key_sets = [(k, v, ctx.k_index, ctx.blocks)]
         if cache_kv is not None:
-            key_sets.insert(0, (cache_kv[0], cache_kv[1], ctx.cache_index, None))
-            cache_kv = kv.write_layer(cache_kv[0], cache_kv[1], ctx.slots, k, v)
+            old_k, old_v = cache_kv
+            cache_kv = kv.write_layer(old_k, old_v, ctx.slots, k, v)
+            if ctx.write_first:
+                key_sets = [(cache_kv[0][:b], cache_kv[1][:b], ctx.cache_index, None)]
+            else:
+                key_sets.insert(0, (old_k[:b], old_v[:b], ctx.cache_index, None))
         out, probs = dot_product_attention(q * jnp.asarray(self.scale, q.dtype), key_sets, ctx)
         return self.o_proj(out.reshape(b, t, -1)), cache_kv, probs
 
@@ -251,32 +260,38 @@ class Gemma3TextModel(nnx.Module):
         continued from the cache), so a left-padded row gives the logits of its unpadded self;
         transformers' forward instead uses plain indices unless told otherwise.
         ``image_blocks`` (B, T): per token, 0 for text or the id of the image it belongs to.
+        The cache may hold more rows than the chunk: the chunk then reads and writes its first B rows
+        only, in place (the serving engine decodes the prefix of its slots that holds the active ones).
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
         b, t = x.shape[:2]
         cache = past_key_values
-        start = cache.length[:, None] if cache is not None else jnp.zeros((b, 1), jnp.int32)
+        start = cache.length[:b, None] if cache is not None else jnp.zeros((b, 1), jnp.int32)
         index = start + jnp.arange(t, dtype=jnp.int32)[None, :]
         valid = _chunk_mask(attention_mask, t, cache, index)
         if position_ids is None:
-            first = cache.next_position[:, None] if cache is not None else 0
+            first = cache.next_position[:b, None] if cache is not None else 0
             position_ids = first + jnp.maximum(jnp.cumsum(valid, axis=1, dtype=jnp.int32) - 1, 0)
         position_ids = jnp.broadcast_to(jnp.asarray(position_ids, jnp.int32), (b, t))
         k_index = jnp.where(valid, index, kv.EMPTY)
         slots = kv.chunk_slots(cache, index, valid) if cache is not None else None
 
         ctx = {}
+        write_first = cache is not None and t == 1 and image_blocks is None
         for kind in (FULL, SLIDING):
             base, factor = self.config.rope(kind)
             cos, sin = rope_tables(position_ids, self.config.head_dim, base, factor, x.dtype)
             sliding = kind == SLIDING
+            cache_index = kind_slots = None
+            if cache is not None:
+                cache_index = cache.sliding_index if sliding else cache.full_index
+                kind_slots = slots.sliding if sliding else slots.full
+                cache_index = kv.scatter_rows(cache_index, kind_slots, k_index) if write_first else cache_index[:b]
             ctx[kind] = AttentionContext(
-                cos=cos, sin=sin, q_index=index, k_index=k_index, blocks=image_blocks,
-                cache_index=None if cache is None else (cache.sliding_index if sliding else cache.full_index),
-                slots=None if cache is None else (slots.sliding if sliding else slots.full),
-                window=self.config.sliding_window if sliding else None,
+                cos=cos, sin=sin, q_index=index, k_index=k_index, blocks=image_blocks, cache_index=cache_index,
+                slots=kind_slots, window=self.config.sliding_window if sliding else None, write_first=write_first,
             )
 
         hidden_states, attentions, new_k, new_v = [], [], [], []

@@ -385,14 +385,8 @@ def _compile(graphdef, num_slots: int, max_length: int, n_top: int, mesh=None):
     def decode(state, tokens, cache, active, seeds, steps, temperature, top_k, top_p):
         """One step of the cache's first len(tokens) slots (the rest are left as they are)."""
         model = nnx.merge(graphdef, state)
-        rows = tokens.shape[0]
-        sub = cache if rows == num_slots else jax.tree.map(lambda x: x[:rows], cache)
-        out = model.model(input_ids=tokens[:, None], attention_mask=active[:, None], past_key_values=sub)
+        out = model.model(input_ids=tokens[:, None], attention_mask=active[:, None], past_key_values=cache)
         logits = model.apply_lm_head(out.last_hidden_state[:, 0])
-        picked = replicated(pick(logits, step_keys(seeds, steps), temperature, top_k, top_p, n_top))
-        if rows == num_slots:
-            return picked, out.past_key_values
-        return picked, jax.tree.map(lambda big, small: jax.lax.dynamic_update_slice_in_dim(big, small, 0, axis=0),
-                                    cache, out.past_key_values)
+        return replicated(pick(logits, step_keys(seeds, steps), temperature, top_k, top_p, n_top)), out.past_key_values
 
     return jax.jit(prefill), jax.jit(insert, donate_argnums=(0,)), jax.jit(decode, donate_argnums=(2,)), init

@@ -160,3 +160,27 @@ def test_steady_state_compiles_nothing(model):
         assert [p._cache_size() for p in programs] == compiled
     finally:
         eng.stop()
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_decode_updates_the_cache_in_place(model, rows):
+    """The compiled decode step (a bucket of the first rows, and all slots) copies none of the cache's
+    buffers: each is written in place, then read. A step that attended to the old cache beside the write
+    copied every layer's keys and values twice, which cost more than the weights at long contexts."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from lm_worker.engine import _compile
+
+    graphdef, state = nnx.split(model)
+    _, _, decode, init = _compile(graphdef, 3, 48, 2)
+    cache = jax.jit(init)(state)
+    host = (jnp.zeros(rows, jnp.int32), cache, jnp.ones(rows, bool), jnp.zeros(rows, jnp.uint32),
+            jnp.zeros(rows, jnp.int32), jnp.zeros(rows, jnp.float32), jnp.zeros(rows, jnp.int32),
+            jnp.ones(rows, jnp.float32))
+    hlo = decode.lower(state, *host).compile().as_text()
+    shapes = {f"{x.dtype.name.replace('float', 'f').replace('int', 's')}[{','.join(map(str, x.shape))}]"
+              for x in jax.tree.leaves(cache) if x.ndim >= 2}
+    copies = [line.strip() for line in hlo.splitlines() if " copy(" in line and any(s in line for s in shapes)]
+    assert shapes and not copies, copies[:3]
