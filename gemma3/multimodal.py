@@ -29,7 +29,9 @@ class Gemma3MultiModalProjector(nnx.Module):
         s, k = self.patches_per_side, self.pool
         grid = vision_outputs.reshape(n, s // k, k, s // k, k, d)  # patches are row-major
         pooled = grid.astype(jnp.float32).mean(axis=(2, 4)).astype(vision_outputs.dtype).reshape(n, -1, d)
-        return jnp.einsum("NPV,VD->NPD", self.mm_soft_emb_norm(pooled), self.mm_input_projection_weight[...])
+        x, w = self.mm_soft_emb_norm(pooled), self.mm_input_projection_weight[...]
+        # bfloat16 products accumulate in float32 (faster on CPU too); float32 is unchanged
+        return jnp.einsum("NPV,VD->NPD", x, w, preferred_element_type=jnp.float32).astype(jnp.result_type(x, w))
 
 
 def image_blocks(token_type_ids: jax.Array) -> jax.Array:

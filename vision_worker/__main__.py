@@ -63,7 +63,7 @@ async def main_async(args) -> None:
         batcher.start()
         c = encoder.config
         size = c.vision_config.image_size
-        await batcher.embed(np.zeros((1, 3, size, size), np.float32))  # compile the smallest batch
+        await batcher.embed(np.zeros((1, 3, size, size), np.float32))  # all sizes compiled; one image end to end
         service.attach(processor, batcher, fingerprint, (c.mm_tokens_per_image, c.text_config.hidden_size))
         log.info("model ready", extra={"model": args.model, "fingerprint": fingerprint[:12]})
 

@@ -50,15 +50,43 @@ def weights_fingerprint(path: str, encoder) -> str:
     return h.hexdigest()
 
 
+def bucket(n: int) -> int:
+    """The batch shape that n images run in: the next power of two."""
+    return 1 << max(0, (n - 1).bit_length())
+
+
 class Batcher:
-    """Runs the encoder over images from many requests at once, in power-of-two batch shapes."""
+    """Runs the encoder over images from many requests at once, in power-of-two batch shapes.
+
+    The weights are an argument of the compiled function, not constants folded into it: that compiles
+    in a fraction of the time and holds no second copy of them. Once started, the batcher compiles every
+    batch shape up to ``max_batch`` (``warm_up``) before it takes the first batch (the worker's warm-up
+    image), so no request waits for a compile."""
 
     def __init__(self, encoder, max_batch: int = 8, wait_ms: float = 5.0):
-        graphdef, state = nnx.split(encoder)
-        self._run = jax.jit(lambda pixels: nnx.merge(graphdef, state)(pixels))
+        graphdef, self._state = nnx.split(encoder)
+        self._run = jax.jit(lambda state, pixels: nnx.merge(graphdef, state)(pixels))
+        self._compiled: dict[tuple[int, ...], jax.stages.Compiled] = {}
+        v = encoder.config.vision_config
+        self.image_shape = (v.num_channels, v.image_size, v.image_size)
         self.max_batch, self.wait = max_batch, wait_ms / 1000
         self.queue: asyncio.Queue = asyncio.Queue()
         self._task: asyncio.Task | None = None
+
+    def compile(self, shape: tuple[int, ...]) -> jax.stages.Compiled:
+        """The executable for float32 pixels of this (batch, C, H, W) shape, compiled once."""
+        shape = tuple(shape)
+        if shape not in self._compiled:
+            pixels = jax.ShapeDtypeStruct(shape, jnp.float32)
+            self._compiled[shape] = self._run.lower(self._state, pixels).compile()
+        return self._compiled[shape]
+
+    def warm_up(self) -> list[int]:
+        """Compile every batch shape that up to ``max_batch`` images run in; the batch sizes."""
+        sizes = [1 << i for i in range(bucket(self.max_batch).bit_length())]
+        for size in sizes:
+            self.compile((size, *self.image_shape))
+        return sizes
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop())
@@ -75,15 +103,21 @@ class Batcher:
 
     def _forward(self, pixels: np.ndarray) -> np.ndarray:
         n = pixels.shape[0]
-        size = 1 << max(0, (n - 1).bit_length())
+        size = bucket(n)
         padded = np.concatenate([pixels, np.zeros((size - n, *pixels.shape[1:]), pixels.dtype)]) if size > n else pixels
+        padded = np.asarray(padded, np.float32)
+        run = self.compile(padded.shape)  # compiled by warm_up unless a batch outgrew max_batch
         started = time.perf_counter()
-        out = np.asarray(self._run(jnp.asarray(padded)), np.float32)[:n]
+        out = np.asarray(run(self._state, jax.device_put(padded)), np.float32)[:n]  # asarray would compile
         forward_time.record(time.perf_counter() - started)
         batch_images.record(n)
         return out
 
     async def _loop(self) -> None:
+        try:
+            await asyncio.to_thread(self.warm_up)
+        except Exception:  # the batches will meet the error again, and fail their requests with it
+            log.exception("compiling the vision tower's batch shapes failed")
         while True:
             jobs = [await self.queue.get()]
             await asyncio.sleep(self.wait)

@@ -1,0 +1,120 @@
+"""The vision tower's fast paths: blocked attention (exact), float32 accumulation of bfloat16 products,
+and the vision worker's batcher (weights as an argument, every batch shape compiled at warm-up)."""
+
+import asyncio
+
+import jax
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from gemma3 import Gemma3ForConditionalGeneration, Gemma3ImageEncoder, vision
+from tests import make_checkpoints as mk
+from vision_worker.service import Batcher
+
+
+def dense_attention(q, k, v):
+    """The plain softmax(q k^T) v, in float32, as the reference."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    s = np.einsum("BPH,BQH->BPQ", q, k)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    return np.einsum("BPQ,BQH->BPH", p / p.sum(-1, keepdims=True), v)
+
+
+@pytest.mark.parametrize("budget", [None, 100, 2 * 36 * 36, 36 * 36], ids=["one-block", "query-chunks+padding",
+                                                                          "two-rows", "one-row"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_blocked_attention_is_exact(monkeypatch, budget, dtype):
+    if budget is not None:
+        monkeypatch.setattr(vision, "_block_scores", lambda: budget)
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.standard_normal((12, 36, 8)), dtype) for _ in range(3))
+    got = np.asarray(jax.jit(vision.attention)(q, k, v), np.float32)
+    ref = dense_attention(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32))
+    np.testing.assert_allclose(got, ref, atol=1e-6 if dtype == jnp.float32 else 2e-2)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    path = tmp_path_factory.mktemp("mm-speed")
+    hf = mk.hf_multimodal_model(seed=2)
+    hf.save_pretrained(path)
+    return str(path), hf, Gemma3ForConditionalGeneration.from_pretrained(path)
+
+
+@pytest.mark.parametrize("budget", [100, 36 * 36])
+def test_blocked_vision_tower_matches_transformers(monkeypatch, pair, budget):
+    _, hf, ours = pair
+    monkeypatch.setattr(vision, "_block_scores", lambda: budget)
+    pixels = mk.random_pixels(2, seed=5)
+    with torch.no_grad():
+        ref = hf.get_image_features(torch.tensor(pixels)).pooler_output.numpy()
+    got = np.asarray(jax.jit(ours.get_image_features)(jnp.asarray(pixels)))
+    np.testing.assert_allclose(got, ref, atol=1e-5)
+
+
+def test_bfloat16_products_accumulate_in_float32(pair):
+    path, _, _ = pair
+    encoder = Gemma3ImageEncoder.from_pretrained(path, dtype=jnp.bfloat16)
+    def dots(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general":
+                yield eqn
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                yield from dots(sub)
+
+    found = list(dots(jax.make_jaxpr(encoder)(jnp.zeros((1, 3, 42, 42), jnp.float32)).jaxpr))
+    # patch embedding, 2 layers x (q, k, v, out, 2 attention products, fc1, fc2), the projector
+    assert len(found) == 1 + 2 * 8 + 1
+    assert all(e.params["preferred_element_type"] == jnp.float32 for e in found), [e.params for e in found]
+    reference = Gemma3ImageEncoder.from_pretrained(path)
+    pixels = jnp.asarray(mk.random_pixels(2, seed=6))
+    np.testing.assert_allclose(np.asarray(encoder(pixels), np.float32), np.asarray(reference(pixels)), atol=0.05)
+
+
+def test_batcher_compiles_no_weights_in(pair):
+    path, _, _ = pair
+    encoder = Gemma3ImageEncoder.from_pretrained(path)
+    batcher = Batcher(encoder, max_batch=2)
+    lowered = batcher._run.lower(batcher._state, jax.ShapeDtypeStruct((1, 3, 42, 42), jnp.float32))
+    n_weights = len(jax.tree.leaves(nnx.state(encoder)))
+    assert len(jax.tree.leaves(lowered.args_info)) == n_weights + 1
+    # a weight folded in would be a dense constant, printed as a hex blob
+    assert 'dense<"0x' not in lowered.as_text()
+
+
+def test_warm_up_compiles_every_batch_shape(pair):
+    path, _, _ = pair
+    encoder = Gemma3ImageEncoder.from_pretrained(path)
+    batcher = Batcher(encoder, max_batch=6, wait_ms=0)
+    compiles = []
+
+    def listen(event, duration, **_):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(duration)
+
+    async def go():
+        batcher.start()
+        try:
+            first = await batcher.embed(np.zeros((1, 3, 42, 42), np.float32))  # the worker's warm-up image
+            warm = len(compiles)
+            pixels = mk.random_pixels(7, seed=7)
+            outs = [await batcher.embed(pixels[:n]) for n in (3, 5, 7, 2)]
+            return first, warm, outs, pixels
+        finally:
+            await batcher.stop()
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        first, warm, outs, pixels = asyncio.run(go())
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    assert sorted(s[0] for s in batcher._compiled) == [1, 2, 4, 8] and warm >= 4
+    assert len(compiles) == warm, "a request after warm-up compiled"
+    expected = np.asarray(encoder(jnp.asarray(pixels)))
+    assert first.shape == (1, 9, 64)
+    for n, out in zip((3, 5, 7, 2), outs):
+        np.testing.assert_allclose(out, expected[:n], atol=1e-5)
