@@ -43,7 +43,6 @@ import concurrent.futures
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -51,6 +50,7 @@ import tempfile
 import time
 
 import numpy as np
+from harness import Worker, fmt, log, serve  # bench/: this script's directory, first on sys.path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -82,25 +82,6 @@ GIB = 1 << 30
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-def rss_now() -> int:
-    """Current resident set size in bytes."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def rss_peak() -> int:
-    """Peak resident set size of this process in bytes: VmHWM, the high-water mark of this address space.
-
-    Not ``ru_maxrss``: Linux carries that over fork and exec, so a worker would report at least the
-    coordinator's own peak (the 2 GiB bandwidth buffers).
-    """
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def prompt_ids(batch: int, length: int, vocab: int, seed: int) -> np.ndarray:
     """The random prompt both libraries get: ids above the special tokens (0 pad, 1 eos, 2 bos)."""
     return np.random.default_rng(seed).integers(3, vocab, size=(batch, length), dtype=np.int64)
@@ -324,78 +305,7 @@ def worker_class(lib: str):
 
 
 def worker_main(lib: str) -> None:
-    """Serve JSON-line commands on the original stdout; everything libraries print goes to stderr."""
-    proto = os.fdopen(os.dup(1), "w", buffering=1)
-    os.dup2(2, 1)
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    w = None
-    for line in sys.stdin:
-        msg = json.loads(line)
-        cmd = msg.pop("cmd")
-        try:
-            if cmd == "load":
-                rss0 = rss_now()
-                w = worker_class(lib)(**msg)
-                reply = {"load_s": w.load_s, "rss_after_load": rss_now(), "rss_before_load": rss0, "info": w.info}
-            elif cmd == "cold":
-                reply = w.cold()
-            elif cmd == "repeat":
-                reply = w.repeat(**msg)
-            elif cmd == "finish":
-                reply = {"peak_rss": rss_peak(), "rss_now": rss_now()}
-            else:
-                raise ValueError(cmd)
-        except Exception as e:  # reported to the coordinator, which stops
-            import traceback
-
-            traceback.print_exc()
-            reply = {"error": f"{type(e).__name__}: {e}"}
-        proto.write(json.dumps(reply) + "\n")
-        if cmd == "finish":
-            break
-
-
-class Worker:
-    """The coordinator's handle on one worker process."""
-
-    def __init__(self, lib: str, log_path: str, python: str = sys.executable):
-        self.lib = lib
-        self.log_path = log_path
-        self.log = open(log_path, "w")
-        env = dict(os.environ, JAX_PLATFORMS="cpu", TOKENIZERS_PARALLELISM="false")
-        self.proc = subprocess.Popen([python, os.path.abspath(__file__), "--_worker", lib],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
-                                     env=env, cwd=ROOT)
-
-    def call(self, cmd: str, **kw) -> dict:
-        self.proc.stdin.write(json.dumps({"cmd": cmd, **kw}) + "\n")
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        if not line:
-            self.proc.wait()
-            raise RuntimeError(f"{self.lib} worker died (rc {self.proc.returncode}); see {self.log_path}:\n"
-                               + tail(self.log_path))
-        reply = json.loads(line)
-        if "error" in reply:
-            raise RuntimeError(f"{self.lib} worker: {reply['error']}; see {self.log_path}:\n" + tail(self.log_path))
-        return reply
-
-    def close(self):
-        try:
-            self.proc.stdin.close()
-        except OSError:
-            pass
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
-
-
-def tail(path: str, n: int = 30) -> str:
-    with open(path) as f:
-        return "".join(f.readlines()[-n:])
+    serve(worker_class(lib), {"cold": lambda w, _: w.cold(), "repeat": lambda w, msg: w.repeat(**msg)})
 
 
 # ------------------------------------------------------------------------------------------ the benchmark
@@ -407,7 +317,7 @@ def run_config(ckpt, shape, dtype, batch, args, logdir) -> dict:
     workers = {}
     try:
         for lib in libs:  # loaded one after the other, so loads do not compete
-            workers[lib] = Worker(lib, os.path.join(logdir, f"{shape}-{dtype}-b{batch}-{lib}.log"),
+            workers[lib] = Worker(__file__, lib, os.path.join(logdir, f"{shape}-{dtype}-b{batch}-{lib}.log"),
                                   args.easydel_python if lib == "easydel" else sys.executable)
             res[lib] = {"load": workers[lib].call("load", **load), "repeats": []}
         for lib in libs:  # first generate: the JAX libraries compile here, transformers warms up
@@ -452,16 +362,6 @@ def summarize(res: dict, args) -> dict:
         res["greedy_agree_prefix"][lib] = [int(np.argmin(row)) if not row.all() else n for row in same]
     res["loadavg_max"] = max(x["loadavg_1m"] for lib in res["libs"] for x in res[lib]["repeats"])
     return res
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def fmt(x, digits=1):
-    if x is None or (isinstance(x, float) and not np.isfinite(x)):
-        return "n/a"
-    return f"{x:,.{digits}f}"
 
 
 def measure_bandwidth(when: str) -> dict:

@@ -65,6 +65,7 @@ import tempfile
 import time
 
 import numpy as np
+from harness import Worker, fmt, log, serve  # bench/: this script's directory, first on sys.path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GIB = 1 << 30
@@ -83,35 +84,6 @@ DTYPES = ("float32", "bfloat16")
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-def rss_now() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def rss_peak() -> int:
-    """VmHWM: this address space's high-water mark (``ru_maxrss`` carries over fork and exec)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def fmt(x, digits=1):
-    if x is None or (isinstance(x, float) and not np.isfinite(x)):
-        return "n/a"
-    return f"{x:,.{digits}f}"
-
-
-def tail(path: str, n: int = 30) -> str:
-    with open(path) as f:
-        return "".join(f.readlines()[-n:])
-
-
 def vision_shapes(args) -> tuple[dict, int, int]:
     """(vision_config, mm_tokens_per_image, text width) from the defaults and the shape flags."""
     vision = dict(VISION_4B, num_hidden_layers=args.layers, image_size=args.image_size)
@@ -254,74 +226,17 @@ class HFWorker:
             return time.perf_counter() - t0, out
 
 
+def embed_command(w, msg) -> dict:
+    """Time one call; ``save``: where the embeddings go (.npy), for the comparison."""
+    dt, out = w.embed()
+    if msg.get("save"):
+        np.save(msg["save"], out)
+    return {"s": dt, "shape": list(out.shape), "finite": bool(np.isfinite(out).all()),
+            "compile_s": getattr(w, "compile_s", None)}
+
+
 def worker_main(lib: str) -> None:
-    """Serve JSON-line commands on the original stdout; everything libraries print goes to stderr."""
-    proto = os.fdopen(os.dup(1), "w", buffering=1)
-    os.dup2(2, 1)
-    w = None
-    for line in sys.stdin:
-        msg = json.loads(line)
-        cmd = msg.pop("cmd")
-        try:
-            if cmd == "load":
-                rss0 = rss_now()
-                w = (OursWorker if lib == "ours" else HFWorker)(**msg)
-                reply = {"load_s": w.load_s, "rss_after_load": rss_now(), "rss_before_load": rss0, "info": w.info}
-            elif cmd == "embed":  # save: where the embeddings go (.npy), for the comparison
-                dt, out = w.embed()
-                reply = {"s": dt, "shape": list(out.shape), "finite": bool(np.isfinite(out).all()),
-                         "compile_s": getattr(w, "compile_s", None)}
-                if msg.get("save"):
-                    np.save(msg["save"], out)
-            elif cmd == "finish":
-                reply = {"peak_rss": rss_peak(), "rss_now": rss_now()}
-            else:
-                raise ValueError(cmd)
-        except Exception as e:  # reported to the coordinator, which stops
-            import traceback
-
-            traceback.print_exc()
-            reply = {"error": f"{type(e).__name__}: {e}"}
-        proto.write(json.dumps(reply) + "\n")
-        if cmd == "finish":
-            break
-
-
-class Worker:
-    """The coordinator's handle on one worker process."""
-
-    def __init__(self, lib: str, log_path: str):
-        self.lib, self.log_path = lib, log_path
-        self.log = open(log_path, "w")
-        env = dict(os.environ, JAX_PLATFORMS="cpu", TOKENIZERS_PARALLELISM="false", PYTHONPATH=ROOT)
-        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--_worker", lib],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
-                                     env=env, cwd=ROOT)
-
-    def call(self, cmd: str, **kw) -> dict:
-        self.proc.stdin.write(json.dumps({"cmd": cmd, **kw}) + "\n")
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        if not line:
-            self.proc.wait()
-            raise RuntimeError(f"{self.lib} worker died (rc {self.proc.returncode}); see {self.log_path}:\n"
-                               + tail(self.log_path))
-        reply = json.loads(line)
-        if "error" in reply:
-            raise RuntimeError(f"{self.lib} worker: {reply['error']}; see {self.log_path}:\n" + tail(self.log_path))
-        return reply
-
-    def close(self):
-        try:
-            self.proc.stdin.close()
-        except OSError:
-            pass
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
+    serve(OursWorker if lib == "ours" else HFWorker, {"embed": embed_command})
 
 
 LIBS = (("ours", "gemma3 (JAX)"), ("hf", "transformers (torch)"))
@@ -334,7 +249,8 @@ def run_library_config(ckpt, dtype, batch, args, workdir) -> dict:
     outputs = {lib: os.path.join(workdir, f"embeddings-{dtype}-b{batch}-{lib}.npy") for lib, _ in LIBS}
     try:
         for lib, _ in LIBS:  # loaded one after the other, so loads do not compete
-            workers[lib] = Worker(lib, os.path.join(logdir, f"library-{dtype}-b{batch}-{lib}.log"))
+            workers[lib] = Worker(__file__, lib, os.path.join(logdir, f"library-{dtype}-b{batch}-{lib}.log"),
+                                  env={"PYTHONPATH": ROOT})
             res[lib] = {"load": workers[lib].call("load", ckpt=ckpt, dtype=dtype, batch=batch, seed=args.seed + 1),
                         "repeats": []}
         for lib, _ in LIBS:  # first call: ours compiles here, transformers warms up
