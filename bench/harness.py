@@ -49,6 +49,17 @@ def tail(path: str, n: int = 30) -> str:
         return "".join(f.readlines()[-n:])
 
 
+def report(text: str, output: str | None, json_path: str | None, data: dict) -> None:
+    """Print the Markdown tables; also write them to ``output`` and the raw numbers to ``json_path``."""
+    print(text)
+    if output:
+        with open(output, "w") as f:
+            f.write(text)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(data, f, indent=1)
+
+
 def serve(make: Callable, commands: dict[str, Callable]) -> None:
     """The worker side: JSON-line commands on the original stdout; everything libraries print goes to stderr.
 

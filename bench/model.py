@@ -50,7 +50,7 @@ import tempfile
 import time
 
 import numpy as np
-from harness import Worker, fmt, log, serve  # bench/: this script's directory, first on sys.path
+from harness import Worker, fmt, log, report, serve  # bench/: this script's directory, first on sys.path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -524,15 +524,9 @@ def main(argv=None) -> None:
                 rooflines[(shape, dtype)] = {"params": params[shape], "bytes": nbytes, "tok_s": bw["copy"] / nbytes,
                                              "tok_s_read": bw["read"] / nbytes}
         text = tables(results, rooflines, bw, args)
-        print(text)
-        if args.output:
-            with open(args.output, "w") as f:
-                f.write(text)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"args": vars(args), "bandwidth": bws, "python": platform.python_version(),
-                           "rooflines": {f"{k[0]}/{k[1]}": v for k, v in rooflines.items()},
-                           "results": results}, f, indent=1)
+        report(text, args.output, args.json, {
+            "args": vars(args), "bandwidth": bws, "python": platform.python_version(),
+            "rooflines": {f"{k[0]}/{k[1]}": v for k, v in rooflines.items()}, "results": results})
         log(f"# total {time.perf_counter() - t_start:.0f}s")
     finally:
         if temp:

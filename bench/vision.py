@@ -65,7 +65,7 @@ import tempfile
 import time
 
 import numpy as np
-from harness import Worker, fmt, log, serve  # bench/: this script's directory, first on sys.path
+from harness import Worker, fmt, log, report, serve  # bench/: this script's directory, first on sys.path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GIB = 1 << 30
@@ -659,13 +659,7 @@ def main(argv=None) -> None:
             out["services"] = res
             text += "### Services: time to first token, cache hit vs miss\n\n" + services_table(
                 res, args, vision, mm_tokens) + "\n"
-        print(text)
-        if args.output:
-            with open(args.output, "w") as f:
-                f.write(text)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(out, f, indent=1)
+        report(text, args.output, args.json, out)
         log(f"# total {time.perf_counter() - t_start:.0f}s")
     finally:
         if temp:

@@ -175,8 +175,7 @@ def _place_in_chunks(array: np.ndarray, transposed: bool, dtype, device, release
     """
     shape = array.T.shape if transposed else array.shape
     axis = array.ndim - 1 if transposed else 0  # the source's leading axis, in the placed layout
-    out = jax.device_put(np.zeros((), dtype), device)
-    out = jax.jit(lambda z: jax.numpy.broadcast_to(z, shape), out_shardings=device)(out)
+    out = jax.numpy.zeros(shape, dtype, device=device)
     pieces = max(1, -(-array.nbytes // CHUNK_BYTES))
     start = 0
     for rows in np.array_split(np.arange(array.shape[0]), pieces):
