@@ -105,7 +105,7 @@ def _compiled_loop(graphdef, size: int):
 
         carry = (jnp.int32(1), token, cache, out, done, count)
         carry = jax.lax.while_loop(lambda c: (c[0] < limit) & ~c[4].all(), body, carry)
-        return carry[3], carry[5]
+        return carry[3], carry[5], carry[2]  # the cache too: returned, the donated one is updated in place
 
     return jax.jit(loop, donate_argnums=(2,))
 
@@ -160,8 +160,8 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int = 32,
     size = 1 << max(3, (max_new_tokens - 1).bit_length())
     stop_ids = np.full(1 << max(2, (len(stops) - 1).bit_length()), -1, np.int32)
     stop_ids[:len(stops)] = sorted(stops)
-    out, count = _compiled_loop(graphdef, size)(state, token, cache, seeds, temperature, top_k, top_p,
-                                                jnp.asarray(stop_ids), jnp.int32(max_new_tokens), jnp.int32(pad))
+    out, count, _ = _compiled_loop(graphdef, size)(state, token, cache, seeds, temperature, top_k, top_p,
+                                                   jnp.asarray(stop_ids), jnp.int32(max_new_tokens), jnp.int32(pad))
     new = np.asarray(out)[:, :max_new_tokens].astype(np.int64)
     return GenerateOutput(sequences=np.concatenate([np.asarray(input_ids), new], axis=1), new_tokens=new,
                           num_new_tokens=np.asarray(count).astype(np.int64))

@@ -13,7 +13,14 @@ import sys
 from grpc_health.v1 import health_pb2
 
 from serving.logs import configure_logging
-from serving.settings import check_worker_security, env_flag, server_flags, worker_security_flags
+from serving.settings import (
+    check_worker_security,
+    compilation_cache_flag,
+    env_flag,
+    server_flags,
+    use_compilation_cache,
+    worker_security_flags,
+)
 
 SERVICE = "gemma3serve.v1.LMWorker"
 log = logging.getLogger("lm_worker")
@@ -35,6 +42,9 @@ def parse_args(argv=None) -> argparse.Namespace:
              "ask (0: what the context has left)", type=int)
     env_flag(p, "--max-prompt-tokens", "GEMMA3_LM_MAX_PROMPT_TOKENS", 0, "most prompt tokens, image tokens included "
              "(0: the context less one)", type=int)
+    env_flag(p, "--decode-burst-ms", "GEMMA3_LM_DECODE_BURST_MS", 20.0, "longest a device call may decode for "
+             "when no request waits for a slot: a small model's step costs less than a call's host overhead, so "
+             "it decodes several tokens per call (0: one token per call)", type=float)
     env_flag(p, "--max-top-logprobs", "GEMMA3_LM_MAX_TOP_LOGPROBS", 5, "most alternatives a request may ask "
              "logprobs for", type=int)
     env_flag(p, "--tensor-parallel", "GEMMA3_LM_TENSOR_PARALLEL", 1, "mesh tensor axis (the rest goes to data)",
@@ -51,6 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     env_flag(p, "--group-timeout", "GEMMA3_LM_GROUP_TIMEOUT", 5.0, "multi-host: seconds of silence after which a "
              "process counts as gone", type=float)
     worker_security_flags(p, "GEMMA3_LM")
+    compilation_cache_flag(p)
     args = p.parse_args(argv)
     if not args.model:
         p.error("--model (or GEMMA3_MODEL) is required")
@@ -151,7 +162,7 @@ async def main_async(args) -> None:
             await asyncio.to_thread(leader.accept)
             program = GroupProgram(program, leader)
         engine = Engine(model, num_slots=args.num_slots, max_length=args.max_length, max_queue=args.max_queue,
-                        max_top_logprobs=args.max_top_logprobs, program=program)
+                        max_top_logprobs=args.max_top_logprobs, program=program, burst_ms=args.decode_burst_ms)
         if leader is not None:
             loop = asyncio.get_running_loop()
 

@@ -2,9 +2,10 @@
 
 Like JetStream's orchestrator, reduced to its core: requests wait in a bounded queue; each is
 prefilled alone (padded to a length bucket, so a few shapes compile once), its first token sampled,
-and its cache row inserted into a free slot of the batched decode cache. Every step decodes all
-slots together; finished, cancelled or expired requests give their slot back at once. Tokens leave
-through each request's own queue, so detokenization and the network never block the decode loop.
+and its cache row inserted into a free slot of the batched decode cache. Every step decodes the
+active slots together (several steps per device call while nobody waits for a slot: ``_burst``);
+finished, cancelled or expired requests give their slot back at once. Tokens leave through each
+request's own queue, so detokenization and the network never block the decode loop.
 """
 
 from __future__ import annotations
@@ -97,10 +98,20 @@ class Request:
                 return
 
 
+DEVICE_STOP_IDS = 8
+"""Stop tokens per request that a decode burst checks on the device (it ends the burst early); a request
+with more still stops at every one of them, found on the host, after the burst."""
+
+
 @dataclasses.dataclass
 class _Slot:
     request: Request
     generated: int = 1  # the first token comes from prefill
+
+    def __post_init__(self):
+        ids = sorted(self.request.stop_token_ids)[:DEVICE_STOP_IDS]
+        self.stop_ids = np.full(DEVICE_STOP_IDS, -1, np.int32)
+        self.stop_ids[:len(ids)] = ids
 
 
 def buckets_for(max_length: int, smallest: int = 16) -> tuple[int, ...]:
@@ -117,12 +128,14 @@ class Engine:
 
     def __init__(self, model, *, num_slots: int = 8, max_length: int = 1024, max_queue: int = 64,
                  prefill_buckets: tuple[int, ...] | None = None, max_top_logprobs: int = 5, mesh=None,
-                 program: DeviceProgram | None = None):
+                 program: DeviceProgram | None = None, burst_ms: float = 20.0):
         """``mesh``: the model's mesh (its cache is sharded to match); ``program``: the device side to
         drive, by default a DeviceProgram of ``model`` (a multi-host leader passes one that also sends
-        each call to its followers)."""
+        each call to its followers). ``burst_ms``: how long one device call may decode for (0: one
+        token per call); see ``_burst``."""
         self.model, self.num_slots, self.max_length, self.max_queue = model, num_slots, max_length, max_queue
         self.max_top_logprobs = max_top_logprobs
+        self.burst_seconds = burst_ms / 1000
         self.buckets = prefill_buckets or buckets_for(max_length)
         self.device = program or DeviceProgram(model, num_slots, max_length, max_top_logprobs, mesh)
         self.tokens = np.zeros(num_slots, np.int32)
@@ -240,9 +253,21 @@ class Engine:
                  for k, v in request.prefill_inputs.items()}
         if "token_type_ids" in extra:
             extra["token_type_ids"] = np.pad(extra["token_type_ids"][None], ((0, 0), (0, bucket - n)))
-        picked = self.device.prefill(np.int32(slot), ids, np.int32(n), extra, *_sampling(request))
+        picked = self.device.prefill(np.int32(slot), ids, np.int32(n), extra, *_sampling(request),
+                                     np.bool_(request.top_logprobs > 0))
         self.slots[slot] = _Slot(request)
         self._emit(slot, *(x[0] for x in picked))
+
+    def _burst(self, active: np.ndarray) -> int:
+        """Decode steps for the next device call. One call costs a fixed host overhead (dispatch, the
+        fetch, this loop) that rivals a small model's whole step, so when nobody waits for a slot the
+        engine lets the device run several steps in one call, as many as fit in ``burst_seconds``
+        (measured per bucket at start). A burst never outlives a request's max_new_tokens, and the
+        device ends it at a stop token, so a finished slot is free as soon as with single steps."""
+        if self.burst_seconds <= 0 or (None in self.slots and not self._pending.empty()):
+            return 1
+        left = min((s.request.max_new_tokens - s.generated for s in self.slots if s is not None), default=1)
+        return max(1, min(self.device.steps_within(active, self.burst_seconds), left))
 
     def _step(self) -> None:
         active = np.array([s is not None for s in self.slots])
@@ -250,8 +275,11 @@ class Engine:
         temperature, top_k, top_p, seed = (np.array(col, dtype) for col, dtype in
                                            zip(zip(*params), (np.float32, np.int32, np.float32, np.uint32)))
         steps = np.array([s.generated if s else 0 for s in self.slots], np.int32)
+        stop_ids = np.stack([s.stop_ids if s else np.full(DEVICE_STOP_IDS, -1, np.int32) for s in self.slots])
+        wants_top = np.bool_(any(s is not None and s.request.top_logprobs > 0 for s in self.slots))
         try:
-            picked = self.device.decode(self.tokens.copy(), active, seed, steps, temperature, top_k, top_p)
+            picked = self.device.decode(self.tokens.copy(), active, seed, steps, temperature, top_k, top_p,
+                                        stop_ids, np.int32(self._burst(active)), wants_top)
         except Exception as e:
             if self.broken:
                 return
@@ -261,10 +289,12 @@ class Engine:
                 if slot is not None:
                     self._finish(i, Finished("error", f"decode failed: {e}"))
             return
-        for i, slot in enumerate(self.slots):
-            if slot is not None:
-                slot.generated += 1
-                self._emit(i, *(x[i] for x in picked))
+        *per_step, count = picked
+        for j in range(int(count)):
+            for i, slot in enumerate(self.slots):
+                if slot is not None:  # (a slot that ended earlier in the burst is None: nothing joins mid-burst)
+                    slot.generated += 1
+                    self._emit(i, *(x[j, i] for x in per_step))
 
     def _emit(self, slot: int, token, logprob, top_ids, top_logprobs) -> None:
         """Deliver a token, then free the slot if the request is done."""
@@ -294,49 +324,75 @@ class DeviceProgram:
     takes host (NumPy) values only and returns host values, so a multi-host group runs the very same
     calls on every process, in lockstep (lm_worker.group sends the leader's calls to its followers)."""
 
-    def __init__(self, model, num_slots: int, max_length: int, max_top_logprobs: int, mesh=None):
-        graphdef, self.state = nnx.split(model)
-        self._prefill, self._insert, self._decode, init = _compile(graphdef, num_slots, max_length,
-                                                                   max_top_logprobs, mesh)
+    def __init__(self, model, num_slots: int, max_length: int, max_top_logprobs: int, mesh=None,
+                 max_burst: int = 16):
+        """``max_burst``: the most decode steps one call may run (the size of its token buffer)."""
+        graphdef, state = nnx.split(model)
+        # The weights travel as a flat list: jit flattens a list of arrays in C++, an nnx.State's
+        # Variables in Python (a quarter of a millisecond per call for a small model).
+        self.weights, treedef = jax.tree.flatten(state)
+        self.max_burst = max_burst
+        self._prefill, self._insert, self._decode, init = _compile(graphdef, treedef, num_slots, max_length,
+                                                                   max_top_logprobs, max_burst, mesh)
         shardings = None
         if mesh is not None:  # the cache laid out by the cache rules, as a multi-host group needs
             from gemma3.sharding import cache_sharding
 
-            shardings = cache_sharding(jax.eval_shape(init, self.state), mesh)
+            shardings = cache_sharding(jax.eval_shape(init, self.weights), mesh)
         self._init = jax.jit(init, out_shardings=shardings)
-        self.cache = self._init(self.state)
+        self.cache = self._init(self.weights)
         # Decode runs on the first ``rows`` slots only, ``rows`` the smallest bucket holding every active slot
         # (slots fill from the lowest free one), so a lone request does not pay for a full batch. Every
-        # bucket is compiled here, with all slots idle: no request ever waits for XLA.
+        # bucket is compiled here, with all slots idle, and its one-step time measured: no request ever
+        # waits for XLA, and the engine sizes its bursts from the timings.
         self.buckets = sorted({1 << i for i in range(num_slots.bit_length()) if 1 << i < num_slots} | {num_slots})
-        idle = np.zeros(num_slots, bool)
+        self.step_seconds: dict[int, float] = {}
+        z = lambda dtype: np.zeros(num_slots, dtype)  # noqa: E731
+        idle = (z(np.int32), z(bool), z(np.uint32), z(np.int32), z(np.float32), z(np.int32),
+                np.ones(num_slots, np.float32), np.full((num_slots, DEVICE_STOP_IDS), -1, np.int32), np.int32(1),
+                np.bool_(False))
         for rows in self.buckets:
-            self._run_decode(rows, np.zeros(num_slots, np.int32), idle, np.zeros(num_slots, np.uint32),
-                             np.zeros(num_slots, np.int32), np.zeros(num_slots, np.float32),
-                             np.zeros(num_slots, np.int32), np.ones(num_slots, np.float32))
+            times = []
+            for _ in range(3):  # the first call compiles
+                started = time.perf_counter()
+                self._run_decode(rows, *idle)
+                times.append(time.perf_counter() - started)
+            self.step_seconds[rows] = min(times[1:])
 
-    def prefill(self, slot, ids, length, extra, temperature, top_k, top_p, seed) -> list[np.ndarray]:
+    def prefill(self, slot, ids, length, extra, temperature, top_k, top_p, seed, wants_top) -> list[np.ndarray]:
         """Prefill one request (ids: (1, bucket)) into decode slot ``slot``; its first token's picks."""
-        picked, row = self._prefill(self.state, ids, length, extra, temperature, top_k, top_p, seed)
+        picked, row = self._prefill(self.weights, ids, length, extra, temperature, top_k, top_p, seed, wants_top)
         self.cache = self._insert(self.cache, row, slot)
         return [np.asarray(x) for x in picked]
 
-    def decode(self, tokens, active, seeds, steps, temperature, top_k, top_p) -> list[np.ndarray]:
-        """One step of the active slots; the picks (one row per slot of the bucket run) come back in the
-        step's one host transfer."""
+    def rows(self, active: np.ndarray) -> int:
+        """The decode bucket for these active slots."""
         used = int(np.flatnonzero(active)[-1]) + 1 if active.any() else 1
-        rows = next(b for b in self.buckets if b >= used)
-        return self._run_decode(rows, tokens, active, seeds, steps, temperature, top_k, top_p)
+        return next(b for b in self.buckets if b >= used)
 
-    def _run_decode(self, rows, *host) -> list[np.ndarray]:
-        tokens, active, seeds, steps, temperature, top_k, top_p = (x[:rows] for x in host)
-        picked, self.cache = self._decode(self.state, tokens, self.cache, active, seeds, steps, temperature,
-                                          top_k, top_p)
+    def steps_within(self, active: np.ndarray, seconds: float) -> int:
+        """How many decode steps of this bucket fit in ``seconds`` (at least 1, at most max_burst)."""
+        return max(1, min(self.max_burst, int(seconds / max(self.step_seconds[self.rows(active)], 1e-6))))
+
+    def decode(self, tokens, active, seeds, steps, temperature, top_k, top_p, stop_ids, limit,
+               wants_top) -> list[np.ndarray]:
+        """Up to ``limit`` steps of the active slots, fewer when an active slot draws one of its
+        ``stop_ids``. The picks come back in one host transfer: tokens and logprobs (max_burst, rows),
+        the alternatives (max_burst, rows, n) (filled when ``wants_top``), and the steps run."""
+        return self._run_decode(self.rows(active), tokens, active, seeds, steps, temperature, top_k, top_p,
+                                stop_ids, limit, wants_top)
+
+    def _run_decode(self, rows, tokens, active, seeds, steps, temperature, top_k, top_p, stop_ids, limit,
+                    wants_top) -> list[np.ndarray]:
+        per_slot = (x[:rows] for x in (tokens, active, seeds, steps, temperature, top_k, top_p, stop_ids))
+        tokens, active, seeds, steps, temperature, top_k, top_p, stop_ids = per_slot
+        picked, self.cache = self._decode(self.weights, tokens, self.cache, active, seeds, steps, temperature,
+                                          top_k, top_p, stop_ids, limit, wants_top)
         return [np.asarray(x) for x in picked]
 
     def reset(self) -> None:
         """A fresh cache (after a failed step, whose cache was donated)."""
-        self.cache = self._init(self.state)
+        self.cache = self._init(self.weights)
 
 
 def _sampling(r: Request):
@@ -346,28 +402,35 @@ def _sampling(r: Request):
     return np.float32(r.temperature), np.int32(min(r.top_k, 2**31 - 1)), np.float32(r.top_p), np.uint32(seed)
 
 
-def pick(logits, keys, temperature, top_k, top_p, n_top: int):
-    """Sampled tokens with their log-probabilities and the ``n_top`` most likely alternatives."""
+def pick(logits, keys, temperature, top_k, top_p, n_top: int, wants_top):
+    """Sampled tokens with their log-probabilities and the ``n_top`` most likely alternatives (zeros
+    unless ``wants_top``: a top-k over a 262k vocabulary costs milliseconds on a CPU)."""
     tokens = sample_tokens(logits, keys, temperature, top_k, top_p)
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     chosen = jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
-    top_lp, top_ids = jax.lax.top_k(logp, max(n_top, 1))
+    k = max(n_top, 1)
+    none = lambda lp: (jnp.zeros((*lp.shape[:-1], k), lp.dtype), jnp.zeros((*lp.shape[:-1], k), jnp.int32))  # noqa: E731
+    top_lp, top_ids = jax.lax.cond(wants_top, lambda lp: tuple(jax.lax.top_k(lp, k)), none, logp)
     return tokens, chosen, top_ids, top_lp
 
 
 @functools.lru_cache(maxsize=8)
-def _compile(graphdef, num_slots: int, max_length: int, n_top: int, mesh=None):
-    """Jitted prefill (one request, bucketed), slot insertion and batched decode (cache donated), and the
-    cache's creation (jitted by DeviceProgram, with the mesh's layout). With a mesh the picks are
-    replicated, so every process of a multi-host group can read them."""
+def _compile(graphdef, treedef, num_slots: int, max_length: int, n_top: int, max_burst: int, mesh=None):
+    """Jitted prefill (one request, bucketed), slot insertion and batched decode bursts (cache donated),
+    and the cache's creation (jitted by DeviceProgram, with the mesh's layout). The weights come as
+    ``treedef``'s leaves. With a mesh the picks are replicated, so every process of a multi-host group
+    can read them."""
     replicated = (lambda tree: tree) if mesh is None else (
         lambda tree: jax.lax.with_sharding_constraint(tree, NamedSharding(mesh, PartitionSpec())))
 
-    def init(state):
-        return nnx.merge(graphdef, state).init_cache(num_slots, max_length)
+    def model_of(weights):
+        return nnx.merge(graphdef, jax.tree.unflatten(treedef, weights))
 
-    def prefill(state, ids, length, extra, temperature, top_k, top_p, seed):
-        model = nnx.merge(graphdef, state)
+    def init(weights):
+        return model_of(weights).init_cache(num_slots, max_length)
+
+    def prefill(weights, ids, length, extra, temperature, top_k, top_p, seed, wants_top):
+        model = model_of(weights)
         valid = jnp.arange(ids.shape[1])[None, :] < length
         cache = model.init_cache(1, max_length)
         out = model.model(input_ids=ids, attention_mask=valid, past_key_values=cache, **extra)
@@ -375,18 +438,33 @@ def _compile(graphdef, num_slots: int, max_length: int, n_top: int, mesh=None):
         logits = model.apply_lm_head(last)
         seeds = jnp.asarray(seed, jnp.uint32)[None]
         picked = pick(logits, step_keys(seeds, jnp.int32(0)), jnp.asarray(temperature, jnp.float32)[None],
-                      jnp.asarray(top_k, jnp.int32)[None], jnp.asarray(top_p, jnp.float32)[None], n_top)
+                      jnp.asarray(top_k, jnp.int32)[None], jnp.asarray(top_p, jnp.float32)[None], n_top, wants_top)
         return replicated(picked), out.past_key_values
 
     def insert(cache, row, slot):
         return jax.tree.map(lambda big, small: jax.lax.dynamic_update_slice_in_dim(big, small, slot, axis=0),
                             cache, row)
 
-    def decode(state, tokens, cache, active, seeds, steps, temperature, top_k, top_p):
-        """One step of the cache's first len(tokens) slots (the rest are left as they are)."""
-        model = nnx.merge(graphdef, state)
-        out = model.model(input_ids=tokens[:, None], attention_mask=active[:, None], past_key_values=cache)
-        logits = model.apply_lm_head(out.last_hidden_state[:, 0])
-        return replicated(pick(logits, step_keys(seeds, steps), temperature, top_k, top_p, n_top)), out.past_key_values
+    def decode(weights, tokens, cache, active, seeds, steps, temperature, top_k, top_p, stop_ids, limit, wants_top):
+        """Up to ``limit`` steps of the cache's first len(tokens) slots (the rest are left as they are),
+        in one while_loop; it ends early after a step in which an active slot drew one of its stop_ids."""
+        rows, k = tokens.shape[0], max(n_top, 1)
+
+        def body(carry):
+            i, tok, cache, picks, _ = carry
+            model = model_of(weights)
+            out = model.model(input_ids=tok[:, None], attention_mask=active[:, None], past_key_values=cache)
+            logits = model.apply_lm_head(out.last_hidden_state[:, 0])
+            picked = pick(logits, step_keys(seeds, steps + i), temperature, top_k, top_p, n_top, wants_top)
+            picks = tuple(jax.lax.dynamic_update_index_in_dim(buf, x.astype(buf.dtype), i, 0)
+                          for buf, x in zip(picks, picked))
+            stopped = (active[:, None] & (picked[0][:, None] == stop_ids)).any()
+            return i + 1, picked[0], out.past_key_values, picks, stopped
+
+        picks = (jnp.zeros((max_burst, rows), jnp.int32), jnp.zeros((max_burst, rows), jnp.float32),
+                 jnp.zeros((max_burst, rows, k), jnp.int32), jnp.zeros((max_burst, rows, k), jnp.float32))
+        carry = (jnp.int32(0), tokens, cache, picks, jnp.bool_(False))
+        count, _, cache, picks, _ = jax.lax.while_loop(lambda c: (c[0] < limit) & ~c[4], body, carry)
+        return replicated((*picks, count)), cache
 
     return jax.jit(prefill), jax.jit(insert, donate_argnums=(0,)), jax.jit(decode, donate_argnums=(2,)), init

@@ -208,6 +208,10 @@ class GroupProgram:
         self.leader.send("decode", args)
         return self._run(self.program.decode, args)
 
+    def steps_within(self, active, seconds: float) -> int:
+        """The leader's own measure; the followers run the burst length it chose (an argument of decode)."""
+        return self.program.steps_within(active, seconds)
+
     def _run(self, call, args):
         try:
             return call(*args)

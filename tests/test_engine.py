@@ -63,8 +63,54 @@ def test_stop_tokens_finish_early(model, engine):
     assert finish == Finished("stop") and tokens == free[: free.index(free[2]) + 1]
 
 
+def _events(request) -> list:
+    out = []
+    while not request.events.empty():
+        out.append(request.events.get_nowait())
+    return out
+
+
+def test_one_step_decodes_a_burst_that_ends_at_the_first_stop(model):
+    """With time to spare, one device call decodes many tokens (a small model's step costs less than the
+    call's host overhead), yet ends at the first step where an active slot draws a stop token, and never
+    runs past the nearest max_new_tokens: each request's tokens are still its solo ones."""
+    eng = Engine(model, num_slots=3, max_length=48, prefill_buckets=(8, 16, 48), burst_ms=1e6)  # driven here
+    assert eng.device.max_burst == 16
+    long_, short = Request(prompt_ids=[2, 40, 41, 42], max_new_tokens=40), Request(prompt_ids=[2, 9, 8],
+                                                                                    max_new_tokens=14)
+    sampled = dict(prompt_ids=[2, 50, 51], max_new_tokens=12, temperature=20.0, top_k=40, seed=3)
+    free = _alone(model, Request(**sampled))
+    stop_at = next(i for i in range(3, 12) if free[i] not in free[:i])  # a token first drawn at step i
+    stopping = Request(**sampled, stop_token_ids=frozenset({free[stop_at]}))
+    for r in (long_, short, stopping):
+        eng.submit(r)
+        eng._admit()  # each admitted alone: the first takes no slot's turn from the others
+    seen = {id(r): _events(r) for r in (long_, short, stopping)}
+    assert [len(e) for e in seen.values()] == [1, 1, 1]  # the prefill's tokens
+
+    eng._step()  # the burst ends after the stopping request's stop token, at step stop_at
+    got = {id(r): _events(r) for r in (long_, short, stopping)}
+    assert got[id(stopping)][-1] == Finished("stop")
+    assert [e.token_id for e in seen[id(stopping)] + got[id(stopping)][:-1]] == free[:stop_at + 1]
+    assert len(got[id(long_)]) == len(got[id(short)]) == stop_at
+    seen[id(long_)] += got[id(long_)]
+
+    eng._step()  # then it runs to the short request's max_new_tokens (14 tokens, 13 decoded)
+    got = _events(long_)
+    assert len(got) == 13 - stop_at and _events(short)[-1] == Finished("length")
+    seen[id(long_)] += got
+    eng._step()  # and alone, 16 steps at most per call
+    got = _events(long_)
+    assert len(got) == 16 and all(isinstance(e, Token) for e in got)
+    seen[id(long_)] += got
+    while eng.free_slots < 3:
+        eng._step()
+    tokens = [e.token_id for e in seen[id(long_)] + _events(long_) if isinstance(e, Token)]
+    assert tokens == _alone(model, long_)
+
+
 def test_cancel_frees_the_slot_and_spares_the_others(model):
-    eng = Engine(model, num_slots=3, max_length=48, prefill_buckets=(8, 16, 48))  # driven step by step
+    eng = Engine(model, num_slots=3, max_length=48, prefill_buckets=(8, 16, 48), burst_ms=0)  # one token a step
     requests = [eng.submit(Request(prompt_ids=[2, 7 + i, 8, 9], max_new_tokens=12)) for i in range(3)]
     eng._admit()
     eng._step()
@@ -81,7 +127,7 @@ def test_cancel_frees_the_slot_and_spares_the_others(model):
 
 def test_deadlines_end_requests_waiting_or_decoding(model):
     """Driven step by step (engine not started), so the timing is the test's, not the machine's."""
-    eng = Engine(model, num_slots=2, max_length=48, prefill_buckets=(8, 16, 48))
+    eng = Engine(model, num_slots=2, max_length=48, prefill_buckets=(8, 16, 48), burst_ms=0)
     late = eng.submit(Request(prompt_ids=[2, 5, 6], deadline=time.monotonic() - 1))
     running = eng.submit(Request(prompt_ids=[2, 5, 6], max_new_tokens=40))
     eng._admit()
@@ -124,12 +170,12 @@ def test_logprobs_are_the_models_log_softmax(model):
 
     eng = Engine(model, num_slots=2, max_length=48, prefill_buckets=(8, 16, 48), max_top_logprobs=3)
     prompt = [2, 30, 31, 32]
-    r = eng.submit(Request(prompt_ids=prompt, max_new_tokens=3, top_logprobs=3, temperature=5.0, seed=1))
+    r = eng.submit(Request(prompt_ids=prompt, max_new_tokens=5, top_logprobs=3, temperature=5.0, seed=1))
     eng._admit()
-    eng._step()
-    eng._step()
+    while eng.free_slots < 2:  # the prefill's token, then decode bursts
+        eng._step()
     tokens = [e for e in r.stream(timeout=5) if isinstance(e, Token)]
-    assert len(tokens) == 3
+    assert len(tokens) == 5
     ids = prompt + [t.token_id for t in tokens]
     logp = np.asarray(jax.nn.log_softmax(model(jnp.asarray([ids])).logits[0], axis=-1))
     for i, t in enumerate(tokens):
@@ -164,7 +210,7 @@ def test_steady_state_compiles_nothing(model):
 
 @pytest.mark.parametrize("rows", [1, 3])
 def test_decode_updates_the_cache_in_place(model, rows):
-    """The compiled decode step (a bucket of the first rows, and all slots) copies none of the cache's
+    """The compiled decode burst (a bucket of the first rows, and all slots) copies none of the cache's
     buffers: each is written in place, then read. A step that attended to the old cache beside the write
     copied every layer's keys and values twice, which cost more than the weights at long contexts."""
     import jax
@@ -174,12 +220,13 @@ def test_decode_updates_the_cache_in_place(model, rows):
     from lm_worker.engine import _compile
 
     graphdef, state = nnx.split(model)
-    _, _, decode, init = _compile(graphdef, 3, 48, 2)
-    cache = jax.jit(init)(state)
+    weights, treedef = jax.tree.flatten(state)
+    _, _, decode, init = _compile(graphdef, treedef, 3, 48, 2, 16)
+    cache = jax.jit(init)(weights)
     host = (jnp.zeros(rows, jnp.int32), cache, jnp.ones(rows, bool), jnp.zeros(rows, jnp.uint32),
             jnp.zeros(rows, jnp.int32), jnp.zeros(rows, jnp.float32), jnp.zeros(rows, jnp.int32),
-            jnp.ones(rows, jnp.float32))
-    hlo = decode.lower(state, *host).compile().as_text()
+            jnp.ones(rows, jnp.float32), jnp.full((rows, 8), -1, jnp.int32), jnp.int32(16), jnp.bool_(False))
+    hlo = decode.lower(weights, *host).compile().as_text()
     shapes = {f"{x.dtype.name.replace('float', 'f').replace('int', 's')}[{','.join(map(str, x.shape))}]"
               for x in jax.tree.leaves(cache) if x.ndim >= 2}
     copies = [line.strip() for line in hlo.splitlines() if " copy(" in line and any(s in line for s in shapes)]
