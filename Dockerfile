@@ -50,7 +50,8 @@ LABEL org.opencontainers.image.title="gemma3-serve" \
       org.opencontainers.image.description="Gemma 3 multimodal serving on JAX/Flax NNX, as gRPC microservices" \
       org.opencontainers.image.licenses="Apache-2.0" \
       gemma3-serve.variant="${VARIANT}"
-RUN useradd --create-home --uid 10001 --user-group gemma3
+RUN useradd --create-home --uid 10001 --user-group gemma3 \
+    && install -d -o gemma3 -g gemma3 /home/gemma3/.cache /home/gemma3/.cache/xla  # the xla-cache volume's owner
 COPY --from=builder /opt/venv /opt/venv
 COPY --from=builder /src/demo/model /models/demo
 ENV PATH=/opt/venv/bin:$PATH \

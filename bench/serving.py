@@ -354,7 +354,8 @@ def start_stack(stack: Stack, model: str, args, max_length: int) -> str:
     launch = argparse.Namespace(model=model, redis_url=redis_url, redis_ca_cert=None, dtype=args.dtype,
                                 num_slots=args.num_slots, max_length=max_length,
                                 startup_timeout=args.startup_timeout, host="127.0.0.1", port=0, tls_cert=None,
-                                tls_key=None, token_file=None, ca_cert=None, tls_server_name=None, tokens=[])
+                                tls_key=None, token_file=None, ca_cert=None, tls_server_name=None, tokens=[],
+                                compilation_cache_dir=os.environ.get("JAX_COMPILATION_CACHE_DIR", ""))
     # what bring_up does not pass as flags, the services read from their environment (Stack.start copies it)
     env = {"GEMMA3_LM_MAX_QUEUE": str(max(256, 2 * max(args.concurrencies, default=1))),
            "GEMMA3_GATEWAY_MAX_STREAMS_PER_CLIENT": "0",  # all the load comes from this one process

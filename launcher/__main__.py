@@ -34,6 +34,7 @@ from serving.settings import env_flag
 
 DEMO_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "demo", "model")
 DEMO_IMAGE = os.path.join(os.path.dirname(DEMO_MODEL), "example.png")
+DEFAULT_COMPILATION_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "gemma3-serve", "xla")
 COLOURS = {"redis": 31, "vision-worker": 35, "lm-worker": 34, "gateway": 32}
 
 
@@ -64,6 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     env_flag(p, "--tls-server-name", "GEMMA3_CLIENT_TLS_SERVER_NAME", None, "name in the gateway's certificate, "
              "if it names neither 127.0.0.1 nor --host")
     env_flag(p, "--redis-ca-cert", "REDIS_CA_CERT", None, "CA of a rediss:// --redis-url")
+    env_flag(p, "--compilation-cache-dir", "JAX_COMPILATION_CACHE_DIR", DEFAULT_COMPILATION_CACHE, "where the "
+             "workers keep XLA's compiled programs, so the next start loads them ('' for none)")
     p.add_argument("--ask", metavar="PROMPT", help="once the stack is up, ask this (streamed to stdout)")
     p.add_argument("--image", action="append", default=[], help="an image for --ask (repeatable)")
     p.add_argument("--exit", action="store_true", help="stop the stack after --ask answers")
@@ -220,7 +223,8 @@ def bring_up(stack: Stack, args) -> str:
     wait_redis(redis_url, redis_proc, 30, args.redis_ca_cert)
 
     vision_port, lm_port = free_port(), free_port()
-    common = ["--model", args.model, "--dtype", args.dtype, "--host", "127.0.0.1"]
+    common = ["--model", args.model, "--dtype", args.dtype, "--host", "127.0.0.1",
+              "--compilation-cache-dir", args.compilation_cache_dir]
     # through the environment, not argv: a password in the URL stays out of `ps`
     redis_env = {"REDIS_URL": redis_url, **({"REDIS_CA_CERT": args.redis_ca_cert} if args.redis_ca_cert else {})}
     with open(os.path.join(args.model, "config.json")) as f:

@@ -190,6 +190,7 @@ async def main_async(args) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     configure_logging("lm-worker", args.log_level, args.log_format)
+    use_compilation_cache(args.compilation_cache_dir)
     if args.num_processes > 1:
         from lm_worker.group import initialize
 

@@ -35,6 +35,21 @@ def server_flags(parser: argparse.ArgumentParser, prefix: str, port: int) -> Non
              choices=["json", "text"])
 
 
+def compilation_cache_flag(parser: argparse.ArgumentParser) -> None:
+    """Where XLA's compiled programs persist across restarts (JAX's own variable, so one setting also
+    reaches any other JAX program): a restart then loads them instead of compiling for minutes."""
+    env_flag(parser, "--compilation-cache-dir", "JAX_COMPILATION_CACHE_DIR", None,
+             "directory for JAX's persistent compilation cache (unset: compile at every start)")
+
+
+def use_compilation_cache(path: str | None) -> None:
+    """Point JAX's persistent compilation cache at ``path`` (before the first compile)."""
+    if path:
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", path)
+
+
 def tls_flags(parser: argparse.ArgumentParser, prefix: str, client_ca: bool) -> None:
     """The server's own certificate (TLS) and, for workers, the CA whose client certificates it accepts."""
     env_flag(parser, "--tls-cert", f"{prefix}_TLS_CERT", None, "PEM certificate (chain) to serve TLS with")

@@ -1,10 +1,21 @@
-"""Test setup: 8 forced CPU devices (before jax is imported) and shared tiny checkpoints."""
+"""Test setup: 8 forced CPU devices (before jax is imported), one XLA compilation cache for the run,
+and shared tiny checkpoints."""
 
+import atexit
 import json
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The suite starts dozens of worker processes on the same tiny models; they (and this process) share
+# JAX's persistent compilation cache, so each program is compiled by XLA once per run. A fresh
+# directory: nothing compiled by an earlier run or other code is reused.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="gemma3-test-xla-cache-")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

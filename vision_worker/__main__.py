@@ -10,7 +10,14 @@ import sys
 import numpy as np
 
 from serving.logs import configure_logging
-from serving.settings import check_worker_security, env_flag, server_flags, worker_security_flags
+from serving.settings import (
+    check_worker_security,
+    compilation_cache_flag,
+    env_flag,
+    server_flags,
+    use_compilation_cache,
+    worker_security_flags,
+)
 
 SERVICE = "gemma3serve.v1.VisionWorker"
 log = logging.getLogger("vision_worker")
@@ -27,6 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     env_flag(p, "--redis-url", "REDIS_URL", "redis://127.0.0.1:6379/0", "Redis for the embedding cache")
     env_flag(p, "--cache-ttl", "GEMMA3_VISION_CACHE_TTL", 3600, "seconds an embedding stays cached", type=int)
     worker_security_flags(p, "GEMMA3_VISION")
+    compilation_cache_flag(p)
     env_flag(p, "--max-image-pixels", "GEMMA3_VISION_MAX_IMAGE_PIXELS", 64_000_000,
              "pixels per image (width x height, read from the header before decoding)", type=int)
     args = p.parse_args(argv)
@@ -78,6 +86,7 @@ async def main_async(args) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     configure_logging("vision-worker", args.log_level, args.log_format)
+    use_compilation_cache(args.compilation_cache_dir)
     asyncio.run(main_async(args))
     return 0
 
