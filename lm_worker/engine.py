@@ -371,7 +371,8 @@ class DeviceProgram:
         return next(b for b in self.buckets if b >= used)
 
     def steps_within(self, active: np.ndarray, seconds: float) -> int:
-        """How many decode steps of this bucket fit in ``seconds`` (at least 1, at most max_burst)."""
+        """How many decode steps of this bucket fit in ``seconds`` (at least 1, at most max_burst), by its
+        measured step time (at start, then a moving average over the calls)."""
         return max(1, min(self.max_burst, int(seconds / max(self.step_seconds[self.rows(active)], 1e-6))))
 
     def decode(self, tokens, active, seeds, steps, temperature, top_k, top_p, stop_ids, limit,
@@ -379,8 +380,14 @@ class DeviceProgram:
         """Up to ``limit`` steps of the active slots, fewer when an active slot draws one of its
         ``stop_ids``. The picks come back in one host transfer: tokens and logprobs (max_burst, rows),
         the alternatives (max_burst, rows, n) (filled when ``wants_top``), and the steps run."""
-        return self._run_decode(self.rows(active), tokens, active, seeds, steps, temperature, top_k, top_p,
-                                stop_ids, limit, wants_top)
+        rows, started = self.rows(active), time.perf_counter()
+        picked = self._run_decode(rows, tokens, active, seeds, steps, temperature, top_k, top_p, stop_ids, limit,
+                                  wants_top)
+        # Follow the step time as it is now (the start-up figure may have been taken while other processes
+        # compiled): a moving average of this call's seconds per step.
+        per_step = (time.perf_counter() - started) / max(int(picked[-1]), 1)
+        self.step_seconds[rows] += 0.25 * (per_step - self.step_seconds[rows])
+        return picked
 
     def _run_decode(self, rows, tokens, active, seeds, steps, temperature, top_k, top_p, stop_ids, limit,
                     wants_top) -> list[np.ndarray]:

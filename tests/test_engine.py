@@ -109,6 +109,21 @@ def test_one_step_decodes_a_burst_that_ends_at_the_first_stop(model):
     assert tokens == _alone(model, long_)
 
 
+def test_burst_length_follows_the_measured_step_time(model):
+    """A step time taken at start while other processes compiled (here: one second) must not pin the
+    engine to one token per call: the measure follows the calls."""
+    eng = Engine(model, num_slots=3, max_length=48, prefill_buckets=(8, 16, 48))  # driven here
+    active = np.array([True, False, False])
+    eng.device.step_seconds = dict.fromkeys(eng.device.buckets, 1.0)
+    assert eng.device.steps_within(active, 0.02) == 1
+    r = eng.submit(Request(prompt_ids=[2, 3, 4], max_new_tokens=40))
+    eng._admit()
+    while eng.free_slots < 3:
+        eng._step()
+    assert _collect(r)[1] == Finished("length")
+    assert eng.device.step_seconds[1] < 0.01 and eng.device.steps_within(active, 0.02) > 1
+
+
 def test_cancel_frees_the_slot_and_spares_the_others(model):
     eng = Engine(model, num_slots=3, max_length=48, prefill_buckets=(8, 16, 48), burst_ms=0)  # one token a step
     requests = [eng.submit(Request(prompt_ids=[2, 7 + i, 8, 9], max_new_tokens=12)) for i in range(3)]
