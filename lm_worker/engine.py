@@ -103,15 +103,21 @@ DEVICE_STOP_IDS = 8
 with more still stops at every one of them, found on the host, after the burst."""
 
 
+def device_stop_ids(ids=frozenset()) -> np.ndarray:
+    """A slot's row of the decode burst's stop ids: the first DEVICE_STOP_IDS, then -1 (no token)."""
+    row = np.full(DEVICE_STOP_IDS, -1, np.int32)
+    kept = sorted(ids)[:DEVICE_STOP_IDS]
+    row[:len(kept)] = kept
+    return row
+
+
 @dataclasses.dataclass
 class _Slot:
     request: Request
     generated: int = 1  # the first token comes from prefill
 
     def __post_init__(self):
-        ids = sorted(self.request.stop_token_ids)[:DEVICE_STOP_IDS]
-        self.stop_ids = np.full(DEVICE_STOP_IDS, -1, np.int32)
-        self.stop_ids[:len(ids)] = ids
+        self.stop_ids = device_stop_ids(self.request.stop_token_ids)
 
 
 def buckets_for(max_length: int, smallest: int = 16) -> tuple[int, ...]:
@@ -262,7 +268,7 @@ class Engine:
         """Decode steps for the next device call. One call costs a fixed host overhead (dispatch, the
         fetch, this loop) that rivals a small model's whole step, so when nobody waits for a slot the
         engine lets the device run several steps in one call, as many as fit in ``burst_seconds``
-        (measured per bucket at start). A burst never outlives a request's max_new_tokens, and the
+        (by each bucket's measured step time). A burst never outlives a request's max_new_tokens, and the
         device ends it at a stop token, so a finished slot is free as soon as with single steps."""
         if self.burst_seconds <= 0 or (None in self.slots and not self._pending.empty()):
             return 1
@@ -275,7 +281,7 @@ class Engine:
         temperature, top_k, top_p, seed = (np.array(col, dtype) for col, dtype in
                                            zip(zip(*params), (np.float32, np.int32, np.float32, np.uint32)))
         steps = np.array([s.generated if s else 0 for s in self.slots], np.int32)
-        stop_ids = np.stack([s.stop_ids if s else np.full(DEVICE_STOP_IDS, -1, np.int32) for s in self.slots])
+        stop_ids = np.stack([s.stop_ids if s else device_stop_ids() for s in self.slots])
         wants_top = np.bool_(any(s is not None and s.request.top_logprobs > 0 for s in self.slots))
         try:
             picked = self.device.decode(self.tokens.copy(), active, seed, steps, temperature, top_k, top_p,
@@ -349,15 +355,13 @@ class DeviceProgram:
         self.step_seconds: dict[int, float] = {}
         z = lambda dtype: np.zeros(num_slots, dtype)  # noqa: E731
         idle = (z(np.int32), z(bool), z(np.uint32), z(np.int32), z(np.float32), z(np.int32),
-                np.ones(num_slots, np.float32), np.full((num_slots, DEVICE_STOP_IDS), -1, np.int32), np.int32(1),
+                np.ones(num_slots, np.float32), np.tile(device_stop_ids(), (num_slots, 1)), np.int32(1),
                 np.bool_(False))
         for rows in self.buckets:
-            times = []
-            for _ in range(3):  # the first call compiles
-                started = time.perf_counter()
-                self._run_decode(rows, *idle)
-                times.append(time.perf_counter() - started)
-            self.step_seconds[rows] = min(times[1:])
+            self._run_decode(rows, *idle)  # compiles
+            started = time.perf_counter()  # a first figure; decode() then follows the calls
+            self._run_decode(rows, *idle)
+            self.step_seconds[rows] = time.perf_counter() - started
 
     def prefill(self, slot, ids, length, extra, temperature, top_k, top_p, seed, wants_top) -> list[np.ndarray]:
         """Prefill one request (ids: (1, bucket)) into decode slot ``slot``; its first token's picks."""
