@@ -50,6 +50,10 @@ LABEL org.opencontainers.image.title="gemma3-serve" \
       org.opencontainers.image.description="Gemma 3 multimodal serving on JAX/Flax NNX, as gRPC microservices" \
       org.opencontainers.image.licenses="Apache-2.0" \
       gemma3-serve.variant="${VARIANT}"
+# The CPU image carries g++: gemma3/cpu_kernels.py compiles its decode product kernel for the host's own CPU
+# on first use (about 5 s, cached under ~/.cache/gemma3-serve/kernels); without it products use XLA's dot.
+RUN if [ "$VARIANT" = cpu ]; then apt-get update && apt-get install -y --no-install-recommends g++ \
+    && rm -rf /var/lib/apt/lists/*; fi
 RUN useradd --create-home --uid 10001 --user-group gemma3 \
     && install -d -o gemma3 -g gemma3 /home/gemma3/.cache /home/gemma3/.cache/xla  # the xla-cache volume's owner
 COPY --from=builder /opt/venv /opt/venv

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gemma3 import cache as kv
+from gemma3 import cpu_kernels
 from gemma3.config import FULL, SLIDING, Gemma3TextConfig
 from gemma3.outputs import (
     Gemma3CausalLMOutputWithPast,
@@ -29,8 +30,12 @@ def accumulating_dot_general(lhs, rhs, dimension_numbers, precision=None, prefer
                              out_sharding=None):
     """``lax.dot_general`` whose low-precision (bfloat16) products accumulate in float32 and come back in
     the operands' dtype: better numerics, and XLA's CPU backend then runs them as fast library kernels
-    instead of slow loops. A one-row product still takes a slow path there, so on CPU one row is padded
-    to two (bench/RESULTS.md has the measurements). Float32 operands are multiplied as before."""
+    instead of slow loops. On the CPU backend, decode-sized products (up to 8 rows) run in our own kernel
+    (`gemma3.cpu_kernels`), which reads the weights at memory speed; elsewhere a one-row bfloat16 product
+    is padded to two, XLA's fast path (bench/RESULTS.md has the measurements). Float32 operands are
+    otherwise multiplied as before."""
+    if cpu_kernels.applies(lhs, rhs, dimension_numbers):
+        return cpu_kernels.rows_matmul(lhs, rhs, dimension_numbers)
     if lhs.dtype == jnp.float32 and rhs.dtype == jnp.float32:
         return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                                    preferred_element_type=preferred_element_type)

@@ -1,0 +1,129 @@
+"""Decode-sized products (1 to 8 rows) on XLA's CPU backend, by our own kernel.
+
+At a few rows a product reads every weight once and is bound by memory bandwidth, which XLA's CPU dot
+does not reach (float32 layer products at 60-75% of the kernel's speed, bfloat16 ones 2-5x slower: see
+bench/RESULTS.md). `kernels/rows_matmul.cc` streams the weights once across XLA's own intra-op threads.
+It is compiled on first use with the machine's compiler and `-march=native`, cached by source, compiler
+and CPU, and registered as an XLA FFI target; without a compiler (or with ``GEMMA3_CPU_KERNELS=0``)
+products fall back to XLA's dot. Accelerators never use it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+MAX_ROWS = 8
+TARGET = "gemma3_rows_matmul"
+SOURCE = Path(__file__).with_name("kernels") / "rows_matmul.cc"
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(os.environ.get("GEMMA3_KERNEL_CACHE_DIR") or Path(root) / "gemma3-serve" / "kernels")
+
+
+def _cpu_identity() -> str:
+    """What `-march=native` compiles for: the CPU's model and feature flags."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return "\n".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags", "Features"))}))
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def build(compiler: str | None = None) -> Path:
+    """The kernel's shared library, compiled once per source, compiler, jaxlib headers and CPU."""
+    compiler = compiler or os.environ.get("CXX") or "g++"
+    if shutil.which(compiler) is None:
+        raise RuntimeError(f"no C++ compiler ({compiler}) on PATH")
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+    include = jax.ffi.include_dir()
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), version, " ".join(FLAGS), include, jax.__version__,
+                                    _cpu_identity()]).encode()).hexdigest()[:16]
+    out = _cache_dir() / f"rows_matmul-{key}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)  # other processes may build beside us
+    os.close(fd)
+    try:
+        done = subprocess.run([compiler, *FLAGS, f"-I{include}", str(SOURCE), "-o", tmp],
+                              capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"{compiler} failed: {done.stderr[-2000:]}")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+@functools.cache
+def available() -> bool:
+    """Whether the kernel is built and registered (once per process); False where it cannot be."""
+    if os.environ.get("GEMMA3_CPU_KERNELS", "1").lower() in ("0", "false", "off", "no"):
+        return False
+    try:
+        library = ctypes.cdll.LoadLibrary(str(build()))
+        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.Gemma3RowsMatmul), platform="cpu")
+    except Exception as error:  # noqa: BLE001 - any failure means XLA's dot, which is always correct
+        log.warning("CPU product kernel unavailable, using XLA's dot: %s", error)
+        return False
+    return True
+
+
+def applies(lhs: jax.Array, rhs: jax.Array, dimension_numbers) -> bool:
+    """Whether ``dot_general(lhs, rhs, dimension_numbers)`` is a product the kernel runs faster than XLA:
+    on the CPU backend, at most 8 rows of lhs against a 2-D weight matrix of the same dtype, bfloat16 in
+    either layout, float32 only as (in, out) weights (XLA's float32 LM head product is as fast)."""
+    (contract_l, contract_r), batch = dimension_numbers
+    if batch != ((), ()) or rhs.ndim != 2 or tuple(contract_l) != (lhs.ndim - 1,) or len(contract_r) != 1:
+        return False
+    if lhs.dtype != rhs.dtype or lhs.dtype not in (jnp.float32, jnp.bfloat16):
+        return False
+    if lhs.dtype == jnp.float32 and tuple(contract_r) != (0,):
+        return False
+    rows = int(np.prod(lhs.shape[:-1]))
+    return 1 <= rows <= MAX_ROWS and jax.default_backend() == "cpu" and available()
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def _product(x: jax.Array, w: jax.Array, w_layout: int) -> jax.Array:
+    n = w.shape[1 - w_layout]
+    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32), vmap_method="sequential")
+    return call(x, w, w_layout=np.int64(w_layout))
+
+
+@_product.defjvp
+def _product_jvp(w_layout, primals, tangents):
+    """Derivatives through XLA's dot (training and `jax.grad` never hit the kernel's missing rule)."""
+    x, w = primals
+    dx, dw = tangents
+    dims = (((1,), (w_layout,)), ((), ()))
+    tangent = (jax.lax.dot_general(dx, w, dims, preferred_element_type=jnp.float32)
+               + jax.lax.dot_general(x, dw, dims, preferred_element_type=jnp.float32))
+    return _product(x, w, w_layout), tangent
+
+
+def rows_matmul(lhs: jax.Array, rhs: jax.Array, dimension_numbers) -> jax.Array:
+    """``dot_general`` of a product that `applies`, accumulated in float32, in lhs's dtype."""
+    (_, contract_r), _ = dimension_numbers
+    w_layout = int(contract_r[0])  # 0: rhs is (in, out); 1: rhs is (out, in), the tied embedding
+    out = _product(lhs.reshape(-1, lhs.shape[-1]), rhs, w_layout)
+    return out.reshape(*lhs.shape[:-1], rhs.shape[1 - w_layout]).astype(lhs.dtype)

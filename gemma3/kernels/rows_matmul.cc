@@ -1,0 +1,336 @@
+// Products of a few rows (decode) with a weight matrix, for XLA's CPU backend.
+//
+// Why: at one to eight rows a product reads every weight once and is bound by memory bandwidth, but XLA's
+// CPU dot reaches only part of it (bench/RESULTS.md): float32 layer products run at 17-22 GB/s where the
+// machine reads 33+, and bfloat16 ones are converted and multiplied by a slow path. These loops stream the
+// weights once, in order, split between the threads of XLA's own intra-op pool, and accumulate in float32.
+//
+//   y[m, n] = sum_k x[m, k] * w[k, n]    (w_layout 0: w is (K, N), nnx.Linear's kernel)
+//   y[m, n] = sum_k x[m, k] * w[n, k]    (w_layout 1: w is (N, K), the tied embedding as LM head)
+//
+// x and w share a dtype, float32 or bfloat16; y is float32. Built on first use by gemma3/cpu_kernels.py
+// with the machine's own compiler flags (-march=native), so the loops below are written for the
+// compiler's auto-vectoriser: unit-stride inner loops, no reductions across them.
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <type_traits>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+// Eight float32 lanes, built with the compiler's vector extensions: AVX2 or AVX-512 on x86, NEON on Arm.
+typedef float f8 __attribute__((vector_size(32)));
+typedef uint16_t u16x8 __attribute__((vector_size(16)));
+typedef uint32_t u32x8 __attribute__((vector_size(32)));
+
+inline float widen(float v) { return v; }
+inline float widen(uint16_t v) {  // bfloat16 is the top half of a float32
+  uint32_t bits = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+inline f8 load8(const float* p) {
+  f8 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline f8 load8(const uint16_t* p) {
+  u16x8 h;
+  std::memcpy(&h, p, sizeof h);
+  u32x8 bits = __builtin_convertvector(h, u32x8) << 16;
+  f8 v;
+  std::memcpy(&v, &bits, sizeof v);
+  return v;
+}
+inline void store8(float* p, f8 v) { std::memcpy(p, &v, sizeof v); }
+// Sixteen bfloat16 as two vectors of eight float32 by interleaving zeros below them (one shuffle each,
+// no shifts); the lanes come out as elements 0-3 and 8-11, then 4-7 and 12-15 (the order of x86's
+// unpack instructions), so the other operand of a dot product is permuted the same way (Interleave).
+typedef uint16_t u16x16 __attribute__((vector_size(32)));
+inline void load16(const uint16_t* p, f8& lo, f8& hi) {
+  u16x16 v;
+  std::memcpy(&v, p, sizeof v);
+  const u16x16 z = {};
+  const u16x16 a = __builtin_shufflevector(z, v, 0, 16, 1, 17, 2, 18, 3, 19, 8, 24, 9, 25, 10, 26, 11, 27);
+  const u16x16 b = __builtin_shufflevector(z, v, 4, 20, 5, 21, 6, 22, 7, 23, 12, 28, 13, 29, 14, 30, 15, 31);
+  std::memcpy(&lo, &a, sizeof lo);
+  std::memcpy(&hi, &b, sizeof hi);
+}
+// x[0..k_main) in load16's lane order, block by block of sixteen.
+constexpr int kOrder[16] = {0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15};
+void Interleave(const float* x, float* out, int64_t k_main) {
+  for (int64_t k = 0; k < k_main; k += 16)
+    for (int j = 0; j < 16; ++j) out[k + j] = x[k + kOrder[j]];
+}
+inline float sum8(f8 v) {
+  return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+}
+
+// One row, (K, N) weights, rows k0..k1: acc[:] += x[k] * w[k, :], four weight rows per pass over acc
+// (acc, N floats, stays in L1/L2 while the weights stream through once, in order).
+template <typename T>
+void RowKN(const float* x, const T* w, float* acc, int64_t N, int64_t k0, int64_t k1) {
+  int64_t k = k0;
+  for (; k + 4 <= k1; k += 4) {
+    const T* __restrict w0 = w + k * N;
+    const T* __restrict w1 = w0 + N;
+    const T* __restrict w2 = w1 + N;
+    const T* __restrict w3 = w2 + N;
+    const float a0 = x[k], a1 = x[k + 1], a2 = x[k + 2], a3 = x[k + 3];
+    float* __restrict out = acc;
+    for (int64_t n = 0; n < N; ++n)
+      out[n] += (a0 * widen(w0[n]) + a1 * widen(w1[n])) + (a2 * widen(w2[n]) + a3 * widen(w3[n]));
+  }
+  for (; k < k1; ++k) {
+    const T* __restrict w0 = w + k * N;
+    const float a0 = x[k];
+    for (int64_t n = 0; n < N; ++n) acc[n] += a0 * widen(w0[n]);
+  }
+}
+
+// RowKN for bfloat16 weights: sixteen columns at a time through load16, so acc holds the columns below
+// N's last multiple of 16 in load16's lane order (MultiplyRows puts them back in order), the rest as is.
+void RowKN(const float* x, const uint16_t* w, float* acc, int64_t N, int64_t k0, int64_t k1) {
+  const int64_t n_main = N / 16 * 16;
+  int64_t k = k0;
+  for (; k + 4 <= k1; k += 4) {
+    const uint16_t* __restrict w0 = w + k * N;
+    const float a0 = x[k], a1 = x[k + 1], a2 = x[k + 2], a3 = x[k + 3];
+    for (int64_t n = 0; n < n_main; n += 16) {
+      f8 lo[4], hi[4];
+      _Pragma("GCC unroll 4") for (int r = 0; r < 4; ++r) load16(w0 + r * N + n, lo[r], hi[r]);
+      store8(acc + n, load8(acc + n) + ((a0 * lo[0] + a1 * lo[1]) + (a2 * lo[2] + a3 * lo[3])));
+      store8(acc + n + 8, load8(acc + n + 8) + ((a0 * hi[0] + a1 * hi[1]) + (a2 * hi[2] + a3 * hi[3])));
+    }
+    for (int64_t n = n_main; n < N; ++n)
+      acc[n] += (a0 * widen(w0[n]) + a1 * widen(w0[N + n])) + (a2 * widen(w0[2 * N + n]) + a3 * widen(w0[3 * N + n]));
+  }
+  for (; k < k1; ++k) {
+    const uint16_t* __restrict w0 = w + k * N;
+    const float a0 = x[k];
+    for (int64_t n = 0; n < n_main; n += 16) {
+      f8 lo, hi;
+      load16(w0 + n, lo, hi);
+      store8(acc + n, load8(acc + n) + a0 * lo);
+      store8(acc + n + 8, load8(acc + n + 8) + a0 * hi);
+    }
+    for (int64_t n = n_main; n < N; ++n) acc[n] += a0 * widen(w0[n]);
+  }
+}
+
+// M rows (2..8), (K, N) weights, columns n0..n1 (n0 a multiple of 8): the M x 8 outputs of a column
+// block stay in registers while a block of kBlock weight rows passes; each weight is widened once and
+// used M times.
+constexpr int64_t kBlock = 32;
+constexpr int64_t kMaxRows = 8;
+template <int M, typename T>
+void RowsKN(const float* x, const T* w, float* y, int64_t K, int64_t N, int64_t n0, int64_t n1) {
+  const int64_t n_main = n0 + (n1 - n0) / 8 * 8;
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = n0; n < n1; ++n) y[m * N + n] = 0.f;
+  for (int64_t kb = 0; kb < K; kb += kBlock) {
+    const int64_t ke = std::min(K, kb + kBlock);
+    float xs[M][kBlock];
+    _Pragma("GCC unroll 8") for (int m = 0; m < M; ++m)
+      for (int64_t k = kb; k < ke; ++k) xs[m][k - kb] = x[m * K + k];
+    for (int64_t n = n0; n < n_main; n += 8) {
+      f8 acc[M];
+      _Pragma("GCC unroll 8") for (int m = 0; m < M; ++m) acc[m] = load8(y + m * N + n);
+      for (int64_t k = kb; k < ke; ++k) {
+        const f8 wv = load8(w + k * N + n);
+        _Pragma("GCC unroll 8") for (int m = 0; m < M; ++m) acc[m] += xs[m][k - kb] * wv;
+      }
+      _Pragma("GCC unroll 8") for (int m = 0; m < M; ++m) store8(y + m * N + n, acc[m]);
+    }
+    for (int64_t n = n_main; n < n1; ++n)
+      _Pragma("GCC unroll 8") for (int m = 0; m < M; ++m) {
+        float s = y[m * N + n];
+        for (int64_t k = kb; k < ke; ++k) s += xs[m][k - kb] * widen(w[k * N + n]);
+        y[m * N + n] = s;
+      }
+  }
+}
+
+// M rows (1..8), (N, K) weights, rows n0..n1: y[m, n] = <x[m, :], w[n, :]>. Each weight row is read
+// once, widened once and used M times; one input row keeps four partial sums to hide the adder's latency.
+// The summation order is fixed, so results do not depend on the thread split.
+template <int M, typename T>
+void RowsNK(const float* x, const T* w, float* y, int64_t K, int64_t N, int64_t n0, int64_t n1) {
+  constexpr int kChains = M == 1 ? 4 : 1;
+  const int64_t k_main = K / (8 * kChains) * (8 * kChains);
+  for (int64_t n = n0; n < n1; ++n) {
+    const T* __restrict row = w + n * K;
+    f8 acc[M][kChains] = {};
+    for (int64_t k = 0; k < k_main; k += 8 * kChains)
+      _Pragma("GCC unroll 4") for (int c = 0; c < kChains; ++c) {
+        const f8 wv = load8(row + k + 8 * c);
+        _Pragma("GCC unroll 8") for (int m = 0; m < M; ++m) acc[m][c] += load8(x + m * K + k + 8 * c) * wv;
+      }
+    for (int m = 0; m < M; ++m) {
+      f8 total = acc[m][0];
+      for (int c = 1; c < kChains; ++c) total += acc[m][c];
+      float s = sum8(total);
+      for (int64_t k = k_main; k < K; ++k) s += x[m * K + k] * widen(row[k]);
+      y[m * N + n] = s;
+    }
+  }
+}
+
+// RowsNK for bfloat16 weights: sixteen at a time through load16, against x in the same lane order
+// (xi: each row of x interleaved up to K's last multiple of 16, from MultiplyRows). One input row keeps
+// four partial sums (two blocks of sixteen per step).
+template <int M>
+void RowsNK(const float* x, const float* xi, const uint16_t* w, float* y, int64_t K, int64_t N, int64_t n0,
+            int64_t n1) {
+  constexpr int kBlocks = M == 1 ? 2 : 1;
+  const int64_t k_main = K / (16 * kBlocks) * (16 * kBlocks);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint16_t* __restrict row = w + n * K;
+    f8 acc[M][2 * kBlocks] = {};
+    for (int64_t k = 0; k < k_main; k += 16 * kBlocks)
+      _Pragma("GCC unroll 2") for (int b = 0; b < kBlocks; ++b) {
+        f8 lo, hi;
+        load16(row + k + 16 * b, lo, hi);
+        _Pragma("GCC unroll 8") for (int m = 0; m < M; ++m) {
+          acc[m][2 * b] += load8(xi + m * K + k + 16 * b) * lo;
+          acc[m][2 * b + 1] += load8(xi + m * K + k + 16 * b + 8) * hi;
+        }
+      }
+    for (int m = 0; m < M; ++m) {
+      f8 total = acc[m][0];
+      for (int c = 1; c < 2 * kBlocks; ++c) total += acc[m][c];
+      float s = sum8(total);
+      for (int64_t k = k_main; k < K; ++k) s += x[m * K + k] * widen(row[k]);
+      y[m * N + n] = s;
+    }
+  }
+}
+
+// Runs parts 0..parts-1 of a job on the calling thread and on XLA's intra-op pool. Whoever comes first
+// claims the next part, so the caller never waits for a task that has not started (the pool may be busy,
+// or the caller may be one of its threads); it waits only for parts another thread is running.
+template <typename F>
+void RunParts(ffi::ThreadPool& pool, int64_t parts, const F& part) {
+  struct Shared {
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> done{0};
+  };
+  auto shared = std::make_shared<Shared>();
+  const F* job = &part;  // on the caller's stack: a task that starts after every part was claimed never reads it
+  auto work = [shared, parts, job] {
+    for (int64_t i; (i = shared->next.fetch_add(1)) < parts;) {
+      (*job)(i);
+      shared->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  for (int64_t t = 1; t < parts; ++t) pool.Schedule(decltype(work)(work));
+  work();
+  while (shared->done.load(std::memory_order_acquire) < parts) {
+  }
+}
+
+template <int M, typename T>
+void MultiplyRows(ffi::ThreadPool& pool, int64_t parts, const float* x, const T* w, float* y, int64_t K,
+                  int64_t N, bool w_is_nk) {
+  if (w_is_nk) {
+    if constexpr (std::is_same_v<T, uint16_t>) {
+      std::vector<float> xi(static_cast<size_t>(M) * K);
+      for (int m = 0; m < M; ++m) Interleave(x + m * K, xi.data() + m * K, K / 16 * 16);
+      RunParts(pool, parts,
+               [&](int64_t i) { RowsNK<M>(x, xi.data(), w, y, K, N, N * i / parts, N * (i + 1) / parts); });
+    } else {
+      RunParts(pool, parts, [&](int64_t i) { RowsNK<M>(x, w, y, K, N, N * i / parts, N * (i + 1) / parts); });
+    }
+  } else if (M > 1) {  // column blocks of 8 per part
+    const int64_t blocks = (N + 7) / 8;
+    RunParts(pool, parts, [&](int64_t i) {
+      RowsKN<M>(x, w, y, K, N, std::min(N, blocks * i / parts * 8), std::min(N, blocks * (i + 1) / parts * 8));
+    });
+  } else if constexpr (std::is_same_v<T, uint16_t>) {  // as below, and the columns back in order
+    std::vector<float> acc(static_cast<size_t>(parts) * N, 0.f);
+    RunParts(pool, parts,
+             [&](int64_t i) { RowKN(x, w, acc.data() + i * N, N, K * i / parts, K * (i + 1) / parts); });
+    const int64_t n_main = N / 16 * 16;
+    for (int64_t n = 0; n < N; ++n) {
+      const int64_t from = n < n_main ? n - n % 16 + kOrder[n % 16] : n;
+      float s = 0.f;
+      for (int64_t i = 0; i < parts; ++i) s += acc[i * N + n];
+      y[from] = s;
+    }
+  } else {  // one row: each part sums its own block of weight rows, part 0 into y, the others added after
+    std::fill(y, y + N, 0.f);
+    std::vector<float> scratch(static_cast<size_t>(parts - 1) * N, 0.f);
+    RunParts(pool, parts, [&](int64_t i) {
+      RowKN(x, w, i == 0 ? y : scratch.data() + (i - 1) * N, N, K * i / parts, K * (i + 1) / parts);
+    });
+    for (int64_t i = 1; i < parts; ++i)
+      for (int64_t n = 0; n < N; ++n) y[n] += scratch[(i - 1) * N + n];
+  }
+}
+
+template <typename T>
+void Multiply(ffi::ThreadPool& pool, const T* x_in, const T* w, float* y, int64_t M, int64_t K, int64_t N,
+              bool w_is_nk) {
+  // Below ~256 KiB of weights a second thread costs more (its wake-up) than it saves.
+  const int64_t parts = static_cast<size_t>(K) * N * sizeof(T) < (256 << 10) ? 1 : std::max<int64_t>(1, pool.num_threads());
+  std::vector<float> x(static_cast<size_t>(M) * K);
+  for (int64_t i = 0; i < M * K; ++i) x[i] = widen(x_in[i]);
+  switch (M) {
+    case 1: return MultiplyRows<1>(pool, parts, x.data(), w, y, K, N, w_is_nk);
+    case 2: return MultiplyRows<2>(pool, parts, x.data(), w, y, K, N, w_is_nk);
+    case 3: return MultiplyRows<3>(pool, parts, x.data(), w, y, K, N, w_is_nk);
+    case 4: return MultiplyRows<4>(pool, parts, x.data(), w, y, K, N, w_is_nk);
+    case 5: return MultiplyRows<5>(pool, parts, x.data(), w, y, K, N, w_is_nk);
+    case 6: return MultiplyRows<6>(pool, parts, x.data(), w, y, K, N, w_is_nk);
+    case 7: return MultiplyRows<7>(pool, parts, x.data(), w, y, K, N, w_is_nk);
+    default: return MultiplyRows<8>(pool, parts, x.data(), w, y, K, N, w_is_nk);
+  }
+}
+
+ffi::Error RowsMatmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
+                      ffi::Result<ffi::Buffer<ffi::F32>> y, int64_t w_layout) {
+  auto xd = x.dimensions();
+  auto wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 2) return ffi::Error::InvalidArgument("rows_matmul: x and w must be 2-D");
+  if (x.element_type() != w.element_type())
+    return ffi::Error::InvalidArgument("rows_matmul: x and w must share a dtype");
+  const bool nk = w_layout == 1;
+  const int64_t M = xd[0], K = xd[1], N = nk ? wd[0] : wd[1];
+  if (M < 1 || M > kMaxRows) return ffi::Error::InvalidArgument("rows_matmul: x must have 1 to 8 rows");
+  if ((nk ? wd[1] : wd[0]) != K) return ffi::Error::InvalidArgument("rows_matmul: contracting sizes differ");
+  auto yd = y->dimensions();
+  if (yd.size() != 2 || yd[0] != M || yd[1] != N)
+    return ffi::Error::InvalidArgument("rows_matmul: output shape must be (rows, N)");
+  float* out = y->typed_data();
+  switch (x.element_type()) {
+    case ffi::DataType::F32:
+      Multiply(pool, static_cast<const float*>(x.untyped_data()), static_cast<const float*>(w.untyped_data()),
+               out, M, K, N, nk);
+      return ffi::Error::Success();
+    case ffi::DataType::BF16:
+      Multiply(pool, static_cast<const uint16_t*>(x.untyped_data()),
+               static_cast<const uint16_t*>(w.untyped_data()), out, M, K, N, nk);
+      return ffi::Error::Success();
+    default:
+      return ffi::Error::InvalidArgument("rows_matmul: dtype must be float32 or bfloat16");
+  }
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Gemma3RowsMatmul, RowsMatmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("w_layout"));

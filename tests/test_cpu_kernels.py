@@ -1,0 +1,81 @@
+"""The CPU product kernel (gemma3/cpu_kernels.py): its results against float64 products, when it is used,
+its derivatives, and the fallback to XLA's dot where it cannot be built."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gemma3 import cpu_kernels
+from gemma3.text import accumulating_dot_general
+
+KN = (((1,), (0,)), ((), ()))  # nnx.Linear: x @ w, w is (in, out)
+NK = (((1,), (1,)), ((), ()))  # the tied LM head: x @ w.T, w is (out, in)
+
+
+def test_the_kernel_builds_here():
+    assert cpu_kernels.available(), "the CI machine has g++: the kernel must build"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("layout", ["KN", "NK"])
+@pytest.mark.parametrize("k,n", [(37, 13), (640, 1000)])  # odd tails; a matrix large enough to split in two
+def test_products_match_float64_for_every_row_count(dtype, layout, k, n):
+    rng = np.random.default_rng(k * n)
+    w = jnp.asarray(rng.standard_normal((k, n) if layout == "KN" else (n, k)), dtype)
+    product = jax.jit(lambda x, w: cpu_kernels.rows_matmul(x, w, KN if layout == "KN" else NK))
+    for rows in range(1, cpu_kernels.MAX_ROWS + 1):
+        x = jnp.asarray(rng.standard_normal((rows, k)), dtype)
+        x64, w64 = np.asarray(x, np.float64), np.asarray(w, np.float64)
+        want = x64 @ (w64 if layout == "KN" else w64.T)
+        got = np.asarray(product(x, w), np.float64)
+        assert got.dtype == np.float64 and got.shape == want.shape
+        # float32 accumulation of k products; a bfloat16 result adds its own rounding (8 bits)
+        tol = 1e-5 if dtype == "float32" else 8e-3
+        np.testing.assert_allclose(got, want, rtol=tol, atol=tol * np.abs(want).max())
+
+
+def test_decode_sized_products_use_the_kernel_and_others_xla():
+    x8, x9 = jnp.ones((2, 4, 64), jnp.bfloat16), jnp.ones((9, 64), jnp.bfloat16)
+    w = jnp.ones((64, 32), jnp.bfloat16)
+    assert cpu_kernels.applies(x8, w, (((2,), (0,)), ((), ())))  # 8 rows, batch and sequence folded
+    assert not cpu_kernels.applies(x9, w, KN)  # prefill-sized: XLA's GEMM
+    assert cpu_kernels.applies(x9[:1], w.T, NK)  # bfloat16 LM head
+    assert not cpu_kernels.applies(x9[:1].astype(jnp.float32), w.T.astype(jnp.float32), NK)  # XLA's is as fast
+    assert cpu_kernels.applies(x9[:1].astype(jnp.float32), w.astype(jnp.float32), KN)
+    assert not cpu_kernels.applies(x9[:1], w.astype(jnp.float32), KN)  # mixed dtypes
+    assert not cpu_kernels.applies(jnp.ones((4, 1, 64)), jnp.ones((4, 64, 32)), (((2,), (1,)), ((0,), (0,))))
+    hlo = jax.jit(lambda x, w: accumulating_dot_general(x, w, KN)).lower(x9[:1], w).as_text()
+    assert cpu_kernels.TARGET in hlo
+
+
+def test_derivatives_flow_through_xla_dot():
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((3, 48)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((48, 40)), jnp.float32)
+
+    def loss(x, w, dot):
+        return jnp.sum(jnp.tanh(dot(x, w, KN)))
+
+    ours = jax.grad(loss, argnums=(0, 1))(x, w, accumulating_dot_general)
+    xla = jax.grad(loss, argnums=(0, 1))(x, w, lambda a, b, dn: jax.lax.dot_general(a, b, dn))
+    for a, b in zip(ours, xla):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("env", [{"GEMMA3_CPU_KERNELS": "0"}, {"CXX": "false"}])
+def test_without_the_kernel_products_fall_back_to_xla(env, tmp_path):
+    code = ("import jax, jax.numpy as jnp; from gemma3 import cpu_kernels; "
+            "from gemma3.text import accumulating_dot_general as d; "
+            "x, w = jnp.ones((1, 8)), jnp.ones((8, 4)); "
+            "print(cpu_kernels.available(), float(d(x, w, (((1,), (0,)), ((), ())))[0, 0]))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "GEMMA3_KERNEL_CACHE_DIR": str(tmp_path), **env})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False", "8.0"]
+    if "CXX" in env:
+        assert "CPU product kernel unavailable" in done.stderr
