@@ -9,8 +9,8 @@
 //   y[m, n] = sum_k x[m, k] * w[n, k]    (w_layout 1: w is (N, K), the tied embedding as LM head)
 //
 // x and w share a dtype, float32 or bfloat16; y is float32. Built on first use by gemma3/cpu_kernels.py
-// with the machine's own compiler flags (-march=native), so the loops below are written for the
-// compiler's auto-vectoriser: unit-stride inner loops, no reductions across them.
+// for the machine's own CPU (-march=native); the loops use the compiler's vector extensions (eight float32
+// lanes), so one source builds for AVX2, AVX-512 or NEON.
 
 #include <algorithm>
 #include <atomic>
