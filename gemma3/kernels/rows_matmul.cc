@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <thread>
 #include <type_traits>
 #include <vector>
 
@@ -234,7 +235,16 @@ void RunParts(ffi::ThreadPool& pool, int64_t parts, const F& part) {
   };
   for (int64_t t = 1; t < parts; ++t) pool.Schedule(decltype(work)(work));
   work();
-  while (shared->done.load(std::memory_order_acquire) < parts) {
+  // A part runs for tens of microseconds to a few milliseconds: spin briefly, then give the core away
+  // (on a machine shared with other processes the thread we wait for may need it).
+  for (int spins = 0; shared->done.load(std::memory_order_acquire) < parts; ++spins) {
+    if (spins < 4096) {
+#if defined(__x86_64__) || defined(__i386__)
+      __builtin_ia32_pause();
+#endif
+    } else {
+      std::this_thread::yield();
+    }
   }
 }
 
@@ -280,8 +290,11 @@ void MultiplyRows(ffi::ThreadPool& pool, int64_t parts, const float* x, const T*
 template <typename T>
 void Multiply(ffi::ThreadPool& pool, const T* x_in, const T* w, float* y, int64_t M, int64_t K, int64_t N,
               bool w_is_nk) {
-  // Below ~256 KiB of weights a second thread costs more (its wake-up) than it saves.
-  const int64_t parts = static_cast<size_t>(K) * N * sizeof(T) < (256 << 10) ? 1 : std::max<int64_t>(1, pool.num_threads());
+  // Below ~256 KiB of weights a second thread costs more (its wake-up) than it saves. (Four parts per
+  // thread, for balance when another process preempts one, measured slower: 24.5 against 25.9 tok/s at
+  // 270m float32 batch 1, 35.6 against 41.5 in bfloat16.)
+  const size_t bytes = static_cast<size_t>(K) * N * sizeof(T);
+  const int64_t parts = bytes < (256 << 10) ? 1 : std::max<int64_t>(1, pool.num_threads());
   std::vector<float> x(static_cast<size_t>(M) * K);
   for (int64_t i = 0; i < M * K; ++i) x[i] = widen(x_in[i]);
   switch (M) {
