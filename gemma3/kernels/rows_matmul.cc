@@ -76,25 +76,24 @@ inline float sum8(f8 v) {
   return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
 }
 
-// One row, (K, N) weights, rows k0..k1: acc[:] += x[k] * w[k, :], four weight rows per pass over acc
-// (acc, N floats, stays in L1/L2 while the weights stream through once, in order).
-template <typename T>
-void RowKN(const float* x, const T* w, float* acc, int64_t N, int64_t k0, int64_t k1) {
+// One row, float32 (K, N) weights, rows k0..k1: acc[:] += x[k] * w[k, :], four weight rows per pass over
+// acc (acc, N floats, stays in L1/L2 while the weights stream through once, in order).
+void RowKN(const float* x, const float* w, float* acc, int64_t N, int64_t k0, int64_t k1) {
   int64_t k = k0;
   for (; k + 4 <= k1; k += 4) {
-    const T* __restrict w0 = w + k * N;
-    const T* __restrict w1 = w0 + N;
-    const T* __restrict w2 = w1 + N;
-    const T* __restrict w3 = w2 + N;
+    const float* __restrict w0 = w + k * N;
+    const float* __restrict w1 = w0 + N;
+    const float* __restrict w2 = w1 + N;
+    const float* __restrict w3 = w2 + N;
     const float a0 = x[k], a1 = x[k + 1], a2 = x[k + 2], a3 = x[k + 3];
     float* __restrict out = acc;
     for (int64_t n = 0; n < N; ++n)
-      out[n] += (a0 * widen(w0[n]) + a1 * widen(w1[n])) + (a2 * widen(w2[n]) + a3 * widen(w3[n]));
+      out[n] += (a0 * w0[n] + a1 * w1[n]) + (a2 * w2[n] + a3 * w3[n]);
   }
   for (; k < k1; ++k) {
-    const T* __restrict w0 = w + k * N;
+    const float* __restrict w0 = w + k * N;
     const float a0 = x[k];
-    for (int64_t n = 0; n < N; ++n) acc[n] += a0 * widen(w0[n]);
+    for (int64_t n = 0; n < N; ++n) acc[n] += a0 * w0[n];
   }
 }
 
@@ -161,15 +160,15 @@ void RowsKN(const float* x, const T* w, float* y, int64_t K, int64_t N, int64_t 
   }
 }
 
-// M rows (1..8), (N, K) weights, rows n0..n1: y[m, n] = <x[m, :], w[n, :]>. Each weight row is read
-// once, widened once and used M times; one input row keeps four partial sums to hide the adder's latency.
+// M rows (1..8), float32 (N, K) weights, rows n0..n1: y[m, n] = <x[m, :], w[n, :]>. Each weight row is
+// read once and used M times; one input row keeps four partial sums to hide the adder's latency.
 // The summation order is fixed, so results do not depend on the thread split.
-template <int M, typename T>
-void RowsNK(const float* x, const T* w, float* y, int64_t K, int64_t N, int64_t n0, int64_t n1) {
+template <int M>
+void RowsNK(const float* x, const float* w, float* y, int64_t K, int64_t N, int64_t n0, int64_t n1) {
   constexpr int kChains = M == 1 ? 4 : 1;
   const int64_t k_main = K / (8 * kChains) * (8 * kChains);
   for (int64_t n = n0; n < n1; ++n) {
-    const T* __restrict row = w + n * K;
+    const float* __restrict row = w + n * K;
     f8 acc[M][kChains] = {};
     for (int64_t k = 0; k < k_main; k += 8 * kChains)
       _Pragma("GCC unroll 4") for (int c = 0; c < kChains; ++c) {
@@ -180,7 +179,7 @@ void RowsNK(const float* x, const T* w, float* y, int64_t K, int64_t N, int64_t 
       f8 total = acc[m][0];
       for (int c = 1; c < kChains; ++c) total += acc[m][c];
       float s = sum8(total);
-      for (int64_t k = k_main; k < K; ++k) s += x[m * K + k] * widen(row[k]);
+      for (int64_t k = k_main; k < K; ++k) s += x[m * K + k] * row[k];
       y[m * N + n] = s;
     }
   }
@@ -265,25 +264,17 @@ void MultiplyRows(ffi::ThreadPool& pool, int64_t parts, const float* x, const T*
     RunParts(pool, parts, [&](int64_t i) {
       RowsKN<M>(x, w, y, K, N, std::min(N, blocks * i / parts * 8), std::min(N, blocks * (i + 1) / parts * 8));
     });
-  } else if constexpr (std::is_same_v<T, uint16_t>) {  // as below, and the columns back in order
+  } else {  // one row: each part sums its own block of weight rows into its own accumulator, added after;
+            // bfloat16 accumulators hold their first N / 16 * 16 columns in load16's lane order
     std::vector<float> acc(static_cast<size_t>(parts) * N, 0.f);
     RunParts(pool, parts,
              [&](int64_t i) { RowKN(x, w, acc.data() + i * N, N, K * i / parts, K * (i + 1) / parts); });
-    const int64_t n_main = N / 16 * 16;
+    const int64_t n_main = std::is_same_v<T, uint16_t> ? N / 16 * 16 : 0;
     for (int64_t n = 0; n < N; ++n) {
-      const int64_t from = n < n_main ? n - n % 16 + kOrder[n % 16] : n;
       float s = 0.f;
       for (int64_t i = 0; i < parts; ++i) s += acc[i * N + n];
-      y[from] = s;
+      y[n < n_main ? n - n % 16 + kOrder[n % 16] : n] = s;
     }
-  } else {  // one row: each part sums its own block of weight rows, part 0 into y, the others added after
-    std::fill(y, y + N, 0.f);
-    std::vector<float> scratch(static_cast<size_t>(parts - 1) * N, 0.f);
-    RunParts(pool, parts, [&](int64_t i) {
-      RowKN(x, w, i == 0 ? y : scratch.data() + (i - 1) * N, N, K * i / parts, K * (i + 1) / parts);
-    });
-    for (int64_t i = 1; i < parts; ++i)
-      for (int64_t n = 0; n < N; ++n) y[n] += scratch[(i - 1) * N + n];
   }
 }
 
