@@ -139,9 +139,11 @@ def test_a_full_queue_is_resource_exhausted_and_nothing_is_lost(stack, lm_worker
 def test_a_client_that_cancels_mid_stream_frees_its_slot(stack, lm_worker):
     before = lm_stats(lm_worker[1]).finished["cancelled"]
     with grpc.insecure_channel(stack) as channel:
-        calls = [gateway_pb2_grpc.GatewayStub(channel).Generate(long_answer())
-                 for _ in range(6)]  # more than the 4 slots: the last two only start once others leave
-        for call in calls:
+        # more than the 4 slots: a slot that a cancel did not free would end by length, not be counted here.
+        # Each call is cancelled at its first token, before the next starts: calls opened together ran to
+        # their full 250 tokens (tens of ms for the tiny model) while the client was still cancelling others
+        for _ in range(6):
+            call = gateway_pb2_grpc.GatewayStub(channel).Generate(long_answer())
             next(call)
             call.cancel()
     stats = wait_for_free_slots(lm_worker[1], lambda s: s.finished["cancelled"] - before >= 6)
