@@ -85,11 +85,24 @@ def _compiled(graphdef):
     return jax.jit(prefill, donate_argnums=(4,)), jax.jit(decode, donate_argnums=(2,)), jax.jit(first)
 
 
+def decodes_one_row_as_two() -> bool:
+    """Whether a one-row batch decodes as two copies of its row. XLA's GPU backend runs one-row
+    products as reductions that use a fraction of the memory bandwidth, and two-row ones as matrix
+    products: gemma-3-4b in bfloat16 on an H200 took 5.37 ms per decode step at batch 1 and 2.64 ms at
+    batch 2 (bench/RESULTS.md). The CPU backend has its own kernel for both."""
+    return jax.default_backend() == "gpu"
+
+
 @functools.lru_cache(maxsize=32)
-def _compiled_loop(graphdef, size: int):
+def _compiled_loop(graphdef, size: int, twice: bool = False):
     """All decode steps of ``generate`` in one jitted ``while_loop``: tokens land in a (B, size) buffer
-    (pad after a row's stop token) until every row has stopped or ``limit`` tokens were made."""
+    (pad after a row's stop token) until every row has stopped or ``limit`` tokens were made. ``twice``:
+    every row is decoded twice over (see decodes_one_row_as_two) and the first copy is returned."""
     def loop(state, token, cache, seeds, temperature, top_k, top_p, stop_ids, limit, pad):
+        rows = token.shape[0]
+        if twice:
+            token, cache, seeds, temperature, top_k, top_p = jax.tree.map(
+                lambda x: jnp.concatenate([x, x]), (token, cache, seeds, temperature, top_k, top_p))
         def record(i, tok, out, done, count):
             out = jax.lax.dynamic_update_slice(out, jnp.where(done, pad, tok)[:, None], (0, i))
             return out, done | (tok[:, None] == stop_ids[None, :]).any(-1), count + (~done)
@@ -105,9 +118,9 @@ def _compiled_loop(graphdef, size: int):
 
         carry = (jnp.int32(1), token, cache, out, done, count)
         carry = jax.lax.while_loop(lambda c: (c[0] < limit) & ~c[4].all(), body, carry)
-        return carry[3], carry[5], carry[2]  # the cache too: returned, the donated one is updated in place
+        return carry[3][:rows], carry[5][:rows], carry[2]  # the cache too: the donated one is updated in place
 
-    return jax.jit(loop, donate_argnums=(2,))
+    return jax.jit(loop, donate_argnums=() if twice else (2,))  # a cache decoded twice over is a new buffer
 
 
 def _per_row(value, b: int, dtype) -> jax.Array:
@@ -170,8 +183,10 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int = 32,
     # list are padded to powers of two, so other lengths and stop sets reuse the compiled loop.
     stop_ids = np.full(1 << max(2, (len(stops) - 1).bit_length()), -1, np.int32)
     stop_ids[:len(stops)] = sorted(stops)
-    out, count, _ = _compiled_loop(graphdef, size)(state, token, cache, seeds, temperature, top_k, top_p,
-                                                   jnp.asarray(stop_ids), jnp.int32(max_new_tokens), jnp.int32(pad))
+    twice = b == 1 and decodes_one_row_as_two()
+    out, count, _ = _compiled_loop(graphdef, size, twice)(state, token, cache, seeds, temperature, top_k, top_p,
+                                                          jnp.asarray(stop_ids), jnp.int32(max_new_tokens),
+                                                          jnp.int32(pad))
     new = np.asarray(out)[:, :max_new_tokens].astype(np.int64)
     return GenerateOutput(sequences=np.concatenate([np.asarray(input_ids), new], axis=1), new_tokens=new,
                           num_new_tokens=np.asarray(count).astype(np.int64))

@@ -59,6 +59,31 @@ def test_seeds_reproduce_and_rows_do_not_depend_on_batchmates(model):
     assert (other[0] != a[0]).any()
 
 
+def test_a_one_row_batch_decoded_as_two_rows_gives_the_same_tokens(model, monkeypatch):
+    """On GPUs a one-row batch decodes as two copies of its row (XLA's one-row products are slow there);
+    the answer, the stop and the count must be those of the row decoded alone."""
+    from gemma3 import generation
+
+    ids = np.array([[2, 10, 20, 30, 40]])
+    kw = dict(max_new_tokens=12, temperature=20.0, seed=5)
+    alone = model.generate(ids, eos_token_id=[], **kw)
+    stop = int(alone.new_tokens[0, 6])
+    alone_stopped = model.generate(ids, eos_token_id=[stop], **kw)
+    assert alone_stopped.num_new_tokens[0] < 12
+    compiled = []
+    loop = generation._compiled_loop
+    monkeypatch.setattr(generation, "decodes_one_row_as_two", lambda: True)
+    monkeypatch.setattr(generation, "_compiled_loop", lambda *a: compiled.append(a[1:]) or loop(*a))
+    twice = model.generate(ids, eos_token_id=[], **kw)
+    twice_stopped = model.generate(ids, eos_token_id=[stop], **kw)
+    assert [c[-1] for c in compiled] == [True, True]
+    np.testing.assert_array_equal(twice.new_tokens, alone.new_tokens)
+    np.testing.assert_array_equal(twice_stopped.new_tokens, alone_stopped.new_tokens)
+    np.testing.assert_array_equal(twice_stopped.num_new_tokens, alone_stopped.num_new_tokens)
+    model.generate(np.repeat(ids, 2, 0), eos_token_id=[], **kw)
+    assert [c[-1] for c in compiled] == [True, True, False]  # only a one-row batch
+
+
 def test_stop_tokens_end_a_row_and_pad_after(model):
     ids = np.array([[2, 10, 20, 30, 40], [2, 50, 60, 70, 80]])
     free = model.generate(ids, max_new_tokens=12, eos_token_id=[]).new_tokens
