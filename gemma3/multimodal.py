@@ -9,7 +9,7 @@ from flax import nnx
 from gemma3 import cache as kv
 from gemma3.config import Gemma3Config
 from gemma3.outputs import ModelOutput, output_class
-from gemma3.text import CausalLMMixin, Gemma3RMSNorm, Gemma3TextModel, PretrainedMixin, _linear
+from gemma3.text import CausalLMMixin, Gemma3RMSNorm, Gemma3TextModel, PretrainedMixin, _linear, float32_precision
 from gemma3.vision import SiglipVisionModel
 
 
@@ -31,7 +31,8 @@ class Gemma3MultiModalProjector(nnx.Module):
         pooled = grid.astype(jnp.float32).mean(axis=(2, 4)).astype(vision_outputs.dtype).reshape(n, -1, d)
         x, w = self.mm_soft_emb_norm(pooled), self.mm_input_projection_weight[...]
         # bfloat16 products accumulate in float32 (faster on CPU too); float32 is unchanged
-        return jnp.einsum("NPV,VD->NPD", x, w, preferred_element_type=jnp.float32).astype(jnp.result_type(x, w))
+        return jnp.einsum("NPV,VD->NPD", x, w, preferred_element_type=jnp.float32,
+                          precision=float32_precision(x, w)).astype(jnp.result_type(x, w))
 
 
 def image_blocks(token_type_ids: jax.Array) -> jax.Array:

@@ -26,21 +26,29 @@ from gemma3.outputs import (
 _MASKED = float(jnp.finfo(jnp.float32).min)  # finite, so a fully masked row gives no NaN
 
 
+def float32_precision(*operands) -> jax.lax.Precision | None:
+    """HIGHEST when every operand is float32, else None (the backend's default). XLA runs float32
+    products on GPUs in TF32 by default, which moved our logits by up to 1e-2 from transformers' on an
+    H200 (bench/gpu_numerics.py; 1e-5 at HIGHEST); PyTorch, and so transformers, does not. The CPU
+    backend computes float32 in full either way."""
+    return jax.lax.Precision.HIGHEST if all(x.dtype == jnp.float32 for x in operands) else None
+
+
 def accumulating_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
                              out_sharding=None):
     """``lax.dot_general`` whose low-precision (bfloat16) products accumulate in float32 and come back in
     the operands' dtype: better numerics, and XLA's CPU backend then runs them as fast library kernels
     instead of slow loops. On the CPU backend, decode-sized products (up to 8 rows) run in our own kernel
-    (`gemma3.cpu_kernels`), which reads the weights at memory speed; elsewhere a one-row bfloat16 product
-    is padded to two, XLA's fast path (bench/RESULTS.md has the measurements). Float32 operands are
-    otherwise multiplied as before."""
+    (`gemma3.cpu_kernels`), which reads the weights at memory speed; elsewhere, on CPU and GPU, a one-row
+    bfloat16 product is padded to two, XLA's fast path (on an H200 XLA runs one row as a slow reduction;
+    bench/RESULTS.md has the measurements). Float32 operands are otherwise multiplied as before."""
     if cpu_kernels.applies(lhs, rhs, dimension_numbers):
         return cpu_kernels.rows_matmul(lhs, rhs, dimension_numbers)
     if lhs.dtype == jnp.float32 and rhs.dtype == jnp.float32:
-        return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+        return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision or float32_precision(lhs, rhs),
                                    preferred_element_type=preferred_element_type)
     (contract_l, contract_r), batch = dimension_numbers
-    one_row = (jax.default_backend() == "cpu" and batch == ((), ()) and tuple(contract_l) == (lhs.ndim - 1,)
+    one_row = (jax.default_backend() in ("cpu", "gpu") and batch == ((), ()) and tuple(contract_l) == (lhs.ndim - 1,)
                and math.prod(lhs.shape[:-1]) == 1)
     if not one_row:
         out = jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
@@ -154,14 +162,15 @@ def dot_product_attention(q, key_sets, ctx: AttentionContext):
     qg = q.reshape(b, t, n_kv, n // n_kv, h)
     scores = []
     for k, _, k_index, k_blocks in key_sets:
-        s = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k, preferred_element_type=jnp.float32)
+        s = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k, preferred_element_type=jnp.float32,
+                       precision=float32_precision(qg, k))
         mask = visibility_mask(ctx.q_index, k_index, ctx.window, ctx.blocks, k_blocks)
         scores.append(jnp.where(mask[:, None, None], s, _MASKED))
     probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1)
     out, start = 0.0, 0
     for k, v, _, _ in key_sets:
         p = probs[..., start:start + k.shape[1]].astype(v.dtype)
-        out = out + jnp.einsum("BKGTS,BSKH->BTKGH", p, v)
+        out = out + jnp.einsum("BKGTS,BSKH->BTKGH", p, v, precision=float32_precision(p, v))
         start += k.shape[1]
     return out.reshape(b, t, n, h).astype(q.dtype), probs.reshape(b, n, t, -1)
 

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gemma3.config import SiglipVisionConfig
-from gemma3.text import accumulating_dot_general
+from gemma3.text import accumulating_dot_general, float32_precision
 
 
 def _linear(n_in: int, n_out: int, dtype, rngs: nnx.Rngs) -> nnx.Linear:
@@ -41,7 +41,8 @@ class SiglipVisionEmbeddings(nnx.Module):
         p = self.patch_size
         patches = pixel_values.reshape(n, c, height // p, p, width // p, p).astype(self.position_embedding.dtype)
         w, b = self.patch_embedding["weight"][...], self.patch_embedding["bias"][...]
-        x = jnp.einsum("NCYyXx,DCyx->NYXD", patches, w, preferred_element_type=jnp.float32).astype(w.dtype) + b
+        x = jnp.einsum("NCYyXx,DCyx->NYXD", patches, w, preferred_element_type=jnp.float32,
+                       precision=float32_precision(patches, w)).astype(w.dtype) + b
         x = x.reshape(n, -1, x.shape[-1])
         return x + self.position_embedding.embedding[...][None, : x.shape[1]]
 
@@ -49,9 +50,10 @@ class SiglipVisionEmbeddings(nnx.Module):
 def _attention_block(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     """q (G, C, H), already scaled; k, v (G, T, H) → (G, C, H). Softmax in float32, normalised after
     the product with V: ``(exp(s - max) @ V) / sum(exp(s - max))``, which spares a pass over the scores."""
-    scores = jnp.einsum("GCH,GTH->GCT", q, k, preferred_element_type=jnp.float32)
+    scores = jnp.einsum("GCH,GTH->GCT", q, k, preferred_element_type=jnp.float32, precision=float32_precision(q, k))
     e = jnp.exp(scores - scores.max(axis=-1, keepdims=True))
-    out = jnp.einsum("GCT,GTH->GCH", e.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    out = jnp.einsum("GCT,GTH->GCH", e.astype(v.dtype), v, preferred_element_type=jnp.float32,
+                     precision=float32_precision(v))
     return (out / e.sum(axis=-1, keepdims=True)).astype(v.dtype)
 
 

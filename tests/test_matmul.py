@@ -31,3 +31,39 @@ def test_bfloat16_accumulates_in_float32_and_one_row_equals_its_row_of_two():
     table = jnp.asarray(rng.standard_normal((96, 512)) * 0.05, jnp.bfloat16)
     np.testing.assert_array_equal(np.asarray(accumulating_dot_general(x[:1], table, tied), np.float32),
                                   np.asarray(accumulating_dot_general(x, table, tied)[:1], np.float32))
+
+
+def _dot_precisions(fn, *args) -> list[str]:
+    """The precision of every dot_general in ``fn``'s lowered program."""
+    import re
+
+    import jax
+
+    text = jax.jit(fn).lower(*args).as_text()
+    dots = [line for line in text.splitlines() if "stablehlo.dot_general" in line]
+    return [(re.search(r"precision = \[([^\]]*)\]", line) or [None, "DEFAULT"])[1] for line in dots]
+
+
+def test_float32_models_ask_for_full_precision_products_and_bfloat16_models_do_not():
+    """GPUs run float32 products in TF32 unless asked for HIGHEST (1e-2 logit errors on an H200, see
+    bench/RESULTS.md); every product of a float32 model must ask, a bfloat16 one must not."""
+    from flax import nnx
+
+    from gemma3 import Gemma3Config, Gemma3ForConditionalGeneration
+    from tests import make_checkpoints as mk
+
+    config = Gemma3Config.from_dict({"text_config": mk.text_config_dict(), "vision_config": mk.VISION_BASE,
+                                     **mk.MULTIMODAL_BASE})
+    ids = jnp.full((1, 24), 5, jnp.int32)  # more rows than the CPU kernel takes: XLA's own products
+    pixels = jnp.zeros((1, 3, 42, 42), jnp.float32)
+    for dtype in (jnp.float32, jnp.bfloat16):
+        graphdef, state = nnx.split(Gemma3ForConditionalGeneration(config, dtype=dtype, rngs=nnx.Rngs(0)))
+
+        def forward(state, ids, pixels):
+            model = nnx.merge(graphdef, state)
+            image = model.get_image_features(pixels)
+            return model(input_ids=ids).logits, image
+
+        precisions = _dot_precisions(forward, state, ids, pixels)
+        assert len(precisions) > 10  # the vision tower, projector, attention, MLPs and head
+        assert all(("HIGHEST" in p) == (dtype == jnp.float32) for p in precisions), precisions
