@@ -56,14 +56,15 @@ def test_float32_models_ask_for_full_precision_products_and_bfloat16_models_do_n
                                      **mk.MULTIMODAL_BASE})
     ids = jnp.full((1, 24), 5, jnp.int32)  # more rows than the CPU kernel takes: XLA's own products
     pixels = jnp.zeros((1, 3, 42, 42), jnp.float32)
+
+    def forward(graphdef):
+        def run(state, ids, pixels):
+            model = nnx.merge(graphdef, state)
+            return model(input_ids=ids).logits, model.get_image_features(pixels)
+        return run
+
     for dtype in (jnp.float32, jnp.bfloat16):
         graphdef, state = nnx.split(Gemma3ForConditionalGeneration(config, dtype=dtype, rngs=nnx.Rngs(0)))
-
-        def forward(state, ids, pixels):
-            model = nnx.merge(graphdef, state)
-            image = model.get_image_features(pixels)
-            return model(input_ids=ids).logits, image
-
-        precisions = _dot_precisions(forward, state, ids, pixels)
+        precisions = _dot_precisions(forward(graphdef), state, ids, pixels)
         assert len(precisions) > 10  # the vision tower, projector, attention, MLPs and head
         assert all(("HIGHEST" in p) == (dtype == jnp.float32) for p in precisions), precisions
