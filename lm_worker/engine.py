@@ -415,13 +415,20 @@ def _sampling(r: Request):
 
 def pick(logits, keys, temperature, top_k, top_p, n_top: int, wants_top):
     """Sampled tokens with their log-probabilities and the ``n_top`` most likely alternatives (zeros
-    unless ``wants_top``: a top-k over a 262k vocabulary costs milliseconds on a CPU)."""
+    unless ``wants_top``: a top-k over a 262k vocabulary costs milliseconds on a CPU). Log-probabilities
+    are logits less their log-sum-exp, taken where needed (the whole log-softmax is never written)."""
+    logits = logits.astype(jnp.float32)
     tokens = sample_tokens(logits, keys, temperature, top_k, top_p)
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    chosen = jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
+    log_total = jax.nn.logsumexp(logits, axis=-1)
+    chosen = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0] - log_total
     k = max(n_top, 1)
-    none = lambda lp: (jnp.zeros((*lp.shape[:-1], k), lp.dtype), jnp.zeros((*lp.shape[:-1], k), jnp.int32))  # noqa: E731
-    top_lp, top_ids = jax.lax.cond(wants_top, lambda lp: tuple(jax.lax.top_k(lp, k)), none, logp)
+
+    def top(x):
+        best, ids = jax.lax.top_k(x, k)
+        return best - log_total[:, None], ids
+
+    none = lambda x: (jnp.zeros((*x.shape[:-1], k), x.dtype), jnp.zeros((*x.shape[:-1], k), jnp.int32))  # noqa: E731
+    top_lp, top_ids = jax.lax.cond(wants_top, top, none, logits)
     return tokens, chosen, top_ids, top_lp
 
 

@@ -133,3 +133,64 @@ def test_top_k_holds_for_flat_distributions_under_jit():
         keys = jax.random.split(jax.random.PRNGKey(i), rows)
         drawn = np.asarray(f(keys, jnp.full((rows,), 10.0)))
         assert all(drawn[r] in best[r] for r in range(rows))
+
+
+def test_argmax_is_jnp_argmax_first_maximum_included():
+    from gemma3.generation import argmax
+
+    rng = np.random.default_rng(4)
+    for vocab in (160, 600, 1000, 1024 + 64):
+        x = rng.integers(0, 7, (6, vocab)).astype(np.float32)  # many ties: the first maximum must win
+        x[2, :] = 0.0
+        x[3, -1] = 99.0
+        np.testing.assert_array_equal(np.asarray(jax.jit(argmax)(jnp.asarray(x))), np.argmax(x, axis=-1))
+
+
+def _frequencies(tokens, vocab):
+    return np.bincount(np.asarray(tokens).ravel(), minlength=vocab) / np.asarray(tokens).size
+
+
+def test_unfiltered_draws_follow_the_softmax_across_vocabulary_blocks():
+    """Pure temperature sampling draws a block of the vocabulary, then a token inside it; the tokens
+    sit on both sides of a block boundary and in the padded last block."""
+    vocab = 600
+    logits = np.full((1, vocab), -30.0, np.float32)
+    hot = [3, 100, 511, 512, 513, 599]
+    logits[0, hot] = [1.0, 0.0, 2.0, 1.5, -0.5, 0.5]
+    want = np.exp(logits[0] - logits[0].max())
+    want /= want.sum()
+    got = _frequencies(_sample(jnp.asarray(logits), 6000), vocab)
+    assert set(np.flatnonzero(got)) <= set(hot)
+    np.testing.assert_allclose(got[hot], want[hot], atol=0.025)
+
+
+def test_a_nucleus_inside_the_candidates_and_one_past_them_keep_the_same_rule():
+    """top_p without top_k: a peaked row's nucleus lies inside the CANDIDATES best tokens (measured
+    against the whole vocabulary's mass); a flat row's does not and is drawn from the sorted
+    vocabulary. Both draw only from their nucleus, in proportion, and a row draws the same token
+    whether or not its batch holds a row of the other kind."""
+    from gemma3.generation import CANDIDATES
+
+    vocab, top_p = 2000, 0.8
+    rng = np.random.default_rng(5)
+    peaked = rng.normal(size=vocab).astype(np.float32)
+    peaked[:8] += 9.0  # the nucleus: a few of these 8
+    flat = rng.normal(size=vocab).astype(np.float32) * 0.1
+    for row in (peaked, flat):
+        order = np.argsort(-row)
+        p = np.exp(row[order] - row.max())
+        p /= p.sum()
+        nucleus = order[(np.cumsum(p) - p) < top_p]
+        assert (len(nucleus) <= CANDIDATES) == (row is peaked)
+        got = _frequencies(_sample(jnp.asarray(row[None]), 4000, top_p=top_p), vocab)
+        assert set(np.flatnonzero(got)) <= set(nucleus)
+        if row is peaked:
+            want = np.exp(row[nucleus] - row.max())
+            np.testing.assert_allclose(got[nucleus], want / want.sum(), atol=0.03)
+    both = jnp.asarray(np.stack([peaked, flat]))
+    keys = jax.random.split(jax.random.PRNGKey(6), 64 * 2).reshape(64, 2, 2)
+    draw = jax.jit(jax.vmap(lambda k, x: sample_tokens(x, k, jnp.ones(x.shape[0]), jnp.zeros(x.shape[0], jnp.int32),
+                                                       jnp.full(x.shape[0], top_p)), in_axes=(0, None)))
+    together = np.asarray(draw(keys, both))
+    alone = np.asarray(draw(keys[:, :1], both[:1]))
+    np.testing.assert_array_equal(together[:, 0], alone[:, 0])
