@@ -6,11 +6,10 @@
 For each batch size (1, 32, 128): prefill of a random prompt, then greedy decode of ``--new-tokens``
 tokens through ``gemma3.generate`` (its decode loop runs on the device in one call), and the same
 through the sharded path (parameters and cache placed by ``gemma3.sharding`` on a mesh over every
-device). Decode tokens/s =
-B x (new - 1) / (generate - prefill), aggregated over the batch; best of ``--repeats``. The LM
-worker's engine (continuous batching, in-process, no gRPC) runs ``--engine-slots`` requests at once;
-its tokens/s counts every token over the whole wave, prefills included, so it is a lower bound
-beside the generate rows.
+device). Decode tokens/s = B x (new - 1) / (generate - prefill), aggregated over the batch; best of
+``--repeats``. The LM worker's engine (continuous batching, in-process, no gRPC) runs
+``--engine-slots`` requests at once; its tokens/s counts every token over the whole wave, prefills
+included, so it is a lower bound beside the generate rows.
 
 Roofline: a decode step reads every weight once and the batch's KV cache; the fastest step is those
 bytes / the HBM bandwidth, which the script measures itself (a jitted copy, bytes read + written).
