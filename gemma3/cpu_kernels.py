@@ -5,7 +5,8 @@ does not reach (float32 layer products at 60-75% of the kernel's speed, bfloat16
 bench/RESULTS.md). `kernels/rows_matmul.cc` streams the weights once across XLA's own intra-op threads.
 It is compiled on first use with the machine's compiler and `-march=native`, cached by source, compiler
 and CPU, and registered as an XLA FFI target; without a compiler (or with ``GEMMA3_CPU_KERNELS=0``)
-products fall back to XLA's dot. Accelerators never use it.
+products fall back to XLA's dot. ``GEMMA3_KERNEL_FLAGS`` adds compiler flags (``-mno-avx512bf16`` builds
+the portable bfloat16 loops on a CPU that has bfloat16 instructions). Accelerators never use it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -54,7 +56,8 @@ def build(compiler: str | None = None) -> Path:
         raise RuntimeError(f"no C++ compiler ({compiler}) on PATH")
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
     include = jax.ffi.include_dir()
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), version, " ".join(FLAGS), include, jax.__version__,
+    flags = (*FLAGS, *shlex.split(os.environ.get("GEMMA3_KERNEL_FLAGS", "")))
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), version, " ".join(flags), include, jax.__version__,
                                     _cpu_identity()]).encode()).hexdigest()[:16]
     out = _cache_dir() / f"rows_matmul-{key}.so"
     if out.exists():
@@ -63,7 +66,7 @@ def build(compiler: str | None = None) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)  # other processes may build beside us
     os.close(fd)
     try:
-        done = subprocess.run([compiler, *FLAGS, f"-I{include}", str(SOURCE), "-o", tmp],
+        done = subprocess.run([compiler, *flags, f"-I{include}", str(SOURCE), "-o", tmp],
                               capture_output=True, text=True)
         if done.returncode:
             raise RuntimeError(f"{compiler} failed: {done.stderr[-2000:]}")

@@ -2,6 +2,7 @@
 its derivatives, and the fallback to XLA's dot where it cannot be built."""
 
 import os
+import platform
 import subprocess
 import sys
 
@@ -79,3 +80,15 @@ def test_without_the_kernel_products_fall_back_to_xla(env, tmp_path):
     assert done.stdout.split() == ["False", "8.0"]
     if "CXX" in env:
         assert "CPU product kernel unavailable" in done.stderr
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="-mno-avx512bf16 is an x86 flag")
+def test_portable_bfloat16_loops_where_the_cpu_has_pair_products(tmp_path):
+    """A CPU with AVX512-BF16 multiplies bfloat16 by pair products (vdpbf16ps); the loops every other CPU
+    runs are built here with the instruction set turned off and checked by the same test."""
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+                           "builds_here or match_float64 and bfloat16"], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "GEMMA3_KERNEL_CACHE_DIR": str(tmp_path),
+                               "GEMMA3_KERNEL_FLAGS": "-mno-avx512bf16"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert "5 passed" in done.stdout
