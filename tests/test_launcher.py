@@ -29,6 +29,7 @@ def launched():
     proc = subprocess.Popen([sys.executable, "-m", "launcher", "--port", str(port), "--num-slots", "4",
                              "--max-length", "256"], env=env, cwd=services.ROOT, stdout=log, stderr=subprocess.STDOUT)
     target = f"127.0.0.1:{port}"
+    stopped = False
     try:
         deadline = time.monotonic() + 600
         while "gemma3-stack: up" not in open(log.name).read():
@@ -37,17 +38,27 @@ def launched():
             time.sleep(0.5)
         yield target, log.name
         proc.send_signal(signal.SIGINT)  # Ctrl-C: every service drains and stops, the launcher exits 0
-        assert proc.wait(60) == 0, open(log.name).read()
+        try:  # (the launcher gives each of its 4 processes up to 20 s: 80 s at worst)
+            status = proc.wait(90)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the launcher did not stop in 90 s after Ctrl-C:\n" + open(log.name).read())
+        assert status == 0, open(log.name).read()
         pids = [int(p) for p in re.findall(r"gemma3-stack: started \S+ \(pid (\d+)\)", open(log.name).read())]
         assert len(pids) == 4
         for pid in pids:
             with pytest.raises(ProcessLookupError):
                 os.kill(pid, 0)
+        stopped = True
         with grpc.insecure_channel(target) as channel, pytest.raises(grpc.FutureTimeoutError):
             grpc.channel_ready_future(channel).result(timeout=2)
     finally:
         if proc.poll() is None:
             proc.kill()
+        for pid in [] if stopped else re.findall(r"gemma3-stack: started \S+ \(pid (\d+)\)", open(log.name).read()):
+            try:  # a failed stop leaves no orphaned workers behind for the rest of the suite
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         os.unlink(log.name)
 
 

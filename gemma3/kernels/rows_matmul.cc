@@ -260,17 +260,18 @@ void RowsNKDp(const uint16_t* x, const uint16_t* w, float* y, int64_t K, int64_t
 
 // M rows (2..8) of bfloat16 x against bfloat16 (K, N) weights, columns n0..n1: for each pair of weight
 // rows, sixteen columns are interleaved into (w[k, n], w[k + 1, n]) pairs and multiplied by the
-// broadcast pair (x[m, k], x[m, k + 1]) of each input row. Blocks of kBlock weight rows, as RowsKN.
+// broadcast pair (x[m, k], x[m, k + 1]) of each input row. Blocks of kBlock weight rows, as RowsKN (an
+// even number, so a pair never straddles two blocks).
+static_assert(kBlock % 2 == 0, "RowsKNDp pairs weight rows inside a block");
 template <int M>
-void RowsKNDp(const uint16_t* x, const uint16_t* w, float* y, int64_t K, int64_t N, int64_t n0, int64_t n1,
-              int64_t k_block) {
+void RowsKNDp(const uint16_t* x, const uint16_t* w, float* y, int64_t K, int64_t N, int64_t n0, int64_t n1) {
   const int64_t n_main = n0 + (n1 - n0) / 16 * 16;
   const __m512i pairs = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22,
                                          6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
   for (int64_t m = 0; m < M; ++m)
     for (int64_t n = n0; n < n1; ++n) y[m * N + n] = 0.f;
-  for (int64_t kb = 0; kb < K; kb += k_block) {
-    const int64_t ke = std::min(K, kb + k_block);
+  for (int64_t kb = 0; kb < K; kb += kBlock) {
+    const int64_t ke = std::min(K, kb + kBlock);
     for (int64_t n = n0; n < n_main; n += 16) {
       __m512 acc[M];
       _Pragma("GCC unroll 8") for (int m = 0; m < M; ++m) acc[m] = _mm512_loadu_ps(y + m * N + n);
@@ -342,8 +343,7 @@ void MultiplyRows(ffi::ThreadPool& pool, int64_t parts, const T* x_in, const flo
     if (M > 1) {  // column blocks of 16 per part
       const int64_t blocks = (N + 15) / 16;
       RunParts(pool, parts, [&](int64_t i) {
-        RowsKNDp<M>(x_in, w, y, K, N, std::min(N, blocks * i / parts * 16), std::min(N, blocks * (i + 1) / parts * 16),
-                    kBlock);
+        RowsKNDp<M>(x_in, w, y, K, N, std::min(N, blocks * i / parts * 16), std::min(N, blocks * (i + 1) / parts * 16));
       });
       return;
     }
