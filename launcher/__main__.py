@@ -262,6 +262,9 @@ def main(argv=None) -> int:
     stack = Stack(args.log_format)
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    # A launcher started in the background by a script (`gemma3-stack &`, nohup) inherits SIGINT ignored,
+    # and Python then never raises KeyboardInterrupt: `kill -INT` must still stop the stack.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         target = bring_up(stack, args)
         print(f"gemma3-stack: up; the gateway listens on {target} (model {args.model}). Ctrl-C stops it.",
@@ -273,6 +276,9 @@ def main(argv=None) -> int:
                              args.ask])
             if args.exit:
                 return status
+        # From here Ctrl-C only asks the loop to end: a KeyboardInterrupt raised inside Popen.poll() can
+        # leave the Popen's wait lock held, and stop() then waits for that process forever.
+        signal.signal(signal.SIGINT, lambda *_: stopping.set())
         while not stopping.wait(0.5):
             for name, proc in stack.procs:
                 if proc.poll() is not None:
