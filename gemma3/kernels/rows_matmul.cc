@@ -331,6 +331,16 @@ void RunParts(ffi::ThreadPool& pool, int64_t parts, const F& part) {
   }
 }
 
+// Whether a product takes the pair-product loops, which read x as it is (the others read a float32 copy).
+template <typename T>
+constexpr bool UsesPairs(int64_t M, bool w_is_nk) {
+#ifdef GEMMA3_DPBF16
+  return std::is_same_v<T, uint16_t> && (w_is_nk || M > 1);
+#else
+  return false;
+#endif
+}
+
 template <int M, typename T>
 void MultiplyRows(ffi::ThreadPool& pool, int64_t parts, const T* x_in, const float* x, const T* w, float* y,
                   int64_t K, int64_t N, bool w_is_nk) {
@@ -340,7 +350,7 @@ void MultiplyRows(ffi::ThreadPool& pool, int64_t parts, const T* x_in, const flo
       RunParts(pool, parts, [&](int64_t i) { RowsNKDp<M>(x_in, w, y, K, N, N * i / parts, N * (i + 1) / parts); });
       return;
     }
-    if (M > 1) {  // column blocks of 16 per part
+    if (UsesPairs<T>(M, w_is_nk)) {  // column blocks of 16 per part
       const int64_t blocks = (N + 15) / 16;
       RunParts(pool, parts, [&](int64_t i) {
         RowsKNDp<M>(x_in, w, y, K, N, std::min(N, blocks * i / parts * 16), std::min(N, blocks * (i + 1) / parts * 16));
@@ -385,8 +395,8 @@ void Multiply(ffi::ThreadPool& pool, const T* x_in, const T* w, float* y, int64_
   // 270m float32 batch 1, 35.6 against 41.5 in bfloat16.)
   const size_t bytes = static_cast<size_t>(K) * N * sizeof(T);
   const int64_t parts = bytes < (256 << 10) ? 1 : std::max<int64_t>(1, pool.num_threads());
-  std::vector<float> x(static_cast<size_t>(M) * K);
-  for (int64_t i = 0; i < M * K; ++i) x[i] = widen(x_in[i]);
+  std::vector<float> x(UsesPairs<T>(M, w_is_nk) ? 0 : static_cast<size_t>(M) * K);
+  for (size_t i = 0; i < x.size(); ++i) x[i] = widen(x_in[i]);
   switch (M) {
     case 1: return MultiplyRows<1>(pool, parts, x_in, x.data(), w, y, K, N, w_is_nk);
     case 2: return MultiplyRows<2>(pool, parts, x_in, x.data(), w, y, K, N, w_is_nk);
