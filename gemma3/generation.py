@@ -46,7 +46,10 @@ def sample_tokens(logits, keys, temperature, top_k, top_p) -> jax.Array:
         unfiltered = (k == 0) & (top_p >= 1)
         # without a top-k, a nucleus inside the candidates is measured against the whole vocabulary's mass
         total = jnp.where(k_fits, jnp.inf, log_total)
-        drawn = jnp.where(unfiltered, _draw_unfiltered(keys, x), _draw_ranked(keys, best, ids, k, top_p, total))
+        ranked = _draw_ranked(keys, best, ids, k, top_p, total)
+        # the unfiltered draw is another pass over the whole vocabulary: only when a row needs it
+        drawn = jnp.where(unfiltered, jax.lax.cond(jnp.any(unfiltered), lambda: _draw_unfiltered(keys, x),
+                                                   lambda: ranked), ranked)
 
         def sorted_draw():
             order = jnp.argsort(-x, axis=-1)
