@@ -19,6 +19,11 @@ from gateway.client import Client, build_request
 from tests import services
 
 
+def started_pids(log_name: str) -> list[int]:
+    """The processes the launcher says it started (redis, the two workers, the gateway)."""
+    return [int(p) for p in re.findall(r"gemma3-stack: started \S+ \(pid (\d+)\)", open(log_name).read())]
+
+
 @pytest.fixture(scope="module")
 def launched():
     """The launcher as a user runs it, but without REDIS_URL: it starts its own redis-server."""
@@ -43,7 +48,7 @@ def launched():
         except subprocess.TimeoutExpired:
             pytest.fail("the launcher did not stop in 90 s after Ctrl-C:\n" + open(log.name).read())
         assert status == 0, open(log.name).read()
-        pids = [int(p) for p in re.findall(r"gemma3-stack: started \S+ \(pid (\d+)\)", open(log.name).read())]
+        pids = started_pids(log.name)
         assert len(pids) == 4
         for pid in pids:
             with pytest.raises(ProcessLookupError):
@@ -54,9 +59,9 @@ def launched():
     finally:
         if proc.poll() is None:
             proc.kill()
-        for pid in [] if stopped else re.findall(r"gemma3-stack: started \S+ \(pid (\d+)\)", open(log.name).read()):
+        for pid in [] if stopped else started_pids(log.name):
             try:  # a failed stop leaves no orphaned workers behind for the rest of the suite
-                os.kill(int(pid), signal.SIGKILL)
+                os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
         os.unlink(log.name)
