@@ -182,7 +182,8 @@ def main(argv=None) -> None:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--engine-slots", default="1,32", help="slot counts run through the LM worker's engine ('' skips)")
-    p.add_argument("--engine-burst-ms", type=float, default=20.0, help="the engine's burst_ms (the LM worker's default)")
+    p.add_argument("--engine-burst-ms", type=float, default=20.0,
+                   help="the engine's burst_ms (the LM worker's default)")
     p.add_argument("--sharded-batches", default="32", help="batches run again through the sharded path ('' skips)")
     p.add_argument("--json", default=None)
     p.add_argument("--budget-s", type=float, default=240.0,
@@ -259,7 +260,8 @@ def main(argv=None) -> None:
         if r.get("steady_tok_s"):
             pct = 100 * r["steady_tok_s"] / r["roofline_tok_s"]
             print(f"\n{r['path']} B={r['batch']}: while every slot decodes (no prefill between steps), "
-                  f"{r['steady_tok_s']:,.0f} tok/s, {1e3 * r['batch'] / r['steady_tok_s']:.2f} ms/step, {pct:.0f}% of roofline.")
+                  f"{r['steady_tok_s']:,.0f} tok/s, {1e3 * r['batch'] / r['steady_tok_s']:.2f} ms/step, "
+                  f"{pct:.0f}% of roofline.")
     for line in skipped:
         print(f"\nNot measured: {line}")
     save()

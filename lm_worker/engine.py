@@ -6,6 +6,12 @@ and its cache row inserted into a free slot of the batched decode cache. Every s
 active slots together (several steps per device call while nobody waits for a slot: ``_burst``);
 finished, cancelled or expired requests give their slot back at once. Tokens leave through each
 request's own queue, so detokenization and the network never block the decode loop.
+
+The host runs one device call ahead: it dispatches the next decode call before it fetches and hands
+out the tokens of the one before (``_step``), so the device never waits for the host's share of a call
+(on an H200 at 32 slots that share cost as much as the call's steps). Each slot's last token and step
+count stay on the device between calls. A request that stops in one call has decoded in the next
+too; those tokens are dropped and the slot is given back when the host sees the stop.
 """
 
 from __future__ import annotations
@@ -74,9 +80,11 @@ class Request:
     events: queue.SimpleQueue = dataclasses.field(default_factory=queue.SimpleQueue)
     _cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
 
-    def put(self, event) -> None:
+    def put(self, event, notify: bool = True) -> None:
+        """Queue an event; ``notify=False`` leaves the wake-up to the caller (one per decode call: in the
+        gRPC service a notify is a cross-thread wake of the event loop, a system call)."""
         self.events.put(event)
-        if self.notify is not None:
+        if notify and self.notify is not None:
             self.notify()
 
     def cancel(self) -> None:
@@ -114,10 +122,21 @@ def device_stop_ids(ids=frozenset()) -> np.ndarray:
 @dataclasses.dataclass
 class _Slot:
     request: Request
-    generated: int = 1  # the first token comes from prefill
+    generated: int = 1  # tokens handed out (the first comes from prefill)
+    scheduled: int = 1  # at most this many tokens once the dispatched calls are in
 
     def __post_init__(self):
         self.stop_ids = device_stop_ids(self.request.stop_token_ids)
+        self.sampling = _sampling(self.request)
+
+
+@dataclasses.dataclass
+class _Call:
+    """A dispatched decode call: its pending picks, the request each row decoded for (None: not
+    decoded), and the steps it may run."""
+    pending: object
+    owners: tuple
+    limit: int
 
 
 def buckets_for(max_length: int, smallest: int = 16) -> tuple[int, ...]:
@@ -144,10 +163,10 @@ class Engine:
         self.burst_seconds = burst_ms / 1000
         self.buckets = prefill_buckets or buckets_for(max_length)
         self.device = program or DeviceProgram(model, num_slots, max_length, max_top_logprobs, mesh)
-        self.tokens = np.zeros(num_slots, np.int32)
         self.broken: str | None = None  # why the engine can no longer serve (a multi-host group lost a process)
         self._admitting: Request | None = None  # the request being prefilled
         self.slots: list[_Slot | None] = [None] * num_slots
+        self._inflight: _Call | None = None  # the decode call dispatched and not yet handed out
         self._pending: queue.Queue[Request] = queue.Queue(maxsize=max_queue)
         self.finished: collections.Counter[str] = collections.Counter()  # requests ended, by reason
         self._wake = threading.Event()
@@ -213,11 +232,12 @@ class Engine:
     def _run(self) -> None:
         while not self._stop.is_set() and not self.broken:
             self._admit()
-            if any(s is not None for s in self.slots):
+            if self._inflight is not None or any(s is not None for s in self.slots):
                 self._step()
             else:
                 self._wake.wait(timeout=0.1)
                 self._wake.clear()
+        self._inflight = None
         for i, slot in enumerate(self.slots):
             if slot is not None and not self.broken:
                 self._finish(i, Finished("cancelled", "the engine is shutting down"))
@@ -262,73 +282,122 @@ class Engine:
         picked = self.device.prefill(np.int32(slot), ids, np.int32(n), extra, *_sampling(request),
                                      np.bool_(request.top_logprobs > 0))
         self.slots[slot] = _Slot(request)
-        self._emit(slot, *(x[0] for x in picked))
+        token, logprob, top_ids, top_logprobs = (x[0].tolist() for x in picked)
+        self._emit(slot, token, logprob, top_ids, top_logprobs, time.monotonic())
 
-    def _burst(self, active: np.ndarray) -> int:
+    def _burst(self, active: np.ndarray, left: int) -> int:
         """Decode steps for the next device call. One call costs a fixed host overhead (dispatch, the
         fetch, this loop) that rivals a small model's whole step, so when nobody waits for a slot the
         engine lets the device run several steps in one call, as many as fit in ``burst_seconds``
-        (by each bucket's measured step time). A burst never outlives a request's max_new_tokens, and the
-        device ends it at a stop token, so a finished slot is free as soon as with single steps."""
+        (by each bucket's measured step time). A burst never outlives a request's max_new_tokens
+        (``left``: the fewest any active slot may still take), and the device ends it at a stop token,
+        so a finished slot is free as soon as with single steps."""
         if self.burst_seconds <= 0 or (None in self.slots and not self._pending.empty()):
             return 1
-        left = min((s.request.max_new_tokens - s.generated for s in self.slots if s is not None), default=1)
         return max(1, min(self.device.steps_within(active, self.burst_seconds), left))
 
     def _step(self) -> None:
-        active = np.array([s is not None for s in self.slots])
-        params = [_sampling(s.request) if s else (0.0, 0, 1.0, 0) for s in self.slots]
-        temperature, top_k, top_p, seed = (np.array(col, dtype) for col, dtype in
-                                           zip(zip(*params), (np.float32, np.int32, np.float32, np.uint32)))
-        steps = np.array([s.generated if s else 0 for s in self.slots], np.int32)
-        stop_ids = np.stack([s.stop_ids if s else device_stop_ids() for s in self.slots])
-        wants_top = np.bool_(any(s is not None and s.request.top_logprobs > 0 for s in self.slots))
+        """Dispatch the next decode call (when a slot has tokens to go), then hand out the tokens of the
+        call before it, which the device finished while this one was queued behind it."""
         try:
-            picked = self.device.decode(self.tokens.copy(), active, seed, steps, temperature, top_k, top_p,
-                                        stop_ids, np.int32(self._burst(active)), wants_top)
+            call = self._dispatch()
         except Exception as e:
-            if self.broken:
-                return
-            log.exception("decode step failed; failing the active requests")
-            self.device.reset()
-            for i, slot in enumerate(self.slots):
-                if slot is not None:
-                    self._finish(i, Finished("error", f"decode failed: {e}"))
+            return self._failed(e)
+        previous, self._inflight = self._inflight, call
+        if previous is not None:
+            try:
+                picked = self.device.fetch(previous.pending)
+            except Exception as e:  # (the call dispatched after it read its cache: it fails too)
+                return self._failed(e)
+            self._hand_out(previous, picked)
+
+    def _drain(self) -> None:
+        """Hand out the call in flight, dispatching nothing (tests drive the engine call by call)."""
+        previous, self._inflight = self._inflight, None
+        if previous is not None:
+            try:
+                picked = self.device.fetch(previous.pending)
+            except Exception as e:
+                return self._failed(e)
+            self._hand_out(previous, picked)
+
+    def _dispatch(self) -> _Call | None:
+        decoding = [s is not None and s.scheduled < s.request.max_new_tokens for s in self.slots]
+        if not any(decoding):
+            return None
+        active = np.array(decoding)
+        rows = [s if on else None for s, on in zip(self.slots, decoding)]
+        temperature, top_k, top_p, seed = (np.array(col, dtype) for col, dtype in zip(
+            zip(*(s.sampling if s else (0.0, 0, 1.0, 0) for s in rows)), (np.float32, np.int32, np.float32, np.uint32)))
+        stop_ids = np.stack([s.stop_ids if s else device_stop_ids() for s in rows])
+        wants_top = np.bool_(any(s is not None and s.request.top_logprobs > 0 for s in rows))
+        limit = self._burst(active, min(s.request.max_new_tokens - s.scheduled for s in rows if s is not None))
+        pending = self.device.decode(active, seed, temperature, top_k, top_p, stop_ids, np.int32(limit), wants_top)
+        for s in rows:
+            if s is not None:
+                s.scheduled += limit
+        return _Call(pending, tuple(s.request if s else None for s in rows), limit)
+
+    def _hand_out(self, call: _Call, picked: list[np.ndarray]) -> None:
+        """Each request's tokens of a finished call, in order, then one wake-up per request."""
+        tokens, logprobs, top_ids, top_logprobs, count = picked
+        count = int(count)
+        mine = [i for i, owner in enumerate(call.owners)  # rows whose request still holds the slot
+                if owner is not None and self.slots[i] is not None and self.slots[i].request is owner]
+        tokens, logprobs = tokens[:count].T.tolist(), logprobs[:count].T.tolist()  # (rows, count) lists
+        now = time.monotonic()
+        for i in mine:
+            slot = self.slots[i]
+            slot.scheduled -= call.limit - count  # (a stop token ended the call early)
+            wants_top = slot.request.top_logprobs > 0
+            for j in range(count):
+                slot.generated += 1
+                top = (top_ids[j, i].tolist(), top_logprobs[j, i].tolist()) if wants_top else ((), ())
+                if not self._emit(i, tokens[i][j], logprobs[i][j], *top, now, notify=False):
+                    break  # the request ended
+            if slot.request.notify is not None:
+                slot.request.notify()
+
+    def _failed(self, e: Exception) -> None:
+        """A decode call failed: its cache was donated, so every decoding request ends and the cache is new."""
+        self._inflight = None
+        if self.broken:
             return
-        *per_step, count = picked
-        for j in range(int(count)):
-            for i, slot in enumerate(self.slots):
-                if slot is not None:  # (a slot that ended earlier in the burst is None: nothing joins mid-burst)
-                    slot.generated += 1
-                    self._emit(i, *(x[j, i] for x in per_step))
+        log.exception("decode step failed; failing the active requests")
+        self.device.reset()
+        for i, slot in enumerate(self.slots):
+            if slot is not None:
+                self._finish(i, Finished("error", f"decode failed: {e}"))
 
-    def _emit(self, slot: int, token, logprob, top_ids, top_logprobs) -> None:
-        """Deliver a token, then free the slot if the request is done."""
-        token = int(token)
-        s = self.slots[slot]
-        request = s.request
+    def _emit(self, slot: int, token: int, logprob: float, top_ids, top_logprobs, now: float,
+              notify: bool = True) -> bool:
+        """Deliver a token (with its request's top_logprobs alternatives), then free the slot if the
+        request is done; False when the request has ended."""
+        request = self.slots[slot].request
         if request.cancelled:
-            return self._finish(slot, Finished("cancelled"))
-        if request.expired(time.monotonic()):
-            return self._finish(slot, Finished("deadline"))
-        self.tokens[slot] = token
+            return self._finish(slot, Finished("cancelled"), notify)
+        if request.expired(now):
+            return self._finish(slot, Finished("deadline"), notify)
         n = request.top_logprobs
-        request.put(Token(token, float(logprob), tuple(zip(top_ids[:n].tolist(), top_logprobs[:n].tolist()))))
+        request.put(Token(token, logprob, tuple(zip(top_ids[:n], top_logprobs[:n]))), notify)
         if token in request.stop_token_ids:
-            self._finish(slot, Finished("stop"))
-        elif s.generated >= request.max_new_tokens:
-            self._finish(slot, Finished("length"))
+            return self._finish(slot, Finished("stop"), notify)
+        if self.slots[slot].generated >= request.max_new_tokens:
+            return self._finish(slot, Finished("length"), notify)
+        return True
 
-    def _finish(self, slot: int, event: Finished) -> None:
+    def _finish(self, slot: int, event: Finished, notify: bool = True) -> bool:
         self.finished[event.reason] += 1
-        self.slots[slot].request.put(event)
+        self.slots[slot].request.put(event, notify)
         self.slots[slot] = None
+        return False
 
 
 class DeviceProgram:
-    """The engine's device side: the weights, the batched KV cache and the jitted programs. Every call
-    takes host (NumPy) values only and returns host values, so a multi-host group runs the very same
-    calls on every process, in lockstep (lm_worker.group sends the leader's calls to its followers)."""
+    """The engine's device side: the weights, the batched KV cache, each slot's last token and step
+    count, and the jitted programs. Every call takes host (NumPy) values only, so a multi-host group
+    runs the very same calls on every process, in lockstep (lm_worker.group sends the leader's calls to
+    its followers); ``decode`` only dispatches, and ``fetch`` brings its picks to the host."""
 
     def __init__(self, model, num_slots: int, max_length: int, max_top_logprobs: int, mesh=None,
                  max_burst: int = 16):
@@ -346,7 +415,8 @@ class DeviceProgram:
 
             shardings = cache_sharding(jax.eval_shape(init, self.weights), mesh)
         self._init = jax.jit(init, out_shardings=shardings)
-        self.cache = self._init(self.weights)
+        self.reset()
+        self._fetched_at = 0.0  # when the last fetch returned (the device's previous call had ended)
         # Decode runs on the first ``rows`` slots only, ``rows`` the smallest bucket holding every active slot
         # (slots fill from the lowest free one), so a lone request does not pay for a full batch. Every
         # bucket is compiled here, with all slots idle, and its one-step time measured: no request ever
@@ -354,19 +424,18 @@ class DeviceProgram:
         self.buckets = sorted({1 << i for i in range(num_slots.bit_length()) if 1 << i < num_slots} | {num_slots})
         self.step_seconds: dict[int, float] = {}
         z = lambda dtype: np.zeros(num_slots, dtype)  # noqa: E731
-        idle = (z(np.int32), z(bool), z(np.uint32), z(np.int32), z(np.float32), z(np.int32),
-                np.ones(num_slots, np.float32), np.tile(device_stop_ids(), (num_slots, 1)), np.int32(1),
-                np.bool_(False))
+        idle = (z(bool), z(np.uint32), z(np.float32), z(np.int32), np.ones(num_slots, np.float32),
+                np.tile(device_stop_ids(), (num_slots, 1)), np.int32(1), np.bool_(False))
         for rows in self.buckets:
-            self._run_decode(rows, *idle)  # compiles
-            started = time.perf_counter()  # a first figure; decode() then follows the calls
-            self._run_decode(rows, *idle)
+            self._fetch_now(self._dispatch(rows, *idle))  # compiles
+            started = time.perf_counter()  # a first figure; fetch() then follows the calls
+            self._fetch_now(self._dispatch(rows, *idle))
             self.step_seconds[rows] = time.perf_counter() - started
 
     def prefill(self, slot, ids, length, extra, temperature, top_k, top_p, seed, wants_top) -> list[np.ndarray]:
         """Prefill one request (ids: (1, bucket)) into decode slot ``slot``; its first token's picks."""
         picked, row = self._prefill(self.weights, ids, length, extra, temperature, top_k, top_p, seed, wants_top)
-        self.cache = self._insert(self.cache, row, slot)
+        self.cache, self.tokens, self.steps = self._insert(self.cache, self.tokens, self.steps, row, picked[0], slot)
         return [np.asarray(x) for x in picked]
 
     def rows(self, active: np.ndarray) -> int:
@@ -379,31 +448,40 @@ class DeviceProgram:
         measured step time (at start, then a moving average over the calls)."""
         return max(1, min(self.max_burst, int(seconds / max(self.step_seconds[self.rows(active)], 1e-6))))
 
-    def decode(self, tokens, active, seeds, steps, temperature, top_k, top_p, stop_ids, limit,
-               wants_top) -> list[np.ndarray]:
-        """Up to ``limit`` steps of the active slots, fewer when an active slot draws one of its
-        ``stop_ids``. The picks come back in one host transfer: tokens and logprobs (max_burst, rows),
-        the alternatives (max_burst, rows, n) (filled when ``wants_top``), and the steps run."""
-        rows, started = self.rows(active), time.perf_counter()
-        picked = self._run_decode(rows, tokens, active, seeds, steps, temperature, top_k, top_p, stop_ids, limit,
-                                  wants_top)
+    def decode(self, active, seeds, temperature, top_k, top_p, stop_ids, limit, wants_top):
+        """Dispatch up to ``limit`` steps of the active slots, each from its last token, fewer when an
+        active slot draws one of its ``stop_ids``; returns at once, with what ``fetch`` takes."""
+        return self._dispatch(self.rows(active), active, seeds, temperature, top_k, top_p, stop_ids, limit, wants_top)
+
+    def fetch(self, pending) -> list[np.ndarray]:
+        """A dispatched call's picks, in one host transfer: tokens and logprobs (max_burst, rows), the
+        alternatives (max_burst, rows, n) (filled when ``wants_top``), and the steps run."""
+        rows, dispatched_at, _ = pending
+        previous = self._fetched_at
+        picked = self._fetch_now(pending)
         # Follow the step time as it is now (the start-up figure may have been taken while other processes
-        # compiled): a moving average of this call's seconds per step.
-        per_step = (time.perf_counter() - started) / max(int(picked[-1]), 1)
+        # compiled): a moving average of seconds per step, each call timed from when the device could
+        # start it (its dispatch, or the end of the call before it) to its fetch.
+        per_step = (self._fetched_at - max(dispatched_at, previous)) / max(int(picked[-1]), 1)
         self.step_seconds[rows] += 0.25 * (per_step - self.step_seconds[rows])
         return picked
 
-    def _run_decode(self, rows, tokens, active, seeds, steps, temperature, top_k, top_p, stop_ids, limit,
-                    wants_top) -> list[np.ndarray]:
-        per_slot = (x[:rows] for x in (tokens, active, seeds, steps, temperature, top_k, top_p, stop_ids))
-        tokens, active, seeds, steps, temperature, top_k, top_p, stop_ids = per_slot
-        picked, self.cache = self._decode(self.weights, tokens, self.cache, active, seeds, steps, temperature,
-                                          top_k, top_p, stop_ids, limit, wants_top)
-        return [np.asarray(x) for x in picked]
+    def _dispatch(self, rows, active, seeds, temperature, top_k, top_p, stop_ids, limit, wants_top):
+        per_slot = (x[:rows] for x in (active, seeds, temperature, top_k, top_p, stop_ids))
+        active, seeds, temperature, top_k, top_p, stop_ids = per_slot
+        picked, self.cache, self.tokens, self.steps = self._decode(
+            self.weights, self.cache, self.tokens, self.steps, active, seeds, temperature, top_k, top_p, stop_ids,
+            limit, wants_top)
+        return rows, time.perf_counter(), picked
+
+    def _fetch_now(self, pending) -> list[np.ndarray]:
+        out = [np.asarray(x) for x in jax.device_get(pending[2])]
+        self._fetched_at = time.perf_counter()
+        return out
 
     def reset(self) -> None:
-        """A fresh cache (after a failed step, whose cache was donated)."""
-        self.cache = self._init(self.weights)
+        """A fresh cache, tokens and step counts (after a failed call, whose cache was donated)."""
+        self.cache, self.tokens, self.steps = self._init(self.weights)
 
 
 def _sampling(r: Request):
@@ -445,7 +523,10 @@ def _compile(graphdef, treedef, num_slots: int, max_length: int, n_top: int, max
         return nnx.merge(graphdef, jax.tree.unflatten(treedef, weights))
 
     def init(weights):
-        return model_of(weights).init_cache(num_slots, max_length)
+        """The decode state: the batched cache, and each slot's last token and step count."""
+        # (two distinct values: equal outputs may come back as one buffer, and both are donated)
+        return model_of(weights).init_cache(num_slots, max_length), jnp.zeros(num_slots, jnp.int32), \
+            jnp.ones(num_slots, jnp.int32)
 
     def prefill(weights, ids, length, extra, temperature, top_k, top_p, seed, wants_top):
         model = model_of(weights)
@@ -459,14 +540,19 @@ def _compile(graphdef, treedef, num_slots: int, max_length: int, n_top: int, max
                       jnp.asarray(top_k, jnp.int32)[None], jnp.asarray(top_p, jnp.float32)[None], n_top, wants_top)
         return replicated(picked), out.past_key_values
 
-    def insert(cache, row, slot):
-        return jax.tree.map(lambda big, small: jax.lax.dynamic_update_slice_in_dim(big, small, slot, axis=0),
-                            cache, row)
+    def insert(cache, tokens, steps, row, token, slot):
+        """A prefilled request into ``slot``: its cache row, its first token, and step 1 next."""
+        cache = jax.tree.map(lambda big, small: jax.lax.dynamic_update_slice_in_dim(big, small, slot, axis=0),
+                             cache, row)
+        return cache, tokens.at[slot].set(token[0]), steps.at[slot].set(1)
 
-    def decode(weights, tokens, cache, active, seeds, steps, temperature, top_k, top_p, stop_ids, limit, wants_top):
-        """Up to ``limit`` steps of the cache's first len(tokens) slots (the rest are left as they are),
-        in one while_loop; it ends early after a step in which an active slot drew one of its stop_ids."""
-        rows, k = tokens.shape[0], max(n_top, 1)
+    def decode(weights, cache, last_tokens, step_counts, active, seeds, temperature, top_k, top_p, stop_ids, limit,
+               wants_top):
+        """Up to ``limit`` steps of the cache's first len(active) slots (the rest are left as they are),
+        in one while_loop; it ends early after a step in which an active slot drew one of its stop_ids.
+        Each active slot starts from its last token and step count, and leaves its new ones."""
+        rows, k = active.shape[0], max(n_top, 1)
+        tokens, steps = last_tokens[:rows], step_counts[:rows]
 
         def body(carry):
             i, tok, cache, picks, _ = carry
@@ -482,7 +568,10 @@ def _compile(graphdef, treedef, num_slots: int, max_length: int, n_top: int, max
         picks = (jnp.zeros((max_burst, rows), jnp.int32), jnp.zeros((max_burst, rows), jnp.float32),
                  jnp.zeros((max_burst, rows, k), jnp.int32), jnp.zeros((max_burst, rows, k), jnp.float32))
         carry = (jnp.int32(0), tokens, cache, picks, jnp.bool_(False))
-        count, _, cache, picks, _ = jax.lax.while_loop(lambda c: (c[0] < limit) & ~c[4], body, carry)
-        return replicated((*picks, count)), cache
+        count, last, cache, picks, _ = jax.lax.while_loop(lambda c: (c[0] < limit) & ~c[4], body, carry)
+        last_tokens = last_tokens.at[:rows].set(jnp.where(active, last, tokens))
+        step_counts = step_counts.at[:rows].add(jnp.where(active, count, 0))
+        return replicated((*picks, count)), cache, last_tokens, step_counts
 
-    return jax.jit(prefill), jax.jit(insert, donate_argnums=(0,)), jax.jit(decode, donate_argnums=(2,)), init
+    return (jax.jit(prefill), jax.jit(insert, donate_argnums=(0, 1, 2)),
+            jax.jit(decode, donate_argnums=(1, 2, 3)), init)

@@ -208,6 +208,10 @@ class GroupProgram:
         self.leader.send("decode", args)
         return self._run(self.program.decode, args)
 
+    def fetch(self, pending):
+        """The leader's own picks (a follower dispatches the same call and never fetches)."""
+        return self._run(self.program.fetch, (pending,))
+
     def steps_within(self, active, seconds: float) -> int:
         """The leader's own measure; the followers run the burst length it chose (an argument of decode)."""
         return self.program.steps_within(active, seconds)

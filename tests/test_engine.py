@@ -70,6 +70,12 @@ def _events(request) -> list:
     return out
 
 
+def _one_call(eng: Engine) -> None:
+    """One decode call, its tokens handed out before returning (the engine's loop runs a call ahead)."""
+    eng._step()
+    eng._drain()
+
+
 def test_one_step_decodes_a_burst_that_ends_at_the_first_stop(model):
     """With time to spare, one device call decodes many tokens (a small model's step costs less than the
     call's host overhead), yet ends at the first step where an active slot draws a stop token, and never
@@ -88,23 +94,23 @@ def test_one_step_decodes_a_burst_that_ends_at_the_first_stop(model):
     seen = {id(r): _events(r) for r in (long_, short, stopping)}
     assert [len(e) for e in seen.values()] == [1, 1, 1]  # the prefill's tokens
 
-    eng._step()  # the burst ends after the stopping request's stop token, at step stop_at
+    _one_call(eng)  # the burst ends after the stopping request's stop token, at step stop_at
     got = {id(r): _events(r) for r in (long_, short, stopping)}
     assert got[id(stopping)][-1] == Finished("stop")
     assert [e.token_id for e in seen[id(stopping)] + got[id(stopping)][:-1]] == free[:stop_at + 1]
     assert len(got[id(long_)]) == len(got[id(short)]) == stop_at
     seen[id(long_)] += got[id(long_)]
 
-    eng._step()  # then it runs to the short request's max_new_tokens (14 tokens, 13 decoded)
+    _one_call(eng)  # then it runs to the short request's max_new_tokens (14 tokens, 13 decoded)
     got = _events(long_)
     assert len(got) == 13 - stop_at and _events(short)[-1] == Finished("length")
     seen[id(long_)] += got
-    eng._step()  # and alone, 16 steps at most per call
+    _one_call(eng)  # and alone, 16 steps at most per call
     got = _events(long_)
     assert len(got) == 16 and all(isinstance(e, Token) for e in got)
     seen[id(long_)] += got
     while eng.free_slots < 3:
-        eng._step()
+        _one_call(eng)
     tokens = [e.token_id for e in seen[id(long_)] + _events(long_) if isinstance(e, Token)]
     assert tokens == _alone(model, long_)
 
@@ -124,13 +130,39 @@ def test_burst_length_follows_the_measured_step_time(model):
     assert eng.device.step_seconds[1] < 0.01 and eng.device.steps_within(active, 0.02) > 1
 
 
+def test_a_stopped_request_decoded_a_call_ahead_costs_nothing(model):
+    """The loop dispatches each call before it hands out the one before, so a request that stops has
+    already decoded in the next call: those tokens are dropped, and a request that takes its slot starts
+    from its own first token and step (the slot's last token and step count live on the device)."""
+    eng = Engine(model, num_slots=2, max_length=48, prefill_buckets=(8, 16, 48), burst_ms=0)  # one token a call
+    sampled = dict(prompt_ids=[2, 50, 51], max_new_tokens=12, temperature=20.0, top_k=40, seed=3)
+    free = _alone(model, Request(**sampled))
+    stop_at = next(i for i in range(3, 12) if free[i] not in free[:i])
+    stopping = Request(**sampled, stop_token_ids=frozenset({free[stop_at]}))
+    long_ = Request(prompt_ids=[2, 40, 41, 42], max_new_tokens=30)
+    for r in (stopping, long_):
+        eng.submit(r)
+        eng._admit()
+    while eng.free_slots == 0:
+        eng._step()
+    assert eng._inflight is not None and eng._inflight.owners[0] is stopping  # decoded on after its stop
+    late = eng.submit(Request(prompt_ids=[2, 60, 61, 62, 63], max_new_tokens=9, temperature=20.0, top_k=40, seed=5))
+    eng._admit()  # into the stopped request's slot, behind the call in flight
+    assert eng.slots[0].request is late
+    while eng.free_slots < 2:
+        eng._step()
+    assert _collect(stopping) == (free[:stop_at + 1], Finished("stop"))
+    for r in (long_, late):
+        assert _collect(r) == (_alone(model, r), Finished("length"))
+
+
 def test_cancel_frees_the_slot_and_spares_the_others(model):
     eng = Engine(model, num_slots=3, max_length=48, prefill_buckets=(8, 16, 48), burst_ms=0)  # one token a step
     requests = [eng.submit(Request(prompt_ids=[2, 7 + i, 8, 9], max_new_tokens=12)) for i in range(3)]
     eng._admit()
-    eng._step()
+    _one_call(eng)
     requests[0].cancel()
-    eng._step()
+    _one_call(eng)
     assert eng.free_slots == 1
     tokens, finish = _collect(requests[0])
     assert finish == Finished("cancelled") and len(tokens) == 2
@@ -148,10 +180,10 @@ def test_deadlines_end_requests_waiting_or_decoding(model):
     eng._admit()
     assert _collect(late) == ([], Finished("deadline"))
     assert isinstance(running.events.get(timeout=1), Token) and eng.free_slots == 1
-    eng._step()
+    _one_call(eng)
     assert isinstance(running.events.get(timeout=1), Token)
     running.deadline = time.monotonic() - 1
-    eng._step()
+    _one_call(eng)
     assert running.events.get(timeout=1) == Finished("deadline") and eng.free_slots == 2
 
 
@@ -237,11 +269,10 @@ def test_decode_updates_the_cache_in_place(model, rows):
     graphdef, state = nnx.split(model)
     weights, treedef = jax.tree.flatten(state)
     _, _, decode, init = _compile(graphdef, treedef, 3, 48, 2, 16)
-    cache = jax.jit(init)(weights)
-    host = (jnp.zeros(rows, jnp.int32), cache, jnp.ones(rows, bool), jnp.zeros(rows, jnp.uint32),
-            jnp.zeros(rows, jnp.int32), jnp.zeros(rows, jnp.float32), jnp.zeros(rows, jnp.int32),
+    cache, tokens, steps = jax.jit(init)(weights)
+    host = (jnp.ones(rows, bool), jnp.zeros(rows, jnp.uint32), jnp.zeros(rows, jnp.float32), jnp.zeros(rows, jnp.int32),
             jnp.ones(rows, jnp.float32), jnp.full((rows, 8), -1, jnp.int32), jnp.int32(16), jnp.bool_(False))
-    hlo = decode.lower(weights, *host).compile().as_text()
+    hlo = decode.lower(weights, cache, tokens, steps, *host).compile().as_text()
     shapes = {f"{x.dtype.name.replace('float', 'f').replace('int', 's')}[{','.join(map(str, x.shape))}]"
               for x in jax.tree.leaves(cache) if x.ndim >= 2}
     copies = [line.strip() for line in hlo.splitlines() if " copy(" in line and any(s in line for s in shapes)]
