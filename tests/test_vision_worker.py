@@ -1,7 +1,9 @@
 """The vision worker as a real process with the real Redis: cache keys, hits, poisoned entries, outages."""
 
 import asyncio
+import concurrent.futures
 import io
+import time
 
 import grpc
 import jax.numpy as jnp
@@ -60,6 +62,36 @@ def test_embeddings_are_cached_by_content(vision_worker, expected):
     again = embed(target, [b, a])
     assert [e.cache_hit for e in again.embeddings] == [True, True]
     assert not any(e.HasField("inline") for e in again.embeddings)
+
+
+def _images_embedded(target: str, after_line: int = 0) -> tuple[float, int]:
+    """Images the worker's tower has run over (the sum of its per-call batch sizes), from an export
+    written after line ``after_line`` of its metrics file; and that file's line count."""
+    deadline = time.monotonic() + 15
+    while True:  # exports happen every second (OTEL_METRIC_EXPORT_INTERVAL in tests/services.py)
+        with open(services.metrics_file(target)) as f:
+            lines = sum(1 for line in f if line.strip())
+        points = services.metric_points(target).get("gemma3.vision.batch.images")
+        if lines > after_line and points:
+            return sum(p["sum"] for p in points), lines
+        assert time.monotonic() < deadline, "no metrics export"
+        time.sleep(0.2)
+
+
+def test_one_image_wanted_by_requests_at_once_is_embedded_once(vision_worker, expected):
+    """Requests that miss the cache for the same image at the same time, and an image twice in one
+    request, share one embedding: the tower runs over that image once, and every reply carries it."""
+    _, target = vision_worker
+    image = png(int(np.random.default_rng().integers(1 << 30)), size=(900, 700))  # a slow decode: overlap
+    before, lines = _images_embedded(target)
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        replies = list(pool.map(lambda _: embed(target, [image, image]), range(4)))
+    assert len({e.key for r in replies for e in r.embeddings}) == 1
+    assert not any(e.HasField("inline") for r in replies for e in r.embeddings)
+    after, _ = _images_embedded(target, after_line=lines + 1)  # an export begun after the replies
+    assert after - before == 1
+    key = replies[0].embeddings[0].key
+    np.testing.assert_allclose(decode(redis(lambda c: c.get_many([key]))[0]), expected(image), atol=1e-5)
 
 
 def test_a_poisoned_entry_is_recomputed(vision_worker, expected):

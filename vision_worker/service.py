@@ -3,7 +3,8 @@
 Cache hits answer at once. Misses are decoded and preprocessed with Pillow in a thread, embedded by
 a micro-batcher that runs concurrent requests' images through the vision tower together, stored
 with a TTL, and returned by key; when Redis cannot be reached the embedding travels inline and the
-request still succeeds.
+request still succeeds. An image already being embedded for another request (or twice in one) is
+embedded once: the later ones wait for that work.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ meter = metrics.get_meter("vision_worker")
 cache_hits = meter.create_counter("gemma3.vision.cache.hits", unit="{image}", description="images found in Redis")
 cache_misses = meter.create_counter("gemma3.vision.cache.misses", unit="{image}",
                                     description="images embedded by the vision tower (not in Redis, or corrupt)")
+inflight_joins = meter.create_counter("gemma3.vision.inflight.joins", unit="{image}",
+                                     description="misses that waited for the same image's embedding already under way")
 batch_images = meter.create_histogram("gemma3.vision.batch.images", unit="{image}",
                                       description="images (crops included) per vision-tower call")
 forward_time = meter.create_histogram("gemma3.vision.forward.duration", unit="s",
@@ -145,6 +148,7 @@ class VisionWorkerService(vision_worker_pb2_grpc.VisionWorkerServicer):
         self.processor = self.batcher = None
         self.fingerprint = ""
         self.shape: tuple[int, int] | None = None
+        self._inflight: dict[str, asyncio.Task] = {}  # key -> the embedding under way (shared by requests)
 
     def attach(self, processor, batcher: Batcher, fingerprint: str, shape: tuple[int, int]) -> None:
         self.processor, self.batcher, self.fingerprint, self.shape = processor, batcher, fingerprint, shape
@@ -171,30 +175,60 @@ class VisionWorkerService(vision_worker_pb2_grpc.VisionWorkerServicer):
             span.set_attribute("cache_reachable", cache_up)
         cache_hits.add(len(keys) - len(misses))
         cache_misses.add(len(misses))
-        pixels = []
-        for i in misses:  # one at a time, so an undecodable image is named
-            try:
-                batch = await asyncio.to_thread(self.processor, [request.images[i]],
-                                                do_pan_and_scan=request.pan_and_scan, max_pixels=self.max_pixels)
-            except ValueError as e:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"image {i}: {e}")
-            pixels.append(np.asarray(batch["pixel_values"], np.float32))
-        with tracer.start_as_current_span("vision_worker.forward", attributes={"images": len(pixels)}):
-            embedded = await asyncio.gather(*(self.batcher.embed(p) for p in pixels))
-        computed = dict(zip(misses, embedded))
+        work, joined = {}, 0
+        for i in misses:  # one embedding per distinct image, shared with requests that want it too
+            key = keys[i]
+            if key not in work:
+                task = self._inflight.get(key)
+                if task is None:
+                    task = self._embed(key, request.images[i], request.pan_and_scan, cache_up)
+                else:
+                    joined += 1
+                work[key] = task
+            else:
+                joined += 1
+        inflight_joins.add(joined)
+        computed, stored = {}, {}
+        with tracer.start_as_current_span("vision_worker.forward",
+                                          attributes={"images": len(work), "joined": joined}):
+            for i in misses:  # in order, so the first undecodable image is the one named
+                try:  # (shielded: a request that goes away does not cancel what others wait for)
+                    computed[i], stored[i] = await asyncio.shield(work[keys[i]])
+                except ValueError as e:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"image {i}: {e}")
         out = vision_worker_pb2.EmbedImagesResponse()
         for i, key in enumerate(keys):
             emb = found[i] if found[i] is not None else computed[i]
             item = out.embeddings.add(key=key, cache_hit=found[i] is not None, num_crops=len(emb) - 1)
-            if i in computed and cache_up:
-                try:
-                    await self.cache.put(key, computed[i])
-                except CacheUnavailable:
-                    cache_up = False
-            if i in computed and not cache_up:
+            if i in computed and not stored[i]:
                 item.inline.CopyFrom(common_pb2.Tensor(dtype="float32", shape=list(emb.shape),
                                                        data=np.ascontiguousarray(emb, np.float32).tobytes()))
         return out
+
+    def _embed(self, key: str, image: bytes, pan_and_scan: bool, store: bool) -> asyncio.Task:
+        """Start embedding one image (preprocess, the batched tower, then Redis when ``store``), listed
+        under its key until done; the task's result is (embedding, stored in Redis)."""
+
+        async def run():
+            batch = await asyncio.to_thread(self.processor, [image], do_pan_and_scan=pan_and_scan,
+                                            max_pixels=self.max_pixels)
+            embedding = await self.batcher.embed(np.asarray(batch["pixel_values"], np.float32))
+            if store:
+                try:
+                    await self.cache.put(key, embedding)
+                    return embedding, True
+                except CacheUnavailable as e:
+                    log.warning("cache unreachable, embeddings go inline", extra={"error": str(e)})
+            return embedding, False
+
+        def done(task: asyncio.Task) -> None:
+            self._inflight.pop(key, None)
+            if not task.cancelled():
+                task.exception()  # retrieved: a request that aborted at an earlier image never awaits it
+
+        task = self._inflight[key] = asyncio.ensure_future(run())
+        task.add_done_callback(done)
+        return task
 
 
 def namespace_for(path: str) -> str:
