@@ -9,6 +9,7 @@ import logging
 import os
 import socket
 import sys
+import time
 
 from grpc_health.v1 import health_pb2
 
@@ -45,6 +46,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     env_flag(p, "--decode-burst-ms", "GEMMA3_LM_DECODE_BURST_MS", 20.0, "longest a device call may decode for "
              "when no request waits for a slot: a small model's step costs less than a call's host overhead, so "
              "it decodes several tokens per call (0: one token per call)", type=float)
+    env_flag(p, "--warm-up", "GEMMA3_LM_WARM_UP", "all", "before serving, compile the prefill of every prompt-length "
+             "bucket, text and one image ('all'; as JetStream does: no request waits for XLA), or of the smallest "
+             "text bucket only ('smallest': a faster start; a longer prompt compiles its bucket on first use)",
+             choices=["all", "smallest"])
     env_flag(p, "--max-top-logprobs", "GEMMA3_LM_MAX_TOP_LOGPROBS", 5, "most alternatives a request may ask "
              "logprobs for", type=int)
     env_flag(p, "--tensor-parallel", "GEMMA3_LM_TENSOR_PARALLEL", 1, "mesh tensor axis (the rest goes to data)",
@@ -172,8 +177,16 @@ async def main_async(args) -> None:
 
             leader.on_failure = on_failure
         engine.start()
-        probe = engine.submit(Request(prompt_ids=[prompts.bos_id], max_new_tokens=2))  # compiles the hot path
-        await asyncio.to_thread(lambda: list(probe.stream()))
+        if args.warm_up == "all":
+            image = None if prompts.embedding_shape is None else (
+                model.config.image_token_index, *prompts.embedding_shape)
+            started = time.monotonic()
+            runs = await asyncio.to_thread(engine.warm_up, prompts.bos_id, image)
+            log.info("prefill compiled", extra={"buckets": list(engine.buckets), "prompts": runs,
+                                                "seconds": round(time.monotonic() - started, 1)})
+        else:
+            probe = engine.submit(Request(prompt_ids=[prompts.bos_id], max_new_tokens=2))  # the smallest bucket
+            await asyncio.to_thread(lambda: list(probe.stream()))
         service.attach(engine, prompts)
         log.info("model ready", extra={"model": args.model, "slots": args.num_slots})
 

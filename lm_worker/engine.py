@@ -139,6 +139,11 @@ class _Call:
     limit: int
 
 
+def image_bucket(n: int) -> int:
+    """The images (crops) a prefill runs with for ``n``: the next power of two."""
+    return 1 << max(0, (n - 1).bit_length())
+
+
 def buckets_for(max_length: int, smallest: int = 16) -> tuple[int, ...]:
     """Powers of two from ``smallest`` up to ``max_length`` (which is always the last bucket)."""
     out, b = [], smallest
@@ -279,11 +284,39 @@ class Engine:
                  for k, v in request.prefill_inputs.items()}
         if "token_type_ids" in extra:
             extra["token_type_ids"] = np.pad(extra["token_type_ids"][None], ((0, 0), (0, bucket - n)))
+        if "image_features" in extra:  # padded to a power of two of images (crops), so that few shapes
+            features = extra["image_features"]  # compile; the image tokens take the real ones, in order
+            pad = image_bucket(len(features)) - len(features)
+            extra["image_features"] = np.pad(features, ((0, pad), (0, 0), (0, 0)))
         picked = self.device.prefill(np.int32(slot), ids, np.int32(n), extra, *_sampling(request),
                                      np.bool_(request.top_logprobs > 0))
         self.slots[slot] = _Slot(request)
         token, logprob, top_ids, top_logprobs = (x[0].tolist() for x in picked)
         self._emit(slot, token, logprob, top_ids, top_logprobs, time.monotonic())
+
+    def warm_up(self, token_id: int, image: tuple[int, int, int] | None = None) -> int:
+        """Compile every prefill bucket before serving, as JetStream does, so that no request waits for
+        XLA: a one-token answer to a prompt of ``token_id`` at the shortest length of each bucket, and
+        with ``image`` (image token id, tokens per image, feature width) one holding an image in each
+        bucket with room for it. Runs on the started engine; returns the requests it ran."""
+        runs, shorter = [], 0
+        for b in self.buckets:
+            n, shorter = shorter + 1, b
+            if n < self.max_length:
+                runs.append(Request(prompt_ids=[token_id] * n, max_new_tokens=1))
+            if image is not None:
+                image_id, tokens, width = image
+                m = max(n, tokens + 1)
+                if m <= b and m < self.max_length:
+                    types = np.array([0] + [1] * tokens + [0] * (m - tokens - 1), np.int32)
+                    runs.append(Request(prompt_ids=np.where(types == 1, image_id, token_id).tolist(), max_new_tokens=1,
+                                        prefill_inputs={"image_features": np.zeros((1, tokens, width), np.float32),
+                                                        "token_type_ids": types}))
+        for r in runs:
+            finish = list(self.submit(r).stream())[-1]
+            if finish.reason != "length":
+                raise RuntimeError(f"warming up the prefill of {len(r.prompt_ids)} tokens failed: {finish.detail}")
+        return len(runs)
 
     def _burst(self, active: np.ndarray, left: int) -> int:
         """Decode steps for the next device call. One call costs a fixed host overhead (dispatch, the

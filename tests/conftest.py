@@ -74,7 +74,8 @@ def reference(served_checkpoint):
 def lm_worker(served_checkpoint):
     with services.running("lm_worker", "gemma3serve.v1.LMWorker", "--model", served_checkpoint,
                           "--dtype", "float32", "--num-slots", "4", "--max-length", "256", "--max-queue", "32",
-                          "--redis-url", services.REDIS_URL) as (proc, target):
+                          "--redis-url", services.REDIS_URL, "--warm-up", "all",
+                          env={"JAX_LOG_COMPILES": "1"}) as (proc, target):  # (its log names every compile)
         yield proc, target
 
 

@@ -277,3 +277,55 @@ def test_decode_updates_the_cache_in_place(model, rows):
               for x in jax.tree.leaves(cache) if x.ndim >= 2}
     copies = [line.strip() for line in hlo.splitlines() if " copy(" in line and any(s in line for s in shapes)]
     assert shapes and not copies, copies[:3]
+
+
+def test_warm_up_compiles_every_prefill_and_image_counts_share_shapes(served_checkpoint):
+    """After warm_up, a text prompt or a one-image prompt in any bucket compiles nothing; image counts
+    (crops included) are padded to a power of two, so three images and then four compile one program,
+    and the padding changes no token: the engine's answer equals the model's own greedy loop."""
+    import jax.numpy as jnp
+
+    from gemma3 import Gemma3ForConditionalGeneration
+
+    model = Gemma3ForConditionalGeneration.from_pretrained(served_checkpoint)
+    c = model.config
+    tokens, width, image_id = c.mm_tokens_per_image, c.text_config.hidden_size, c.image_token_index
+    rng = np.random.default_rng(0)
+
+    def with_images(n_images: int, text: int) -> Request:
+        ids, types = [2], [0]
+        for _ in range(n_images):
+            ids += [image_id] * tokens + [7]
+            types += [1] * tokens + [0]
+        ids += rng.integers(3, 100, text).tolist()
+        types += [0] * text
+        features = rng.normal(0, 1, (n_images, tokens, width)).astype(np.float32)
+        inputs = {"image_features": features, "token_type_ids": np.array(types, np.int32)} if n_images else {}
+        return Request(prompt_ids=ids, max_new_tokens=4, prefill_inputs=inputs)
+
+    eng = Engine(model, num_slots=2, max_length=64, prefill_buckets=(16, 32, 64)).start()
+    try:
+        assert eng.warm_up(2, (image_id, tokens, width)) == 6  # each bucket: text, and one image
+        prefill = eng.device._prefill
+        compiled = prefill._cache_size()
+        for n_images, text in ((0, 3), (0, 25), (0, 40), (1, 2), (1, 20), (1, 35)):
+            assert _collect(eng.submit(with_images(n_images, text)))[1] == Finished("length")
+        assert prefill._cache_size() == compiled
+        three = with_images(3, 4)
+        got, _ = _collect(eng.submit(three))
+        assert prefill._cache_size() == compiled + 1
+        assert _collect(eng.submit(with_images(4, 2)))[1] == Finished("length")
+        assert prefill._cache_size() == compiled + 1
+    finally:
+        eng.stop()
+    ids, types = list(three.prompt_ids), three.prefill_inputs["token_type_ids"].tolist()
+    want = []
+    for _ in range(4):  # the model alone, unpadded, the whole sequence each step
+        logits = model(jnp.asarray([ids]), image_features=jnp.asarray(three.prefill_inputs["image_features"]),
+                       token_type_ids=jnp.asarray([types])).logits
+        want.append(int(jnp.argmax(logits[0, -1])))
+        if want[-1] == image_id:  # (fed back, the model would take it for an image's place)
+            break
+        ids.append(want[-1])
+        types.append(0)
+    assert got[:len(want)] == want

@@ -141,6 +141,39 @@ def test_cancel_and_deadline_free_the_slots(lm_worker, reference):
     assert got == expected_answer(reference, request)[1]
 
 
+def test_no_request_waits_for_a_compile(lm_worker, reference):
+    """The worker compiled the prefill of every length bucket, text and one image (--warm-up all),
+    before it answered SERVING: prompts of any length, with an image or none, compile nothing (its
+    log names every compile: JAX_LOG_COMPILES)."""
+    import os
+    import tempfile
+
+    _, target = lm_worker
+    log = os.path.join(tempfile.gettempdir(), f"gemma3-lm_worker-{target.rsplit(':', 1)[1]}.log")
+
+    def compiles() -> int:
+        with open(log) as f:
+            text = f.read()
+        assert "model ready" in text
+        return text.split("model ready", 1)[1].count("Compiling ")
+
+    model, _ = reference
+    features = np.asarray(model.get_image_features(jnp.asarray(mk.random_pixels(1, seed=6))))
+    inline = common_pb2.Tensor(dtype="float32", shape=list(features.shape), data=features.tobytes())
+    sampling = common_pb2.SamplingParams(max_new_tokens=3)
+    requests = [lm_worker_pb2.LMGenerateRequest(raw=common_pb2.RawPrompt(text="a " * n), sampling=sampling)
+                for n in (2, 20, 40, 90)]
+    requests += [lm_worker_pb2.LMGenerateRequest(chat=chat("Where is the square?" + " And?" * n, images=1),
+                                                 sampling=sampling, images=[lm_worker_pb2.ImageInput(inline=inline)])
+                 for n in (0, 30)]
+    _stream(target, requests[0])  # (a first request may compile host-side helpers once)
+    before = compiles()
+    for request in requests:
+        done = _stream(target, request)[-1]
+        assert done.finish_reason in (common_pb2.FINISH_REASON_LENGTH, common_pb2.FINISH_REASON_STOP)
+    assert compiles() == before
+
+
 def test_logprobs_stream_with_the_tokens(lm_worker, reference):
     import jax
 
