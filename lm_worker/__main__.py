@@ -46,10 +46,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     env_flag(p, "--decode-burst-ms", "GEMMA3_LM_DECODE_BURST_MS", 20.0, "longest a device call may decode for "
              "when no request waits for a slot: a small model's step costs less than a call's host overhead, so "
              "it decodes several tokens per call (0: one token per call)", type=float)
-    env_flag(p, "--warm-up", "GEMMA3_LM_WARM_UP", "all", "before serving, compile the prefill of every prompt-length "
-             "bucket, text and one image ('all'; as JetStream does: no request waits for XLA), or of the smallest "
-             "text bucket only ('smallest': a faster start; a longer prompt compiles its bucket on first use)",
-             choices=["all", "smallest"])
+    env_flag(p, "--warm-up", "GEMMA3_LM_WARM_UP", "smallest", "before serving, compile the prefill of the smallest "
+             "text bucket only ('smallest': a fast start; a longer prompt compiles its bucket on first use), or of "
+             "every prompt-length bucket, text and one image ('all', as JetStream does: no request waits for XLA; "
+             "minutes on a CPU at a long max-length, once: the compilation cache keeps them)",
+             choices=["smallest", "all"])
     env_flag(p, "--max-top-logprobs", "GEMMA3_LM_MAX_TOP_LOGPROBS", 5, "most alternatives a request may ask "
              "logprobs for", type=int)
     env_flag(p, "--tensor-parallel", "GEMMA3_LM_TENSOR_PARALLEL", 1, "mesh tensor axis (the rest goes to data)",

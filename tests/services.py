@@ -87,8 +87,8 @@ def running(module: str, service: str, *args: str, credentials: grpc.ChannelCred
     for path in (trace_file(target), metrics_file(target)):
         if os.path.exists(path):
             os.remove(path)
-    # LM workers compile their smallest prefill bucket only, unless a test asks for --warm-up all (the
-    # session's lm_worker does): every bucket of every configuration would add minutes to the suite.
+    # LM workers compile their smallest prefill bucket only (the default, set here against a caller's
+    # environment), unless a test asks for --warm-up all (the session's lm_worker does).
     env = {**os.environ, "XLA_FLAGS": "", "PYTHONPATH": ROOT, "GEMMA3_TRACE_FILE": trace_file(target),
            "GEMMA3_METRICS_FILE": metrics_file(target), "OTEL_METRIC_EXPORT_INTERVAL": "1000",
            "GEMMA3_LM_WARM_UP": "smallest", **(env or {})}
