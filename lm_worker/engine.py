@@ -300,12 +300,12 @@ class Engine:
         with ``image`` (image token id, tokens per image, feature width) one holding an image in each
         bucket with room for it. Runs on the started engine; returns the requests it ran."""
         runs, shorter = [], 0
+        image_id, tokens, width = image or (None, 0, 0)
         for b in self.buckets:
             n, shorter = shorter + 1, b
             if n < self.max_length:
                 runs.append(Request(prompt_ids=[token_id] * n, max_new_tokens=1))
             if image is not None:
-                image_id, tokens, width = image
                 m = max(n, tokens + 1)
                 if m <= b and m < self.max_length:
                     types = np.array([0] + [1] * tokens + [0] * (m - tokens - 1), np.int32)
@@ -336,21 +336,19 @@ class Engine:
             call = self._dispatch()
         except Exception as e:
             return self._failed(e)
-        previous, self._inflight = self._inflight, call
-        if previous is not None:
-            try:
-                picked = self.device.fetch(previous.pending)
-            except Exception as e:  # (the call dispatched after it read its cache: it fails too)
-                return self._failed(e)
-            self._hand_out(previous, picked)
+        self._collect(next_call=call)
 
     def _drain(self) -> None:
         """Hand out the call in flight, dispatching nothing (tests drive the engine call by call)."""
-        previous, self._inflight = self._inflight, None
+        self._collect(next_call=None)
+
+    def _collect(self, next_call: _Call | None) -> None:
+        """Fetch and hand out the call in flight, leaving ``next_call`` in flight instead."""
+        previous, self._inflight = self._inflight, next_call
         if previous is not None:
             try:
                 picked = self.device.fetch(previous.pending)
-            except Exception as e:
+            except Exception as e:  # (a call dispatched after it read its cache: it fails too)
                 return self._failed(e)
             self._hand_out(previous, picked)
 
