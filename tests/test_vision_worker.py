@@ -64,18 +64,18 @@ def test_embeddings_are_cached_by_content(vision_worker, expected):
     assert not any(e.HasField("inline") for e in again.embeddings)
 
 
-def _images_embedded(target: str, after_line: int = 0) -> tuple[float, int]:
+def _images_embedded(target: str) -> float:
     """Images the worker's tower has run over (the sum of its per-call batch sizes), from an export
-    written after line ``after_line`` of its metrics file; and that file's line count."""
-    deadline = time.monotonic() + 15
-    while True:  # exports happen every second (OTEL_METRIC_EXPORT_INTERVAL in tests/services.py)
+    that began after this call: the latest line of the metrics file may predate the last replies."""
+    def lines() -> int:
         with open(services.metrics_file(target)) as f:
-            lines = sum(1 for line in f if line.strip())
-        points = services.metric_points(target).get("gemma3.vision.batch.images")
-        if lines > after_line and points:
-            return sum(p["sum"] for p in points), lines
+            return sum(1 for line in f if line.strip())
+
+    wanted, deadline = lines() + 2, time.monotonic() + 15
+    while lines() < wanted:  # exports happen every second (OTEL_METRIC_EXPORT_INTERVAL in tests/services.py)
         assert time.monotonic() < deadline, "no metrics export"
         time.sleep(0.2)
+    return sum(p["sum"] for p in services.metric_points(target).get("gemma3.vision.batch.images", []))
 
 
 def test_one_image_wanted_by_requests_at_once_is_embedded_once(vision_worker, expected):
@@ -83,13 +83,12 @@ def test_one_image_wanted_by_requests_at_once_is_embedded_once(vision_worker, ex
     request, share one embedding: the tower runs over that image once, and every reply carries it."""
     _, target = vision_worker
     image = png(int(np.random.default_rng().integers(1 << 30)), size=(900, 700))  # a slow decode: overlap
-    before, lines = _images_embedded(target)
+    before = _images_embedded(target)
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         replies = list(pool.map(lambda _: embed(target, [image, image]), range(4)))
     assert len({e.key for r in replies for e in r.embeddings}) == 1
     assert not any(e.HasField("inline") for r in replies for e in r.embeddings)
-    after, _ = _images_embedded(target, after_line=lines + 1)  # an export begun after the replies
-    assert after - before == 1
+    assert _images_embedded(target) - before == 1
     key = replies[0].embeddings[0].key
     np.testing.assert_allclose(decode(redis(lambda c: c.get_many([key]))[0]), expected(image), atol=1e-5)
 
