@@ -158,6 +158,17 @@ def decodes_one_row_as_two() -> bool:
     return jax.default_backend() == "gpu"
 
 
+def loop_compiler_options() -> dict[str, str]:
+    """XLA options for a jitted decode loop. XLA's CPU backend gathers rows of a bfloat16 embedding from
+    a float32 conversion of the whole table; inside a while_loop, loop-invariant code motion hoists that
+    conversion out of the loop, so every call built a float32 copy of the table (gemma-3-1b: 1.2 GB and
+    about a second, bench/RESULTS.md). Without the pass the conversion stays fused into the gather and
+    touches only the rows it reads. Other backends gather bfloat16 as it is and keep the pass."""
+    if jax.default_backend() != "cpu":
+        return {}
+    return {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
+
+
 @functools.lru_cache(maxsize=32)
 def _compiled_loop(graphdef, size: int, twice: bool = False):
     """All decode steps of ``generate`` in one jitted ``while_loop``: tokens land in a (B, size) buffer
@@ -185,7 +196,8 @@ def _compiled_loop(graphdef, size: int, twice: bool = False):
         carry = jax.lax.while_loop(lambda c: (c[0] < limit) & ~c[4].all(), body, carry)
         return carry[3][:rows], carry[5][:rows], carry[2]  # the cache too: the donated one is updated in place
 
-    return jax.jit(loop, donate_argnums=() if twice else (2,))  # a cache decoded twice over is a new buffer
+    # a cache decoded twice over is a new buffer
+    return jax.jit(loop, donate_argnums=() if twice else (2,), compiler_options=loop_compiler_options())
 
 
 def _per_row(value, b: int, dtype) -> jax.Array:

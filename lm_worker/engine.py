@@ -32,7 +32,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from gemma3.generation import sample_tokens, step_keys
+from gemma3.generation import loop_compiler_options, sample_tokens, step_keys
 
 log = logging.getLogger(__name__)
 
@@ -605,4 +605,4 @@ def _compile(graphdef, treedef, num_slots: int, max_length: int, n_top: int, max
         return replicated((*picks, count)), cache, last_tokens, step_counts
 
     return (jax.jit(prefill), jax.jit(insert, donate_argnums=(0, 1, 2)),
-            jax.jit(decode, donate_argnums=(1, 2, 3)), init)
+            jax.jit(decode, donate_argnums=(1, 2, 3), compiler_options=loop_compiler_options()), init)

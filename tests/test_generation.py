@@ -194,3 +194,48 @@ def test_a_nucleus_inside_the_candidates_and_one_past_them_keep_the_same_rule():
     together = np.asarray(draw(keys, both))
     alone = np.asarray(draw(keys[:, :1], both[:1]))
     np.testing.assert_array_equal(together[:, 0], alone[:, 0])
+
+
+_LOOPS_IN_BFLOAT16 = """
+import jax.numpy as jnp
+from flax import nnx
+from gemma3 import Gemma3ForCausalLM, Gemma3TextConfig
+from lm_worker.engine import Engine, Request
+from tests.make_checkpoints import TEXT_BASE
+
+model = Gemma3ForCausalLM(Gemma3TextConfig.from_dict({**TEXT_BASE, "vocab_size": 4096}), dtype=jnp.bfloat16,
+                          rngs=nnx.Rngs(0))
+model.generate([[2, 5, 6, 7]], max_new_tokens=4, eos_token_id=[])
+engine = Engine(model, num_slots=2, max_length=32, max_queue=4, prefill_buckets=(8,)).start()
+request = Request(prompt_ids=[2, 5, 6, 7], max_new_tokens=4)
+engine.submit(request)
+assert len(list(request.stream(timeout=120))) == 5  # four tokens and the finish
+engine.stop()
+"""
+
+
+def test_decode_loops_gather_embeddings_without_a_float32_copy_of_the_table(tmp_path):
+    """A bfloat16 model's decode loops (generate's and the serving engine's) on the CPU: XLA gathers
+    bfloat16 rows from a float32 conversion of the table, and hoisting that conversion out of the loop
+    built a float32 copy of the whole embedding on every call (gemma3.generation.loop_compiler_options).
+    Read from the programs XLA compiled (its HLO dump)."""
+    import os
+    import subprocess
+    import sys
+
+    dump = tmp_path / "hlo"
+    done = subprocess.run([sys.executable, "-c", _LOOPS_IN_BFLOAT16], capture_output=True, text=True, timeout=300,
+                          cwd=os.path.dirname(os.path.dirname(__file__)),
+                          env={**os.environ, "XLA_FLAGS": f"--xla_dump_to={dump} --xla_dump_hlo_as_text"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    loops = {}
+    for name in os.listdir(dump):
+        if name.endswith("cpu_after_optimizations.txt") and ("jit_loop" in name or "jit_decode" in name):
+            text = (dump / name).read_text()
+            if " while(" in text:
+                loops[name] = text
+    assert len(loops) >= 2, sorted(os.listdir(dump))  # generate's loop and the engine's decode
+    for name, text in loops.items():
+        assert "bf16[4096,64]" in text, name  # the table is there, in its own dtype
+        # a conversion fused into the gather reads only the gathered rows; one of its own is a new buffer
+        assert "= f32[4096,64]{1,0} fusion(" not in text, f"{name} converts the whole embedding table to float32"
