@@ -78,17 +78,30 @@ def build(compiler: str | None = None) -> Path:
 
 
 @functools.cache
-def available() -> bool:
-    """Whether the kernel is built and registered (once per process); False where it cannot be."""
+def _library() -> ctypes.CDLL | None:
+    """The kernel, built and registered (once per process); None where it cannot be."""
     if os.environ.get("GEMMA3_CPU_KERNELS", "1").lower() in ("0", "false", "off", "no"):
-        return False
+        return None
     try:
         library = ctypes.cdll.LoadLibrary(str(build()))
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.Gemma3RowsMatmul), platform="cpu")
     except Exception as error:  # noqa: BLE001 - any failure means XLA's dot, which is always correct
         log.warning("CPU product kernel unavailable, using XLA's dot: %s", error)
-        return False
-    return True
+        return None
+    return library
+
+
+def available() -> bool:
+    """Whether the kernel is built and registered; False where it cannot be."""
+    return _library() is not None
+
+
+@functools.cache
+def pair_products() -> bool:
+    """Whether the kernel multiplies bfloat16 pairs (the CPU has AVX512-BF16): then it also takes
+    bfloat16 products of any row count with (in, out) weights, prefill's, faster than XLA's GEMM."""
+    library = _library()
+    return library is not None and bool(library.Gemma3PairProducts())
 
 
 def applies(lhs: jax.Array, rhs: jax.Array, dimension_numbers) -> bool:
@@ -103,7 +116,10 @@ def applies(lhs: jax.Array, rhs: jax.Array, dimension_numbers) -> bool:
     if lhs.dtype != rhs.dtype or lhs.dtype not in (jnp.float32, jnp.bfloat16):
         return False
     rows = int(np.prod(lhs.shape[:-1]))
-    return 1 <= rows <= MAX_ROWS and jax.default_backend() == "cpu" and available()
+    if rows > MAX_ROWS:  # prefill: bfloat16 with (in, out) weights, where the CPU multiplies pairs
+        return (lhs.dtype == jnp.bfloat16 and tuple(contract_r) == (0,) and jax.default_backend() == "cpu"
+                and pair_products())
+    return rows >= 1 and jax.default_backend() == "cpu" and available()
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))

@@ -41,11 +41,30 @@ def test_products_match_float64_for_every_row_count(dtype, layout, k, n):
         np.testing.assert_allclose(got, want, rtol=tol, atol=tol * np.abs(want).max())
 
 
+@pytest.mark.skipif(not cpu_kernels.pair_products(), reason="the GEMM needs AVX512-BF16 (XLA's dot elsewhere)")
+@pytest.mark.parametrize("k,n", [(37, 13), (261, 35), (640, 1000)])
+def test_prefill_sized_products_match_float64_in_bfloat16(k, n):
+    """More than 8 rows: tiles of 6 rows and their rest (1 to 5), panels of 64 columns and their rest,
+    256 weight rows at a time and an odd last one."""
+    rng = np.random.default_rng(k + n)
+    w = jnp.asarray(rng.standard_normal((k, n)), jnp.bfloat16)
+    product = jax.jit(lambda x, w: cpu_kernels.rows_matmul(x, w, KN))
+    for rows in (9, 11, 12, 14, 16, 19, 130):
+        x = jnp.asarray(rng.standard_normal((rows, k)), jnp.bfloat16)
+        assert cpu_kernels.applies(x, w, KN)
+        want = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
+        got = np.asarray(product(x, w), np.float64)
+        np.testing.assert_allclose(got, want, rtol=8e-3, atol=8e-3 * np.abs(want).max())
+
+
 def test_decode_sized_products_use_the_kernel_and_others_xla():
     x8, x9 = jnp.ones((2, 4, 64), jnp.bfloat16), jnp.ones((9, 64), jnp.bfloat16)
     w = jnp.ones((64, 32), jnp.bfloat16)
     assert cpu_kernels.applies(x8, w, (((2,), (0,)), ((), ())))  # 8 rows, batch and sequence folded
-    assert not cpu_kernels.applies(x9, w, KN)  # prefill-sized: XLA's GEMM
+    # prefill-sized: our bfloat16 GEMM where the CPU multiplies pairs, else XLA's; never float32 or (N, K)
+    assert cpu_kernels.applies(x9, w, KN) == cpu_kernels.pair_products()
+    assert not cpu_kernels.applies(x9.astype(jnp.float32), w.astype(jnp.float32), KN)
+    assert not cpu_kernels.applies(x9, w.T, NK)
     assert cpu_kernels.applies(x9[:1], w.T, NK)  # bfloat16 LM head
     assert cpu_kernels.applies(x9[:1].astype(jnp.float32), w.T.astype(jnp.float32), NK)
     assert cpu_kernels.applies(x9[:1].astype(jnp.float32), w.astype(jnp.float32), KN)
