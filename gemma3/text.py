@@ -117,10 +117,10 @@ class AttentionContext:
     EMPTY where the token is padding. blocks: (B, T) image-block id per token (0 = text) or None;
     tokens of one block see each other whatever their order. cache_index / slots: the cache entries'
     indices and where the chunk is written, or None without a cache. window: sliding window or None.
-    write_first: a one-token step (decode) writes its key and value into the cache before attending to
-    the cache alone, and cache_index already holds the new token's entry. A buffer that is only updated
-    in place and then read needs no copy, while reading the old cache beside the write made XLA copy
-    every layer's buffers twice per step.
+    write_first: the chunk (a decode step's token, or any chunk when the buffer holds every position)
+    writes its keys and values into the cache before attending to the cache alone, and cache_index
+    already holds the chunk's entries. A buffer that is only updated in place and then read needs no
+    copy, while reading the old cache beside the write made XLA copy every layer's buffers twice per step.
     """
 
     cos: jax.Array
@@ -293,15 +293,21 @@ class Gemma3TextModel(nnx.Module):
         slots = kv.chunk_slots(cache, index, valid) if cache is not None else None
 
         ctx = {}
-        write_first = cache is not None and t == 1 and image_blocks is None
         for kind in (FULL, SLIDING):
             base, factor = self.config.rope(kind)
             cos, sin = rope_tables(position_ids, self.config.head_dim, base, factor, x.dtype)
             sliding = kind == SLIDING
             cache_index = kind_slots = None
+            write_first = False
             if cache is not None:
                 cache_index = cache.sliding_index if sliding else cache.full_index
                 kind_slots = slots.sliding if sliding else slots.full
+                # A chunk can be written before it is read when no entry it overwrites is one of its own
+                # queries still needs: one token, or a buffer holding every position (no ring wraps).
+                # Then attention reads the cache alone, not the cache beside the chunk: a prefill into a
+                # fresh cache scored every query against all its empty entries as well.
+                holds_all = cache_index.shape[1] >= cache.full_index.shape[1]
+                write_first = image_blocks is None and (t == 1 or holds_all)
                 cache_index = kv.scatter_rows(cache_index, kind_slots, k_index) if write_first else cache_index[:b]
             ctx[kind] = AttentionContext(
                 cos=cos, sin=sin, q_index=index, k_index=k_index, blocks=image_blocks, cache_index=cache_index,
