@@ -1,8 +1,11 @@
-"""Decode-sized products (1 to 8 rows) on XLA's CPU backend, by our own kernel.
+"""Decode-sized products (1 to 8 rows) on XLA's CPU backend, by our own kernel, and bfloat16 products of
+any row count where the CPU multiplies bfloat16 pairs (AVX512-BF16).
 
 At a few rows a product reads every weight once and is bound by memory bandwidth, which XLA's CPU dot
 does not reach (float32 layer products at 60-75% of the kernel's speed, bfloat16 ones 2-5x slower: see
 bench/RESULTS.md). `kernels/rows_matmul.cc` streams the weights once across XLA's own intra-op threads.
+At prefill sizes XLA's bfloat16 GEMM reached 0.6-0.9x of oneDNN's; the kernel's packed pair-product GEMM
+matches oneDNN there.
 It is compiled on first use with the machine's compiler and `-march=native`, cached by source, compiler
 and CPU, and registered as an XLA FFI target; without a compiler (or with ``GEMMA3_CPU_KERNELS=0``)
 products fall back to XLA's dot. ``GEMMA3_KERNEL_FLAGS`` adds compiler flags (``-mno-avx512bf16`` builds
@@ -107,9 +110,10 @@ def pair_products() -> bool:
 def applies(lhs: jax.Array, rhs: jax.Array, dimension_numbers) -> bool:
     """Whether ``dot_general(lhs, rhs, dimension_numbers)`` is a product the kernel runs faster than XLA:
     on the CPU backend, at most 8 rows of lhs against a 2-D weight matrix of the same dtype, float32 or
-    bfloat16, in either layout. (XLA's float32 product with the (out, in) LM head matched the kernel on
-    a Zen 3 CPU; on a Zen 4 it read the 270m head at 21.5 GB/s against the kernel's 28 at one row, and
-    at 11.1 against 11.9-22.6 GB/s at 2-8 rows: bench/RESULTS.md.)"""
+    bfloat16, in either layout; or more rows in bfloat16 with (in, out) weights where `pair_products`.
+    (XLA's float32 product with the (out, in) LM head matched the kernel on a Zen 3 CPU; on a Zen 4 it
+    read the 270m head at 21.5 GB/s against the kernel's 28 at one row, and at 11.1 against 11.9-22.6
+    GB/s at 2-8 rows: bench/RESULTS.md.)"""
     (contract_l, contract_r), batch = dimension_numbers
     if batch != ((), ()) or rhs.ndim != 2 or tuple(contract_l) != (lhs.ndim - 1,) or len(contract_r) != 1:
         return False
