@@ -140,7 +140,7 @@ def follower_health(args):
 
 async def main_async(args) -> None:
     from gemma3serve.v1 import lm_worker_pb2_grpc
-    from lm_worker.engine import DeviceProgram, Engine, Request
+    from lm_worker.engine import DeviceProgram, Engine
     from lm_worker.group import GroupProgram, Leader
     from lm_worker.prompts import PromptBuilder
     from lm_worker.service import LMWorkerService
@@ -178,16 +178,13 @@ async def main_async(args) -> None:
 
             leader.on_failure = on_failure
         engine.start()
-        if args.warm_up == "all":
-            image = None if prompts.embedding_shape is None else (
-                model.config.image_token_index, *prompts.embedding_shape)
-            started = time.monotonic()
-            runs = await asyncio.to_thread(engine.warm_up, prompts.bos_id, image)
-            log.info("prefill compiled", extra={"buckets": list(engine.buckets), "prompts": runs,
-                                                "seconds": round(time.monotonic() - started, 1)})
-        else:
-            probe = engine.submit(Request(prompt_ids=[prompts.bos_id], max_new_tokens=2))  # the smallest bucket
-            await asyncio.to_thread(lambda: list(probe.stream()))
+        every_bucket = args.warm_up == "all"
+        image = None if prompts.embedding_shape is None or not every_bucket else (
+            model.config.image_token_index, *prompts.embedding_shape)
+        started = time.monotonic()
+        runs = await asyncio.to_thread(engine.warm_up, prompts.bos_id, image, every_bucket)
+        log.info("warmed up", extra={"buckets": list(engine.buckets if every_bucket else engine.buckets[:1]),
+                                     "prompts": runs, "seconds": round(time.monotonic() - started, 1)})
         service.attach(engine, prompts)
         log.info("model ready", extra={"model": args.model, "slots": args.num_slots})
 

@@ -294,17 +294,18 @@ class Engine:
         token, logprob, top_ids, top_logprobs = (x[0].tolist() for x in picked)
         self._emit(slot, token, logprob, top_ids, top_logprobs, time.monotonic())
 
-    def warm_up(self, token_id: int, image: tuple[int, int, int] | None = None) -> int:
-        """Compile every prefill bucket before serving, as JetStream does, so that no request waits for
-        XLA: a one-token answer to a prompt of ``token_id`` at the shortest length of each bucket, and
-        with ``image`` (image token id, tokens per image, feature width) one holding an image in each
-        bucket with room for it. Runs on the started engine; returns the requests it ran."""
+    def warm_up(self, token_id: int, image: tuple[int, int, int] | None = None, every_bucket: bool = True) -> int:
+        """Compile before serving, as JetStream does, so that no request waits for XLA: a prompt of
+        ``token_id`` at the shortest length of each prefill bucket (of the smallest only, without
+        ``every_bucket``), the first one also decoding a token; and with ``image`` (image token id, tokens
+        per image, feature width) one holding an image in each bucket with room for it. Runs on the
+        started engine; returns the requests it ran."""
         runs, shorter = [], 0
         image_id, tokens, width = image or (None, 0, 0)
-        for b in self.buckets:
+        for b in self.buckets if every_bucket else self.buckets[:1]:
             n, shorter = shorter + 1, b
             if n < self.max_length:
-                runs.append(Request(prompt_ids=[token_id] * n, max_new_tokens=1))
+                runs.append(Request(prompt_ids=[token_id] * n, max_new_tokens=1 if runs else 2))
             if image is not None:
                 m = max(n, tokens + 1)
                 if m <= b and m < self.max_length:
