@@ -11,9 +11,9 @@
 // x and w share a dtype, float32 or bfloat16; y is float32. Built on first use by gemma3/cpu_kernels.py
 // for the machine's own CPU (-march=native); the loops use the compiler's vector extensions (eight float32
 // lanes), so one source builds for AVX2, AVX-512 or NEON. Where the CPU has AVX512-BF16 (Zen 4, Sapphire
-// Rapids), bfloat16 products of 2-8 rows and the bfloat16 LM head multiply bfloat16 pairs directly
-// (vdpbf16ps: 32 products per instruction, float32 sums), since at 8 rows the widening loops are bound by
-// arithmetic, not by memory.
+// Rapids), bfloat16 products multiply bfloat16 pairs directly (vdpbf16ps: 32 products per instruction,
+// float32 sums): the widening loops cost more instructions per weight than memory allows (at 8 rows they
+// are bound by arithmetic, and even one row read only 11-24 GB/s).
 
 #include <algorithm>
 #include <atomic>
@@ -84,29 +84,10 @@ inline float sum8(f8 v) {
   return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
 }
 
-// One row, float32 (K, N) weights, rows k0..k1: acc[:] += x[k] * w[k, :], four weight rows per pass over
-// acc (acc, N floats, stays in L1/L2 while the weights stream through once, in order).
-void RowKN(const float* x, const float* w, float* acc, int64_t N, int64_t k0, int64_t k1) {
-  int64_t k = k0;
-  for (; k + 4 <= k1; k += 4) {
-    const float* __restrict w0 = w + k * N;
-    const float* __restrict w1 = w0 + N;
-    const float* __restrict w2 = w1 + N;
-    const float* __restrict w3 = w2 + N;
-    const float a0 = x[k], a1 = x[k + 1], a2 = x[k + 2], a3 = x[k + 3];
-    float* __restrict out = acc;
-    for (int64_t n = 0; n < N; ++n)
-      out[n] += (a0 * w0[n] + a1 * w1[n]) + (a2 * w2[n] + a3 * w3[n]);
-  }
-  for (; k < k1; ++k) {
-    const float* __restrict w0 = w + k * N;
-    const float a0 = x[k];
-    for (int64_t n = 0; n < N; ++n) acc[n] += a0 * w0[n];
-  }
-}
-
-// RowKN for bfloat16 weights: sixteen columns at a time through load16, so acc holds the columns below
-// N's last multiple of 16 in load16's lane order (MultiplyRows puts them back in order), the rest as is.
+// One row, bfloat16 (K, N) weights where the CPU has no pair products, rows k0..k1: acc[:] += x[k] * w[k, :],
+// four weight rows per pass over acc (acc, N floats, stays in L1/L2 while the weights stream through once,
+// in order), sixteen columns at a time through load16, so acc holds the columns below N's last multiple of
+// 16 in load16's lane order (MultiplyRows puts them back in order), the rest as is.
 void RowKN(const float* x, const uint16_t* w, float* acc, int64_t N, int64_t k0, int64_t k1) {
   const int64_t n_main = N / 16 * 16;
   int64_t k = k0;
@@ -135,11 +116,57 @@ void RowKN(const float* x, const uint16_t* w, float* acc, int64_t N, int64_t k0,
   }
 }
 
-// M rows (2..8), (K, N) weights, columns n0..n1 (n0 a multiple of 8): the M x 8 outputs of a column
-// block stay in registers while a block of kBlock weight rows passes; each weight is widened once and
-// used M times.
+// M rows (1..8) of float32 x against float32 (K, N) weights, weight rows k0..k1, summed into acc (M x N)
+// while the weights stream through once, in order, R rows at a time (RowsKNStream's scheme, eight lanes).
+// Column blocks walking down the weight rows read 12-19 GB/s at 2-8 rows; this reads 25-30.
+template <int M, int R = 8>  // R even
+void RowsKNSum(const float* x, const float* w, float* acc, int64_t K, int64_t N, int64_t k0, int64_t k1) {
+  const int64_t n_main = N / 8 * 8;
+  for (int64_t k = k0; k < k1; k += R) {
+    const int rows = static_cast<int>(std::min<int64_t>(R, k1 - k));
+    float xs[M][R];  // zeros past k1
+    for (int m = 0; m < M; ++m)
+      for (int i = 0; i < R; ++i) xs[m][i] = i < rows ? x[m * K + k + i] : 0.f;
+    const float* r[R];  // rows past k1 read row k, times a zero of x
+    for (int i = 0; i < R; ++i) r[i] = w + (k + (i < rows ? i : 0)) * N;
+    const bool ahead = k + 2 * R <= k1;
+    for (int64_t n = 0; n < n_main; n += 8) {
+      if (ahead && n % 16 == 0) {  // the next pass's rows, to L2, a 64-byte line per row
+        _Pragma("GCC unroll 8") for (int i = R; i < 2 * R; ++i) __builtin_prefetch(w + (k + i) * N + n, 0, 2);
+      }
+      f8 wv[R];
+      _Pragma("GCC unroll 8") for (int i = 0; i < R; ++i) wv[i] = load8(r[i] + n);
+      _Pragma("GCC unroll 8") for (int m = 0; m < M; ++m) {
+        f8 even = xs[m][0] * wv[0], odd = xs[m][1] * wv[1];  // two chains: half the adder latency
+        _Pragma("GCC unroll 8") for (int i = 2; i < R; i += 2) {
+          even += xs[m][i] * wv[i];
+          odd += xs[m][i + 1] * wv[i + 1];
+        }
+        store8(acc + m * N + n, load8(acc + m * N + n) + (even + odd));
+      }
+    }
+    for (int64_t n = n_main; n < N; ++n)
+      for (int m = 0; m < M; ++m) {
+        float s = acc[m * N + n];
+        for (int i = 0; i < rows; ++i) s += xs[m][i] * r[i][n];
+        acc[m * N + n] = s;
+      }
+  }
+}
+
+// M rows (2..8), bfloat16 (K, N) weights where the CPU has no pair products, columns n0..n1 (n0 a multiple
+// of 8): the M x 8 outputs of a column block stay in registers while a block of kBlock weight rows passes;
+// each weight is widened once and used M times.
 constexpr int64_t kBlock = 32;
 constexpr int64_t kMaxRows = 8;
+// Weight rows of an (N, K) matrix that share each load of x (RowsNK, RowsNKDp): one sum register per input
+// row and weight row, half the vector registers (32 with AVX-512, 16 otherwise), at most four rows.
+#ifdef __AVX512F__
+constexpr int kVectorRegisters = 32;
+#else
+constexpr int kVectorRegisters = 16;
+#endif
+constexpr int SharedRows(int m) { return std::clamp(kVectorRegisters / 2 / m, 1, 4); }
 template <int M, typename T>
 void RowsKN(const float* x, const T* w, float* y, int64_t K, int64_t N, int64_t n0, int64_t n1) {
   const int64_t n_main = n0 + (n1 - n0) / 8 * 8;
@@ -168,29 +195,37 @@ void RowsKN(const float* x, const T* w, float* y, int64_t K, int64_t N, int64_t 
   }
 }
 
-// M rows (1..8), float32 (N, K) weights, rows n0..n1: y[m, n] = <x[m, :], w[n, :]>. Each weight row is
-// read once and used M times; one input row keeps four partial sums to hide the adder's latency.
+// M rows (1..8), float32 (N, K) weights, rows n0..n1: y[m, n] = <x[m, :], w[n, :]>, W weight rows at a
+// time (adjacent, so one stream; the next W prefetched) sharing each load of x: at eight rows x (37 KB for
+// the 1b model) no longer fits L1 beside the stream, and one weight row at a time read the head at 11 GB/s.
 // The summation order is fixed, so results do not depend on the thread split.
-template <int M>
+template <int M, int W = SharedRows(M)>
 void RowsNK(const float* x, const float* w, float* y, int64_t K, int64_t N, int64_t n0, int64_t n1) {
-  constexpr int kChains = M == 1 ? 4 : 1;
-  const int64_t k_main = K / (8 * kChains) * (8 * kChains);
-  for (int64_t n = n0; n < n1; ++n) {
+  const int64_t k_main = K / 8 * 8;
+  int64_t n = n0;
+  for (; n + W <= n1; n += W) {
     const float* __restrict row = w + n * K;
-    f8 acc[M][kChains] = {};
-    for (int64_t k = 0; k < k_main; k += 8 * kChains)
-      _Pragma("GCC unroll 4") for (int c = 0; c < kChains; ++c) {
-        const f8 wv = load8(row + k + 8 * c);
-        _Pragma("GCC unroll 8") for (int m = 0; m < M; ++m) acc[m][c] += load8(x + m * K + k + 8 * c) * wv;
+    f8 acc[M][W] = {};
+    const bool ahead = n + 2 * W <= n1;
+    for (int64_t k = 0; k < k_main; k += 8) {
+      if (ahead && k % 16 == 0) {  // the next W rows, to L2, a 64-byte line per row
+        _Pragma("GCC unroll 4") for (int r = W; r < 2 * W; ++r) __builtin_prefetch(row + r * K + k, 0, 2);
       }
-    for (int m = 0; m < M; ++m) {
-      f8 total = acc[m][0];
-      for (int c = 1; c < kChains; ++c) total += acc[m][c];
-      float s = sum8(total);
-      for (int64_t k = k_main; k < K; ++k) s += x[m * K + k] * row[k];
-      y[m * N + n] = s;
+      f8 wv[W];
+      _Pragma("GCC unroll 4") for (int r = 0; r < W; ++r) wv[r] = load8(row + r * K + k);
+      _Pragma("GCC unroll 8") for (int m = 0; m < M; ++m) {
+        const f8 xv = load8(x + m * K + k);
+        _Pragma("GCC unroll 4") for (int r = 0; r < W; ++r) acc[m][r] += xv * wv[r];
+      }
     }
+    for (int m = 0; m < M; ++m)
+      for (int r = 0; r < W; ++r) {
+        float s = sum8(acc[m][r]);
+        for (int64_t k = k_main; k < K; ++k) s += x[m * K + k] * row[r * K + k];
+        y[m * N + n + r] = s;
+      }
   }
+  if (n < n1) RowsNK<M, 1>(x, w, y, K, N, n, n1);  // the last rows of the part, one at a time
 }
 
 // RowsNK for bfloat16 weights: sixteen at a time through load16, against x in the same lane order
@@ -225,86 +260,92 @@ void RowsNK(const float* x, const float* xi, const uint16_t* w, float* y, int64_
 
 #ifdef GEMMA3_DPBF16
 // M rows (1..8) of bfloat16 x against bfloat16 (N, K) weights, rows n0..n1, by bfloat16 pair products:
-// each 32-wide slice of a weight row is loaded once and used M times; one row keeps two partial sums.
-// (Two weight rows at a time, sharing the loads of x, ran slower: 15.6 against 10.5 ms for the 270m
-// head at one row, 27.6 against 16.6 at eight.)
-template <int M>
+// W weight rows at a time (adjacent, so one stream; the next W prefetched: without, their short runs starved
+// the prefetchers), each 32-wide slice of x loaded once for them all. One weight row at a time, with x
+// reloaded for each, read the 1b head at 11 GB/s at eight rows, this at 30.
+template <int M, int W = SharedRows(M)>
 void RowsNKDp(const uint16_t* x, const uint16_t* w, float* y, int64_t K, int64_t N, int64_t n0, int64_t n1) {
-  const int64_t k_main = K / 64 * 64;
   const int64_t k_pair = K / 32 * 32;
-  for (int64_t n = n0; n < n1; ++n) {
+  int64_t n = n0;
+  for (; n + W <= n1; n += W) {
     const uint16_t* __restrict row = w + n * K;
-    __m512 acc[M][2];
-    _Pragma("GCC unroll 8") for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
-    int64_t k = 0;
-    for (; k < k_main; k += 64) {
-      const __m512bh w0 = (__m512bh)_mm512_loadu_si512(row + k);
-      const __m512bh w1 = (__m512bh)_mm512_loadu_si512(row + k + 32);
+    __m512 acc[M][W];
+    _Pragma("GCC unroll 8") for (int m = 0; m < M; ++m)
+      _Pragma("GCC unroll 4") for (int r = 0; r < W; ++r) acc[m][r] = _mm512_setzero_ps();
+    const bool ahead = n + 2 * W <= n1;
+    for (int64_t k = 0; k < k_pair; k += 32) {
+      if (ahead) {  // the next W rows, to L2, a 64-byte line per row
+        _Pragma("GCC unroll 4") for (int r = W; r < 2 * W; ++r)
+          _mm_prefetch(reinterpret_cast<const char*>(row + r * K + k), _MM_HINT_T1);
+      }
+      __m512bh wv[W];
+      _Pragma("GCC unroll 4") for (int r = 0; r < W; ++r) wv[r] = (__m512bh)_mm512_loadu_si512(row + r * K + k);
       _Pragma("GCC unroll 8") for (int m = 0; m < M; ++m) {
-        acc[m][0] = _mm512_dpbf16_ps(acc[m][0], (__m512bh)_mm512_loadu_si512(x + m * K + k), w0);
-        acc[m][1] = _mm512_dpbf16_ps(acc[m][1], (__m512bh)_mm512_loadu_si512(x + m * K + k + 32), w1);
+        const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + m * K + k);
+        _Pragma("GCC unroll 4") for (int r = 0; r < W; ++r) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], xv, wv[r]);
       }
     }
-    for (; k < k_pair; k += 32) {
-      const __m512bh w0 = (__m512bh)_mm512_loadu_si512(row + k);
-      _Pragma("GCC unroll 8") for (int m = 0; m < M; ++m)
-        acc[m][0] = _mm512_dpbf16_ps(acc[m][0], (__m512bh)_mm512_loadu_si512(x + m * K + k), w0);
-    }
-    for (int m = 0; m < M; ++m) {
-      float s = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]));
-      for (int64_t j = k_pair; j < K; ++j) s += widen(x[m * K + j]) * widen(row[j]);
-      y[m * N + n] = s;
-    }
+    for (int m = 0; m < M; ++m)
+      for (int r = 0; r < W; ++r) {
+        float s = _mm512_reduce_add_ps(acc[m][r]);
+        for (int64_t j = k_pair; j < K; ++j) s += widen(x[m * K + j]) * widen(row[r * K + j]);
+        y[m * N + n + r] = s;
+      }
   }
+  if (n < n1) RowsNKDp<M, 1>(x, w, y, K, N, n, n1);  // the last rows of the part, one at a time
 }
 
-// M rows (2..8) of bfloat16 x against bfloat16 (K, N) weights, columns n0..n1: for each pair of weight
-// rows, sixteen columns are interleaved into (w[k, n], w[k + 1, n]) pairs and multiplied by the
-// broadcast pair (x[m, k], x[m, k + 1]) of each input row, read as one 32-bit word (a broadcast load; the
-// pair built in general registers cost 1.2-2x at 8 rows). Blocks of kPairBlock weight rows: the 1b
-// model's 1152 x 6912 product at 8 rows ran 1.7x faster than with blocks of 32 (fewer reloads of the
-// accumulators), and at one to two thirds of this CPU's measured vdpbf16ps peak.
-constexpr int64_t kPairBlock = 128;
-static_assert(kPairBlock % 2 == 0, "RowsKNDp pairs weight rows inside a block");
-template <int M>
-void RowsKNDp(const uint16_t* x, const uint16_t* w, float* y, int64_t K, int64_t N, int64_t n0, int64_t n1) {
-  const int64_t n_main = n0 + (n1 - n0) / 16 * 16;
-  const __m512i pairs = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22,
-                                         6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t n = n0; n < n1; ++n) y[m * N + n] = 0.f;
-  for (int64_t kb = 0; kb < K; kb += kPairBlock) {
-    const int64_t ke = std::min(K, kb + kPairBlock);
-    const int64_t k_even = kb + (ke - kb) / 2 * 2;  // an odd K's last row pairs with zeros
-    for (int64_t n = n0; n < n_main; n += 16) {
-      __m512 acc[M];
-      _Pragma("GCC unroll 8") for (int m = 0; m < M; ++m) acc[m] = _mm512_loadu_ps(y + m * N + n);
-      for (int64_t k = kb; k < k_even; k += 2) {
-        const __m256i r0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k * N + n));
-        const __m256i r1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + (k + 1) * N + n));
-        const __m512bh wv = (__m512bh)_mm512_permutexvar_epi16(
-            pairs, _mm512_inserti64x4(_mm512_castsi256_si512(r0), r1, 1));
-        _Pragma("GCC unroll 8") for (int m = 0; m < M; ++m) {
-          int32_t xp;
-          std::memcpy(&xp, x + m * K + k, sizeof xp);
-          acc[m] = _mm512_dpbf16_ps(acc[m], (__m512bh)_mm512_set1_epi32(xp), wv);
-        }
+// M rows (1..8) of bfloat16 x against bfloat16 (K, N) weights, weight rows k0..k1 (k0 even), summed into
+// acc (M x N float32) by pair products while the weights stream through once, in order: 2P weight rows
+// at a time, 32 columns each, paired by unpack (within 128-bit lanes) and multiplied by the broadcast pairs
+// of x. So acc holds the columns below N's last multiple of 32 in the unpack order (kPairOrder; Multiply
+// puts them back). The loop before it walked column blocks down 128 weight rows at a time: too many
+// streams for the prefetchers, 11-18 GB/s at one row where this reads 25-31 (bench/RESULTS.md).
+constexpr int kStreamPairs = 4;  // eight weight rows per pass: at 8 rows, half the passes over acc of four
+constexpr int kPairOrder[32] = {0,  1,  2,  3,  8,  9,  10, 11, 16, 17, 18, 19, 24, 25, 26, 27,
+                                4,  5,  6,  7,  12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31};
+template <int M, int P = kStreamPairs>
+void RowsKNStream(const uint16_t* x, const uint16_t* w, float* acc, int64_t K, int64_t N, int64_t k0, int64_t k1) {
+  const int64_t n_main = N / 32 * 32;
+  for (int64_t k = k0; k < k1; k += 2 * P) {
+    const int rows = static_cast<int>(std::min<int64_t>(2 * P, k1 - k));
+    int32_t xp[M][P];  // (x[m, k + 2j], x[m, k + 2j + 1]), zeros past k1
+    for (int m = 0; m < M; ++m)
+      for (int j = 0; j < P; ++j) {
+        const uint32_t lo = 2 * j < rows ? x[m * K + k + 2 * j] : 0, hi = 2 * j + 1 < rows ? x[m * K + k + 2 * j + 1] : 0;
+        xp[m][j] = static_cast<int32_t>(lo | hi << 16);
       }
-      if (k_even < ke) {
-        const __m256i r0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k_even * N + n));
-        const __m512bh wv = (__m512bh)_mm512_permutexvar_epi16(pairs, _mm512_zextsi256_si512(r0));
-        _Pragma("GCC unroll 8") for (int m = 0; m < M; ++m) {
-          const __m512i xp = _mm512_set1_epi32(static_cast<int32_t>(x[m * K + k_even]));
-          acc[m] = _mm512_dpbf16_ps(acc[m], (__m512bh)xp, wv);
-        }
+    const uint16_t* r[2 * P];  // rows past k1 read row k, times a zero of x
+    for (int i = 0; i < 2 * P; ++i) r[i] = w + (k + (i < rows ? i : 0)) * N;
+    const bool ahead = k + 4 * P <= k1;
+    for (int64_t n = 0; n < n_main; n += 32) {
+      if (ahead) {  // the next pass's rows, to L2: without, the rows' short runs starved the prefetchers
+        _Pragma("GCC unroll 8") for (int i = 2 * P; i < 4 * P; ++i)
+          _mm_prefetch(reinterpret_cast<const char*>(w + (k + i) * N + n), _MM_HINT_T1);
       }
-      _Pragma("GCC unroll 8") for (int m = 0; m < M; ++m) _mm512_storeu_ps(y + m * N + n, acc[m]);
+      __m512bh lo[P], hi[P];
+      _Pragma("GCC unroll 4") for (int j = 0; j < P; ++j) {
+        const __m512i a = _mm512_loadu_si512(r[2 * j] + n), b = _mm512_loadu_si512(r[2 * j + 1] + n);
+        lo[j] = (__m512bh)_mm512_unpacklo_epi16(a, b);
+        hi[j] = (__m512bh)_mm512_unpackhi_epi16(a, b);
+      }
+      _Pragma("GCC unroll 8") for (int m = 0; m < M; ++m) {
+        float* out = acc + m * N + n;
+        __m512 l = _mm512_loadu_ps(out), h = _mm512_loadu_ps(out + 16);
+        _Pragma("GCC unroll 4") for (int j = 0; j < P; ++j) {
+          const __m512bh xv = (__m512bh)_mm512_set1_epi32(xp[m][j]);
+          l = _mm512_dpbf16_ps(l, xv, lo[j]);
+          h = _mm512_dpbf16_ps(h, xv, hi[j]);
+        }
+        _mm512_storeu_ps(out, l);
+        _mm512_storeu_ps(out + 16, h);
+      }
     }
-    for (int64_t n = n_main; n < n1; ++n)
+    for (int64_t n = n_main; n < N; ++n)
       for (int m = 0; m < M; ++m) {
-        float s = y[m * N + n];
-        for (int64_t k = kb; k < ke; ++k) s += widen(x[m * K + k]) * widen(w[k * N + n]);
-        y[m * N + n] = s;
+        float s = acc[m * N + n];
+        for (int i = 0; i < rows; ++i) s += widen(x[m * K + k + i]) * widen(w[(k + i) * N + n]);
+        acc[m * N + n] = s;
       }
   }
 }
@@ -438,9 +479,9 @@ void RunParts(ffi::ThreadPool& pool, int64_t parts, const F& part) {
 
 // Whether a product takes the pair-product loops, which read x as it is (the others read a float32 copy).
 template <typename T>
-constexpr bool UsesPairs(int64_t M, bool w_is_nk) {
+constexpr bool UsesPairs() {
 #ifdef GEMMA3_DPBF16
-  return std::is_same_v<T, uint16_t> && (w_is_nk || M > 1);
+  return std::is_same_v<T, uint16_t>;
 #else
   return false;
 #endif
@@ -455,13 +496,21 @@ void MultiplyRows(ffi::ThreadPool& pool, int64_t parts, const T* x_in, const flo
       RunParts(pool, parts, [&](int64_t i) { RowsNKDp<M>(x_in, w, y, K, N, N * i / parts, N * (i + 1) / parts); });
       return;
     }
-    if (UsesPairs<T>(M, w_is_nk)) {  // column blocks of 16 per part
-      const int64_t blocks = (N + 15) / 16;
-      RunParts(pool, parts, [&](int64_t i) {
-        RowsKNDp<M>(x_in, w, y, K, N, std::min(N, blocks * i / parts * 16), std::min(N, blocks * (i + 1) / parts * 16));
-      });
-      return;
-    }
+    // each part sums its own even block of weight rows into its own acc, added after
+    const int64_t pairs = (K + 1) / 2;
+    std::vector<float> acc(static_cast<size_t>(parts) * M * N, 0.f);
+    RunParts(pool, parts, [&](int64_t i) {
+      RowsKNStream<M>(x_in, w, acc.data() + i * M * N, K, N, std::min(K, pairs * i / parts * 2),
+                      std::min(K, pairs * (i + 1) / parts * 2));
+    });
+    const int64_t n_main = N / 32 * 32;
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < N; ++n) {
+        float s = 0.f;
+        for (int64_t i = 0; i < parts; ++i) s += acc[(i * M + m) * N + n];
+        y[m * N + (n < n_main ? n - n % 32 + kPairOrder[n % 32] : n)] = s;
+      }
+    return;
   }
 #endif
   if (w_is_nk) {
@@ -473,6 +522,18 @@ void MultiplyRows(ffi::ThreadPool& pool, int64_t parts, const T* x_in, const flo
     } else {
       RunParts(pool, parts, [&](int64_t i) { RowsNK<M>(x, w, y, K, N, N * i / parts, N * (i + 1) / parts); });
     }
+  } else if constexpr (std::is_same_v<T, float>) {
+    // each part sums its own block of weight rows into its own acc, added after
+    std::vector<float> acc(static_cast<size_t>(parts) * M * N, 0.f);
+    RunParts(pool, parts, [&](int64_t i) {
+      RowsKNSum<M>(x, w, acc.data() + i * M * N, K, N, K * i / parts, K * (i + 1) / parts);
+    });
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < N; ++n) {
+        float s = 0.f;
+        for (int64_t i = 0; i < parts; ++i) s += acc[(i * M + m) * N + n];
+        y[m * N + n] = s;
+      }
   } else if (M > 1) {  // column blocks of 8 per part
     const int64_t blocks = (N + 7) / 8;
     RunParts(pool, parts, [&](int64_t i) {
@@ -500,7 +561,7 @@ void Multiply(ffi::ThreadPool& pool, const T* x_in, const T* w, float* y, int64_
   // 270m float32 batch 1, 35.6 against 41.5 in bfloat16.)
   const size_t bytes = static_cast<size_t>(K) * N * sizeof(T);
   const int64_t parts = bytes < (256 << 10) ? 1 : std::max<int64_t>(1, pool.num_threads());
-  std::vector<float> x(UsesPairs<T>(M, w_is_nk) ? 0 : static_cast<size_t>(M) * K);
+  std::vector<float> x(UsesPairs<T>() ? 0 : static_cast<size_t>(M) * K);
   for (size_t i = 0; i < x.size(); ++i) x[i] = widen(x_in[i]);
   switch (M) {
     case 1: return MultiplyRows<1>(pool, parts, x_in, x.data(), w, y, K, N, w_is_nk);
