@@ -30,10 +30,10 @@ class KVCache:
     """Keys and values per layer, plus the sequence index held by each entry.
 
     keys/values[layer]: (batch, entries, num_kv_heads, head_dim); entries is max_length for full
-    layers and the ring size for sliding layers. ``full_index``/``sliding_index``: (batch, entries)
-    int32, shared by all layers of a kind. ``length``: (batch,) the next sequence index to write
-    (leading padding included, trailing padding not). ``next_position``: (batch,) the RoPE position
-    of the next real token.
+    layers and the ring size for sliding layers; `floats` reads them (`stored_dtype`).
+    ``full_index``/``sliding_index``: (batch, entries) int32, shared by all layers of a kind.
+    ``length``: (batch,) the next sequence index to write (leading padding included, trailing padding
+    not). ``next_position``: (batch,) the RoPE position of the next real token.
     """
 
     keys: list[jax.Array]
@@ -42,6 +42,9 @@ class KVCache:
     sliding_index: jax.Array
     length: jax.Array
     next_position: jax.Array
+    empty: bool = dataclasses.field(default=False, metadata=dict(static=True))
+    """Static: the rows a chunk is written to hold nothing yet (see `emptied`). The chunk then attends to
+    its own keys alone and only writes the cache; every cache a forward returns has it False."""
 
     @property
     def batch_size(self) -> int:
@@ -57,13 +60,21 @@ class KVCache:
         shape = lambda n: (batch_size, n, config.num_key_value_heads, config.head_dim)  # noqa: E731
         sizes = [ring if config.is_sliding(i) else max_length for i in range(config.num_hidden_layers)]
         return cls(
-            keys=[jnp.zeros(shape(n), dtype) for n in sizes],
-            values=[jnp.zeros(shape(n), dtype) for n in sizes],
+            keys=[jnp.zeros(shape(n), stored_dtype(dtype)) for n in sizes],
+            values=[jnp.zeros(shape(n), stored_dtype(dtype)) for n in sizes],
             full_index=jnp.full((batch_size, max_length), EMPTY, jnp.int32),
             sliding_index=jnp.full((batch_size, ring), EMPTY, jnp.int32),
             length=jnp.zeros((batch_size,), jnp.int32),
             next_position=jnp.zeros((batch_size,), jnp.int32),
         )
+
+
+def emptied(cache: KVCache) -> KVCache:
+    """``cache`` marked as holding nothing for the rows of the next chunk, for a prefill into a new cache:
+    that prefill then scores its queries against its own keys, not against every (empty) entry of the
+    cache, and reads no cache buffer (at max_length 8192 a write-first prefill scored 8192 keys per query
+    on full layers). Only for a cache that is known to be empty there: its entries would be ignored."""
+    return dataclasses.replace(cache, empty=True)
 
 
 @jax.tree_util.register_dataclass
@@ -92,9 +103,26 @@ def chunk_slots(cache: KVCache, index: jax.Array, valid: jax.Array) -> ChunkSlot
     return ChunkSlots(full=full, sliding=sliding)
 
 
+def stored_dtype(dtype) -> jnp.dtype:
+    """How a cache of ``dtype`` keeps its keys and values: bfloat16 as its bits (uint16) on the CPU backend.
+    XLA's CPU backend has no bfloat16 scatter: it widened every layer's buffers to float32 and back around
+    each write, every step (a third of a batch-8 decode step), and a bitcast of the buffer around the
+    scatter was copied too. Read them with `floats`."""
+    dtype = jnp.dtype(dtype)
+    return jnp.dtype(jnp.uint16) if dtype == jnp.bfloat16 and jax.default_backend() == "cpu" else dtype
+
+
+def floats(buf: jax.Array) -> jax.Array:
+    """A layer's keys or values as numbers (bfloat16 kept as bits: `stored_dtype`); the bitcast fuses into
+    whatever reads them."""
+    return jax.lax.bitcast_convert_type(buf, jnp.bfloat16) if buf.dtype == jnp.uint16 else buf
+
+
 def _scatter(buf: jax.Array, slots: jax.Array, new: jax.Array) -> jax.Array:
     """Write ``new`` at ``slots`` of the buffer's first ``len(slots)`` rows."""
     rows = jnp.arange(slots.shape[0])[:, None]
+    if buf.dtype == jnp.uint16 and new.dtype != jnp.uint16:  # bfloat16 kept as bits
+        new = jax.lax.bitcast_convert_type(new.astype(jnp.bfloat16), jnp.uint16)
     return buf.at[rows, slots].set(new.astype(buf.dtype), mode="drop")
 
 

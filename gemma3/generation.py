@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from gemma3 import cache as kv
+
 CANDIDATES = 256
 """Tokens a filtered draw (top-k, nucleus) sorts: each row's best, found with ``lax.top_k``. A row whose
 filters could keep more falls back to sorting the whole vocabulary (a 262k-token sort costs about
@@ -137,9 +139,10 @@ def _compiled(graphdef):
     """The jitted prefill and decode step of one model structure (the cache is donated)."""
 
     def prefill(state, input_ids, attention_mask, position_ids, cache, extra):
+        """The prompt into a new cache (``prepare_inputs_for_generation``'s)."""
         model = nnx.merge(graphdef, state)
         out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                    past_key_values=cache, logits_to_keep=1, **extra)
+                    past_key_values=kv.emptied(cache), logits_to_keep=1, **extra)
         return out.logits[:, -1], out.past_key_values
 
     decode = functools.partial(_decode_step, graphdef)

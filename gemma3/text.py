@@ -117,7 +117,8 @@ class AttentionContext:
     q_index: (B, T) sequence index of each query. k_index: (B, T) the same for the chunk's own keys,
     EMPTY where the token is padding. blocks: (B, T) image-block id per token (0 = text) or None;
     tokens of one block see each other whatever their order. cache_index / slots: the cache entries'
-    indices and where the chunk is written, or None without a cache. window: sliding window or None.
+    indices and where the chunk is written, or None without a cache (cache_index also with an empty one,
+    `kv.emptied`: the chunk writes it and attends to its own keys). window: sliding window or None.
     write_first: the chunk (a decode step's token, or any chunk when the buffer holds every position)
     writes its keys and values into the cache before attending to the cache alone, and cache_index
     already holds the chunk's entries. A buffer that is only updated in place and then read needs no
@@ -203,9 +204,9 @@ class Gemma3Attention(nnx.Module):
             old_k, old_v = cache_kv
             cache_kv = kv.write_layer(old_k, old_v, ctx.slots, k, v)
             if ctx.write_first:
-                key_sets = [(cache_kv[0][:b], cache_kv[1][:b], ctx.cache_index, None)]
-            else:
-                key_sets.insert(0, (old_k[:b], old_v[:b], ctx.cache_index, None))
+                key_sets = [(kv.floats(cache_kv[0][:b]), kv.floats(cache_kv[1][:b]), ctx.cache_index, None)]
+            elif ctx.cache_index is not None:  # None: the cache held nothing for these rows before the chunk
+                key_sets.insert(0, (kv.floats(old_k[:b]), kv.floats(old_v[:b]), ctx.cache_index, None))
         out, probs = dot_product_attention(q * jnp.asarray(self.scale, q.dtype), key_sets, ctx)
         return self.o_proj(out.reshape(b, t, -1)), cache_kv, probs
 
@@ -301,8 +302,9 @@ class Gemma3TextModel(nnx.Module):
             cache_index = kind_slots = None
             write_first = False
             if cache is not None:
-                cache_index = cache.sliding_index if sliding else cache.full_index
                 kind_slots = slots.sliding if sliding else slots.full
+            if cache is not None and not cache.empty:  # (an empty cache: attention reads the chunk alone)
+                cache_index = cache.sliding_index if sliding else cache.full_index
                 # A chunk can be written before it is read when no entry it overwrites is one of its own
                 # queries still needs: one token, or a buffer holding every position (no ring wraps).
                 # Then attention reads the cache alone, not the cache beside the chunk: a prefill into a

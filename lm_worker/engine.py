@@ -32,6 +32,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from gemma3 import cache as kv
 from gemma3.generation import loop_compiler_options, sample_tokens, step_keys
 
 log = logging.getLogger(__name__)
@@ -563,7 +564,7 @@ def _compile(graphdef, treedef, num_slots: int, max_length: int, n_top: int, max
     def prefill(weights, ids, length, extra, temperature, top_k, top_p, seed, wants_top):
         model = model_of(weights)
         valid = jnp.arange(ids.shape[1])[None, :] < length
-        cache = model.init_cache(1, max_length)
+        cache = kv.emptied(model.init_cache(1, max_length))
         out = model.model(input_ids=ids, attention_mask=valid, past_key_values=cache, **extra)
         last = out.last_hidden_state[:, length - 1]
         logits = model.apply_lm_head(last)

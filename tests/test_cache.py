@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from gemma3 import Gemma3ForCausalLM
-from gemma3.cache import EMPTY
+from gemma3.cache import EMPTY, emptied
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +88,32 @@ def test_right_padded_prefill_then_decode_equals_unpadded(model, forward, step):
         for r, n in enumerate(lengths):
             ref = np.asarray(forward(jnp.asarray(seqs[r][None, :n + t + 1]), jnp.ones((1, n + t + 1), bool)))
             np.testing.assert_allclose(np.asarray(logits[r, 0]), ref[0, -1], atol=1e-5)
+
+
+@pytest.mark.parametrize("max_length", [9, 30])
+def test_a_prefill_into_an_emptied_cache_writes_and_scores_as_a_plain_one(model, forward, step, max_length):
+    """The prefill of generate and of the serving engine: the chunk attends to its own keys alone, and
+    leaves the cache a plain prefill leaves (rings of the window wrapped by 8 tokens; a buffer longer
+    than the chunk, whose plain prefill attends to the whole cache), so decoding goes on alike."""
+    rng = np.random.default_rng(4)
+    ids = jnp.asarray(rng.integers(3, model.config.vocab_size, (2, 8)))
+    mask = jnp.asarray([[True] * 8, [False] * 3 + [True] * 5])  # a left-padded row
+    plain_logits, plain = step(ids, mask, model.init_cache(2, max_length))
+    logits, cache = step(ids, mask, emptied(model.init_cache(2, max_length)))
+    assert not cache.empty
+    real = np.asarray(mask)  # (what padding positions score is nobody's business)
+    np.testing.assert_allclose(np.asarray(logits)[real], np.asarray(plain_logits)[real], atol=1e-5)
+    ref = np.asarray(forward(ids[1:, 3:], jnp.ones((1, 5), bool)))
+    np.testing.assert_allclose(np.asarray(logits[1, 3:]), ref[0], atol=1e-5)
+    for a, b in zip(jax.tree.leaves(cache), jax.tree.leaves(plain)):  # indices exact, keys and values to rounding
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5 if a.dtype == jnp.float32 else 0)
+    nxt = jnp.asarray([[5], [6]])
+    after, _ = step(nxt, jnp.ones((2, 1), bool), cache)
+    plain_after, plain = step(nxt, jnp.ones((2, 1), bool), plain)
+    np.testing.assert_allclose(np.asarray(after), np.asarray(plain_after), atol=1e-5)
+    # what the emptied cache held is never read: over a used cache the prefill scores as over a new one
+    logits, _ = step(ids, mask, emptied(plain))
+    np.testing.assert_allclose(np.asarray(logits)[real], np.asarray(plain_logits)[real], atol=1e-5)
 
 
 def test_padding_is_never_written(model, step):

@@ -214,12 +214,14 @@ engine.stop()
 """
 
 
-def test_decode_loops_gather_embeddings_without_a_float32_copy_of_the_table(tmp_path):
+def test_bfloat16_decode_loops_widen_neither_the_embedding_nor_the_cache(tmp_path):
     """A bfloat16 model's decode loops (generate's and the serving engine's) on the CPU: XLA gathers
     bfloat16 rows from a float32 conversion of the table, and hoisting that conversion out of the loop
-    built a float32 copy of the whole embedding on every call (gemma3.generation.loop_compiler_options).
-    Read from the programs XLA compiled (its HLO dump)."""
+    built a float32 copy of the whole embedding on every call (gemma3.generation.loop_compiler_options);
+    and it has no bfloat16 scatter, so writing a step's keys widened every cache buffer to float32 and
+    back (gemma3.cache.stored_dtype). Read from the programs XLA compiled (its HLO dump)."""
     import os
+    import re
     import subprocess
     import sys
 
@@ -239,3 +241,7 @@ def test_decode_loops_gather_embeddings_without_a_float32_copy_of_the_table(tmp_
         assert "bf16[4096,64]" in text, name  # the table is there, in its own dtype
         # a conversion fused into the gather reads only the gathered rows; one of its own is a new buffer
         assert "= f32[4096,64]{1,0} fusion(" not in text, f"{name} converts the whole embedding table to float32"
+        # the cache's (batch, entries, kv heads, head dim) buffers are written as they are stored (one row:
+        # XLA makes the scatter a dynamic-update-slice)
+        writes = set(re.findall(r"= (\w+)\[\d+,\d+,\d+,\d+\]\S* (?:scatter|dynamic-update-slice)\(", text))
+        assert writes == {"u16"}, f"{name} writes the cache as {writes}, not as bfloat16's bits"
