@@ -144,9 +144,9 @@ def _product_jvp(w_layout, primals, tangents):
     return _product(x, w, w_layout), tangent
 
 
-def rows_matmul(lhs: jax.Array, rhs: jax.Array, dimension_numbers) -> jax.Array:
-    """``dot_general`` of a product that `applies`, accumulated in float32, in lhs's dtype."""
+def rows_matmul(lhs: jax.Array, rhs: jax.Array, dimension_numbers, out_dtype=None) -> jax.Array:
+    """``dot_general`` of a product that `applies`, accumulated in float32, in ``out_dtype`` (lhs's)."""
     (_, contract_r), _ = dimension_numbers
     w_layout = int(contract_r[0])  # 0: rhs is (in, out); 1: rhs is (out, in), the tied embedding
     out = _product(lhs.reshape(-1, lhs.shape[-1]), rhs, w_layout)
-    return out.reshape(*lhs.shape[:-1], rhs.shape[1 - w_layout]).astype(lhs.dtype)
+    return out.reshape(*lhs.shape[:-1], rhs.shape[1 - w_layout]).astype(out_dtype or lhs.dtype)

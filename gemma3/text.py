@@ -37,14 +37,15 @@ def float32_precision(*operands) -> jax.lax.Precision | None:
 def accumulating_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
                              out_sharding=None):
     """``lax.dot_general`` whose low-precision (bfloat16) products accumulate in float32 and come back in
-    the operands' dtype: better numerics, and XLA's CPU backend then runs them as fast library kernels
-    instead of slow loops. On the CPU backend, decode-sized products (up to 8 rows) run in our own kernel
-    (`gemma3.cpu_kernels`), which reads the weights at memory speed, and so do bfloat16 ones of any size
-    where the CPU multiplies bfloat16 pairs; elsewhere, on CPU and GPU, a one-row
+    the operands' dtype (or ``preferred_element_type``): better numerics, and XLA's CPU backend then runs
+    them as fast library kernels instead of slow loops. On the CPU backend, decode-sized products (up to 8
+    rows) run in our own kernel (`gemma3.cpu_kernels`), which reads the weights at memory speed, and so do
+    bfloat16 ones of any size where the CPU multiplies bfloat16 pairs; elsewhere, on CPU and GPU, a one-row
     bfloat16 product is padded to two, XLA's fast path (on an H200 XLA runs one row as a slow reduction;
     bench/RESULTS.md has the measurements). Float32 operands are otherwise multiplied as before."""
+    out_dtype = preferred_element_type or lhs.dtype
     if cpu_kernels.applies(lhs, rhs, dimension_numbers):
-        return cpu_kernels.rows_matmul(lhs, rhs, dimension_numbers)
+        return cpu_kernels.rows_matmul(lhs, rhs, dimension_numbers, out_dtype)
     if lhs.dtype == jnp.float32 and rhs.dtype == jnp.float32:
         return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision or float32_precision(lhs, rhs),
                                    preferred_element_type=preferred_element_type)
@@ -54,19 +55,20 @@ def accumulating_dot_general(lhs, rhs, dimension_numbers, precision=None, prefer
     if not one_row:
         out = jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                                   preferred_element_type=jnp.float32)
-        return out.astype(lhs.dtype)
+        return out.astype(out_dtype)
     row = lhs.reshape(1, lhs.shape[-1])
     two = jnp.concatenate([row, jnp.zeros_like(row)])
     out = jax.lax.dot_general(two, rhs, (((1,), tuple(contract_r)), ((), ())), precision=precision,
                               preferred_element_type=jnp.float32)[:1]
     free = [d for i, d in enumerate(rhs.shape) if i not in tuple(contract_r)]
-    return out.reshape(*lhs.shape[:-1], *free).astype(lhs.dtype)
+    return out.reshape(*lhs.shape[:-1], *free).astype(out_dtype)
 
 
-def _linear(n_in: int, n_out: int, dtype, rngs: nnx.Rngs) -> nnx.Linear:
+def _linear(n_in: int, n_out: int, dtype, rngs: nnx.Rngs, out_dtype=None) -> nnx.Linear:
+    """A bias-free projection in ``dtype``; its result in ``out_dtype`` (default: ``dtype``)."""
     init = nnx.initializers.normal(0.02)
     return nnx.Linear(n_in, n_out, use_bias=False, dtype=dtype, param_dtype=dtype, kernel_init=init, rngs=rngs,
-                      dot_general=accumulating_dot_general)
+                      dot_general=accumulating_dot_general, preferred_element_type=out_dtype)
 
 
 class Gemma3RMSNorm(nnx.Module):
@@ -83,11 +85,13 @@ class Gemma3RMSNorm(nnx.Module):
 
 
 class Gemma3MLP(nnx.Module):
-    """GeGLU: ``down(gelu_tanh(gate(x)) * up(x))``."""
+    """GeGLU: ``down(gelu_tanh(gate(x)) * up(x))``. Gate and up come back in float32 (their float32 sums
+    unrounded), so the GeGLU runs in float32 and rounds once: in bfloat16 XLA's CPU backend widened and
+    rounded every step of it, 3x slower (6% of a 1b prefill)."""
 
     def __init__(self, config: Gemma3TextConfig, *, dtype, rngs: nnx.Rngs):
-        self.gate_proj = _linear(config.hidden_size, config.intermediate_size, dtype, rngs)
-        self.up_proj = _linear(config.hidden_size, config.intermediate_size, dtype, rngs)
+        self.gate_proj = _linear(config.hidden_size, config.intermediate_size, dtype, rngs, out_dtype=jnp.float32)
+        self.up_proj = _linear(config.hidden_size, config.intermediate_size, dtype, rngs, out_dtype=jnp.float32)
         self.down_proj = _linear(config.intermediate_size, config.hidden_size, dtype, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
