@@ -166,19 +166,22 @@ def dot_product_attention(q, key_sets, ctx: AttentionContext):
     b, t, n, h = q.shape
     n_kv = key_sets[0][0].shape[2]
     qg = q.reshape(b, t, n_kv, n // n_kv, h)
+    # Scores as (B, K, T, G, S): with one key-value head (gemma-3-270m and 1b) the queries are already
+    # (B, T*G, H) rows and the output comes back as (B, T, N, H), so neither needs a transposed copy
+    # (with G before T, XLA's CPU backend copied q, the probabilities and the output every layer).
     scores = []
     for k, _, k_index, k_blocks in key_sets:
-        s = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k, preferred_element_type=jnp.float32,
+        s = jnp.einsum("BTKGH,BSKH->BKTGS", qg, k, preferred_element_type=jnp.float32,
                        precision=float32_precision(qg, k))
         mask = visibility_mask(ctx.q_index, k_index, ctx.window, ctx.blocks, k_blocks)
-        scores.append(jnp.where(mask[:, None, None], s, _MASKED))
+        scores.append(jnp.where(mask[:, None, :, None], s, _MASKED))
     probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1)
     out, start = 0.0, 0
     for k, v, _, _ in key_sets:
         p = probs[..., start:start + k.shape[1]].astype(v.dtype)
-        out = out + jnp.einsum("BKGTS,BSKH->BTKGH", p, v, precision=float32_precision(p, v))
+        out = out + jnp.einsum("BKTGS,BSKH->BTKGH", p, v, precision=float32_precision(p, v))
         start += k.shape[1]
-    return out.reshape(b, t, n, h).astype(q.dtype), probs.reshape(b, n, t, -1)
+    return out.reshape(b, t, n, h).astype(q.dtype), probs.transpose(0, 1, 3, 2, 4).reshape(b, n, t, -1)
 
 
 class Gemma3Attention(nnx.Module):
