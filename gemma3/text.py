@@ -314,8 +314,8 @@ class Gemma3TextModel(nnx.Module):
                 cache_index = cache.sliding_index if sliding else cache.full_index
                 # A chunk can be written before it is read when no entry it overwrites is one of its own
                 # queries still needs: one token, or a buffer holding every position (no ring wraps).
-                # Then attention reads the cache alone, not the cache beside the chunk: a prefill into a
-                # fresh cache scored every query against all its empty entries as well.
+                # Then attention reads the cache alone, not the cache beside the chunk (a prefill into a
+                # new cache, `kv.emptied`, reads no cache at all).
                 holds_all = cache_index.shape[1] >= cache.full_index.shape[1]
                 write_first = image_blocks is None and (t == 1 or holds_all)
                 cache_index = kv.scatter_rows(cache_index, kind_slots, k_index) if write_first else cache_index[:b]

@@ -487,6 +487,19 @@ constexpr bool UsesPairs() {
 #endif
 }
 
+// y (M x N) = the sum of the parts' accumulators (parts x M x N, from loops that split the weight rows),
+// whose columns below N's last multiple of `block` lie in `order` within each block (no order: in order).
+void AddParts(const std::vector<float>& acc, int64_t parts, int64_t M, int64_t N, float* y,
+              const int* order = nullptr, int64_t block = 1) {
+  const int64_t n_main = order ? N / block * block : 0;
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < N; ++n) {
+      float s = 0.f;
+      for (int64_t i = 0; i < parts; ++i) s += acc[(i * M + m) * N + n];
+      y[m * N + (n < n_main ? n - n % block + order[n % block] : n)] = s;
+    }
+}
+
 template <int M, typename T>
 void MultiplyRows(ffi::ThreadPool& pool, int64_t parts, const T* x_in, const float* x, const T* w, float* y,
                   int64_t K, int64_t N, bool w_is_nk) {
@@ -503,13 +516,7 @@ void MultiplyRows(ffi::ThreadPool& pool, int64_t parts, const T* x_in, const flo
       RowsKNStream<M>(x_in, w, acc.data() + i * M * N, K, N, std::min(K, pairs * i / parts * 2),
                       std::min(K, pairs * (i + 1) / parts * 2));
     });
-    const int64_t n_main = N / 32 * 32;
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t n = 0; n < N; ++n) {
-        float s = 0.f;
-        for (int64_t i = 0; i < parts; ++i) s += acc[(i * M + m) * N + n];
-        y[m * N + (n < n_main ? n - n % 32 + kPairOrder[n % 32] : n)] = s;
-      }
+    AddParts(acc, parts, M, N, y, kPairOrder, 32);
     return;
   }
 #endif
@@ -528,28 +535,18 @@ void MultiplyRows(ffi::ThreadPool& pool, int64_t parts, const T* x_in, const flo
     RunParts(pool, parts, [&](int64_t i) {
       RowsKNSum<M>(x, w, acc.data() + i * M * N, K, N, K * i / parts, K * (i + 1) / parts);
     });
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t n = 0; n < N; ++n) {
-        float s = 0.f;
-        for (int64_t i = 0; i < parts; ++i) s += acc[(i * M + m) * N + n];
-        y[m * N + n] = s;
-      }
+    AddParts(acc, parts, M, N, y);
   } else if (M > 1) {  // column blocks of 8 per part
     const int64_t blocks = (N + 7) / 8;
     RunParts(pool, parts, [&](int64_t i) {
       RowsKN<M>(x, w, y, K, N, std::min(N, blocks * i / parts * 8), std::min(N, blocks * (i + 1) / parts * 8));
     });
-  } else {  // one row: each part sums its own block of weight rows into its own accumulator, added after;
-            // bfloat16 accumulators hold their first N / 16 * 16 columns in load16's lane order
+  } else {  // one bfloat16 row: each part sums its own block of weight rows into its own accumulator, added
+            // after; the accumulators hold their first N / 16 * 16 columns in load16's lane order
     std::vector<float> acc(static_cast<size_t>(parts) * N, 0.f);
     RunParts(pool, parts,
              [&](int64_t i) { RowKN(x, w, acc.data() + i * N, N, K * i / parts, K * (i + 1) / parts); });
-    const int64_t n_main = std::is_same_v<T, uint16_t> ? N / 16 * 16 : 0;
-    for (int64_t n = 0; n < N; ++n) {
-      float s = 0.f;
-      for (int64_t i = 0; i < parts; ++i) s += acc[i * N + n];
-      y[n < n_main ? n - n % 16 + kOrder[n % 16] : n] = s;
-    }
+    AddParts(acc, parts, 1, N, y, kOrder, 16);
   }
 }
 
