@@ -138,6 +138,8 @@ class AttentionContext:
     slots: jax.Array | None
     window: int | None = dataclasses.field(metadata=dict(static=True), default=None)
     write_first: bool = dataclasses.field(metadata=dict(static=True), default=False)
+    probabilities: bool = dataclasses.field(metadata=dict(static=True), default=False)
+    """Whether the layers return their attention probabilities (output_attentions)."""
 
 
 def visibility_mask(q_index, k_index, window, q_blocks=None, k_blocks=None) -> jax.Array:
@@ -210,6 +212,11 @@ class Gemma3Attention(nnx.Module):
         if cache_kv is not None:
             old_k, old_v = cache_kv
             cache_kv = kv.write_layer(old_k, old_v, ctx.slots, k, v)
+            if ctx.write_first and not ctx.probabilities and cpu_kernels.attention_applies(q, cache_kv[0]):
+                # a decode step on the CPU: the kernel reads the cache in place (XLA's dots copied it)
+                visible = visibility_mask(ctx.q_index, ctx.cache_index, ctx.window)
+                out = cpu_kernels.decode_attention(q * jnp.asarray(self.scale, q.dtype), *cache_kv, visible)
+                return self.o_proj(out.astype(q.dtype).reshape(b, t, -1)), cache_kv, None
             if ctx.write_first:
                 key_sets = [(kv.floats(cache_kv[0][:b]), kv.floats(cache_kv[1][:b]), ctx.cache_index, None)]
             elif ctx.cache_index is not None:  # None: the cache held nothing for these rows before the chunk
@@ -322,6 +329,7 @@ class Gemma3TextModel(nnx.Module):
             ctx[kind] = AttentionContext(
                 cos=cos, sin=sin, q_index=index, k_index=k_index, blocks=image_blocks, cache_index=cache_index,
                 slots=kind_slots, window=self.config.sliding_window if sliding else None, write_first=write_first,
+                probabilities=output_attentions,
             )
 
         hidden_states, attentions, new_k, new_v = [], [], [], []

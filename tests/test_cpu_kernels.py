@@ -113,3 +113,46 @@ def test_portable_bfloat16_loops_where_the_cpu_has_pair_products(tmp_path):
                                "GEMMA3_KERNEL_FLAGS": "-mno-avx512bf16"})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     assert "7 passed" in done.stdout  # the build and the six bfloat16 product cases
+
+
+def _attention64(q, keys, values, visible):
+    """softmax(q k^T, masked with float32's lowest as the einsum path masks) v in float64, per kv head."""
+    b, t, n, h = q.shape
+    kh = keys.shape[2]
+    k64 = np.asarray(jnp.asarray(keys).view(jnp.bfloat16) if keys.dtype == jnp.uint16 else keys, np.float64)[:b]
+    v64 = np.asarray(jnp.asarray(values).view(jnp.bfloat16) if values.dtype == jnp.uint16 else values,
+                     np.float64)[:b]
+    qg = np.asarray(q, np.float64).reshape(b, t, kh, n // kh, h)
+    s = np.einsum("btkgh,bskh->btkgs", qg, k64)
+    s = np.where(np.asarray(visible)[:, :, None, None, :], s, np.finfo(np.float32).min)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return np.einsum("btkgs,bskh->btkgh", p, v64).reshape(b, t, n, h)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "uint16"])  # uint16: a bfloat16 cache as its bits
+@pytest.mark.parametrize("b,rows,t,n,kh,s,h", [
+    (1, 1, 1, 4, 1, 256, 256),  # gemma-3-270m/1b decode: 4 heads over one kv head, entries split in two
+    (3, 5, 2, 8, 2, 37, 20),  # rows of the cache beyond the batch, two tokens, odd entry count and depth
+    (2, 2, 1, 16, 4, 9, 64),  # more (row, kv head) pairs than threads
+    (1, 1, 8, 12, 1, 700, 16),  # 96 query rows: groups of eight and a rest
+])
+def test_decode_attention_matches_float64(dtype, b, rows, t, n, kh, s, h):
+    """Scores, mask, softmax and values in the kernel against float64; a fully masked query row averages
+    every entry (as the einsum path's softmax over equal masked scores does)."""
+    rng = np.random.default_rng(b * 1000 + s)
+    q = jnp.asarray(rng.standard_normal((b, t, n, h)) / np.sqrt(h), jnp.float32)
+    store = jnp.bfloat16 if dtype != "float32" else jnp.float32
+    keys = jnp.asarray(rng.standard_normal((rows, s, kh, h)), store)
+    values = jnp.asarray(rng.standard_normal((rows, s, kh, h)), store)
+    if dtype == "uint16":
+        keys, values = keys.view(jnp.uint16), values.view(jnp.uint16)
+    if dtype != "float32":
+        q = q.astype(jnp.bfloat16).astype(jnp.float32)  # a bfloat16 model's queries
+    visible = rng.random((b, t, s)) < 0.7
+    visible[0, 0, :] = False
+    got = np.asarray(jax.jit(cpu_kernels.decode_attention)(q, keys, values, jnp.asarray(visible)))
+    want = _attention64(q, keys, values, visible)
+    assert got.shape == want.shape == (b, t, n, h)
+    tol = 1e-5 if dtype == "float32" else 8e-3  # bfloat16: the probabilities are rounded, as the einsum path does
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol * np.abs(want).max())

@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -116,23 +117,25 @@ void RowKN(const float* x, const uint16_t* w, float* acc, int64_t N, int64_t k0,
   }
 }
 
-// M rows (1..8) of float32 x against float32 (K, N) weights, weight rows k0..k1, summed into acc (M x N)
-// while the weights stream through once, in order, R rows at a time (RowsKNStream's scheme, eight lanes).
-// Column blocks walking down the weight rows read 12-19 GB/s at 2-8 rows; this reads 25-30.
-template <int M, int R = 8>  // R even
-void RowsKNSum(const float* x, const float* w, float* acc, int64_t K, int64_t N, int64_t k0, int64_t k1) {
+// M rows (1..8) of float32 x against (K, N) weights (float32, or bfloat16 widened: attention's values),
+// weight rows k0..k1 at ldw apart, summed into acc (M x N) while the weights stream through once, in order,
+// R rows at a time (RowsKNStream's scheme, eight lanes). Column blocks walking down the weight rows read
+// 12-19 GB/s at 2-8 rows; this reads 25-30.
+template <int M, int R = 8, typename T = float>  // R even
+void RowsKNSum(const float* x, const T* w, float* acc, int64_t K, int64_t N, int64_t k0, int64_t k1,
+               int64_t ldw) {
   const int64_t n_main = N / 8 * 8;
   for (int64_t k = k0; k < k1; k += R) {
     const int rows = static_cast<int>(std::min<int64_t>(R, k1 - k));
     float xs[M][R];  // zeros past k1
     for (int m = 0; m < M; ++m)
       for (int i = 0; i < R; ++i) xs[m][i] = i < rows ? x[m * K + k + i] : 0.f;
-    const float* r[R];  // rows past k1 read row k, times a zero of x
-    for (int i = 0; i < R; ++i) r[i] = w + (k + (i < rows ? i : 0)) * N;
+    const T* r[R];  // rows past k1 read row k, times a zero of x
+    for (int i = 0; i < R; ++i) r[i] = w + (k + (i < rows ? i : 0)) * ldw;
     const bool ahead = k + 2 * R <= k1;
     for (int64_t n = 0; n < n_main; n += 8) {
       if (ahead && n % 16 == 0) {  // the next pass's rows, to L2, a 64-byte line per row
-        _Pragma("GCC unroll 8") for (int i = R; i < 2 * R; ++i) __builtin_prefetch(w + (k + i) * N + n, 0, 2);
+        _Pragma("GCC unroll 8") for (int i = R; i < 2 * R; ++i) __builtin_prefetch(w + (k + i) * ldw + n, 0, 2);
       }
       f8 wv[R];
       _Pragma("GCC unroll 8") for (int i = 0; i < R; ++i) wv[i] = load8(r[i] + n);
@@ -148,7 +151,7 @@ void RowsKNSum(const float* x, const float* w, float* acc, int64_t K, int64_t N,
     for (int64_t n = n_main; n < N; ++n)
       for (int m = 0; m < M; ++m) {
         float s = acc[m * N + n];
-        for (int i = 0; i < rows; ++i) s += xs[m][i] * r[i][n];
+        for (int i = 0; i < rows; ++i) s += xs[m][i] * widen(r[i][n]);
         acc[m * N + n] = s;
       }
   }
@@ -195,24 +198,25 @@ void RowsKN(const float* x, const T* w, float* y, int64_t K, int64_t N, int64_t 
   }
 }
 
-// M rows (1..8), float32 (N, K) weights, rows n0..n1: y[m, n] = <x[m, :], w[n, :]>, W weight rows at a
-// time (adjacent, so one stream; the next W prefetched) sharing each load of x: at eight rows x (37 KB for
-// the 1b model) no longer fits L1 beside the stream, and one weight row at a time read the head at 11 GB/s.
-// The summation order is fixed, so results do not depend on the thread split.
-template <int M, int W = SharedRows(M)>
-void RowsNK(const float* x, const float* w, float* y, int64_t K, int64_t N, int64_t n0, int64_t n1) {
+// M rows (1..8), (N, K) weights (float32, or bfloat16 widened: attention's keys) at ldw apart, rows n0..n1:
+// y[m, n] = <x[m, :], w[n, :]>, W weight rows at a time (adjacent, so one stream; the next W prefetched)
+// sharing each load of x: at eight rows x (37 KB for the 1b model) no longer fits L1 beside the stream, and
+// one weight row at a time read the head at 11 GB/s. The summation order is fixed, so results do not
+// depend on the thread split.
+template <int M, int W = SharedRows(M), typename T = float>
+void RowsNK(const float* x, const T* w, float* y, int64_t K, int64_t N, int64_t n0, int64_t n1, int64_t ldw) {
   const int64_t k_main = K / 8 * 8;
   int64_t n = n0;
   for (; n + W <= n1; n += W) {
-    const float* __restrict row = w + n * K;
+    const T* __restrict row = w + n * ldw;
     f8 acc[M][W] = {};
     const bool ahead = n + 2 * W <= n1;
     for (int64_t k = 0; k < k_main; k += 8) {
       if (ahead && k % 16 == 0) {  // the next W rows, to L2, a 64-byte line per row
-        _Pragma("GCC unroll 4") for (int r = W; r < 2 * W; ++r) __builtin_prefetch(row + r * K + k, 0, 2);
+        _Pragma("GCC unroll 4") for (int r = W; r < 2 * W; ++r) __builtin_prefetch(row + r * ldw + k, 0, 2);
       }
       f8 wv[W];
-      _Pragma("GCC unroll 4") for (int r = 0; r < W; ++r) wv[r] = load8(row + r * K + k);
+      _Pragma("GCC unroll 4") for (int r = 0; r < W; ++r) wv[r] = load8(row + r * ldw + k);
       _Pragma("GCC unroll 8") for (int m = 0; m < M; ++m) {
         const f8 xv = load8(x + m * K + k);
         _Pragma("GCC unroll 4") for (int r = 0; r < W; ++r) acc[m][r] += xv * wv[r];
@@ -221,11 +225,11 @@ void RowsNK(const float* x, const float* w, float* y, int64_t K, int64_t N, int6
     for (int m = 0; m < M; ++m)
       for (int r = 0; r < W; ++r) {
         float s = sum8(acc[m][r]);
-        for (int64_t k = k_main; k < K; ++k) s += x[m * K + k] * row[r * K + k];
+        for (int64_t k = k_main; k < K; ++k) s += x[m * K + k] * widen(row[r * ldw + k]);
         y[m * N + n + r] = s;
       }
   }
-  if (n < n1) RowsNK<M, 1>(x, w, y, K, N, n, n1);  // the last rows of the part, one at a time
+  if (n < n1) RowsNK<M, 1>(x, w, y, K, N, n, n1, ldw);  // the last rows of the part, one at a time
 }
 
 // RowsNK for bfloat16 weights: sixteen at a time through load16, against x in the same lane order
@@ -500,6 +504,21 @@ void AddParts(const std::vector<float>& acc, int64_t parts, int64_t M, int64_t N
     }
 }
 
+// f(std::integral_constant<int, m>) for m rows (1..8), so that loops can be compiled for each row count.
+template <typename F>
+void WithRows(int64_t m, const F& f) {
+  switch (m) {
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    case 5: return f(std::integral_constant<int, 5>{});
+    case 6: return f(std::integral_constant<int, 6>{});
+    case 7: return f(std::integral_constant<int, 7>{});
+    default: return f(std::integral_constant<int, 8>{});
+  }
+}
+
 template <int M, typename T>
 void MultiplyRows(ffi::ThreadPool& pool, int64_t parts, const T* x_in, const float* x, const T* w, float* y,
                   int64_t K, int64_t N, bool w_is_nk) {
@@ -527,13 +546,13 @@ void MultiplyRows(ffi::ThreadPool& pool, int64_t parts, const T* x_in, const flo
       RunParts(pool, parts,
                [&](int64_t i) { RowsNK<M>(x, xi.data(), w, y, K, N, N * i / parts, N * (i + 1) / parts); });
     } else {
-      RunParts(pool, parts, [&](int64_t i) { RowsNK<M>(x, w, y, K, N, N * i / parts, N * (i + 1) / parts); });
+      RunParts(pool, parts, [&](int64_t i) { RowsNK<M>(x, w, y, K, N, N * i / parts, N * (i + 1) / parts, K); });
     }
   } else if constexpr (std::is_same_v<T, float>) {
     // each part sums its own block of weight rows into its own acc, added after
     std::vector<float> acc(static_cast<size_t>(parts) * M * N, 0.f);
     RunParts(pool, parts, [&](int64_t i) {
-      RowsKNSum<M>(x, w, acc.data() + i * M * N, K, N, K * i / parts, K * (i + 1) / parts);
+      RowsKNSum<M>(x, w, acc.data() + i * M * N, K, N, K * i / parts, K * (i + 1) / parts, N);
     });
     AddParts(acc, parts, M, N, y);
   } else if (M > 1) {  // column blocks of 8 per part
@@ -560,15 +579,150 @@ void Multiply(ffi::ThreadPool& pool, const T* x_in, const T* w, float* y, int64_
   const int64_t parts = bytes < (256 << 10) ? 1 : std::max<int64_t>(1, pool.num_threads());
   std::vector<float> x(UsesPairs<T>() ? 0 : static_cast<size_t>(M) * K);
   for (size_t i = 0; i < x.size(); ++i) x[i] = widen(x_in[i]);
-  switch (M) {
-    case 1: return MultiplyRows<1>(pool, parts, x_in, x.data(), w, y, K, N, w_is_nk);
-    case 2: return MultiplyRows<2>(pool, parts, x_in, x.data(), w, y, K, N, w_is_nk);
-    case 3: return MultiplyRows<3>(pool, parts, x_in, x.data(), w, y, K, N, w_is_nk);
-    case 4: return MultiplyRows<4>(pool, parts, x_in, x.data(), w, y, K, N, w_is_nk);
-    case 5: return MultiplyRows<5>(pool, parts, x_in, x.data(), w, y, K, N, w_is_nk);
-    case 6: return MultiplyRows<6>(pool, parts, x_in, x.data(), w, y, K, N, w_is_nk);
-    case 7: return MultiplyRows<7>(pool, parts, x_in, x.data(), w, y, K, N, w_is_nk);
-    default: return MultiplyRows<8>(pool, parts, x_in, x.data(), w, y, K, N, w_is_nk);
+  WithRows(M, [&](auto rows) { MultiplyRows<rows()>(pool, parts, x_in, x.data(), w, y, K, N, w_is_nk); });
+}
+
+// Attention of a decode step's few queries over the cache (write-first: the step's keys are already in it).
+// Why: XLA's CPU backend multiplied the scores and values as library dots that want their operands in
+// another layout, so every layer copied its whole key and value cache transposed each step (4% of a 270m
+// float32 step at 256 entries, more at longer contexts). Here each (row, kv head) reads its keys and values
+// once, in place: scores q.k for every entry (RowsNK), the visibility mask and a float32 softmax, then the
+// probabilities times the values (RowsKNSum). With few (row, kv head) pairs the entries are split between
+// the threads. Probabilities are rounded to bfloat16 before multiplying bfloat16 values, as the einsum path
+// rounds them.
+//   q (B, T, N, H) float32, already scaled; keys, values (Bc >= B, S, Kh, H) float32 or bfloat16 bits;
+//   visible (B, T, S); out (B, T, N, H) float32.
+typedef int32_t i8v __attribute__((vector_size(32)));
+// exp(x) for x <= 0 (a softmax's x - max), eight at a time: 2^n e^r with |r| <= ln 2 / 2 and Cephes' degree-6
+// polynomial (1-2 ulp against std::exp); 0 below float32's smallest normal exp (x < -87.3).
+inline f8 Exp8(f8 x) {
+  const f8 low = {-87.3f, -87.3f, -87.3f, -87.3f, -87.3f, -87.3f, -87.3f, -87.3f};
+  const i8v under = x < low;
+  x = x < low ? low : x;
+  f8 n = x * 1.44269504088896341f + 0.5f;
+  const f8 t = __builtin_convertvector(__builtin_convertvector(n, i8v), f8);  // truncated: floor for n > t
+  n = t > n ? t - 1.f : t;
+  x -= n * 0.693359375f;
+  x -= n * -2.12194440e-4f;
+  f8 y = 1.9875691500e-4f * x + 1.3981999507e-3f;
+  y = y * x + 8.3334519073e-3f;
+  y = y * x + 4.1665795894e-2f;
+  y = y * x + 1.6666665459e-1f;
+  y = y * x + 5.0000001201e-1f;
+  y = y * (x * x) + x + 1.f;
+  const i8v scale = (__builtin_convertvector(n, i8v) + 127) << 23;
+  f8 two_n;
+  std::memcpy(&two_n, &scale, sizeof two_n);
+  y *= two_n;
+  return under ? f8{} : y;
+}
+
+inline float RoundToBfloat16(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof bits);
+  bits = (bits + 0x7fffu + ((bits >> 16) & 1u)) & 0xffff0000u;  // nearest, ties to even (f is finite)
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+template <typename T>
+void Attend(ffi::ThreadPool& pool, const float* q, const T* keys, const T* values, const bool* visible,
+            float* out, int64_t B, int64_t Tq, int64_t N, int64_t H, int64_t S, int64_t Kh) {
+  const int64_t G = N / Kh, R = Tq * G, units = B * Kh, ld = Kh * H;
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  // Split each pair's entries between the threads when there are fewer pairs than threads and enough to read.
+  const bool big = static_cast<size_t>(units) * 2 * S * H * sizeof(T) >= (256 << 10);
+  const int64_t splits = units < threads && big ? std::min<int64_t>((threads + units - 1) / units, S) : 1;
+  const int64_t parts = units * splits;
+  std::vector<float> rows(static_cast<size_t>(units) * R * H), p(static_cast<size_t>(units) * R * S);
+  for (int64_t u = 0; u < units; ++u)  // the pair's query rows (t, g), contiguous
+    for (int64_t t = 0; t < Tq; ++t)
+      std::memcpy(rows.data() + (u * R + t * G) * H, q + ((u / Kh * Tq + t) * N + u % Kh * G) * H,
+                  sizeof(float) * G * H);
+  auto entries = [&](int64_t i, int64_t& s0, int64_t& s1) {
+    s0 = S * (i % splits) / splits;
+    s1 = S * (i % splits + 1) / splits;
+  };
+  auto base = [&](int64_t u) { return (u / Kh * S * Kh + u % Kh) * H; };  // entry 0 of the pair's head
+  RunParts(pool, parts, [&](int64_t i) {
+    const int64_t u = i / splits;
+    int64_t s0, s1;
+    entries(i, s0, s1);
+    for (int64_t r = 0; r < R; r += kMaxRows)
+      WithRows(std::min(kMaxRows, R - r), [&](auto m) {
+        RowsNK<m()>(rows.data() + (u * R + r) * H, keys + base(u), p.data() + (u * R + r) * S, H, S, s0, s1, ld);
+      });
+  });
+  constexpr float kMasked = -3.4028234663852886e38f;  // float32's lowest, as the einsum path masks
+  for (int64_t u = 0; u < units; ++u)
+    for (int64_t r = 0; r < R; ++r) {
+      float* row = p.data() + (u * R + r) * S;
+      const bool* seen = visible + (u / Kh * Tq + r / G) * S;
+      float top = kMasked;
+      for (int64_t s = 0; s < S; ++s) top = std::max(top, row[s] = seen[s] ? row[s] : kMasked);
+      const int64_t s_main = S / 8 * 8;
+      f8 sums = {};
+      for (int64_t s = 0; s < s_main; s += 8) {
+        const f8 e = Exp8(load8(row + s) - top);
+        store8(row + s, e);
+        sums += e;
+      }
+      float total = sum8(sums);
+      for (int64_t s = s_main; s < S; ++s) total += row[s] = std::exp(row[s] - top);
+      for (int64_t s = 0; s < S; ++s) {
+        row[s] /= total;
+        if constexpr (std::is_same_v<T, uint16_t>) row[s] = RoundToBfloat16(row[s]);
+      }
+    }
+  std::vector<float> acc(static_cast<size_t>(parts) * R * H, 0.f);
+  RunParts(pool, parts, [&](int64_t i) {
+    const int64_t u = i / splits;
+    int64_t s0, s1;
+    entries(i, s0, s1);
+    for (int64_t r = 0; r < R; r += kMaxRows)
+      WithRows(std::min(kMaxRows, R - r), [&](auto m) {
+        RowsKNSum<m()>(p.data() + (u * R + r) * S, values + base(u), acc.data() + (i * R + r) * H, S, H, s0, s1,
+                       ld);
+      });
+  });
+  for (int64_t u = 0; u < units; ++u)
+    for (int64_t r = 0; r < R; ++r) {
+      float* o = out + ((u / Kh * Tq + r / G) * N + u % Kh * G + r % G) * H;
+      for (int64_t h = 0; h < H; ++h) {
+        float s = 0.f;
+        for (int64_t i = u * splits; i < (u + 1) * splits; ++i) s += acc[(i * R + r) * H + h];
+        o[h] = s;
+      }
+    }
+}
+
+ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer keys, ffi::AnyBuffer values,
+                           ffi::Buffer<ffi::PRED> visible, ffi::Result<ffi::Buffer<ffi::F32>> out) {
+  auto qd = q.dimensions();
+  auto kd = keys.dimensions();
+  auto md = visible.dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || md.size() != 3)
+    return ffi::Error::InvalidArgument("decode_attention: q, keys and values must be 4-D, visible 3-D");
+  const int64_t B = qd[0], Tq = qd[1], N = qd[2], H = qd[3], S = kd[1], Kh = kd[2];
+  if (values.dimensions().size() != 4 || !std::equal(kd.begin(), kd.end(), values.dimensions().begin()) ||
+      kd[0] < B || kd[3] != H || Kh < 1 || N % Kh != 0 || md[0] != B || md[1] != Tq || md[2] != S)
+    return ffi::Error::InvalidArgument("decode_attention: shapes do not match");
+  if (keys.element_type() != values.element_type())
+    return ffi::Error::InvalidArgument("decode_attention: keys and values must share a dtype");
+  switch (keys.element_type()) {
+    case ffi::DataType::F32:
+      Attend(pool, q.typed_data(), static_cast<const float*>(keys.untyped_data()),
+             static_cast<const float*>(values.untyped_data()), visible.typed_data(), out->typed_data(), B, Tq, N,
+             H, S, Kh);
+      return ffi::Error::Success();
+    case ffi::DataType::BF16:
+    case ffi::DataType::U16:  // a bfloat16 cache kept as its bits (gemma3/cache.py)
+      Attend(pool, q.typed_data(), static_cast<const uint16_t*>(keys.untyped_data()),
+             static_cast<const uint16_t*>(values.untyped_data()), visible.typed_data(), out->typed_data(), B, Tq,
+             N, H, S, Kh);
+      return ffi::Error::Success();
+    default:
+      return ffi::Error::InvalidArgument("decode_attention: keys must be float32 or bfloat16");
   }
 }
 
@@ -632,3 +786,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Gemma3RowsMatmul, RowsMatmul,
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("w_layout"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Gemma3DecodeAttention, DecodeAttention,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
