@@ -14,6 +14,7 @@ needs more than the window.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -57,16 +58,28 @@ class KVCache:
     @classmethod
     def init(cls, config: Gemma3TextConfig, batch_size: int, max_length: int, dtype=jnp.float32) -> KVCache:
         ring = min(config.sliding_window or max_length, max_length)
-        shape = lambda n: (batch_size, n, config.num_key_value_heads, config.head_dim)  # noqa: E731
-        sizes = [ring if config.is_sliding(i) else max_length for i in range(config.num_hidden_layers)]
+        sizes = tuple(ring if config.is_sliding(i) else max_length for i in range(config.num_hidden_layers))
+        make = _maker(cls, sizes, batch_size, config.num_key_value_heads, config.head_dim, stored_dtype(dtype),
+                      max_length, ring)
+        return make()
+
+
+@functools.lru_cache(maxsize=64)
+def _maker(cls, sizes: tuple, batch_size: int, kv_heads: int, head_dim: int, dtype, max_length: int, ring: int):
+    """A new cache's buffers from one compiled program: eager jnp.zeros and jnp.full would compile one per
+    shape, and XLA's CPU client keeps about 1.2 MB per compiled program."""
+    def make() -> KVCache:
+        shape = lambda n: (batch_size, n, kv_heads, head_dim)  # noqa: E731
         return cls(
-            keys=[jnp.zeros(shape(n), stored_dtype(dtype)) for n in sizes],
-            values=[jnp.zeros(shape(n), stored_dtype(dtype)) for n in sizes],
+            keys=[jnp.zeros(shape(n), dtype) for n in sizes],
+            values=[jnp.zeros(shape(n), dtype) for n in sizes],
             full_index=jnp.full((batch_size, max_length), EMPTY, jnp.int32),
             sliding_index=jnp.full((batch_size, ring), EMPTY, jnp.int32),
             length=jnp.zeros((batch_size,), jnp.int32),
             next_position=jnp.zeros((batch_size,), jnp.int32),
         )
+
+    return jax.jit(make)
 
 
 def emptied(cache: KVCache) -> KVCache:

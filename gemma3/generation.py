@@ -224,8 +224,8 @@ def _compiled_loop(graphdef, size: int, twice: bool = False):
     return jax.jit(loop, donate_argnums=() if twice else (2,), compiler_options=loop_compiler_options())
 
 
-def _per_row(value, b: int, dtype) -> jax.Array:
-    return jnp.broadcast_to(jnp.asarray(value, dtype), (b,))
+def _per_row(value, b: int, dtype) -> np.ndarray:
+    return np.broadcast_to(np.asarray(value, dtype), (b,))
 
 
 def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int = 32, temperature=0.0, top_k=0,
@@ -240,17 +240,20 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int = 32,
     config's; ``stop_token_ids`` are added to it. Greedy rows match transformers' greedy search.
     With a ``mesh``, the cache is sharded over it like the parameters.
     """
+    # The inputs are prepared with numpy: each eager jax operation would compile a program of its own,
+    # and XLA's CPU client keeps about 1.2 MB per compiled program (twenty here at each new shape).
     config = model.get_decoder().config
-    input_ids = jnp.asarray(input_ids, jnp.int32)
+    input_ids = np.asarray(input_ids, np.int32)
     b, t = input_ids.shape
     stops = set(config.eos_token_ids if eos_token_id is None else
                 ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))) | set(stop_token_ids)
     pad = config.pad_token_id if pad_token_id is None else pad_token_id
     pad = 0 if pad is None else pad
-    temperature, top_k = _per_row(temperature, b, jnp.float32), _per_row(top_k, b, jnp.int32)
-    top_p, seeds = _per_row(top_p, b, jnp.float32), _per_row(seed, b, jnp.uint32)
-    if bool(jnp.any(temperature < 0)) or bool(jnp.any(top_p <= 0)) or bool(jnp.any(top_p > 1)):
+    temperature, top_k = _per_row(temperature, b, np.float32), _per_row(top_k, b, np.int32)
+    top_p, seeds = _per_row(top_p, b, np.float32), _per_row(seed, b, np.uint32)
+    if (temperature < 0).any() or (top_p <= 0).any() or (top_p > 1).any():
         raise ValueError("temperature must be >= 0 and top_p in (0, 1]")
+    temperature, top_k, top_p, seeds = jax.device_put((temperature, top_k, top_p, seeds))  # (jnp.asarray compiles)
 
     # The prompt is left-padded to a bucket (a multiple of 16 and of an eighth of its power of two: at
     # most 1/8 wasted) and the cache sized to it plus the power-of-two token buffer, so prompts of other
@@ -258,12 +261,12 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int = 32,
     size = 1 << max(3, (max_new_tokens - 1).bit_length())
     step = max(16, 1 << max(0, t.bit_length() - 3))
     bucket = -(-t // step) * step
-    mask = jnp.ones((b, t), bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
-    padded = jnp.pad(input_ids, ((0, 0), (bucket - t, 0)), constant_values=pad)
-    mask = jnp.pad(mask, ((0, 0), (bucket - t, 0)))
+    mask = np.ones((b, t), bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
+    padded = np.pad(input_ids, ((0, 0), (bucket - t, 0)), constant_values=pad)
+    mask = np.pad(mask, ((0, 0), (bucket - t, 0)))
     if prefill_inputs.get("token_type_ids") is not None:
-        prefill_inputs = {**prefill_inputs, "token_type_ids": jnp.pad(jnp.asarray(prefill_inputs["token_type_ids"]),
-                                                                      ((0, 0), (bucket - t, 0)))}
+        prefill_inputs = {**prefill_inputs, "token_type_ids": np.pad(np.asarray(prefill_inputs["token_type_ids"]),
+                                                                     ((0, 0), (bucket - t, 0)))}
     kwargs = model.prepare_inputs_for_generation(padded, max_length=bucket + size, attention_mask=mask)
     cache = kwargs["past_key_values"]
     if mesh is not None:
@@ -272,7 +275,7 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int = 32,
         cache = shard_cache(cache, mesh)
     graphdef, state = nnx.split(model)
     prefill, _, first = _compiled(graphdef)
-    extra = {k: jnp.asarray(v) for k, v in prefill_inputs.items() if v is not None}
+    extra = {k: jax.device_put(v) for k, v in prefill_inputs.items() if v is not None}
     if "pixel_values" in extra or "image_features" in extra:  # the image-token count is checked eagerly here
         from gemma3.multimodal import check_image_token_count
 
@@ -286,8 +289,7 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int = 32,
     stop_ids[:len(stops)] = sorted(stops)
     twice = b == 1 and decodes_one_row_as_two()
     out, count, _ = _compiled_loop(graphdef, size, twice)(state, token, cache, seeds, temperature, top_k, top_p,
-                                                          jnp.asarray(stop_ids), jnp.int32(max_new_tokens),
-                                                          jnp.int32(pad))
+                                                          stop_ids, np.int32(max_new_tokens), np.int32(pad))
     new = np.asarray(out)[:, :max_new_tokens].astype(np.int64)
     return GenerateOutput(sequences=np.concatenate([np.asarray(input_ids), new], axis=1), new_tokens=new,
                           num_new_tokens=np.asarray(count).astype(np.int64))

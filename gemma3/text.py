@@ -12,6 +12,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from gemma3 import cache as kv
@@ -411,11 +412,11 @@ class CausalLMMixin(PretrainedMixin):
 
     def prepare_inputs_for_generation(self, input_ids, max_length: int, attention_mask=None, **kwargs) -> dict:
         """The keyword arguments of the prefill call: a fresh cache, the mask and positions."""
-        b, t = input_ids.shape
-        mask = jnp.ones((b, t), bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
-        positions = jnp.maximum(jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1, 0)
-        return dict(past_key_values=self.init_cache(b, max_length), attention_mask=mask, position_ids=positions,
-                    **kwargs)
+        b, t = input_ids.shape  # mask and positions by numpy: eager jax operations would each compile
+        mask = np.ones((b, t), bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
+        positions = np.maximum(np.cumsum(mask, axis=1, dtype=np.int32) - 1, 0)
+        return dict(past_key_values=self.init_cache(b, max_length), attention_mask=jax.device_put(mask),
+                    position_ids=jax.device_put(positions), **kwargs)
 
     def update_inputs_for_generation(self, model_outputs, model_kwargs: dict) -> dict:
         """The keyword arguments of the next decode step: the new cache; one real token per row."""
