@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 MAX_ROWS = 8
 TARGET = "gemma3_rows_matmul"
-ATTENTION_TARGET = "gemma3_decode_attention"
+ATTENTION_TARGET = "gemma3_attention"
 SOURCE = Path(__file__).with_name("kernels") / "rows_matmul.cc"
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 
@@ -89,8 +89,7 @@ def _library() -> ctypes.CDLL | None:
     try:
         library = ctypes.cdll.LoadLibrary(str(build()))
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.Gemma3RowsMatmul), platform="cpu")
-        jax.ffi.register_ffi_target(ATTENTION_TARGET, jax.ffi.pycapsule(library.Gemma3DecodeAttention),
-                                    platform="cpu")
+        jax.ffi.register_ffi_target(ATTENTION_TARGET, jax.ffi.pycapsule(library.Gemma3Attention), platform="cpu")
     except Exception as error:  # noqa: BLE001 - any failure means XLA's dot, which is always correct
         log.warning("CPU product kernel unavailable, using XLA's dot: %s", error)
         return None
@@ -156,18 +155,25 @@ def rows_matmul(lhs: jax.Array, rhs: jax.Array, dimension_numbers, out_dtype=Non
 
 
 def attention_applies(q: jax.Array, keys: jax.Array) -> bool:
-    """Whether `decode_attention` takes the attention of queries q (B, T, N, H) over a cache's keys: on the
-    CPU backend with the kernel, for a decode step's few tokens (T <= 8) over float32 or bfloat16 entries."""
-    return (q.shape[1] <= MAX_ROWS and keys.dtype in (jnp.float32, jnp.bfloat16, jnp.uint16)
-            and jax.default_backend() == "cpu" and available())
+    """Whether `attention` takes queries q (B, T, N, H) over ``keys``: on the CPU backend with the kernel, float32
+    or bfloat16 alike (a bfloat16 cache may be kept as its bits), for a decode step's few tokens (T <= 8), or
+    any number of bfloat16 ones where the CPU multiplies bfloat16 pairs (prefill, through its GEMM)."""
+    if jax.default_backend() != "cpu" or not available():
+        return False
+    if (q.dtype, keys.dtype) not in ((jnp.float32, jnp.float32), (jnp.bfloat16, jnp.bfloat16),
+                                     (jnp.bfloat16, jnp.uint16)):
+        return False
+    return q.shape[1] <= MAX_ROWS or (q.dtype == jnp.bfloat16 and pair_products())
 
 
-def decode_attention(q: jax.Array, keys: jax.Array, values: jax.Array, visible: jax.Array) -> jax.Array:
-    """softmax(q k^T masked by ``visible``) v, per kv head, in the kernel (float32 sums and softmax).
+def attention(q: jax.Array, keys: jax.Array, values: jax.Array, visible: jax.Array) -> jax.Array:
+    """softmax(q k^T masked by ``visible``) v per kv head, in the kernel (float32 sums and softmax), reading
+    the keys and values in place.
 
-    q: (B, T, N, H), already scaled; keys, values: (Bc, S, K, H) for Bc >= B, a cache's whole buffers
-    (bfloat16 may be kept as its uint16 bits), of which the first B rows are read in place; visible:
-    (B, T, S). Returns (B, T, N, H) float32. XLA's CPU dots copied each layer's keys and values transposed
-    every step (kernels/rows_matmul.cc). Not differentiable: only decode steps into a cache use it."""
+    q: (B, T, N, H), already scaled; keys, values: (Bc, S, K, H) for Bc >= B, of which the first B rows are
+    read: a cache's whole buffers (bfloat16 may be kept as its uint16 bits) or a chunk's own keys; visible:
+    (B, T, S). Returns (B, T, N, H) float32. XLA's CPU dots copied a decode step's keys and values transposed
+    every layer, and widened a bfloat16 prefill's to float32 (kernels/rows_matmul.cc). Not differentiable:
+    only forwards into a cache (generation, serving) use it."""
     call = jax.ffi.ffi_call(ATTENTION_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32), vmap_method="sequential")
-    return call(q.astype(jnp.float32), keys, values, visible.astype(bool))
+    return call(q, keys, values, visible.astype(bool))

@@ -209,20 +209,26 @@ class Gemma3Attention(nnx.Module):
         k = self.k_norm(self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim))
         v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
         q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
+        q = q * jnp.asarray(self.scale, q.dtype)
         key_sets = [(k, v, ctx.k_index, ctx.blocks)]
+        alone = None  # with a cache, the one key set attention reads, as stored: (keys, values, index, blocks)
         if cache_kv is not None:
             old_k, old_v = cache_kv
             cache_kv = kv.write_layer(old_k, old_v, ctx.slots, k, v)
-            if ctx.write_first and not ctx.probabilities and cpu_kernels.attention_applies(q, cache_kv[0]):
-                # a decode step on the CPU: the kernel reads the cache in place (XLA's dots copied it)
-                visible = visibility_mask(ctx.q_index, ctx.cache_index, ctx.window)
-                out = cpu_kernels.decode_attention(q * jnp.asarray(self.scale, q.dtype), *cache_kv, visible)
-                return self.o_proj(out.astype(q.dtype).reshape(b, t, -1)), cache_kv, None
             if ctx.write_first:
+                alone = (cache_kv[0], cache_kv[1], ctx.cache_index, None)
                 key_sets = [(kv.floats(cache_kv[0][:b]), kv.floats(cache_kv[1][:b]), ctx.cache_index, None)]
             elif ctx.cache_index is not None:  # None: the cache held nothing for these rows before the chunk
                 key_sets.insert(0, (kv.floats(old_k[:b]), kv.floats(old_v[:b]), ctx.cache_index, None))
-        out, probs = dot_product_attention(q * jnp.asarray(self.scale, q.dtype), key_sets, ctx)
+            else:
+                alone = key_sets[0]
+        if alone is not None and not ctx.probabilities and cpu_kernels.attention_applies(q, alone[0]):
+            # on the CPU the kernel reads keys and values in place (XLA's dots copied or widened them)
+            keys, values, k_index, k_blocks = alone
+            visible = visibility_mask(ctx.q_index, k_index, ctx.window, ctx.blocks, k_blocks)
+            out = cpu_kernels.attention(q, keys, values, visible).astype(q.dtype)
+            return self.o_proj(out.reshape(b, t, -1)), cache_kv, None
+        out, probs = dot_product_attention(q, key_sets, ctx)
         return self.o_proj(out.reshape(b, t, -1)), cache_kv, probs
 
 

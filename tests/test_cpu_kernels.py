@@ -136,10 +136,13 @@ def _attention64(q, keys, values, visible):
     (3, 5, 2, 8, 2, 37, 20),  # rows of the cache beyond the batch, two tokens, odd entry count and depth
     (2, 2, 1, 16, 4, 9, 64),  # more (row, kv head) pairs than threads
     (1, 1, 8, 12, 1, 700, 16),  # 96 query rows: groups of eight and a rest
+    (1, 1, 128, 4, 1, 128, 256),  # a 270m prefill chunk attending to itself: the GEMM path in bfloat16
+    (2, 2, 33, 6, 2, 65, 24),  # odd token and entry counts: row blocks, tiles and panels with rests
 ])
-def test_decode_attention_matches_float64(dtype, b, rows, t, n, kh, s, h):
-    """Scores, mask, softmax and values in the kernel against float64; a fully masked query row averages
-    every entry (as the einsum path's softmax over equal masked scores does)."""
+def test_attention_matches_float64(dtype, b, rows, t, n, kh, s, h):
+    """Scores, mask, softmax and values in the kernel against float64, with float32 queries and, for a
+    bfloat16 cache, bfloat16 ones too (many of them take the pair-product GEMM where the CPU has it); a fully
+    masked query row averages every entry (as the einsum path's softmax over equal masked scores does)."""
     rng = np.random.default_rng(b * 1000 + s)
     q = jnp.asarray(rng.standard_normal((b, t, n, h)) / np.sqrt(h), jnp.float32)
     store = jnp.bfloat16 if dtype != "float32" else jnp.float32
@@ -147,12 +150,50 @@ def test_decode_attention_matches_float64(dtype, b, rows, t, n, kh, s, h):
     values = jnp.asarray(rng.standard_normal((rows, s, kh, h)), store)
     if dtype == "uint16":
         keys, values = keys.view(jnp.uint16), values.view(jnp.uint16)
+    queries = [q]
     if dtype != "float32":
-        q = q.astype(jnp.bfloat16).astype(jnp.float32)  # a bfloat16 model's queries
+        queries = [q.astype(jnp.bfloat16).astype(jnp.float32), q.astype(jnp.bfloat16)]  # a bfloat16 model's
     visible = rng.random((b, t, s)) < 0.7
     visible[0, 0, :] = False
-    got = np.asarray(jax.jit(cpu_kernels.decode_attention)(q, keys, values, jnp.asarray(visible)))
-    want = _attention64(q, keys, values, visible)
-    assert got.shape == want.shape == (b, t, n, h)
-    tol = 1e-5 if dtype == "float32" else 8e-3  # bfloat16: the probabilities are rounded, as the einsum path does
-    np.testing.assert_allclose(got, want, rtol=tol, atol=tol * np.abs(want).max())
+    want = _attention64(queries[0], keys, values, visible)
+    for query in queries:
+        if (query.dtype == jnp.float32) == (dtype == "float32"):  # a model's own pairing (the kernel takes both)
+            assert cpu_kernels.attention_applies(query, keys) == (t <= cpu_kernels.MAX_ROWS or (
+                query.dtype == jnp.bfloat16 and cpu_kernels.pair_products()))
+        got = np.asarray(jax.jit(cpu_kernels.attention)(query, keys, values, jnp.asarray(visible)))
+        assert got.shape == want.shape == (b, t, n, h)
+        tol = 1e-5 if dtype == "float32" else 8e-3  # bfloat16: the probabilities are rounded, as the einsum path does
+        np.testing.assert_allclose(got, want, rtol=tol, atol=tol * np.abs(want).max())
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_a_model_attends_in_the_kernel_as_it_does_through_xla(dtype):
+    """A prefill into a cache and the decode steps after it (the kernel, where it applies) give the logits of
+    a forward without a cache (always XLA's einsums), in float32 and bfloat16 (prefill through the GEMM
+    where the CPU multiplies pairs), with image-free padding on the left."""
+    from flax import nnx
+
+    from gemma3 import Gemma3ForCausalLM, Gemma3TextConfig
+    from gemma3 import cache as kv
+    from tests.make_checkpoints import TEXT_BASE
+
+    model = Gemma3ForCausalLM(Gemma3TextConfig.from_dict({**TEXT_BASE, "vocab_size": 512}), dtype=dtype,
+                              rngs=nnx.Rngs(3))
+    ids = jnp.asarray(np.random.default_rng(5).integers(3, 512, (2, 20)), jnp.int32)
+    mask = jnp.ones((2, 20), bool).at[1, :3].set(False)
+    want = np.asarray(model(input_ids=ids, attention_mask=mask).logits, np.float32)
+    cache = model.init_cache(2, 32)
+    out = jax.jit(lambda c: model(input_ids=ids[:, :17], attention_mask=mask[:, :17],
+                                  past_key_values=kv.emptied(c)))(cache)
+    got = [np.asarray(out.logits, np.float32)]
+    cache = out.past_key_values
+    step = jax.jit(lambda i, c: model(input_ids=i, past_key_values=c))
+    for t in range(17, 20):
+        out = step(ids[:, t:t + 1], cache)
+        got.append(np.asarray(out.logits, np.float32))
+        cache = out.past_key_values
+    got = np.concatenate(got, axis=1)
+    tol = 2e-4 if dtype == jnp.float32 else 3e-2  # bfloat16: rounded in other places by the two paths
+    scale = np.abs(want).max()
+    np.testing.assert_allclose(got[0], want[0], atol=tol * scale)
+    np.testing.assert_allclose(got[1, 3:], want[1, 3:], atol=tol * scale)  # the padding's own logits differ

@@ -220,7 +220,7 @@ def test_bfloat16_decode_loops_widen_neither_the_embedding_nor_the_cache(tmp_pat
     bfloat16 rows from a float32 conversion of the table, and hoisting that conversion out of the loop
     built a float32 copy of the whole embedding on every call (gemma3.generation.loop_compiler_options);
     and it has no bfloat16 scatter, so writing a step's keys widened every cache buffer to float32 and
-    back (gemma3.cache.stored_dtype); every layer attends in the CPU kernel (gemma3.cpu_kernels.decode_attention).
+    back (gemma3.cache.stored_dtype); every layer attends in the CPU kernel (gemma3.cpu_kernels.attention).
     Read from the programs XLA compiled (its HLO dump)."""
     import os
     import re
@@ -248,5 +248,5 @@ def test_bfloat16_decode_loops_widen_neither_the_embedding_nor_the_cache(tmp_pat
         writes = set(re.findall(r"= (\w+)\[\d+,\d+,\d+,\d+\]\S* (?:scatter|dynamic-update-slice)\(", text))
         assert writes == {"u16"}, f"{name} writes the cache as {writes}, not as bfloat16's bits"
         # every layer attends in the CPU kernel, which reads the cache in place (XLA's dots copied it transposed)
-        calls = text.count('custom_call_target="gemma3_decode_attention"')
+        calls = text.count('custom_call_target="gemma3_attention"')
         assert calls == TEXT_BASE["num_hidden_layers"], f"{name} attends in the kernel {calls} times"

@@ -364,8 +364,8 @@ constexpr int64_t kPanelCols = 64;
 constexpr int64_t kPanelDepth = 256;
 static_assert(kPanelDepth % 2 == 0, "a panel's depth is whole pairs, so only the last one can be odd");
 
-// Columns n..n+cols (cols <= kPanelCols) of weight rows k0..k1 as pairs, kPanelCols wide.
-void PackPairs(const uint16_t* w, uint16_t* out, int64_t N, int64_t n, int64_t cols, int64_t k0, int64_t k1) {
+// Columns n..n+cols (cols <= kPanelCols) of weight rows k0..k1 (at ldw apart) as pairs, kPanelCols wide.
+void PackPairs(const uint16_t* w, uint16_t* out, int64_t ldw, int64_t n, int64_t cols, int64_t k0, int64_t k1) {
   const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6,
                                       37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
   const __m512i hi = _mm512_set_epi16(63, 31, 62, 30, 61, 29, 60, 28, 59, 27, 58, 26, 57, 25, 56, 24, 55, 23, 54,
@@ -375,10 +375,24 @@ void PackPairs(const uint16_t* w, uint16_t* out, int64_t N, int64_t n, int64_t c
     for (int64_t j = 0; j < kPanelCols; j += 32) {
       const int64_t valid = std::clamp<int64_t>(cols - j, 0, 32);
       const __mmask32 mask = valid == 32 ? ~__mmask32{0} : static_cast<__mmask32>((1u << valid) - 1);
-      const __m512i a = _mm512_maskz_loadu_epi16(mask, w + k * N + n + j);
-      const __m512i b = k + 1 < k1 ? _mm512_maskz_loadu_epi16(mask, w + (k + 1) * N + n + j) : _mm512_setzero_si512();
+      const __m512i a = _mm512_maskz_loadu_epi16(mask, w + k * ldw + n + j);
+      const __m512i b = k + 1 < k1 ? _mm512_maskz_loadu_epi16(mask, w + (k + 1) * ldw + n + j) : _mm512_setzero_si512();
       _mm512_storeu_si512(o + 2 * j, _mm512_permutex2var_epi16(a, lo, b));
       _mm512_storeu_si512(o + 2 * j + 32, _mm512_permutex2var_epi16(a, hi, b));
+    }
+  }
+}
+
+// The same panel from a matrix stored transposed, (N, K) at ldw apart (attention's keys, whose rows are the
+// columns of k^T): each column's pair of rows is one 32-bit load.
+void PackPairsNK(const uint16_t* w, uint16_t* out, int64_t ldw, int64_t n, int64_t cols, int64_t k0, int64_t k1) {
+  std::memset(out, 0, sizeof(uint16_t) * ((k1 - k0 + 1) / 2 * 2 * kPanelCols));
+  for (int64_t j = 0; j < cols; ++j) {
+    const uint16_t* col = w + (n + j) * ldw;
+    for (int64_t k = k0; k < k1; k += 2) {
+      uint16_t* o = out + (k - k0) * kPanelCols + 2 * j;
+      o[0] = col[k];
+      o[1] = k + 1 < k1 ? col[k + 1] : 0;
     }
   }
 }
@@ -422,6 +436,24 @@ void TileDp(const uint16_t* x, int64_t K, int64_t k0, int64_t depth, const uint1
     _Pragma("GCC unroll 4") for (int v = 0; v < V; ++v) _mm512_mask_storeu_ps(y + r * N + 16 * v, masks[v], acc[r][v]);
 }
 
+// Rows m0..m1 of x against one packed panel (weight rows k0..k0+depth, columns n..n+cols) into y.
+void TilesDp(const uint16_t* x, int64_t K, int64_t k0, int64_t depth, const uint16_t* panel, float* y, int64_t N,
+             int64_t n, int64_t cols, int64_t m0, int64_t m1) {
+  int64_t m = m0;
+  for (; m + kTileRows <= m1; m += kTileRows)
+    TileDp<kTileRows>(x + m * K, K, k0, depth, panel, y + m * N + n, N, cols, k0 == 0);
+  const uint16_t* xm = x + m * K;
+  float* ym = y + m * N + n;
+  switch (m1 - m) {
+    case 1: TileDp<1>(xm, K, k0, depth, panel, ym, N, cols, k0 == 0); break;
+    case 2: TileDp<2>(xm, K, k0, depth, panel, ym, N, cols, k0 == 0); break;
+    case 3: TileDp<3>(xm, K, k0, depth, panel, ym, N, cols, k0 == 0); break;
+    case 4: TileDp<4>(xm, K, k0, depth, panel, ym, N, cols, k0 == 0); break;
+    case 5: TileDp<5>(xm, K, k0, depth, panel, ym, N, cols, k0 == 0); break;
+    default: break;
+  }
+}
+
 // Panels p0..p1 (kPanelCols columns each) of y = x w for all M rows.
 void GemmDp(const uint16_t* x, const uint16_t* w, float* y, int64_t M, int64_t K, int64_t N, int64_t p0,
             int64_t p1) {
@@ -431,21 +463,34 @@ void GemmDp(const uint16_t* x, const uint16_t* w, float* y, int64_t M, int64_t K
     for (int64_t k0 = 0; k0 < K; k0 += kPanelDepth) {
       const int64_t k1 = std::min(K, k0 + kPanelDepth);
       PackPairs(w, panel.data(), N, n, cols, k0, k1);
-      int64_t m = 0;
-      for (; m + kTileRows <= M; m += kTileRows)
-        TileDp<kTileRows>(x + m * K, K, k0, k1 - k0, panel.data(), y + m * N + n, N, cols, k0 == 0);
-      const uint16_t* xm = x + m * K;
-      float* ym = y + m * N + n;
-      switch (M - m) {
-        case 1: TileDp<1>(xm, K, k0, k1 - k0, panel.data(), ym, N, cols, k0 == 0); break;
-        case 2: TileDp<2>(xm, K, k0, k1 - k0, panel.data(), ym, N, cols, k0 == 0); break;
-        case 3: TileDp<3>(xm, K, k0, k1 - k0, panel.data(), ym, N, cols, k0 == 0); break;
-        case 4: TileDp<4>(xm, K, k0, k1 - k0, panel.data(), ym, N, cols, k0 == 0); break;
-        case 5: TileDp<5>(xm, K, k0, k1 - k0, panel.data(), ym, N, cols, k0 == 0); break;
-        default: break;
-      }
+      TilesDp(x, K, k0, k1 - k0, panel.data(), y, N, n, cols, 0, M);
     }
   }
+}
+
+// Every panel of a (K, N) matrix packed once, for products that many row blocks share (attention's keys and
+// values): panel p's depth block d at (p * blocks + d) * kPanelDepth * kPanelCols. pack(out, n, cols, k0, k1)
+// is PackPairs or PackPairsNK with the matrix bound.
+template <typename Pack>
+std::vector<uint16_t> PackPanels(int64_t K, int64_t N, const Pack& pack) {
+  const int64_t panels = (N + kPanelCols - 1) / kPanelCols, blocks = (K + kPanelDepth - 1) / kPanelDepth;
+  std::vector<uint16_t> out(static_cast<size_t>(panels * blocks) * kPanelDepth * kPanelCols);
+  for (int64_t p = 0; p < panels; ++p)
+    for (int64_t d = 0; d < blocks; ++d)
+      pack(out.data() + (p * blocks + d) * kPanelDepth * kPanelCols, p * kPanelCols,
+           std::min(kPanelCols, N - p * kPanelCols), d * kPanelDepth, std::min(K, (d + 1) * kPanelDepth));
+  return out;
+}
+
+// Rows m0..m1 of y (M x N) = x (M x K) w, w from PackPanels.
+void GemmPanels(const uint16_t* x, const uint16_t* panels, float* y, int64_t K, int64_t N, int64_t m0, int64_t m1) {
+  const int64_t blocks = (K + kPanelDepth - 1) / kPanelDepth;
+  for (int64_t p = 0; p * kPanelCols < N; ++p)
+    for (int64_t d = 0; d < blocks; ++d) {
+      const int64_t k0 = d * kPanelDepth;
+      TilesDp(x, K, k0, std::min(K, k0 + kPanelDepth) - k0, panels + (p * blocks + d) * kPanelDepth * kPanelCols, y,
+              N, p * kPanelCols, std::min(kPanelCols, N - p * kPanelCols), m0, m1);
+    }
 }
 #endif
 
@@ -582,16 +627,17 @@ void Multiply(ffi::ThreadPool& pool, const T* x_in, const T* w, float* y, int64_
   WithRows(M, [&](auto rows) { MultiplyRows<rows()>(pool, parts, x_in, x.data(), w, y, K, N, w_is_nk); });
 }
 
-// Attention of a decode step's few queries over the cache (write-first: the step's keys are already in it).
-// Why: XLA's CPU backend multiplied the scores and values as library dots that want their operands in
-// another layout, so every layer copied its whole key and value cache transposed each step (4% of a 270m
-// float32 step at 256 entries, more at longer contexts). Here each (row, kv head) reads its keys and values
-// once, in place: scores q.k for every entry (RowsNK), the visibility mask and a float32 softmax, then the
-// probabilities times the values (RowsKNSum). With few (row, kv head) pairs the entries are split between
-// the threads. Probabilities are rounded to bfloat16 before multiplying bfloat16 values, as the einsum path
-// rounds them.
-//   q (B, T, N, H) float32, already scaled; keys, values (Bc >= B, S, Kh, H) float32 or bfloat16 bits;
-//   visible (B, T, S); out (B, T, N, H) float32.
+// Attention in place over a cache's keys and values (or a prefill chunk's own), per (row, kv head): scores
+// q.k for every entry, the visibility mask and a float32 softmax, then the probabilities times the values.
+// Why: XLA's CPU backend multiplied the scores and values as library dots that want their operands in another
+// layout, so every decode step copied each layer's whole key and value cache transposed (4% of a 270m float32
+// step at 256 entries, more at longer contexts), and a bfloat16 prefill widened q, k and v to float32 around
+// its dots. A decode step's few query rows stream the entries once (RowsNK, RowsKNSum; with few (row, kv head)
+// pairs the entries are split between the threads); many rows in bfloat16, where the CPU multiplies pairs,
+// go through the pair-product GEMM against keys and values packed once per pair. Probabilities are rounded
+// to bfloat16 before multiplying bfloat16 values, as the einsum path rounds them.
+//   q (B, T, N, H), already scaled, float32 or bfloat16; keys, values (Bc >= B, S, Kh, H) float32 or bfloat16
+//   (as its bits), of which the first B rows are read; visible (B, T, S); out (B, T, N, H) float32.
 typedef int32_t i8v __attribute__((vector_size(32)));
 // exp(x) for x <= 0 (a softmax's x - max), eight at a time: 2^n e^r with |r| <= ln 2 / 2 and Cephes' degree-6
 // polynomial (1-2 ulp against std::exp); 0 below float32's smallest normal exp (x < -87.3).
@@ -625,55 +671,66 @@ inline float RoundToBfloat16(float f) {
   return f;
 }
 
-template <typename T>
-void Attend(ffi::ThreadPool& pool, const float* q, const T* keys, const T* values, const bool* visible,
-            float* out, int64_t B, int64_t Tq, int64_t N, int64_t H, int64_t S, int64_t Kh) {
-  const int64_t G = N / Kh, R = Tq * G, units = B * Kh, ld = Kh * H;
+// A row of scores (S) made probabilities: masked entries to float32's lowest (as the einsum path masks, so a
+// row with nothing visible averages every entry), then softmax.
+void SoftmaxRow(float* row, const bool* seen, int64_t S, bool round_to_bfloat16) {
+  constexpr float kMasked = -3.4028234663852886e38f;
+  float top = kMasked;
+  for (int64_t s = 0; s < S; ++s) top = std::max(top, row[s] = seen[s] ? row[s] : kMasked);
+  const int64_t s_main = S / 8 * 8;
+  f8 sums = {};
+  for (int64_t s = 0; s < s_main; s += 8) {
+    const f8 e = Exp8(load8(row + s) - top);
+    store8(row + s, e);
+    sums += e;
+  }
+  float total = sum8(sums);
+  for (int64_t s = s_main; s < S; ++s) total += row[s] = std::exp(row[s] - top);
+  for (int64_t s = 0; s < S; ++s) row[s] = round_to_bfloat16 ? RoundToBfloat16(row[s] / total) : row[s] / total;
+}
+
+struct AttentionShape {
+  int64_t B, Tq, N, H, S, Kh;
+  int64_t G() const { return N / Kh; }
+  int64_t R() const { return Tq * G(); }  // query rows (t, g) of a (row, kv head) pair
+  int64_t units() const { return B * Kh; }
+  int64_t ld() const { return Kh * H; }  // between a pair's entries
+  int64_t base(int64_t u) const { return (u / Kh * S * Kh + u % Kh) * H; }  // the pair's entry 0
+  int64_t q_row(int64_t u, int64_t r) const { return ((u / Kh * Tq + r / G()) * N + u % Kh * G() + r % G()) * H; }
+  int64_t mask_row(int64_t u, int64_t r) const { return (u / Kh * Tq + r / G()) * S; }
+};
+
+// The few-rows path: each pair's rows stream its entries (split between threads when pairs are few).
+template <typename Q, typename T>
+void AttendRows(ffi::ThreadPool& pool, const AttentionShape& a, const Q* q, const T* keys, const T* values,
+                const bool* visible, float* out) {
+  const int64_t R = a.R(), S = a.S, H = a.H, units = a.units();
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   // Split each pair's entries between the threads when there are fewer pairs than threads and enough to read.
   const bool big = static_cast<size_t>(units) * 2 * S * H * sizeof(T) >= (256 << 10);
   const int64_t splits = units < threads && big ? std::min<int64_t>((threads + units - 1) / units, S) : 1;
   const int64_t parts = units * splits;
   std::vector<float> rows(static_cast<size_t>(units) * R * H), p(static_cast<size_t>(units) * R * S);
-  for (int64_t u = 0; u < units; ++u)  // the pair's query rows (t, g), contiguous
-    for (int64_t t = 0; t < Tq; ++t)
-      std::memcpy(rows.data() + (u * R + t * G) * H, q + ((u / Kh * Tq + t) * N + u % Kh * G) * H,
-                  sizeof(float) * G * H);
+  for (int64_t u = 0; u < units; ++u)
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t h = 0; h < H; ++h) rows[(u * R + r) * H + h] = widen(q[a.q_row(u, r) + h]);
   auto entries = [&](int64_t i, int64_t& s0, int64_t& s1) {
     s0 = S * (i % splits) / splits;
     s1 = S * (i % splits + 1) / splits;
   };
-  auto base = [&](int64_t u) { return (u / Kh * S * Kh + u % Kh) * H; };  // entry 0 of the pair's head
   RunParts(pool, parts, [&](int64_t i) {
     const int64_t u = i / splits;
     int64_t s0, s1;
     entries(i, s0, s1);
     for (int64_t r = 0; r < R; r += kMaxRows)
       WithRows(std::min(kMaxRows, R - r), [&](auto m) {
-        RowsNK<m()>(rows.data() + (u * R + r) * H, keys + base(u), p.data() + (u * R + r) * S, H, S, s0, s1, ld);
+        RowsNK<m()>(rows.data() + (u * R + r) * H, keys + a.base(u), p.data() + (u * R + r) * S, H, S, s0, s1,
+                    a.ld());
       });
   });
-  constexpr float kMasked = -3.4028234663852886e38f;  // float32's lowest, as the einsum path masks
   for (int64_t u = 0; u < units; ++u)
-    for (int64_t r = 0; r < R; ++r) {
-      float* row = p.data() + (u * R + r) * S;
-      const bool* seen = visible + (u / Kh * Tq + r / G) * S;
-      float top = kMasked;
-      for (int64_t s = 0; s < S; ++s) top = std::max(top, row[s] = seen[s] ? row[s] : kMasked);
-      const int64_t s_main = S / 8 * 8;
-      f8 sums = {};
-      for (int64_t s = 0; s < s_main; s += 8) {
-        const f8 e = Exp8(load8(row + s) - top);
-        store8(row + s, e);
-        sums += e;
-      }
-      float total = sum8(sums);
-      for (int64_t s = s_main; s < S; ++s) total += row[s] = std::exp(row[s] - top);
-      for (int64_t s = 0; s < S; ++s) {
-        row[s] /= total;
-        if constexpr (std::is_same_v<T, uint16_t>) row[s] = RoundToBfloat16(row[s]);
-      }
-    }
+    for (int64_t r = 0; r < R; ++r)
+      SoftmaxRow(p.data() + (u * R + r) * S, visible + a.mask_row(u, r), S, std::is_same_v<T, uint16_t>);
   std::vector<float> acc(static_cast<size_t>(parts) * R * H, 0.f);
   RunParts(pool, parts, [&](int64_t i) {
     const int64_t u = i / splits;
@@ -681,49 +738,97 @@ void Attend(ffi::ThreadPool& pool, const float* q, const T* keys, const T* value
     entries(i, s0, s1);
     for (int64_t r = 0; r < R; r += kMaxRows)
       WithRows(std::min(kMaxRows, R - r), [&](auto m) {
-        RowsKNSum<m()>(p.data() + (u * R + r) * S, values + base(u), acc.data() + (i * R + r) * H, S, H, s0, s1,
-                       ld);
+        RowsKNSum<m()>(p.data() + (u * R + r) * S, values + a.base(u), acc.data() + (i * R + r) * H, S, H, s0, s1,
+                       a.ld());
       });
   });
   for (int64_t u = 0; u < units; ++u)
     for (int64_t r = 0; r < R; ++r) {
-      float* o = out + ((u / Kh * Tq + r / G) * N + u % Kh * G + r % G) * H;
+      float* o = out + a.q_row(u, r);
       for (int64_t h = 0; h < H; ++h) {
-        float s = 0.f;
-        for (int64_t i = u * splits; i < (u + 1) * splits; ++i) s += acc[(i * R + r) * H + h];
-        o[h] = s;
+        float sum = 0.f;
+        for (int64_t i = u * splits; i < (u + 1) * splits; ++i) sum += acc[(i * R + r) * H + h];
+        o[h] = sum;
       }
     }
 }
 
-ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer keys, ffi::AnyBuffer values,
-                           ffi::Buffer<ffi::PRED> visible, ffi::Result<ffi::Buffer<ffi::F32>> out) {
+#ifdef GEMMA3_DPBF16
+// The many-rows bfloat16 path (prefill): each pair's keys (as k^T) and values packed once, then blocks of
+// query rows: scores by the pair-product GEMM, softmax, probabilities (bfloat16) times the values by it.
+void AttendGemm(ffi::ThreadPool& pool, const AttentionShape& a, const uint16_t* q, const uint16_t* keys,
+                const uint16_t* values, const bool* visible, float* out) {
+  const int64_t R = a.R(), S = a.S, H = a.H, units = a.units();
+  constexpr int64_t kBlockRows = 8 * kTileRows;
+  const int64_t blocks = (R + kBlockRows - 1) / kBlockRows;
+  std::vector<std::vector<uint16_t>> keys_t(units), vals(units);
+  RunParts(pool, units, [&](int64_t u) {
+    keys_t[u] = PackPanels(H, S, [&](uint16_t* o, int64_t n, int64_t cols, int64_t k0, int64_t k1) {
+      PackPairsNK(keys + a.base(u), o, a.ld(), n, cols, k0, k1);
+    });
+    vals[u] = PackPanels(S, H, [&](uint16_t* o, int64_t n, int64_t cols, int64_t k0, int64_t k1) {
+      PackPairs(values + a.base(u), o, a.ld(), n, cols, k0, k1);
+    });
+  });
+  RunParts(pool, units * blocks, [&](int64_t i) {
+    const int64_t u = i / blocks, r0 = i % blocks * kBlockRows, rows = std::min(kBlockRows, R - r0);
+    std::vector<uint16_t> x(static_cast<size_t>(rows) * std::max(H, S));
+    std::vector<float> scores(static_cast<size_t>(rows) * S), y(static_cast<size_t>(rows) * H);
+    for (int64_t r = 0; r < rows; ++r) std::memcpy(x.data() + r * H, q + a.q_row(u, r0 + r), sizeof(uint16_t) * H);
+    GemmPanels(x.data(), keys_t[u].data(), scores.data(), H, S, 0, rows);
+    for (int64_t r = 0; r < rows; ++r) {
+      float* row = scores.data() + r * S;
+      SoftmaxRow(row, visible + a.mask_row(u, r0 + r), S, true);
+      for (int64_t s = 0; s < S; ++s) {  // rounded already: the top half of the bits
+        uint32_t bits;
+        std::memcpy(&bits, row + s, sizeof bits);
+        x[r * S + s] = static_cast<uint16_t>(bits >> 16);
+      }
+    }
+    GemmPanels(x.data(), vals[u].data(), y.data(), S, H, 0, rows);
+    for (int64_t r = 0; r < rows; ++r) std::memcpy(out + a.q_row(u, r0 + r), y.data() + r * H, sizeof(float) * H);
+  });
+}
+#endif
+
+ffi::Error Attention(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer keys, ffi::AnyBuffer values,
+                     ffi::Buffer<ffi::PRED> visible, ffi::Result<ffi::Buffer<ffi::F32>> out) {
   auto qd = q.dimensions();
   auto kd = keys.dimensions();
   auto md = visible.dimensions();
   if (qd.size() != 4 || kd.size() != 4 || md.size() != 3)
-    return ffi::Error::InvalidArgument("decode_attention: q, keys and values must be 4-D, visible 3-D");
-  const int64_t B = qd[0], Tq = qd[1], N = qd[2], H = qd[3], S = kd[1], Kh = kd[2];
+    return ffi::Error::InvalidArgument("attention: q, keys and values must be 4-D, visible 3-D");
+  const AttentionShape a{qd[0], qd[1], qd[2], qd[3], kd[1], kd[2]};
   if (values.dimensions().size() != 4 || !std::equal(kd.begin(), kd.end(), values.dimensions().begin()) ||
-      kd[0] < B || kd[3] != H || Kh < 1 || N % Kh != 0 || md[0] != B || md[1] != Tq || md[2] != S)
-    return ffi::Error::InvalidArgument("decode_attention: shapes do not match");
-  if (keys.element_type() != values.element_type())
-    return ffi::Error::InvalidArgument("decode_attention: keys and values must share a dtype");
-  switch (keys.element_type()) {
-    case ffi::DataType::F32:
-      Attend(pool, q.typed_data(), static_cast<const float*>(keys.untyped_data()),
-             static_cast<const float*>(values.untyped_data()), visible.typed_data(), out->typed_data(), B, Tq, N,
-             H, S, Kh);
-      return ffi::Error::Success();
-    case ffi::DataType::BF16:
-    case ffi::DataType::U16:  // a bfloat16 cache kept as its bits (gemma3/cache.py)
-      Attend(pool, q.typed_data(), static_cast<const uint16_t*>(keys.untyped_data()),
-             static_cast<const uint16_t*>(values.untyped_data()), visible.typed_data(), out->typed_data(), B, Tq,
-             N, H, S, Kh);
-      return ffi::Error::Success();
-    default:
-      return ffi::Error::InvalidArgument("decode_attention: keys must be float32 or bfloat16");
+      kd[0] < a.B || kd[3] != a.H || a.Kh < 1 || a.N % a.Kh != 0 || md[0] != a.B || md[1] != a.Tq || md[2] != a.S)
+    return ffi::Error::InvalidArgument("attention: shapes do not match");
+  const auto kt = keys.element_type(), qt = q.element_type();
+  const bool halves = kt == ffi::DataType::BF16 || kt == ffi::DataType::U16;  // bfloat16, maybe as its bits
+  if (values.element_type() != kt || !(halves || kt == ffi::DataType::F32) ||
+      !(qt == ffi::DataType::F32 || (halves && qt == ffi::DataType::BF16)))
+    return ffi::Error::InvalidArgument("attention: keys and values float32 or bfloat16 alike, q float32 or theirs");
+  const bool* seen = visible.typed_data();
+  float* y = out->typed_data();
+  if (!halves) {
+    AttendRows(pool, a, static_cast<const float*>(q.untyped_data()), static_cast<const float*>(keys.untyped_data()),
+               static_cast<const float*>(values.untyped_data()), seen, y);
+    return ffi::Error::Success();
   }
+  const auto* k16 = static_cast<const uint16_t*>(keys.untyped_data());
+  const auto* v16 = static_cast<const uint16_t*>(values.untyped_data());
+  if (qt == ffi::DataType::F32) {
+    AttendRows(pool, a, static_cast<const float*>(q.untyped_data()), k16, v16, seen, y);
+    return ffi::Error::Success();
+  }
+  const auto* q16 = static_cast<const uint16_t*>(q.untyped_data());
+#ifdef GEMMA3_DPBF16
+  if (a.R() > kMaxRows) {
+    AttendGemm(pool, a, q16, k16, v16, seen, y);
+    return ffi::Error::Success();
+  }
+#endif
+  AttendRows(pool, a, q16, k16, v16, seen, y);
+  return ffi::Error::Success();
 }
 
 ffi::Error RowsMatmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
@@ -787,10 +892,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Gemma3RowsMatmul, RowsMatmul,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("w_layout"));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(Gemma3DecodeAttention, DecodeAttention,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Gemma3Attention, Attention,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::PRED>>()
