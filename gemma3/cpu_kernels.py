@@ -1,5 +1,5 @@
-"""Decode-sized products (1 to 8 rows) on XLA's CPU backend, by our own kernel, and bfloat16 products of
-any row count where the CPU multiplies bfloat16 pairs (AVX512-BF16).
+"""Decode-sized products (1 to 8 rows) on XLA's CPU backend, by our own kernel, bfloat16 products of any row
+count where the CPU multiplies bfloat16 pairs (AVX512-BF16), and attention over a cache (`attention`).
 
 At a few rows a product reads every weight once and is bound by memory bandwidth, which XLA's CPU dot
 does not reach (float32 layer products at 60-75% of the kernel's speed, bfloat16 ones 2-5x slower: see

@@ -436,12 +436,23 @@ void TileDp(const uint16_t* x, int64_t K, int64_t k0, int64_t depth, const uint1
     _Pragma("GCC unroll 4") for (int v = 0; v < V; ++v) _mm512_mask_storeu_ps(y + r * N + 16 * v, masks[v], acc[r][v]);
 }
 
-// Rows m0..m1 of x against one packed panel (weight rows k0..k0+depth, columns n..n+cols) into y.
+// Rows m0..m1 of x against one packed panel (weight rows k0..k0+depth, columns n..n+cols) into y. With
+// `ahead`, the source of the next panel (ahead_rows rows of kPanelCols bfloat16 at ldw apart) is prefetched
+// to L2 a slice per tile, so that packing it does not wait for memory: at 128 rows (a 1b prefill) packing
+// read the weights between the tiles' arithmetic, 10% of the product.
 void TilesDp(const uint16_t* x, int64_t K, int64_t k0, int64_t depth, const uint16_t* panel, float* y, int64_t N,
-             int64_t n, int64_t cols, int64_t m0, int64_t m1) {
+             int64_t n, int64_t cols, int64_t m0, int64_t m1, const uint16_t* ahead = nullptr,
+             int64_t ahead_rows = 0, int64_t ldw = 0) {
+  const int64_t tiles = std::max<int64_t>(1, (m1 - m0) / kTileRows);
   int64_t m = m0;
-  for (; m + kTileRows <= m1; m += kTileRows)
+  for (int64_t i = 0; m + kTileRows <= m1; m += kTileRows, ++i) {
+    if (ahead)
+      for (int64_t r = ahead_rows * i / tiles; r < ahead_rows * (i + 1) / tiles; ++r) {
+        _mm_prefetch(reinterpret_cast<const char*>(ahead + r * ldw), _MM_HINT_T1);
+        _mm_prefetch(reinterpret_cast<const char*>(ahead + r * ldw + 32), _MM_HINT_T1);
+      }
     TileDp<kTileRows>(x + m * K, K, k0, depth, panel, y + m * N + n, N, cols, k0 == 0);
+  }
   const uint16_t* xm = x + m * K;
   float* ym = y + m * N + n;
   switch (m1 - m) {
@@ -463,7 +474,11 @@ void GemmDp(const uint16_t* x, const uint16_t* w, float* y, int64_t M, int64_t K
     for (int64_t k0 = 0; k0 < K; k0 += kPanelDepth) {
       const int64_t k1 = std::min(K, k0 + kPanelDepth);
       PackPairs(w, panel.data(), N, n, cols, k0, k1);
-      TilesDp(x, K, k0, k1 - k0, panel.data(), y, N, n, cols, 0, M);
+      // the block packed next: the next rows of this panel, else the first of the next panel
+      const bool down = k1 < K;
+      const uint16_t* ahead = down ? w + k1 * N + n : p + 1 < p1 ? w + n + kPanelCols : nullptr;
+      const int64_t rows = down ? std::min(K, k1 + kPanelDepth) - k1 : std::min(K, kPanelDepth);
+      TilesDp(x, K, k0, k1 - k0, panel.data(), y, N, n, cols, 0, M, ahead, rows, N);
     }
   }
 }
