@@ -729,33 +729,24 @@ void AttendRows(ffi::ThreadPool& pool, const AttentionShape& a, const Q* q, cons
   for (int64_t u = 0; u < units; ++u)
     for (int64_t r = 0; r < R; ++r)
       for (int64_t h = 0; h < H; ++h) rows[(u * R + r) * H + h] = widen(q[a.q_row(u, r) + h]);
-  auto entries = [&](int64_t i, int64_t& s0, int64_t& s1) {
-    s0 = S * (i % splits) / splits;
-    s1 = S * (i % splits + 1) / splits;
+  // Part i: entries s0..s1 of pair u, eight query rows r.. at a time: step(m, i, u, r, s0, s1).
+  auto each_part = [&](const auto& step) {
+    RunParts(pool, parts, [&](int64_t i) {
+      const int64_t u = i / splits, s0 = S * (i % splits) / splits, s1 = S * (i % splits + 1) / splits;
+      for (int64_t r = 0; r < R; r += kMaxRows)
+        WithRows(std::min(kMaxRows, R - r), [&](auto m) { step(m, i, u, r, s0, s1); });
+    });
   };
-  RunParts(pool, parts, [&](int64_t i) {
-    const int64_t u = i / splits;
-    int64_t s0, s1;
-    entries(i, s0, s1);
-    for (int64_t r = 0; r < R; r += kMaxRows)
-      WithRows(std::min(kMaxRows, R - r), [&](auto m) {
-        RowsNK<m()>(rows.data() + (u * R + r) * H, keys + a.base(u), p.data() + (u * R + r) * S, H, S, s0, s1,
-                    a.ld());
-      });
+  each_part([&](auto m, int64_t, int64_t u, int64_t r, int64_t s0, int64_t s1) {
+    RowsNK<m()>(rows.data() + (u * R + r) * H, keys + a.base(u), p.data() + (u * R + r) * S, H, S, s0, s1, a.ld());
   });
   for (int64_t u = 0; u < units; ++u)
     for (int64_t r = 0; r < R; ++r)
       SoftmaxRow(p.data() + (u * R + r) * S, visible + a.mask_row(u, r), S, std::is_same_v<T, uint16_t>);
   std::vector<float> acc(static_cast<size_t>(parts) * R * H, 0.f);
-  RunParts(pool, parts, [&](int64_t i) {
-    const int64_t u = i / splits;
-    int64_t s0, s1;
-    entries(i, s0, s1);
-    for (int64_t r = 0; r < R; r += kMaxRows)
-      WithRows(std::min(kMaxRows, R - r), [&](auto m) {
-        RowsKNSum<m()>(p.data() + (u * R + r) * S, values + a.base(u), acc.data() + (i * R + r) * H, S, H, s0, s1,
-                       a.ld());
-      });
+  each_part([&](auto m, int64_t i, int64_t u, int64_t r, int64_t s0, int64_t s1) {
+    RowsKNSum<m()>(p.data() + (u * R + r) * S, values + a.base(u), acc.data() + (i * R + r) * H, S, H, s0, s1,
+                   a.ld());
   });
   for (int64_t u = 0; u < units; ++u)
     for (int64_t r = 0; r < R; ++r) {

@@ -1,0 +1,27 @@
+"""bench/profile.py on a tiny checkpoint, run as users run it: a decode step and a prefill, each a table of
+ops whose largest entries are our kernel's calls (products and attention) or XLA's own."""
+
+import os
+import re
+import subprocess
+import sys
+
+from tests.make_checkpoints import save_text_checkpoint
+from tests.services import ROOT
+
+
+def test_bench_profile_tiny(tmp_path):
+    save_text_checkpoint(str(tmp_path / "ckpt"))
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as the benchmarks run
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "profile.py"), "--checkpoint",
+                           str(tmp_path / "ckpt"), "--prompt-len", "12", "--new-tokens", "32", "--top", "5"],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    out = proc.stdout
+    step = re.search(r"one decode step: (-?[\d.]+) ms wall, (-?[\d.]+) ms in ops", out)
+    prefill = re.search(r"prefill of 12 tokens: ([\d.]+) ms wall, ([\d.]+) ms in ops", out)
+    assert step and prefill, out
+    assert all(float(x) > 0 for x in prefill.groups()), out
+    # the decode step's products and attention are the kernel's (the float32 decode path on the CPU); 32 steps
+    # of a tiny model take milliseconds, so only what they are is asserted, not their time against noise
+    assert re.search(r"\| ffi_call \| [\d.]+ \|", out.split("prefill of")[0]), out
