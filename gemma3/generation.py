@@ -275,7 +275,8 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int = 32,
         cache = shard_cache(cache, mesh)
     graphdef, state = nnx.split(model)
     prefill, _, first = _compiled(graphdef)
-    extra = {k: jax.device_put(v) for k, v in prefill_inputs.items() if v is not None}
+    extra = {k: v if isinstance(v, jax.Array) else jax.device_put(np.asarray(v))  # lists, torch tensors too
+             for k, v in prefill_inputs.items() if v is not None}
     if "pixel_values" in extra or "image_features" in extra:  # the image-token count is checked eagerly here
         from gemma3.multimodal import check_image_token_count
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from gemma3 import Gemma3ForCausalLM
-from gemma3.cache import EMPTY, emptied
+from gemma3.cache import EMPTY, KVCache, emptied
 
 
 @pytest.fixture(scope="module")
@@ -123,3 +123,15 @@ def test_padding_is_never_written(model, step):
     full = np.asarray(cache.full_index[0])
     assert full[:4].tolist() == [EMPTY, EMPTY, 2, 3] and (full[4:] == EMPTY).all()
     assert int(cache.next_position[0]) == 2
+
+
+def test_a_new_cache_has_a_buffer_of_its_own_for_every_leaf():
+    """A new cache comes from one compiled program, whose equal zero outputs could come back as one buffer;
+    they are donated leaf by leaf, so each must be its own (and no two caches may share one)."""
+    from gemma3 import Gemma3TextConfig
+    from tests.make_checkpoints import TEXT_BASE
+
+    config = Gemma3TextConfig.from_dict(TEXT_BASE)
+    first, second = (KVCache.init(config, 2, 16) for _ in range(2))
+    pointers = [x.unsafe_buffer_pointer() for x in jax.tree.leaves(first) + jax.tree.leaves(second)]
+    assert len(set(pointers)) == len(pointers) == 2 * (2 * config.num_hidden_layers + 4)

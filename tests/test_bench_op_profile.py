@@ -1,4 +1,4 @@
-"""bench/profile.py on a tiny checkpoint, run as users run it: a decode step and a prefill, each a table of
+"""bench/op_profile.py on a tiny checkpoint, run as users run it: a decode step and a prefill, each a table of
 ops whose largest entries are our kernel's calls (products and attention) or XLA's own."""
 
 import os
@@ -10,10 +10,10 @@ from tests.make_checkpoints import save_text_checkpoint
 from tests.services import ROOT
 
 
-def test_bench_profile_tiny(tmp_path):
+def test_bench_op_profile_tiny(tmp_path):
     save_text_checkpoint(str(tmp_path / "ckpt"))
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as the benchmarks run
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "profile.py"), "--checkpoint",
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "op_profile.py"), "--checkpoint",
                            str(tmp_path / "ckpt"), "--prompt-len", "12", "--new-tokens", "32", "--top", "5"],
                           capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]

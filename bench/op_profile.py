@@ -1,7 +1,7 @@
 """Where a decode step and a prefill of our library spend their time, from jax.profiler traces (CPU).
 
-    python bench/profile.py --checkpoint DIR --dtype float32 --batch 1          # any Gemma 3 text checkpoint
-    python bench/profile.py --shape 270m --workdir /tmp/bw-work --dtype bfloat16 --batch 8
+    python bench/op_profile.py --checkpoint DIR --dtype float32 --batch 1          # any Gemma 3 text checkpoint
+    python bench/op_profile.py --shape 270m --workdir /tmp/bw-work --dtype bfloat16 --batch 8
 
 A decode step: ``generate`` of 2N and of N new tokens (compiled first, then each traced once); the
 difference of every op's total time between the two traces, divided by N, is one step without the prefill
@@ -9,7 +9,8 @@ or the first call's fixed costs. Prefill: the jitted prefill of ``generate`` on 
 once. Ops are named as XLA's CPU thunks: ``ffi_call`` are our kernel's calls (products and attention,
 ``gemma3/kernels/rows_matmul.cc``), ``ynn_fusion`` XLA's library dots, the rest XLA's own fusions. Times
 are summed over XLA's threads, so a step's ops may add up to more than its wall time. Run it alone: the
-machine is shared and noisy (bench/RESULTS.md). The findings go to bench/RESULTS.md.
+machine is shared and noisy (bench/RESULTS.md). The findings go to bench/RESULTS.md. (Not "profile.py":
+scripts run with bench/ on sys.path, where that name hid the standard library's profile module.)
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ def profile(checkpoint: str, dtype: str, batch: int, prompt_len: int, new_tokens
                                           kw["past_key_values"], {}))
 
         jax.block_until_ready(kwargs)
-        prefill_once()  # compiled by generate already; once more so the trace holds no first-call costs
+        prefill_once()  # compiles it for this cache length (generate's may differ): the trace holds no compile
         prefill_s, prefill_ops = traced(prefill_once, os.path.join(d, "prefill"))
     step_ms = (long_s - short_s) / new_tokens * 1e3
     head = (f"{os.path.basename(checkpoint.rstrip('/'))}, {dtype}, batch {batch}, prompt {prompt_len}, "
