@@ -166,7 +166,6 @@ def attention_applies(q: jax.Array, keys: jax.Array) -> bool:
     return q.shape[1] <= MAX_ROWS or (q.dtype == jnp.bfloat16 and pair_products())
 
 
-@jax.custom_jvp
 def attention(q: jax.Array, keys: jax.Array, values: jax.Array, visible: jax.Array) -> jax.Array:
     """softmax(q k^T masked by ``visible``) v per kv head, in the kernel (float32 sums and softmax), reading
     the keys and values in place.
@@ -174,24 +173,7 @@ def attention(q: jax.Array, keys: jax.Array, values: jax.Array, visible: jax.Arr
     q: (B, T, N, H), already scaled; keys, values: (Bc, S, K, H) for Bc >= B, of which the first B rows are
     read: a cache's whole buffers (bfloat16 may be kept as its uint16 bits) or a chunk's own keys; visible:
     (B, T, S). Returns (B, T, N, H) float32. XLA's CPU dots copied a decode step's keys and values transposed
-    every layer, and widened a bfloat16 prefill's to float32 (kernels/rows_matmul.cc). Derivatives go through
-    the same attention in XLA's einsums (`_attention_by_xla`)."""
+    every layer, and widened a bfloat16 prefill's to float32 (kernels/rows_matmul.cc). It has no derivative:
+    models call it through `gemma3.text.kernel_attention`, whose derivatives are XLA's."""
     call = jax.ffi.ffi_call(ATTENTION_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32), vmap_method="sequential")
     return call(q, keys, values, visible.astype(bool))
-
-
-def _attention_by_xla(q, keys, values, visible):
-    """`attention` in XLA's operations, for its derivatives."""
-    b, t, n, h = q.shape
-    k, v = (jax.lax.bitcast_convert_type(x[:b], jnp.bfloat16) if x.dtype == jnp.uint16 else x[:b]
-            for x in (keys, values))
-    qg = q.reshape(b, t, k.shape[2], n // k.shape[2], h)
-    s = jnp.einsum("btkgh,bskh->btkgs", qg, k, preferred_element_type=jnp.float32)
-    s = jnp.where(visible[:, :, None, None, :], s, jnp.finfo(jnp.float32).min)
-    p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
-    return jnp.einsum("btkgs,bskh->btkgh", p, v, preferred_element_type=jnp.float32).reshape(b, t, n, h)
-
-
-@attention.defjvp
-def _attention_jvp(primals, tangents):
-    return attention(*primals), jax.jvp(_attention_by_xla, primals, tangents)[1]

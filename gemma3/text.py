@@ -166,6 +166,12 @@ def dot_product_attention(q, key_sets, ctx: AttentionContext):
     (float32), so attending to the cache and to the chunk needs no concatenation of the cache.
     Returns the output (B, T, N, H) and the probabilities (B, N, T, sum S_i).
     """
+    return attend(q, [(k, v, visibility_mask(ctx.q_index, k_index, ctx.window, ctx.blocks, k_blocks))
+                      for k, v, k_index, k_blocks in key_sets])
+
+
+def attend(q, key_sets):
+    """`dot_product_attention` over key sets [(k, v, visible)] whose (B, T, S_i) masks are given."""
     b, t, n, h = q.shape
     n_kv = key_sets[0][0].shape[2]
     qg = q.reshape(b, t, n_kv, n // n_kv, h)
@@ -173,18 +179,33 @@ def dot_product_attention(q, key_sets, ctx: AttentionContext):
     # (B, T*G, H) rows and the output comes back as (B, T, N, H), so neither needs a transposed copy
     # (with G before T, XLA's CPU backend copied q, the probabilities and the output every layer).
     scores = []
-    for k, _, k_index, k_blocks in key_sets:
+    for k, _, visible in key_sets:
         s = jnp.einsum("BTKGH,BSKH->BKTGS", qg, k, preferred_element_type=jnp.float32,
                        precision=float32_precision(qg, k))
-        mask = visibility_mask(ctx.q_index, k_index, ctx.window, ctx.blocks, k_blocks)
-        scores.append(jnp.where(mask[:, None, :, None], s, _MASKED))
+        scores.append(jnp.where(visible[:, None, :, None], s, _MASKED))
     probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1)
     out, start = 0.0, 0
-    for k, v, _, _ in key_sets:
+    for k, v, _ in key_sets:
         p = probs[..., start:start + k.shape[1]].astype(v.dtype)
         out = out + jnp.einsum("BKTGS,BSKH->BTKGH", p, v, precision=float32_precision(p, v))
         start += k.shape[1]
     return out.reshape(b, t, n, h).astype(q.dtype), probs.transpose(0, 1, 3, 2, 4).reshape(b, n, t, -1)
+
+
+@jax.custom_jvp
+def kernel_attention(q, keys, values, visible):
+    """`cpu_kernels.attention` (float32 out), whose derivatives are those of `attend`, the same attention in
+    XLA's einsums (the kernel has none of its own)."""
+    return cpu_kernels.attention(q, keys, values, visible)
+
+
+@kernel_attention.defjvp
+def _kernel_attention_jvp(primals, tangents):
+    def by_xla(q, keys, values, visible):
+        b = q.shape[0]
+        return attend(q, [(kv.floats(keys[:b]), kv.floats(values[:b]), visible)])[0].astype(jnp.float32)
+
+    return kernel_attention(*primals), jax.jvp(by_xla, primals, tangents)[1]
 
 
 class Gemma3Attention(nnx.Module):
@@ -226,7 +247,7 @@ class Gemma3Attention(nnx.Module):
             # on the CPU the kernel reads keys and values in place (XLA's dots copied or widened them)
             keys, values, k_index, k_blocks = alone
             visible = visibility_mask(ctx.q_index, k_index, ctx.window, ctx.blocks, k_blocks)
-            out = cpu_kernels.attention(q, keys, values, visible).astype(q.dtype)
+            out = kernel_attention(q, keys, values, visible).astype(q.dtype)
             return self.o_proj(out.reshape(b, t, -1)), cache_kv, None
         out, probs = dot_product_attention(q, key_sets, ctx)
         return self.o_proj(out.reshape(b, t, -1)), cache_kv, probs

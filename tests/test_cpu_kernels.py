@@ -200,14 +200,16 @@ def test_a_model_attends_in_the_kernel_as_it_does_through_xla(dtype):
 
 
 def test_attention_derivatives_flow_through_xla():
-    """The kernel has no derivative of its own: jax.grad through it takes XLA's einsums, which agree with
-    finite differences of the kernel's own forward."""
+    """The kernel has no derivative of its own: jax.grad through a model's call of it takes XLA's einsums,
+    which agree with finite differences of the kernel's own forward."""
     from jax.test_util import check_grads
+
+    from gemma3.text import kernel_attention
 
     rng = np.random.default_rng(7)
     q = jnp.asarray(rng.standard_normal((1, 2, 4, 16)), jnp.float32)
     keys = jnp.asarray(rng.standard_normal((2, 9, 2, 16)), jnp.float32)
     values = jnp.asarray(rng.standard_normal((2, 9, 2, 16)), jnp.float32)
     visible = jnp.asarray(rng.random((1, 2, 9)) < 0.7)
-    check_grads(lambda q, k, v: cpu_kernels.attention(q, k, v, visible), (q, keys, values), order=1,
+    check_grads(lambda q, k, v: kernel_attention(q, k, v, visible), (q, keys, values), order=1,
                 modes=("fwd", "rev"), atol=2e-2, rtol=2e-2, eps=1e-2)
