@@ -166,7 +166,7 @@ class LMWorkerService(lm_worker_pb2_grpc.LMWorkerServicer):
         except ValueError as e:
             phase.end()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        log.info("admitted", extra={"request_id": request_id, "prompt_tokens": len(ids)})
+        log.debug("admitted", extra={"request_id": request_id, "prompt_tokens": len(ids)})
 
         text = StreamDecoder(self.prompts.tokenizer)
         stops = StopMatcher(list(request.sampling.stop))

@@ -7,6 +7,10 @@ Exporters follow the standard variables: ``OTEL_TRACES_EXPORTER`` / ``OTEL_METRI
 unless asked. The OTLP exporter reads its own ``OTEL_EXPORTER_OTLP_*`` settings and
 ``OTEL_METRIC_EXPORT_INTERVAL`` sets how often metrics go out. ``GEMMA3_TRACE_FILE`` and
 ``GEMMA3_METRICS_FILE`` append spans and metrics as JSON lines to a file (the tests read them).
+
+With no trace exporter the process records no spans and its gRPC calls go without tracing interceptors:
+spans that nothing reads cost each request a few hundred microseconds of Python (bench/RESULTS.md, serving).
+Likewise, with no metrics exporter the instruments are the API's no-ops.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExport
 
 log = logging.getLogger(__name__)
 _configured = False
+_tracing = False
 
 
 def exporter_names(signal: str) -> set[str]:
@@ -59,22 +64,27 @@ def _json_lines(path: str):
 
 
 def configure_telemetry(service: str) -> None:
-    """Install this process's tracer and meter providers (once)."""
-    global _configured
+    """Install this process's tracer and meter providers (once), where an exporter is asked for."""
+    global _configured, _tracing
     if _configured:
         return
     resource = Resource.create({"service.name": service})
 
-    tracer_provider = TracerProvider(resource=resource)
+    processors = []
     names = exporter_names("traces")
     if "otlp" in names and (exporter := _otlp("traces")) is not None:
-        tracer_provider.add_span_processor(BatchSpanProcessor(exporter))
+        processors.append(BatchSpanProcessor(exporter))
     if "console" in names:
-        tracer_provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
+        processors.append(BatchSpanProcessor(ConsoleSpanExporter()))
     if os.environ.get("GEMMA3_TRACE_FILE"):
-        tracer_provider.add_span_processor(SimpleSpanProcessor(ConsoleSpanExporter(
+        processors.append(SimpleSpanProcessor(ConsoleSpanExporter(
             out=_json_lines(os.environ["GEMMA3_TRACE_FILE"]), formatter=lambda s: s.to_json(indent=None) + "\n")))
-    trace.set_tracer_provider(tracer_provider)
+    if processors:
+        tracer_provider = TracerProvider(resource=resource)
+        for processor in processors:
+            tracer_provider.add_span_processor(processor)
+        trace.set_tracer_provider(tracer_provider)
+        _tracing = True
 
     readers = []
     names = exporter_names("metrics")
@@ -85,14 +95,14 @@ def configure_telemetry(service: str) -> None:
     if os.environ.get("GEMMA3_METRICS_FILE"):
         readers.append(PeriodicExportingMetricReader(ConsoleMetricExporter(
             out=_json_lines(os.environ["GEMMA3_METRICS_FILE"]), formatter=lambda m: m.to_json(indent=None) + "\n")))
-    # shuts down (one last export) at exit, like the tracer provider
-    metrics.set_meter_provider(MeterProvider(resource=resource, metric_readers=readers))
+    if readers:  # shuts down (one last export) at exit, like the tracer provider
+        metrics.set_meter_provider(MeterProvider(resource=resource, metric_readers=readers))
     _configured = True
 
 
 def server_interceptors() -> list:
-    return [aio_server_interceptor()]
+    return [aio_server_interceptor()] if _tracing else []
 
 
 def client_interceptors() -> list:
-    return list(aio_client_interceptors())
+    return list(aio_client_interceptors()) if _tracing else []

@@ -1,12 +1,16 @@
 """The shared server bootstrap over a real loopback channel: health states, reflection, drain."""
 
 import asyncio
+import os
+import subprocess
+import sys
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from serving.server import Server
+from tests.services import ROOT
 
 NAME = "gemma3serve.v1.LMWorker"
 
@@ -51,3 +55,19 @@ def test_not_serving_until_warm_then_serving_then_drained():
     assert seen["warm"] == seen["overall"] == health_pb2.HealthCheckResponse.SERVING
     assert {NAME, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= seen["services"]
     assert seen["after"] in (grpc.StatusCode.UNAVAILABLE, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+
+def test_tracing_only_where_an_exporter_is_asked_for(tmp_path):
+    """Spans nobody reads cost every request: without a trace exporter a process installs no tracer
+    provider and no tracing interceptors; with one (here the JSON-lines file) it has both."""
+    probe = ("from opentelemetry import trace; from opentelemetry.sdk.trace import TracerProvider; "
+             "from serving.telemetry import configure_telemetry, server_interceptors, client_interceptors; "
+             "configure_telemetry('probe'); "
+             "print(isinstance(trace.get_tracer_provider(), TracerProvider), len(server_interceptors()), "
+             "len(client_interceptors()) > 0)")
+    quiet = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "GEMMA3_TRACE", "GEMMA3_METRICS"))}
+    off = subprocess.run([sys.executable, "-c", probe], env=quiet, cwd=ROOT, capture_output=True, text=True)
+    on = subprocess.run([sys.executable, "-c", probe], env={**quiet, "GEMMA3_TRACE_FILE": str(tmp_path / "t.jsonl")},
+                        cwd=ROOT, capture_output=True, text=True)
+    assert off.stdout.split() == ["False", "0", "False"], off.stderr
+    assert on.stdout.split() == ["True", "1", "True"], on.stderr

@@ -29,8 +29,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     env_flag(p, "--model", "GEMMA3_MODEL", None, "Hugging Face Gemma 3 (multimodal) checkpoint directory")
     env_flag(p, "--dtype", "GEMMA3_VISION_DTYPE", "bfloat16", "compute dtype", choices=["float32", "bfloat16"])
     env_flag(p, "--max-batch", "GEMMA3_VISION_MAX_BATCH", 8, "images run through the tower together", type=int)
-    env_flag(p, "--batch-wait-ms", "GEMMA3_VISION_BATCH_WAIT_MS", 5.0, "how long a batch waits for company",
-             type=float)
+    env_flag(p, "--batch-wait-ms", "GEMMA3_VISION_BATCH_WAIT_MS", 0.0, "how long a batch waits for company "
+             "(0: a batch is what arrived while the tower ran the one before)", type=float)
     env_flag(p, "--redis-url", "REDIS_URL", "redis://127.0.0.1:6379/0", "Redis for the embedding cache")
     env_flag(p, "--cache-ttl", "GEMMA3_VISION_CACHE_TTL", 3600, "seconds an embedding stays cached", type=int)
     worker_security_flags(p, "GEMMA3_VISION")

@@ -64,9 +64,10 @@ class Batcher:
     The weights are an argument of the compiled function, not constants folded into it: that compiles
     in a fraction of the time and holds no second copy of them. Once started, the batcher compiles every
     batch shape up to ``max_batch`` (``warm_up``) before it takes the first batch (the worker's warm-up
-    image), so no request waits for a compile."""
+    image), so no request waits for a compile. A batch is what waited while the tower ran the batch before
+    (and ``wait_ms`` more, when set): a lone request never waits for company that is not coming."""
 
-    def __init__(self, encoder, max_batch: int = 8, wait_ms: float = 5.0):
+    def __init__(self, encoder, max_batch: int = 8, wait_ms: float = 0.0):
         graphdef, self._state = nnx.split(encoder)
         self._run = jax.jit(lambda state, pixels: nnx.merge(graphdef, state)(pixels))
         self._compiled: dict[tuple[int, ...], jax.stages.Compiled] = {}
@@ -123,7 +124,7 @@ class Batcher:
             log.exception("compiling the vision tower's batch shapes failed")
         while True:
             jobs = [await self.queue.get()]
-            await asyncio.sleep(self.wait)
+            await asyncio.sleep(self.wait)  # (0: lets requests that are ready join)
             while not self.queue.empty() and sum(len(p) for p, _ in jobs) < self.max_batch:
                 jobs.append(self.queue.get_nowait())
             try:
