@@ -15,11 +15,9 @@ and drives it through the gateway's real gRPC stub, streaming:
 
 Every workload's requests are drawn first and tokenized here, which sizes the LM worker's context
 (``--max-length``, default: the longest prompt + ``--max-new-tokens`` rounded up to a power of two) and
-lists the prefill shapes the warm-up must compile. Before the stack starts, a subprocess measures the
-library's own ``Gemma3ForConditionalGeneration.generate`` (batch 1, same dtype, no contention) on the
-workloads' median-length text request and median-length image request, timed from the encoded image
-(decoding, preprocessing and the vision tower included, as the service does them), ``--max-new-tokens``
-new tokens, the median of ``--library-repeats`` after one that compiles.
+lists the prefill shapes the warm-up must compile. Before the stack starts, a subprocess loads the
+library's own ``Gemma3ForConditionalGeneration.generate`` (batch 1, same dtype) and runs each request of
+the paired workload once (compiling); it then waits beside the stack (see "Service against library").
 
 Workloads, each after an unmeasured warm-up that compiles the prefill buckets and vision batch sizes:
 
@@ -49,9 +47,18 @@ Measured per request at the client (``time.perf_counter``), JetStream's definiti
 * throughput: output tokens (and requests) completed ÷ wall time of the workload (first send → last
   finish).
 
-Percentiles are numpy's (linear interpolation). Also reported: the LM worker's slot count (GetStats),
-the image cache hit share, and at concurrency 1 the service's tokens/s per request (tokens ÷ E2E,
-median) ÷ the library's (same kind of prompt): the target is ≥ 0.9 for text prompts. Prints Markdown
+Percentiles are numpy's (linear interpolation). Also reported: the LM worker's slot count (GetStats)
+and the image cache hit share.
+
+Service against library (the target: ≥ 0.9 at concurrency 1): after the workloads, ``--paired-requests``
+more requests (a fresh image pool: misses, then hits), one at a time, each bracketed by the library's
+``generate`` of the same request just before and just after it (timed from the encoded image: decoding,
+preprocessing and the vision tower included, as the service does them on a cache miss). Per request, the
+library's mean time ÷ the service's E2E is the service's tokens/s ÷ the library's; reported: the median
+(and range) over text requests, image requests that hit the cache and those that missed it. Pairing each
+request with itself, in the same seconds, leaves out the prompts' spread and this machine's drift, which
+moved a comparison of the two sides' medians, measured minutes apart, from 0.6x to 1.3x between runs of
+the demo model (bench/RESULTS.md). Prints Markdown
 tables; ``--json`` writes every measurement; ``--plot`` (default ``bench/serving.png``) draws throughput
 and p99 TTFT against concurrency for each model.
 
@@ -179,6 +186,7 @@ class Record:
     prompt_tokens: int = 0
     cache_hits: int = 0
     end: float = 0.0
+    index: int = -1  # the request's place in its workload
 
     @property
     def complete(self) -> bool:
@@ -189,8 +197,8 @@ class Record:
         return (self.e2e - self.ttft) / (self.tokens - 1) if self.complete and self.tokens > 1 else None
 
 
-async def one(stub, template: Template, max_new_tokens: int, timeout: float) -> Record:
-    rec = Record(template.kind, time.perf_counter())
+async def one(stub, template: Template, max_new_tokens: int, timeout: float, index: int = -1) -> Record:
+    rec = Record(template.kind, time.perf_counter(), index=index)
     last = None
     try:
         async for chunk in stub.Generate(template.request(max_new_tokens), timeout=timeout):
@@ -217,12 +225,12 @@ async def one(stub, template: Template, max_new_tokens: int, timeout: float) -> 
 async def closed_loop(stub, tpls: list[Template], concurrency: int, max_new_tokens: int,
                       timeout: float) -> tuple[list[Record], float]:
     """``concurrency`` client loops draining ``tpls`` in order; (records, wall seconds)."""
-    todo = iter(tpls)
+    todo = iter(enumerate(tpls))
     records: list[Record] = []
 
     async def client():
-        for template in todo:  # a shared iterator: each loop takes the next request when it is free
-            records.append(await one(stub, template, max_new_tokens, timeout))
+        for i, template in todo:  # a shared iterator: each loop takes the next request when it is free
+            records.append(await one(stub, template, max_new_tokens, timeout, i))
 
     start = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(concurrency)))
@@ -278,61 +286,69 @@ def summarize(name: str, records: list[Record], wall: float, max_new_tokens: int
 
 
 # ------------------------------------------------------------------------------ library baseline
-def library_baseline(model: str, args, work: Plan) -> dict:
-    """The library's own generate, batch 1, in a subprocess before the stack starts (no contention), on a
-    text and an image request of the workloads with their kind's median prompt length."""
-    every = [t for _, tpls in work.sweep for t in tpls] + [t for tpls in work.arrivals for t in tpls]
-    prompts = {}
-    for kind in ("text", "image"):
-        mine = sorted((n, i) for i, (t, n) in enumerate(zip(every, work.lengths)) if t.kind == kind)
-        if mine:
-            t = every[mine[len(mine) // 2][1]]
-            prompts[kind] = [t.question, t.image.hex() if t.image else None]
-    with tempfile.TemporaryDirectory() as tmp:
-        spec, out = os.path.join(tmp, "spec.json"), os.path.join(tmp, "out.json")
-        with open(spec, "w") as f:
-            json.dump({"model": model, "dtype": args.dtype, "max_new_tokens": args.max_new_tokens,
-                       "repeats": args.library_repeats, "prompts": prompts}, f)
-        subprocess.run([sys.executable, os.path.abspath(__file__), "--_library", spec, out], check=True)
-        with open(out) as f:
-            return json.load(f)
+class Library:
+    """The library's generate in a subprocess (``--_library``), one request per line on its stdin, its
+    time on its stdout: it waits beside the stack, idle, between the requests it is given."""
+
+    def __init__(self, model: str, args):
+        spec = json.dumps({"model": model, "dtype": args.dtype, "max_new_tokens": args.max_new_tokens})
+        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--_library", spec],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def run(self, template: Template) -> dict:
+        """{"seconds", "prompt_tokens"} of one generate of ``template``'s request."""
+        self.proc.stdin.write(json.dumps([template.question, template.image.hex() if template.image else None]) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the library subprocess ended (exit code {self.proc.wait()})")
+        return json.loads(line)
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
 
 
-def library_worker(spec_path: str, out_path: str) -> None:
+def library_worker(spec_json: str) -> None:
+    """The ``Library`` subprocess: generate for each request read from stdin."""
     import jax.numpy as jnp
 
     from gemma3 import Gemma3ForConditionalGeneration
     from gemma3.processing import Gemma3Processor, decode_image
     from lm_worker.prompts import PromptBuilder, chat_text
 
-    with open(spec_path) as f:
-        spec = json.load(f)
+    spec = json.loads(spec_json)
     model = Gemma3ForConditionalGeneration.from_pretrained(spec["model"], dtype=jnp.dtype(spec["dtype"]),
                                                            progress=False)
     builder = PromptBuilder.from_pretrained(spec["model"], model.config)
     processor = Gemma3Processor.from_pretrained(spec["model"])
     n = spec["max_new_tokens"]
-    result = {}
-    for kind, (question, image) in spec["prompts"].items():
+    for line in sys.stdin:
+        question, image = json.loads(line)
         images = [bytes.fromhex(image)] if image else []
         text = chat_text(build_request(question, images).chat.turns)  # the service's own prompt
-        times = []
-        for rep in range(spec["repeats"] + 1):  # the first compiles
-            t0 = time.perf_counter()  # from the encoded image, as the service gets it: decoding and preprocessing
-            inputs = processor(text, [decode_image(i) for i in images] or None, add_special_tokens=False)
-            extra = {k: inputs[k] for k in ("pixel_values", "token_type_ids") if k in inputs and images}
-            out = model.generate(inputs["input_ids"], inputs["attention_mask"], max_new_tokens=n,
-                                 eos_token_id=builder.stop_token_ids, **extra)
-            new = int(np.asarray(out.num_new_tokens)[0])
-            elapsed = time.perf_counter() - t0
-            if rep:
-                times.append(elapsed)
+        t0 = time.perf_counter()  # from the encoded image, as the service gets it: decoding and preprocessing
+        inputs = processor(text, [decode_image(i) for i in images] or None, add_special_tokens=False)
+        extra = {k: inputs[k] for k in ("pixel_values", "token_type_ids") if k in inputs and images}
+        out = model.generate(inputs["input_ids"], inputs["attention_mask"], max_new_tokens=n,
+                             eos_token_id=builder.stop_token_ids, **extra)
+        new = int(np.asarray(out.num_new_tokens)[0])
+        seconds = time.perf_counter() - t0
         if new != n:
             raise RuntimeError(f"the library stopped after {new} of {n} tokens: the checkpoint can stop")
-        result[kind] = {"prompt_tokens": int(inputs["input_ids"].shape[1]), "new_tokens": n, "seconds": times,
-                        "tok_s": n / float(np.median(times)), "best_tok_s": n / min(times)}
-    with open(out_path, "w") as f:
-        json.dump(result, f)
+        print(json.dumps({"seconds": seconds, "prompt_tokens": int(inputs["input_ids"].shape[1])}), flush=True)
+
+
+async def paired(stub, library: Library, tpls: list[Template], max_new_tokens: int, timeout: float) -> list[dict]:
+    """Each request through the library, the service, the library again; one dict per request."""
+    out = []
+    for i, template in enumerate(tpls):
+        before = await asyncio.to_thread(library.run, template)
+        rec = await one(stub, template, max_new_tokens, timeout, i)
+        after = await asyncio.to_thread(library.run, template)
+        out.append({**dataclasses.asdict(rec), "library_s": [before["seconds"], after["seconds"]],
+                    "library_prompt_tokens": before["prompt_tokens"]})
+    return out
 
 
 # -------------------------------------------------------------------------------------- one model
@@ -377,6 +393,7 @@ class Plan:
     """Every workload's requests, fixed before the stack starts, and what they need of it."""
     sweep: list[tuple[int, list[Template]]]  # (concurrency, requests)
     arrivals: list[list[Template]]  # one list per Poisson rate
+    paired: list[Template]  # each run by the library and the service in turn (empty without --library)
     lengths: list[int]  # prompt tokens (images expanded) of every request
     max_length: int  # the LM worker's context: --max-length, else the longest prompt + max_new_tokens, rounded up
     shapes: dict[tuple[str, int], Template]  # one request per (kind, prefill bucket) reached
@@ -391,7 +408,8 @@ def plan(model: str, args) -> Plan:
     sweep = [(c, templates(max(args.requests, c), args, size, pool=1 + i)) for i, c in enumerate(args.concurrencies)]
     arrivals = [templates(args.requests, args, size, pool=100 + i)
                 for i in range(len(args.rates or args.rate_fractions))]
-    every = [t for _, tpls in sweep for t in tpls] + [t for tpls in arrivals for t in tpls]
+    paired = templates(args.paired_requests, args, size, pool=200) if args.library else []
+    every = [t for _, tpls in sweep for t in tpls] + [t for tpls in arrivals for t in tpls] + paired
     processor = Gemma3Processor.from_pretrained(model)
     lengths = [len(processor.tokenizer.encode(
         processor.expand_images(chat_text(t.request(1).chat.turns), [0] * (t.image is not None)),
@@ -401,7 +419,7 @@ def plan(model: str, args) -> Plan:
     shapes_needed = {}
     for t, n in zip(every, lengths):  # an image prompt's prefill takes image features: its own program
         shapes_needed.setdefault((t.kind, next((b for b in buckets if b >= n), max_length)), t)
-    return Plan(sweep, arrivals, lengths, max_length, shapes_needed)
+    return Plan(sweep, arrivals, paired, lengths, max_length, shapes_needed)
 
 
 async def warm_up(stub, args, size: int, timeout: float, shapes_needed: dict) -> None:
@@ -425,7 +443,7 @@ def _check_warm(recs: list[Record]) -> None:
         raise RuntimeError(f"warm-up request failed: {bad[0].status} {bad[0].detail}")
 
 
-async def drive(target: str, stats_target: str, model: str, args, work: Plan) -> dict:
+async def drive(target: str, stats_target: str, model: str, args, work: Plan, library: Library | None) -> dict:
     size = image_size(model)
     timeout = args.request_timeout
     out: dict = {"workloads": []}
@@ -454,6 +472,9 @@ async def drive(target: str, stats_target: str, model: str, args, work: Plan) ->
             s = summarize(f"Poisson {rate:.2f} req/s", recs, wall, args.max_new_tokens, rate=rate)
             out["workloads"].append(s)
             print(f"# {s['workload']}: {s['output_tok_s']:.1f} tok/s, {wall:.0f}s", file=sys.stderr, flush=True)
+        if library is not None and work.paired:
+            out["paired"] = await paired(stub, library, work.paired, args.max_new_tokens, timeout)
+            print(f"# paired with the library: {len(out['paired'])} requests", file=sys.stderr, flush=True)
     return out
 
 
@@ -464,31 +485,43 @@ def run_model(name: str, args) -> dict:
     result = {"model": name, "checkpoint": model, "max_length": work.max_length,
               "prompt_tokens": {"min": min(work.lengths), "max": max(work.lengths),
                                 "median": float(np.median(work.lengths))}}
-    if args.library:
-        print(f"# {name}: library generate", file=sys.stderr, flush=True)
-        result["library"] = library_baseline(model, args, work)
-    print(f"# {name}: starting the stack", file=sys.stderr, flush=True)
+    library = None
     stack = Stack("text")
     try:
+        if work.paired:
+            print(f"# {name}: library generate, compiling the paired requests' shapes", file=sys.stderr, flush=True)
+            library = Library(model, args)
+            for template in work.paired:
+                library.run(template)
+        print(f"# {name}: starting the stack", file=sys.stderr, flush=True)
         started = time.perf_counter()
         target = start_stack(stack, model, args, work.max_length)
         result["startup_s"] = time.perf_counter() - started
-        result.update(asyncio.run(drive(target, f"127.0.0.1:{lm_port(stack)}", model, args, work)))
+        result.update(asyncio.run(drive(target, f"127.0.0.1:{lm_port(stack)}", model, args, work, library)))
     finally:
         stack.stop()
+        if library is not None:
+            library.close()
     result["ratio"] = library_ratio(result)
     result["seconds"] = time.perf_counter() - t0
     return result
 
 
 def library_ratio(result: dict) -> dict | None:
-    """Service tokens/s per request at concurrency 1 (tokens ÷ E2E, median) ÷ the library's, by prompt kind."""
-    lib = result.get("library")
-    c1 = next((w for w in result.get("workloads", []) if w.get("concurrency") == 1), None)
-    if not lib or not c1:
-        return None
-    return {kind: (c1["request_tok_s"][kind]["p50"] / lib[kind]["tok_s"]
-                   if c1["request_tok_s"][kind]["p50"] else None) for kind in lib}
+    """Per paired request: the library's mean time ÷ the service's E2E (equal token counts: the service's
+    tokens/s ÷ the library's); per group (text, image hit, image miss): median, range, count, and the two
+    sides' median tokens/s."""
+    groups: dict[str, list[tuple[float, float, float]]] = {}
+    for r in result.get("paired", []):
+        if r["status"] != "OK" or r["finish"] != FINISH_LENGTH:
+            continue
+        group = r["kind"] if r["kind"] == "text" else "image, cache hit" if r["cache_hits"] else "image, cache miss"
+        library_s = float(np.mean(r["library_s"]))
+        groups.setdefault(group, []).append((library_s / r["e2e"], r["tokens"] / library_s, r["tokens"] / r["e2e"]))
+    return {g: {"median": float(np.median([x[0] for x in v])), "min": min(x[0] for x in v),
+                "max": max(x[0] for x in v), "requests": len(v), "library_tok_s": float(np.median([x[1] for x in v])),
+                "service_tok_s": float(np.median([x[2] for x in v]))}
+            for g, v in sorted(groups.items(), key=lambda kv: kv[0] != "text")} or None
 
 
 # ---------------------------------------------------------------------------------------- report
@@ -516,16 +549,12 @@ def tables(results: list[dict], args) -> str:
                 f"{ms(w['tpot_s']['p50'])} | {ms(w['tpot_s']['p99'])} | {ms(w['itl_s']['p50'])} | "
                 f"{ms(w['itl_s']['p99'])} | {ms(w['e2e_s']['p50'])} | {ms(w['e2e_s']['p99'])} | "
                 f"{w['batched_token_share']:.0%} | {'–' if hits is None else f'{hits:.0%}'} |")
-        lib = r.get("library")
-        if lib:
-            c1 = next((w for w in r["workloads"] if w.get("concurrency") == 1), None)
+        if r.get("ratio"):
             lines.append("")
-            for kind in lib:
-                svc = c1["request_tok_s"][kind]["p50"] if c1 else None
-                ratio = (r.get("ratio") or {}).get(kind)
-                lines.append(f"- {kind} prompt ({lib[kind]['prompt_tokens']} tokens): library generate "
-                             f"{lib[kind]['tok_s']:.1f} tok/s (batch 1, prefill included); service at concurrency 1 "
-                             + (f"{svc:.1f} tok/s per request (median): **{ratio:.2f}×**" if svc else "–"))
+        for group, x in (r.get("ratio") or {}).items():
+            lines.append(f"- service ÷ library, paired requests, {group} ({x['requests']}): **{x['median']:.2f}×** "
+                         f"median ({x['min']:.2f}–{x['max']:.2f}); tokens/s per request (median): library generate "
+                         f"{x['library_tok_s']:.1f} (batch 1, prefill included), service {x['service_tok_s']:.1f}")
         for w in r["workloads"]:
             if w["failed"] or w["details"]:
                 lines.append(f"- {w['workload']}: failed {w['failed']} {w['details']}")
@@ -554,9 +583,9 @@ def plot(results: list[dict], path: str) -> None:
         line, = ax_tp.plot(c, tp, "o-", label=r["model"])
         ax_ttft.plot(c, [t * 1000 if t is not None else np.nan for t in ttft], "o-", color=line.get_color(),
                      label=r["model"])
-        lib = (r.get("library") or {}).get("text")
+        lib = (r.get("ratio") or {}).get("text")
         if lib:
-            ax_tp.axhline(lib["tok_s"], color=line.get_color(), ls=":", lw=1,
+            ax_tp.axhline(lib["library_tok_s"], color=line.get_color(), ls=":", lw=1,
                           label=f"{r['model']}: library generate, batch 1")
     for ax, title, unit in ((ax_tp, "throughput", "output tokens/s"), (ax_ttft, "p99 time to first token", "ms")):
         for n in sorted(s for s in slots if s):
@@ -603,8 +632,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "the longest prompt + --max-new-tokens, rounded up to a power of two, at least 128)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--library", action=argparse.BooleanOptionalAction, default=True,
-                   help="measure the library's generate first")
-    p.add_argument("--library-repeats", type=int, default=3)
+                   help="end with requests paired with the library's generate")
+    p.add_argument("--paired-requests", type=int, default=32, help="requests paired with the library's")
     p.add_argument("--redis-url", default=os.environ.get("REDIS_URL", ""),
                    help="Redis for the embedding cache (default: a private redis-server) [env REDIS_URL]")
     p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "gemma3-bench-serving"),
@@ -616,7 +645,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--json", help="also write every measurement here")
     p.add_argument("--plot", default=os.path.join(ROOT, "bench", "serving.png"), help="PNG path ('' for none)")
     p.add_argument("--output", help="also write the Markdown tables here")
-    p.add_argument("--_library", nargs=2, help=argparse.SUPPRESS)
+    p.add_argument("--_library", help=argparse.SUPPRESS)
     p.add_argument("--_checkpoint", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if len(args.prompt_words) != 2 or not 1 <= args.prompt_words[0] <= args.prompt_words[1]:
@@ -628,7 +657,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args._library:
-        library_worker(*args._library)
+        library_worker(args._library)
         return 0
     if args._checkpoint:
         write_270m(args._checkpoint, args.seed)

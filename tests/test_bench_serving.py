@@ -1,5 +1,6 @@
-"""bench/serving.py end to end on a tiny run: the demo model through its own stack, concurrency 1 and 2
-and one Poisson rate, 4 new tokens each. Checks structure and correctness, not timings."""
+"""bench/serving.py end to end on a tiny run: the demo model through its own stack, concurrency 1 and 2,
+one Poisson rate and requests paired with the library's generate, 4 new tokens each. Checks structure
+and correctness, not timings."""
 
 import importlib.util
 import json
@@ -17,7 +18,7 @@ def test_tiny_serving_run(tmp_path):
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "bench", "serving.py"), "--models", "demo", "--concurrencies", "1,2",
          "--requests", "3", "--rate-fractions", "0.5", "--max-new-tokens", "4", "--image-pool", "2",
-         "--prompt-words", "4,8", "--num-slots", "4", "--no-library", "--workdir", str(tmp_path / "work"),
+         "--prompt-words", "4,8", "--num-slots", "4", "--paired-requests", "4", "--workdir", str(tmp_path / "work"),
          "--redis-url", REDIS_URL,  # the tests' Redis (the run's images are its own: no stale hits)
          "--json", str(out), "--plot", str(png) if plotting else ""],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
@@ -41,5 +42,16 @@ def test_tiny_serving_run(tmp_path):
     for r in records:
         assert r["status"] == "OK" and r["tokens"] == 4 and r["ttft"] <= r["e2e"]
         assert len(r["gaps"]) == r["messages"] - 1
+    paired = result["paired"]  # each through the library, the service, the library again
+    assert len(paired) == 4 and [r["index"] for r in paired] == [0, 1, 2, 3]
+    for r in paired:
+        assert r["status"] == "OK" and r["tokens"] == 4 and len(r["library_s"]) == 2 and min(r["library_s"]) > 0
+        assert r["library_prompt_tokens"] == r["prompt_tokens"], "the library and the service saw other prompts"
+    groups = result["ratio"]
+    assert sum(g["requests"] for g in groups.values()) == 4
+    assert set(groups) <= {"text", "image, cache hit", "image, cache miss"}
+    for g in groups.values():
+        assert g["min"] <= g["median"] <= g["max"] and g["library_tok_s"] > 0 and g["service_tok_s"] > 0
+    assert "service ÷ library, paired requests" in proc.stdout
     if plotting:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
