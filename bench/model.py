@@ -230,6 +230,7 @@ class OursWorker:
         top_k, top_p = jnp.zeros((b,), jnp.int32), jnp.ones((b,), jnp.float32)
         prefill_s = float("inf")
         for _ in range(prefill_reps):
+            logits = cache = None  # the last repeat's cache goes before the next is made (transformers' `del out`)
             state, prefill, decode, first, kw = self._fresh()
             t0 = time.perf_counter()
             logits, cache = prefill(state, self.jids, kw["attention_mask"], kw["position_ids"],
