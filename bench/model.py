@@ -218,7 +218,7 @@ class OursWorker:
         from gemma3.generation import _compiled
 
         graphdef, state = nnx.split(self.model)
-        prefill, decode, first = _compiled(graphdef)
+        prefill, decode, first = _compiled(graphdef, True)  # greedy, as generate compiles for these runs
         kw = self.model.prepare_inputs_for_generation(self.jids, max_length=self.t + self.n)
         self.jax.block_until_ready(kw)
         return state, prefill, decode, first, kw

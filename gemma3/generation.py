@@ -23,7 +23,7 @@ filters could keep more falls back to sorting the whole vocabulary (a 262k-token
 70 ms per row on a CPU, the top 256 under 1 ms)."""
 
 
-def sample_tokens(logits, keys, temperature, top_k, top_p) -> jax.Array:
+def sample_tokens(logits, keys, temperature, top_k, top_p, *, greedy: bool = False) -> jax.Array:
     """One token per row from logits (B, V).
 
     temperature (B,) 0 means greedy (argmax); top_k (B,) 0 means no limit; top_p (B,) 1 means no limit.
@@ -32,8 +32,14 @@ def sample_tokens(logits, keys, temperature, top_k, top_p) -> jax.Array:
     unfiltered rows by inverse CDF over the whole vocabulary, filtered ones over their CANDIDATES best
     tokens when the filters keep no more (top_k <= CANDIDATES, or a nucleus inside them), else over the
     whole sorted vocabulary.
+
+    ``greedy``: every row is greedy, as known when compiling: the program is the argmax alone. (The
+    sampler is most of a sampling step's compiled code: on the CPU backend it keeps about 24 MB per
+    program at a 262k vocabulary, and a second of compile time.)
     """
     logits = logits.astype(jnp.float32)
+    if greedy:
+        return argmax(logits)
     greedy = argmax(logits)
 
     def stochastic():
@@ -126,17 +132,31 @@ class GenerateOutput:
     num_new_tokens: np.ndarray  # (B,) tokens generated per row, the stop token included
 
 
-def _decode_step(graphdef, state, tokens, cache, seeds, step, temperature, top_k, top_p):
-    """One token per row from the previous one: a forward of length 1 through the cache, then sampling."""
+def _decode_step(graphdef, greedy, state, tokens, cache, seeds, step, temperature, top_k, top_p):
+    """One token per row from the previous one: a forward of length 1 through the cache, then sampling
+    (``greedy``: argmax only, see sample_tokens)."""
     model = nnx.merge(graphdef, state)
     out = model(input_ids=tokens[:, None], position_ids=cache.next_position[:, None], past_key_values=cache)
-    nxt = sample_tokens(out.logits[:, -1], step_keys(seeds, step), temperature, top_k, top_p)
+    nxt = sample_tokens(out.logits[:, -1], step_keys(seeds, step), temperature, top_k, top_p, greedy=greedy)
     return nxt, out.past_key_values
 
 
+@functools.lru_cache(maxsize=64)
+def _compiled(graphdef, greedy: bool = False):
+    """The jitted prefill (shared by both samplers), decode step (cache donated) and first-token sampling
+    of one model structure; ``greedy``: programs that only ever take the argmax (see sample_tokens)."""
+    decode = functools.partial(_decode_step, graphdef, greedy)
+
+    def first(logits, seeds, temperature, top_k, top_p):
+        return sample_tokens(logits, step_keys(seeds, jnp.int32(0)), temperature, top_k, top_p, greedy=greedy)
+
+    return (_prefill_program(graphdef), jax.jit(decode, donate_argnums=(2,)),
+            jax.jit(first, compiler_options=loop_compiler_options()))
+
+
 @functools.lru_cache(maxsize=32)
-def _compiled(graphdef):
-    """The jitted prefill and decode step of one model structure (the cache is donated)."""
+def _prefill_program(graphdef):
+    """The jitted prefill of one model structure (the new cache is donated)."""
 
     def prefill(state, input_ids, attention_mask, position_ids, cache, extra):
         """The prompt into a new cache (``prepare_inputs_for_generation``'s)."""
@@ -145,13 +165,7 @@ def _compiled(graphdef):
                     past_key_values=kv.emptied(cache), logits_to_keep=1, **extra)
         return out.logits[:, -1], out.past_key_values
 
-    decode = functools.partial(_decode_step, graphdef)
-
-    def first(logits, seeds, temperature, top_k, top_p):
-        return sample_tokens(logits, step_keys(seeds, jnp.int32(0)), temperature, top_k, top_p)
-
-    return (jax.jit(prefill, donate_argnums=(4,)), jax.jit(decode, donate_argnums=(2,)),
-            jax.jit(first, compiler_options=loop_compiler_options()))
+    return jax.jit(prefill, donate_argnums=(4,))
 
 
 def decodes_one_row_as_two() -> bool:
@@ -194,10 +208,11 @@ def _knows_option(name: str, value) -> bool:
 
 
 @functools.lru_cache(maxsize=32)
-def _compiled_loop(graphdef, size: int, twice: bool = False):
+def _compiled_loop(graphdef, size: int, twice: bool = False, greedy: bool = False):
     """All decode steps of ``generate`` in one jitted ``while_loop``: tokens land in a (B, size) buffer
     (pad after a row's stop token) until every row has stopped or ``limit`` tokens were made. ``twice``:
-    every row is decoded twice over (see decodes_one_row_as_two) and the first copy is returned."""
+    every row is decoded twice over (see decodes_one_row_as_two) and the first copy is returned;
+    ``greedy``: argmax only (see sample_tokens)."""
     def loop(state, token, cache, seeds, temperature, top_k, top_p, stop_ids, limit, pad):
         rows = token.shape[0]
         if twice:
@@ -213,7 +228,7 @@ def _compiled_loop(graphdef, size: int, twice: bool = False):
 
         def body(carry):
             i, tok, cache, out, done, count = carry
-            tok, cache = _decode_step(graphdef, state, tok, cache, seeds, i, temperature, top_k, top_p)
+            tok, cache = _decode_step(graphdef, greedy, state, tok, cache, seeds, i, temperature, top_k, top_p)
             return (i + 1, tok, cache, *record(i, tok, out, done, count))
 
         carry = (jnp.int32(1), token, cache, out, done, count)
@@ -253,6 +268,7 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int = 32,
     top_p, seeds = _per_row(top_p, b, np.float32), _per_row(seed, b, np.uint32)
     if (temperature < 0).any() or (top_p <= 0).any() or (top_p > 1).any():
         raise ValueError("temperature must be >= 0 and top_p in (0, 1]")
+    greedy = not (temperature > 0).any()  # then the programs hold no sampler (see sample_tokens)
     temperature, top_k, top_p, seeds = jax.device_put((temperature, top_k, top_p, seeds))  # (jnp.asarray compiles)
 
     # The prompt is left-padded to a bucket (a multiple of 16 and of an eighth of its power of two: at
@@ -274,7 +290,7 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int = 32,
 
         cache = shard_cache(cache, mesh)
     graphdef, state = nnx.split(model)
-    prefill, _, first = _compiled(graphdef)
+    prefill, _, first = _compiled(graphdef, greedy)
     extra = {k: v if isinstance(v, jax.Array) else jax.device_put(np.asarray(v))  # lists, torch tensors too
              for k, v in prefill_inputs.items() if v is not None}
     if "pixel_values" in extra or "image_features" in extra:  # the image-token count is checked eagerly here
@@ -289,7 +305,7 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int = 32,
     stop_ids = np.full(1 << max(2, (len(stops) - 1).bit_length()), -1, np.int32)
     stop_ids[:len(stops)] = sorted(stops)
     twice = b == 1 and decodes_one_row_as_two()
-    out, count, _ = _compiled_loop(graphdef, size, twice)(state, token, cache, seeds, temperature, top_k, top_p,
+    out, count, _ = _compiled_loop(graphdef, size, twice, greedy)(state, token, cache, seeds, temperature, top_k, top_p,
                                                           stop_ids, np.int32(max_new_tokens), np.int32(pad))
     new = np.asarray(out)[:, :max_new_tokens].astype(np.int64)
     return GenerateOutput(sequences=np.concatenate([np.asarray(input_ids), new], axis=1), new_tokens=new,

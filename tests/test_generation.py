@@ -77,12 +77,31 @@ def test_a_one_row_batch_decoded_as_two_rows_gives_the_same_tokens(model, monkey
     monkeypatch.setattr(generation, "_compiled_loop", lambda *a: compiled.append(a[1:]) or loop(*a))
     twice = model.generate(ids, eos_token_id=[], **kw)
     twice_stopped = model.generate(ids, eos_token_id=[stop], **kw)
-    assert [c[-1] for c in compiled] == [True, True]
+    assert [c[1] for c in compiled] == [True, True]  # (size, twice, greedy)
     np.testing.assert_array_equal(twice.new_tokens, alone.new_tokens)
     np.testing.assert_array_equal(twice_stopped.new_tokens, alone_stopped.new_tokens)
     np.testing.assert_array_equal(twice_stopped.num_new_tokens, alone_stopped.num_new_tokens)
     model.generate(np.repeat(ids, 2, 0), eos_token_id=[], **kw)
-    assert [c[-1] for c in compiled] == [True, True, False]  # only a one-row batch
+    assert [c[1] for c in compiled] == [True, True, False]  # only a one-row batch
+
+
+def test_greedy_generate_compiles_the_argmax_alone_and_agrees_with_the_sampler(model):
+    """An all-greedy generate compiles programs without the sampler (its top-k, sorts and draws are most
+    of a sampling step's compiled code); a greedy row decoded beside a sampled one takes the same tokens."""
+    from flax import nnx
+
+    from gemma3 import generation
+
+    ids = np.array([[2, 10, 20, 30, 40], [2, 10, 20, 30, 40]])
+    greedy = model.generate(ids[:1], max_new_tokens=10, eos_token_id=[])
+    mixed = model.generate(ids, max_new_tokens=10, eos_token_id=[], temperature=[0.0, 1.0], seed=[0, 3])
+    np.testing.assert_array_equal(mixed.new_tokens[0], greedy.new_tokens[0])
+    graphdef, _ = nnx.split(model)
+    args = (jnp.zeros((1, model.config.vocab_size)), jnp.zeros(1, jnp.uint32), jnp.zeros(1), jnp.zeros(1, jnp.int32),
+            jnp.ones(1))
+    texts = {g: generation._compiled(graphdef, g)[2].lower(*args).as_text() for g in (True, False)}
+    assert "stablehlo.sort" in texts[False] and "stablehlo.sort" not in texts[True]
+    assert len(texts[True]) < len(texts[False]) / 5
 
 
 def test_stop_tokens_end_a_row_and_pad_after(model):
