@@ -26,7 +26,7 @@ Workloads, each after an unmeasured warm-up that compiles the prefill buckets an
 * Poisson arrivals (open loop) at ``--rate-fractions`` of the capacity measured above (the best req/s of
   the concurrency sweep), or at ``--rates`` req/s; ``--requests`` requests each.
 
-A full run (the defaults: both models, 16 requests per workload, 32 new tokens) takes about 12 minutes
+A full run (the defaults: both models, 16 requests per workload, 32 new tokens) takes about 13 minutes
 on a quiet 2-core machine, most of it the 270m model; ``--models demo --concurrencies 1,2 --requests 3
 --max-new-tokens 4 --no-library`` takes ~20 s.
 
