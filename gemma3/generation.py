@@ -40,7 +40,7 @@ def sample_tokens(logits, keys, temperature, top_k, top_p, *, greedy: bool = Fal
     logits = logits.astype(jnp.float32)
     if greedy:
         return argmax(logits)
-    greedy = argmax(logits)
+    best = argmax(logits)
 
     def stochastic():
         x = logits / jnp.maximum(temperature, 1e-6)[:, None]
@@ -67,8 +67,8 @@ def sample_tokens(logits, keys, temperature, top_k, top_p, *, greedy: bool = Fal
         slow = ~(unfiltered | fits)
         return jnp.where(slow, jax.lax.cond(jnp.any(slow), sorted_draw, lambda: drawn), drawn)
 
-    sampled = jax.lax.cond(jnp.any(temperature > 0), stochastic, lambda: greedy)
-    return jnp.where(temperature > 0, sampled, greedy)
+    sampled = jax.lax.cond(jnp.any(temperature > 0), stochastic, lambda: best)
+    return jnp.where(temperature > 0, sampled, best)
 
 
 def argmax(x) -> jax.Array:
@@ -207,7 +207,7 @@ def _knows_option(name: str, value) -> bool:
     return True
 
 
-@functools.lru_cache(maxsize=32)
+@functools.lru_cache(maxsize=64)
 def _compiled_loop(graphdef, size: int, twice: bool = False, greedy: bool = False):
     """All decode steps of ``generate`` in one jitted ``while_loop``: tokens land in a (B, size) buffer
     (pad after a row's stop token) until every row has stopped or ``limit`` tokens were made. ``twice``:

@@ -21,7 +21,7 @@ def test_tiny_serving_run(tmp_path):
          "--prompt-words", "4,8", "--num-slots", "4", "--paired-requests", "4", "--workdir", str(tmp_path / "work"),
          "--redis-url", REDIS_URL,  # the tests' Redis (the run's images are its own: no stale hits)
          "--json", str(out), "--plot", str(png) if plotting else ""],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
     assert "| concurrency 1 |" in proc.stdout and "| workload |" in proc.stdout
 
