@@ -120,13 +120,18 @@ class Worker:
         return reply
 
     def close(self):
-        try:
-            self.proc.stdin.close()
-        except OSError:
-            pass
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        end_process(self.proc)
         self.log.close()
+
+
+def end_process(proc: subprocess.Popen, timeout: float = 60) -> None:
+    """Close a line-protocol worker's stdin (its cue to exit) and wait for it; kill it after ``timeout``."""
+    try:
+        proc.stdin.close()
+    except OSError:  # it is gone already
+        pass
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

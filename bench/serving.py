@@ -306,15 +306,9 @@ class Library:
         return json.loads(line)
 
     def close(self) -> None:
-        try:
-            self.proc.stdin.close()
-        except OSError:  # it is gone already
-            pass
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        from bench.harness import end_process
+
+        end_process(self.proc)
 
 
 def library_worker(spec_json: str) -> None:
