@@ -58,9 +58,10 @@ library's mean time ÷ the service's E2E is the service's tokens/s ÷ the librar
 (and range) over text requests, image requests that hit the cache and those that missed it. Pairing each
 request with itself, in the same seconds, leaves out the prompts' spread and this machine's drift, which
 moved a comparison of the two sides' medians, measured minutes apart, from 0.6x to 1.3x between runs of
-the demo model (bench/RESULTS.md). Prints Markdown
-tables; ``--json`` writes every measurement; ``--plot`` (default ``bench/serving.png``) draws throughput
-and p99 TTFT against concurrency for each model.
+the demo model (bench/RESULTS.md).
+
+Prints Markdown tables; ``--json`` writes every measurement; ``--plot`` (default ``bench/serving.png``)
+draws throughput and p99 TTFT against concurrency for each model.
 
 The client shares the machine with the services: on a 2-core machine its own work (up to 64 streams)
 is part of what is measured.
@@ -186,7 +187,7 @@ class Record:
     prompt_tokens: int = 0
     cache_hits: int = 0
     end: float = 0.0
-    index: int = -1  # the request's place in its workload
+    index: int = -1  # a paired request's place in its list
 
     @property
     def complete(self) -> bool:
@@ -225,12 +226,12 @@ async def one(stub, template: Template, max_new_tokens: int, timeout: float, ind
 async def closed_loop(stub, tpls: list[Template], concurrency: int, max_new_tokens: int,
                       timeout: float) -> tuple[list[Record], float]:
     """``concurrency`` client loops draining ``tpls`` in order; (records, wall seconds)."""
-    todo = iter(enumerate(tpls))
+    todo = iter(tpls)
     records: list[Record] = []
 
     async def client():
-        for i, template in todo:  # a shared iterator: each loop takes the next request when it is free
-            records.append(await one(stub, template, max_new_tokens, timeout, i))
+        for template in todo:  # a shared iterator: each loop takes the next request when it is free
+            records.append(await one(stub, template, max_new_tokens, timeout))
 
     start = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(concurrency)))

@@ -305,8 +305,9 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int = 32,
     stop_ids = np.full(1 << max(2, (len(stops) - 1).bit_length()), -1, np.int32)
     stop_ids[:len(stops)] = sorted(stops)
     twice = b == 1 and decodes_one_row_as_two()
-    out, count, _ = _compiled_loop(graphdef, size, twice, greedy)(state, token, cache, seeds, temperature, top_k, top_p,
-                                                          stop_ids, np.int32(max_new_tokens), np.int32(pad))
+    loop = _compiled_loop(graphdef, size, twice, greedy)
+    out, count, _ = loop(state, token, cache, seeds, temperature, top_k, top_p, stop_ids, np.int32(max_new_tokens),
+                         np.int32(pad))
     new = np.asarray(out)[:, :max_new_tokens].astype(np.int64)
     return GenerateOutput(sequences=np.concatenate([np.asarray(input_ids), new], axis=1), new_tokens=new,
                           num_new_tokens=np.asarray(count).astype(np.int64))
