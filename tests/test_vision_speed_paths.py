@@ -120,3 +120,28 @@ def test_warm_up_compiles_every_batch_shape(pair):
     assert first.shape == (1, 9, 64)
     for n, out in zip((3, 5, 7, 2), outs):
         np.testing.assert_allclose(out, expected[:n], atol=1e-5)
+
+
+def test_an_idle_tower_runs_a_lone_request_where_it_was_preprocessed(pair):
+    """``embed_alone`` runs the images in the calling thread when the tower is idle, and declines (the
+    request then queues for a batch) while a batch holds the tower or before the batcher started."""
+    path, _, _ = pair
+    encoder = Gemma3ImageEncoder.from_pretrained(path)
+    batcher = Batcher(encoder, max_batch=2)
+    pixels = mk.random_pixels(2, seed=8)
+    assert batcher.embed_alone(pixels) is None  # not started
+
+    async def go():
+        batcher.start()
+        try:
+            await batcher.embed(np.zeros((1, 3, 42, 42), np.float32))  # warmed up
+            alone = await asyncio.to_thread(batcher.embed_alone, pixels)
+            with batcher._tower:  # a batch in the tower
+                busy = await asyncio.to_thread(batcher.embed_alone, pixels)
+            return alone, busy
+        finally:
+            await batcher.stop()
+
+    alone, busy = asyncio.run(go())
+    np.testing.assert_allclose(alone, np.asarray(encoder(jnp.asarray(pixels))), atol=1e-5)
+    assert busy is None
