@@ -1,5 +1,6 @@
 """Gemma 3 in JAX/Flax NNX: the model library (no serving code here)."""
 
+from gemma3 import heap
 from gemma3.cache import KVCache
 from gemma3.checkpoint import Checkpoint, CheckpointError
 from gemma3.config import ConfigError, Gemma3Config, Gemma3TextConfig, SiglipVisionConfig
@@ -27,6 +28,8 @@ from gemma3.text import (
     Gemma3TextModel,
 )
 from gemma3.vision import SiglipVisionModel
+
+heap.trim_after_compiles()  # a compile's freed heap goes back to the OS (see gemma3/heap.py)
 
 __all__ = [
     "Checkpoint", "CheckpointError", "ConfigError", "GenerateOutput", "Gemma3Attention",
