@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
 
+from gemma3 import heap
 from gemma3.sharding import parameter_sharding
 
 _DTYPES = {
@@ -260,20 +261,10 @@ def load_pretrained(cls, path, dtype=np.float32, mesh: Mesh | None = None, progr
     # make_array_from_callback asks only for this process's devices' slices: in a multi-host group each
     # process reads its part of the file, not all of it.
     log.info("weights read", extra={"checkpoint": path, "bytes_read": sum(seen.values()), "tensor_bytes": total})
-    _return_free_heap()
+    # after its first 16 MiB piece glibc serves pieces that size from its heap, which kept 55 MB of
+    # gemma-3-270m's float32 load resident beside the weights, under everything the process does next
+    heap.release()
     return nnx.merge(graphdef, state)
-
-
-def _return_free_heap() -> None:
-    """Hand the memory that loading freed back to the system (glibc keeps it otherwise): after its first
-    16 MiB piece glibc serves pieces that size from its heap, which kept 55 MB of gemma-3-270m's float32
-    load resident beside the weights, under everything the process does next."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
 
 
 def save_pretrained(model, path, architecture: str | None = None) -> None:

@@ -1,11 +1,12 @@
-"""Hand the memory an XLA compile frees back to the operating system.
+"""Hand the memory that loading weights and compiling programs free back to the operating system.
 
 Compiling a decoder's programs allocates and frees tens to hundreds of MB of host heap (HLO passes,
 LLVM). glibc keeps most of what is freed inside its arenas, so the process's resident size stays at
 the compile's high-water mark for the rest of its life, and grows again where the next allocation
-does not fit in the holes. ``malloc_trim`` returns the free pages. After each backend compile it cost
-about 3 ms and lowered the peak resident size of a float32 generate (load, compile, run; bench/model.py's
-worker) by 30-180 MB: gemma-3-1b batch 8 4,685 -> 4,504 MB, gemma-3-270m batch 8 1,660 -> 1,555 MB.
+does not fit in the holes. ``malloc_trim`` returns the free pages. Importing ``gemma3`` runs it after
+every compile in the process (the user's own programs too): about 3 ms a compile, and the peak
+resident size of a float32 generate (load, compile, run; bench/model.py's worker) fell by 30-180 MB:
+gemma-3-1b batch 8 4,685 -> 4,504 MB, gemma-3-270m batch 8 1,660 -> 1,555 MB.
 
 Other C libraries (musl, macOS) have no ``malloc_trim``: there this does nothing.
 """
@@ -13,27 +14,34 @@ Other C libraries (musl, macOS) have no ``malloc_trim``: there this does nothing
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 
 import jax
 
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
-"""What jax records once per XLA compile (jax._src.dispatch.BACKEND_COMPILE_EVENT)."""
+"""What jax records once per program it compiles or loads from its persistent cache
+(jax._src.dispatch.BACKEND_COMPILE_EVENT); a failed compile records it too."""
 
 
 @functools.cache
 def _malloc_trim():
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc.malloc_trim
-    except (OSError, AttributeError):
+        trim = ctypes.CDLL(None).malloc_trim  # the process's own symbols: libc's, without a lookup
+    except (OSError, AttributeError, TypeError):
         return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
+
+
+def release() -> None:
+    """Return the heap's free pages to the OS now (nothing where the C library cannot)."""
+    if (trim := _malloc_trim()) is not None:
+        trim(0)
 
 
 def _after(event: str, duration: float, **_) -> None:
-    if event == COMPILE_EVENT and (trim := _malloc_trim()) is not None:
-        trim(0)
+    if event == COMPILE_EVENT:
+        release()
 
 
 @functools.cache

@@ -11,7 +11,7 @@ import pytest
 import torch
 from flax import nnx
 
-from gemma3 import Gemma3ForConditionalGeneration, Gemma3ImageEncoder, cpu_kernels, vision
+from gemma3 import Gemma3ForConditionalGeneration, Gemma3ImageEncoder, cpu_kernels, heap, vision
 from tests import make_checkpoints as mk
 from vision_worker.service import Batcher
 
@@ -95,7 +95,7 @@ def test_warm_up_compiles_every_batch_shape(pair):
     compiles = []
 
     def listen(event, duration, **_):
-        if event == "/jax/core/compile/backend_compile_duration":
+        if event == heap.COMPILE_EVENT:
             compiles.append(duration)
 
     async def go():
@@ -122,26 +122,37 @@ def test_warm_up_compiles_every_batch_shape(pair):
         np.testing.assert_allclose(out, expected[:n], atol=1e-5)
 
 
-def test_an_idle_tower_runs_a_lone_request_where_it_was_preprocessed(pair):
+def test_an_idle_tower_runs_a_lone_request_where_it_was_preprocessed(pair, monkeypatch):
     """``embed_alone`` runs the images in the calling thread when the tower is idle, and declines (the
-    request then queues for a batch) while a batch holds the tower or before the batcher started."""
+    request then queues) before the batcher started, while the tower is busy and after it stopped;
+    requests that queue while a lone one holds the tower go through it as one batch after it."""
     path, _, _ = pair
     encoder = Gemma3ImageEncoder.from_pretrained(path)
-    batcher = Batcher(encoder, max_batch=2)
-    pixels = mk.random_pixels(2, seed=8)
+    batcher = Batcher(encoder, max_batch=4)
+    sizes = []
+    forward = batcher._forward
+    monkeypatch.setattr(batcher, "_forward", lambda pixels: sizes.append(len(pixels)) or forward(pixels))
+    pixels = mk.random_pixels(3, seed=8)
     assert batcher.embed_alone(pixels) is None  # not started
 
     async def go():
         batcher.start()
-        try:
-            await batcher.embed(np.zeros((1, 3, 42, 42), np.float32))  # warmed up
-            alone = await asyncio.to_thread(batcher.embed_alone, pixels)
-            with batcher._tower:  # a batch in the tower
-                busy = await asyncio.to_thread(batcher.embed_alone, pixels)
-            return alone, busy
-        finally:
-            await batcher.stop()
+        await batcher.embed(np.zeros((1, 3, 42, 42), np.float32))  # warmed up
+        sizes.clear()
+        alone = await asyncio.to_thread(batcher.embed_alone, pixels[:2])
+        batcher._tower.acquire()  # a lone request in the tower
+        queued = [asyncio.create_task(batcher.embed(pixels[i:i + 1])) for i in range(3)]
+        await asyncio.sleep(0.2)  # the loop holds the first and waits for the tower
+        busy = await asyncio.to_thread(batcher.embed_alone, pixels[:1])
+        batcher._tower.release()
+        batched = await asyncio.gather(*queued)
+        await batcher.stop()
+        await asyncio.sleep(0)
+        return alone, busy, batched, await asyncio.to_thread(batcher.embed_alone, pixels[:1])
 
-    alone, busy = asyncio.run(go())
-    np.testing.assert_allclose(alone, np.asarray(encoder(jnp.asarray(pixels))), atol=1e-5)
-    assert busy is None
+    alone, busy, batched, stopped = asyncio.run(go())
+    expected = np.asarray(encoder(jnp.asarray(pixels)))
+    np.testing.assert_allclose(alone, expected[:2], atol=1e-5)
+    np.testing.assert_allclose(np.concatenate(batched), expected, atol=1e-5)
+    assert busy is None and stopped is None
+    assert sizes == [2, 3]  # the lone run, then the three queued requests in one batch

@@ -66,8 +66,9 @@ class Batcher:
     in a fraction of the time and holds no second copy of them. Once started, the batcher compiles every
     batch shape up to ``max_batch`` (``warm_up``) before it takes the first batch (the worker's warm-up
     image), so no request waits for a compile. A batch is what waited while the tower ran the batch before
-    (and ``wait_ms`` more, when set): a lone request never waits for company that is not coming, and when
-    the tower is idle it runs a lone request's images in the thread that preprocessed them (``embed_alone``)."""
+    (and ``wait_ms`` more, when set): a lone request never waits for company that is not coming, and
+    when the tower is idle and nobody waits, it runs a lone request's images in the thread that
+    preprocessed them (``embed_alone``); requests that arrive meanwhile form the next batch."""
 
     def __init__(self, encoder, max_batch: int = 8, wait_ms: float = 0.0):
         graphdef, self._state = nnx.split(encoder)
@@ -79,6 +80,7 @@ class Batcher:
         self.queue: asyncio.Queue = asyncio.Queue()
         self._task: asyncio.Task | None = None
         self._tower = threading.Lock()  # one batch at a time through the tower
+        self._waiting = 0  # calls of ``embed`` whose images are not yet through the tower
 
     def compile(self, shape: tuple[int, ...]) -> jax.stages.Compiled:
         """The executable for float32 pixels of this (batch, C, H, W) shape, compiled once."""
@@ -105,24 +107,25 @@ class Batcher:
     async def embed(self, pixels: np.ndarray) -> np.ndarray:
         """(n, 3, H, W) → (n, tokens, width) float32, batched with whatever else is waiting."""
         future = asyncio.get_running_loop().create_future()
+        self._waiting += 1
         await self.queue.put((pixels, future))
         return await future
 
     def embed_alone(self, pixels: np.ndarray) -> np.ndarray | None:
-        """From a worker thread: these images through the tower right here if it is idle and no batch is
-        waiting, else None (then ``embed``). A lone miss skips two thread hops through the event loop
-        (a demo-model miss: ~0.7 of ~4.5 ms); under load, batches form as before."""
-        if self._task is None or not self.queue.empty() or not self._tower.acquire(blocking=False):
+        """From a worker thread: these images through the tower right here when it is idle and no request
+        waits for it, else None (then ``embed``). A lone miss skips two thread hops through the event loop
+        (a demo-model miss: ~0.7 of ~4.5 ms). Never with a ``wait_ms`` window, nor before the batcher
+        started (warm-up holds the tower) or after it stopped."""
+        if (self.wait or self._waiting or self._task is None or self._task.done()
+                or not self._tower.acquire(blocking=False)):
             return None
         try:
-            return self._forward(pixels, locked=True)
+            return self._forward(pixels)
         finally:
             self._tower.release()
 
-    def _forward(self, pixels: np.ndarray, locked: bool = False) -> np.ndarray:
-        if not locked:
-            with self._tower:
-                return self._forward(pixels, locked=True)
+    def _forward(self, pixels: np.ndarray) -> np.ndarray:
+        """The tower over ``pixels`` (padded to a batch shape); the caller holds ``_tower``."""
         n = pixels.shape[0]
         size = bucket(n)
         padded = np.concatenate([pixels, np.zeros((size - n, *pixels.shape[1:]), pixels.dtype)]) if size > n else pixels
@@ -134,23 +137,32 @@ class Batcher:
         batch_images.record(n)
         return out
 
+    def _warm_up_holding_the_tower(self) -> None:
+        with self._tower:
+            self.warm_up()
+
     async def _loop(self) -> None:
         try:
-            await asyncio.to_thread(self.warm_up)
+            await asyncio.to_thread(self._warm_up_holding_the_tower)
         except Exception:  # the batches will meet the error again, and fail their requests with it
             log.exception("compiling the vision tower's batch shapes failed")
         while True:
             jobs = [await self.queue.get()]
-            await asyncio.sleep(self.wait)  # (0: lets requests that are ready join)
-            while not self.queue.empty() and sum(len(p) for p, _ in jobs) < self.max_batch:
-                jobs.append(self.queue.get_nowait())
+            if not self._tower.acquire(blocking=False):  # a lone request's run: what queues meanwhile joins
+                await asyncio.to_thread(self._tower.acquire)
             try:
+                await asyncio.sleep(self.wait)  # (0: lets requests that are ready join)
+                while not self.queue.empty() and sum(len(p) for p, _ in jobs) < self.max_batch:
+                    jobs.append(self.queue.get_nowait())
                 out = await asyncio.to_thread(self._forward, np.concatenate([p for p, _ in jobs]))
             except Exception as e:  # a failure fails this batch's requests, not the worker
                 for _, future in jobs:
                     if not future.done():
                         future.set_exception(e)
                 continue
+            finally:
+                self._tower.release()
+                self._waiting -= len(jobs)
             start = 0
             for pixels, future in jobs:
                 if not future.done():
