@@ -51,14 +51,14 @@ Percentiles are numpy's (linear interpolation). Also reported: the LM worker's s
 and the image cache hit share.
 
 Service against library (the target: ≥ 0.9 at concurrency 1): after the workloads, ``--paired-requests``
-more requests (a fresh image pool: misses, then hits), one at a time, each bracketed by the library's
-``generate`` of the same request just before and just after it (timed from the encoded image: decoding,
-preprocessing and the vision tower included, as the service does them on a cache miss). Per request, the
-library's mean time ÷ the service's E2E is the service's tokens/s ÷ the library's; reported: the median
-(and range) over text requests, image requests that hit the cache and those that missed it. Pairing each
-request with itself, in the same seconds, leaves out the prompts' spread and this machine's drift, which
-moved a comparison of the two sides' medians, measured minutes apart, from 0.6x to 1.3x between runs of
-the demo model (bench/RESULTS.md).
+more requests (a fresh pool of ``--paired-image-pool`` images: misses, then hits), one at a time, each
+bracketed by the library's ``generate`` of the same request just before and just after it (timed from the
+encoded image: decoding, preprocessing and the vision tower included, as the service does them on a cache
+miss). Per request, the library's mean time ÷ the service's E2E is the service's tokens/s ÷ the library's;
+reported: the median (and range) over text requests, image requests that hit the cache and those that
+missed it. Pairing each request with itself, in the same seconds, leaves out the prompts' spread and this
+machine's drift, which moved a comparison of the two sides' medians, measured minutes apart, from 0.6x to
+1.3x between runs of the demo model (bench/RESULTS.md).
 
 Prints Markdown tables; ``--json`` writes every measurement; ``--plot`` (default ``bench/serving.png``)
 draws throughput and p99 TTFT against concurrency for each model.
@@ -154,11 +154,12 @@ def image_pool(n: int, size: int, pool: int) -> list[bytes]:
     return out
 
 
-def templates(n: int, args, size: int, pool: int) -> list[Template]:
+def templates(n: int, args, size: int, pool: int, images: int | None = None) -> list[Template]:
     """``n`` requests: question lengths uniform in --prompt-words, a share --image-share with an image of
-    the workload's pool. The same arguments give the same requests."""
+    the workload's pool (``images`` distinct ones, default --image-pool). The same arguments give the same
+    requests."""
     rng = random.Random(args.seed * 7919 + pool)
-    images = image_pool(args.image_pool, size, pool)
+    images = image_pool(args.image_pool if images is None else images, size, pool)
     lo, hi = args.prompt_words
     out = []
     for _ in range(n):
@@ -413,7 +414,8 @@ def plan(model: str, args) -> Plan:
     sweep = [(c, templates(max(args.requests, c), args, size, pool=1 + i)) for i, c in enumerate(args.concurrencies)]
     arrivals = [templates(args.requests, args, size, pool=100 + i)
                 for i in range(len(args.rates or args.rate_fractions))]
-    paired = templates(args.paired_requests, args, size, pool=200) if args.library else []
+    paired = (templates(args.paired_requests, args, size, pool=200, images=args.paired_image_pool)
+              if args.library else [])
     every = [t for _, tpls in sweep for t in tpls] + [t for tpls in arrivals for t in tpls] + paired
     processor = Gemma3Processor.from_pretrained(model)
     lengths = [len(processor.tokenizer.encode(
@@ -641,6 +643,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--library", action=argparse.BooleanOptionalAction, default=True,
                    help="end with requests paired with the library's generate")
     p.add_argument("--paired-requests", type=int, default=32, help="requests paired with the library's")
+    p.add_argument("--paired-image-pool", type=int, default=8, help="distinct images among the paired requests "
+                   "(each one's first request misses the cache)")
     p.add_argument("--redis-url", default=os.environ.get("REDIS_URL", ""),
                    help="Redis for the embedding cache (default: a private redis-server) [env REDIS_URL]")
     p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "gemma3-bench-serving"),
