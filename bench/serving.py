@@ -154,12 +154,12 @@ def image_pool(n: int, size: int, pool: int) -> list[bytes]:
     return out
 
 
-def templates(n: int, args, size: int, pool: int, images: int | None = None) -> list[Template]:
+def templates(n: int, args, size: int, pool: int, distinct: int | None = None) -> list[Template]:
     """``n`` requests: question lengths uniform in --prompt-words, a share --image-share with an image of
-    the workload's pool (``images`` distinct ones, default --image-pool). The same arguments give the same
+    the workload's pool (``distinct`` images, default --image-pool). The same arguments give the same
     requests."""
     rng = random.Random(args.seed * 7919 + pool)
-    images = image_pool(args.image_pool if images is None else images, size, pool)
+    images = image_pool(args.image_pool if distinct is None else distinct, size, pool)
     lo, hi = args.prompt_words
     out = []
     for _ in range(n):
@@ -414,7 +414,7 @@ def plan(model: str, args) -> Plan:
     sweep = [(c, templates(max(args.requests, c), args, size, pool=1 + i)) for i, c in enumerate(args.concurrencies)]
     arrivals = [templates(args.requests, args, size, pool=100 + i)
                 for i in range(len(args.rates or args.rate_fractions))]
-    paired = (templates(args.paired_requests, args, size, pool=200, images=args.paired_image_pool)
+    paired = (templates(args.paired_requests, args, size, pool=200, distinct=args.paired_image_pool)
               if args.library else [])
     every = [t for _, tpls in sweep for t in tpls] + [t for tpls in arrivals for t in tpls] + paired
     processor = Gemma3Processor.from_pretrained(model)

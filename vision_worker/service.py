@@ -91,10 +91,12 @@ class Batcher:
         return self._compiled[shape]
 
     def warm_up(self) -> list[int]:
-        """Compile every batch shape that up to ``max_batch`` images run in; the batch sizes."""
+        """Compile every batch shape that up to ``max_batch`` images run in, holding the tower (no lone
+        request compiles a shape beside it); the batch sizes."""
         sizes = [1 << i for i in range(bucket(self.max_batch).bit_length())]
-        for size in sizes:
-            self.compile((size, *self.image_shape))
+        with self._tower:
+            for size in sizes:
+                self.compile((size, *self.image_shape))
         return sizes
 
     def start(self) -> None:
@@ -137,13 +139,9 @@ class Batcher:
         batch_images.record(n)
         return out
 
-    def _warm_up_holding_the_tower(self) -> None:
-        with self._tower:
-            self.warm_up()
-
     async def _loop(self) -> None:
         try:
-            await asyncio.to_thread(self._warm_up_holding_the_tower)
+            await asyncio.to_thread(self.warm_up)
         except Exception:  # the batches will meet the error again, and fail their requests with it
             log.exception("compiling the vision tower's batch shapes failed")
         while True:
