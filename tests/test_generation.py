@@ -269,3 +269,35 @@ def test_bfloat16_decode_loops_widen_neither_the_embedding_nor_the_cache(tmp_pat
         # every layer attends in the CPU kernel, which reads the cache in place (XLA's dots copied it transposed)
         calls = text.count('custom_call_target="gemma3_attention"')
         assert calls == TEXT_BASE["num_hidden_layers"], f"{name} attends in the kernel {calls} times"
+
+
+def test_generate_walks_the_module_graph_once_per_structure_and_reads_weights_afresh(text_checkpoints, monkeypatch):
+    from flax import nnx
+
+    from gemma3 import generation
+
+    model = Gemma3ForCausalLM.from_pretrained(text_checkpoints["base"][0])
+    ids = np.array([[2, 10, 20, 30, 40]])
+    real, walks = nnx.split, []
+    monkeypatch.setattr(nnx, "split", lambda *a, **k: walks.append(1) or real(*a, **k))
+    first = model.generate(ids, max_new_tokens=6, eos_token_id=[]).new_tokens
+    np.testing.assert_array_equal(model.generate(ids, max_new_tokens=6, eos_token_id=[]).new_tokens, first)
+    assert len(walks) == 1
+
+    # weights replaced in place: the same structure, so no new walk, and the new arrays are the ones used
+    # ((1 + w) = -1 in the final norm turns the logits around: the copied token comes last)
+    _, state = real(model)
+    state["model"]["norm"]["weight"] = nnx.Param(jnp.full_like(model.model.norm.weight[...], -2.0))
+    nnx.update(model, state)
+    after = model.generate(ids, max_new_tokens=6, eos_token_id=[]).new_tokens
+    assert len(walks) == 1
+    assert all(a is b for a, b in zip(jax.tree.leaves(generation.split(model)[1]), jax.tree.leaves(model)))
+    reference = nnx.merge(*real(model)).generate(ids, max_new_tokens=6, eos_token_id=[]).new_tokens
+    np.testing.assert_array_equal(after, reference)
+    assert not np.array_equal(after, first)
+
+    # a changed structure is walked again
+    model.extra = nnx.Param(jnp.zeros(3))
+    walks.clear()
+    np.testing.assert_array_equal(model.generate(ids, max_new_tokens=6, eos_token_id=[]).new_tokens, after)
+    assert walks
