@@ -317,13 +317,16 @@ def library_worker(spec_json: str) -> None:
     """The ``Library`` subprocess: generate for each request read from stdin."""
     replies = os.fdopen(os.dup(1), "w", buffering=1)  # the protocol's own; whatever else prints goes to stderr
     os.dup2(2, 1)
+    spec = json.loads(spec_json)
+    from serving.settings import use_cpu_threads
+
+    use_cpu_threads("auto", spec["model"])  # as the stack's workers do: the same XLA threads on both sides
     import jax.numpy as jnp
 
     from gemma3 import Gemma3ForConditionalGeneration
     from gemma3.processing import Gemma3Processor, decode_image
     from lm_worker.prompts import PromptBuilder, chat_text
 
-    spec = json.loads(spec_json)
     model = Gemma3ForConditionalGeneration.from_pretrained(spec["model"], dtype=jnp.dtype(spec["dtype"]),
                                                            progress=False)
     builder = PromptBuilder.from_pretrained(spec["model"], model.config)

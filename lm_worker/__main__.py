@@ -17,9 +17,11 @@ from serving.logs import configure_logging
 from serving.settings import (
     check_worker_security,
     compilation_cache_flag,
+    cpu_threads_flag,
     env_flag,
     server_flags,
     use_compilation_cache,
+    use_cpu_threads,
     worker_security_flags,
 )
 
@@ -68,6 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
              "process counts as gone", type=float)
     worker_security_flags(p, "GEMMA3_LM")
     compilation_cache_flag(p)
+    cpu_threads_flag(p, "GEMMA3_LM")
     args = p.parse_args(argv)
     if not args.model:
         p.error("--model (or GEMMA3_MODEL) is required")
@@ -202,6 +205,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     configure_logging("lm-worker", args.log_level, args.log_format)
     use_compilation_cache(args.compilation_cache_dir)
+    use_cpu_threads(args.cpu_threads, args.model)
+    log.info("XLA CPU threads", extra={"threads": os.environ.get("NPROC", "one per core")})
     if args.num_processes > 1:
         from lm_worker.group import initialize
 

@@ -7,6 +7,7 @@ both name the same setting, and ``--help`` shows the variable beside each flag.
 from __future__ import annotations
 
 import argparse
+import glob
 import os
 
 
@@ -48,6 +49,42 @@ def use_compilation_cache(path: str | None) -> None:
         import jax
 
         jax.config.update("jax_compilation_cache_dir", path)
+
+
+SMALL_MODEL_BYTES = 64 << 20
+"""Weights under this size run on one XLA CPU thread with ``--cpu-threads auto``."""
+
+
+def _cpu_threads(raw: str) -> str:
+    if raw == "auto" or (raw.isdigit() and int(raw) >= 1):
+        return raw
+    raise argparse.ArgumentTypeError(f"expected auto or a number of threads >= 1, got {raw!r}")
+
+
+def cpu_threads_flag(parser: argparse.ArgumentParser, prefix: str) -> None:
+    """How many threads XLA's CPU backend runs a program on (its intra-op pool)."""
+    env_flag(parser, "--cpu-threads", f"{prefix}_CPU_THREADS", "auto",
+             "XLA's CPU threads: a number, or auto: 1 for a model whose weights take under 64 MB (the demo "
+             "model), whose steps are too short to share, else one per core (or what NPROC says)", type=_cpu_threads)
+
+
+def use_cpu_threads(value: str, model_dir: str) -> int | None:
+    """Size XLA's CPU thread pool before JAX starts its CPU client (it reads ``NPROC`` then, once); the
+    size set, or None where it is left to XLA (every core) or to an ``NPROC`` already set.
+
+    Why a small model gets one thread: its decode step takes a fraction of a millisecond, too little to
+    split, and XLA's pool threads spin for work between steps. Beside the gateway and the vision worker
+    on a 2-core machine, the demo model's LM worker spent 11.8 ms of CPU per 32-token request with the
+    pool's 2 threads and 6.6 ms with 1, and answered through the gateway in 7.6 ms instead of 10.3
+    (bench/RESULTS.md). A larger model's products use the pool (gemma-3-270m decodes 1.7x slower on
+    one thread)."""
+    if value == "auto":
+        weights = sum(os.path.getsize(f) for f in glob.glob(os.path.join(model_dir, "*.safetensors")))
+        if "NPROC" in os.environ or not weights or weights >= SMALL_MODEL_BYTES:
+            return None
+        value = "1"
+    os.environ["NPROC"] = value
+    return int(value)
 
 
 def tls_flags(parser: argparse.ArgumentParser, prefix: str, client_ca: bool) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 
 import numpy as np
@@ -13,9 +14,11 @@ from serving.logs import configure_logging
 from serving.settings import (
     check_worker_security,
     compilation_cache_flag,
+    cpu_threads_flag,
     env_flag,
     server_flags,
     use_compilation_cache,
+    use_cpu_threads,
     worker_security_flags,
 )
 
@@ -35,6 +38,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     env_flag(p, "--cache-ttl", "GEMMA3_VISION_CACHE_TTL", 3600, "seconds an embedding stays cached", type=int)
     worker_security_flags(p, "GEMMA3_VISION")
     compilation_cache_flag(p)
+    cpu_threads_flag(p, "GEMMA3_VISION")
     env_flag(p, "--max-image-pixels", "GEMMA3_VISION_MAX_IMAGE_PIXELS", 64_000_000,
              "pixels per image (width x height, read from the header before decoding)", type=int)
     args = p.parse_args(argv)
@@ -87,6 +91,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     configure_logging("vision-worker", args.log_level, args.log_format)
     use_compilation_cache(args.compilation_cache_dir)
+    use_cpu_threads(args.cpu_threads, args.model)
+    log.info("XLA CPU threads", extra={"threads": os.environ.get("NPROC", "one per core")})
     asyncio.run(main_async(args))
     return 0
 
