@@ -145,7 +145,7 @@ def _decode_step(graphdef, greedy, state, tokens, cache, seeds, step, temperatur
 _splits: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def split(model) -> tuple[nnx.GraphDef, nnx.State]:
+def split_model(model) -> tuple[nnx.GraphDef, nnx.State]:
     """``nnx.split(model)``, with the graph walk done once per model structure: ``nnx.split`` walks the
     module graph in Python (3 ms for the demo model, a quarter of a 32-token ``generate``), while
     flattening the model as a pytree takes a tenth of that. The walk is redone whenever the model's
@@ -310,7 +310,7 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int = 32,
         from gemma3.sharding import shard_cache
 
         cache = shard_cache(cache, mesh)
-    graphdef, state = split(model)
+    graphdef, state = split_model(model)
     prefill, _, first = _compiled(graphdef, greedy)
     extra = {k: v if isinstance(v, jax.Array) else jax.device_put(np.asarray(v))  # lists, torch tensors too
              for k, v in prefill_inputs.items() if v is not None}

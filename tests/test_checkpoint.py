@@ -3,6 +3,7 @@
 import json
 import os
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -138,11 +139,39 @@ def test_large_tensors_placed_in_pieces_equal_whole_ones(tmp_path, monkeypatch):
     mk.save_text_checkpoint(str(tmp_path), "untied", seed=9)
     for dtype in (jnp.float32, jnp.bfloat16):
         whole = nnx.to_flat_state(nnx.state(Gemma3ForCausalLM.from_pretrained(tmp_path, dtype=dtype)))
-        with monkeypatch.context() as m:
-            m.setattr(checkpoint, "CHUNK_BYTES", 1000)  # every matrix in 2-40 pieces, some uneven
-            pieces = nnx.to_flat_state(nnx.state(Gemma3ForCausalLM.from_pretrained(tmp_path, dtype=dtype)))
-        for (path, a), (_, b) in zip(whole, pieces, strict=True):
-            np.testing.assert_array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()), err_msg=str(path))
+        for on_host in (True, False):  # assembled on the host and adopted (the CPU), or written on the device
+            with monkeypatch.context() as m:
+                m.setattr(checkpoint, "CHUNK_BYTES", 1000)  # every matrix in 2-40 pieces, some uneven
+                if not on_host:
+                    m.setattr(checkpoint, "_adopts_host_arrays", lambda *_: False)
+                pieces = nnx.to_flat_state(nnx.state(Gemma3ForCausalLM.from_pretrained(tmp_path, dtype=dtype)))
+            for (path, a), (_, b) in zip(whole, pieces, strict=True):
+                np.testing.assert_array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()),
+                                              err_msg=f"{path} {dtype.__name__} on_host={on_host}")
+
+
+def test_loading_compiles_no_program_on_the_cpu(tmp_path, monkeypatch):
+    """Large tensors are assembled on the host and adopted by XLA's CPU client without a copy, so the
+    loader compiles nothing (each compiled program keeps about 1.5 MB for the rest of the process)."""
+    from jax.sharding import SingleDeviceSharding
+
+    from gemma3 import checkpoint, heap
+
+    device = SingleDeviceSharding(jax.devices("cpu")[0])
+    assert checkpoint._adopts_host_arrays(device, np.dtype(np.float32))
+    assert checkpoint._adopts_host_arrays(device, np.dtype(jnp.bfloat16))
+    mk.save_text_checkpoint(str(tmp_path), "untied", seed=9)
+    monkeypatch.setattr(checkpoint, "CHUNK_BYTES", 1000)  # every matrix through the large-tensor path
+    jax.clear_caches()  # what an earlier test compiled would not compile again
+    compiles = []
+    listener = lambda event, duration, **_: event == heap.COMPILE_EVENT and compiles.append(duration)  # noqa: E731
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        model = Gemma3ForCausalLM.from_pretrained(tmp_path, dtype=jnp.bfloat16)
+        jax.block_until_ready(model)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert compiles == []
 
 
 LOAD_PEAK = """

@@ -291,7 +291,7 @@ def test_generate_walks_the_module_graph_once_per_structure_and_reads_weights_af
     nnx.update(model, state)
     after = model.generate(ids, max_new_tokens=6, eos_token_id=[]).new_tokens
     assert len(walks) == 1
-    assert all(a is b for a, b in zip(jax.tree.leaves(generation.split(model)[1]), jax.tree.leaves(model)))
+    assert all(a is b for a, b in zip(jax.tree.leaves(generation.split_model(model)[1]), jax.tree.leaves(model)))
     reference = nnx.merge(*real(model)).generate(ids, max_new_tokens=6, eos_token_id=[]).new_tokens
     np.testing.assert_array_equal(after, reference)
     assert not np.array_equal(after, first)
