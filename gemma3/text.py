@@ -72,6 +72,11 @@ def _linear(n_in: int, n_out: int, dtype, rngs: nnx.Rngs, out_dtype=None) -> nnx
                       dot_general=accumulating_dot_general, preferred_element_type=out_dtype)
 
 
+
+def positions_of(mask: np.ndarray) -> np.ndarray:
+    """Each token's position from a (B, T) padding mask (left padding shifts none): numpy, not jax."""
+    return np.maximum(np.cumsum(mask, axis=1, dtype=np.int32) - 1, 0)
+
 class Gemma3RMSNorm(nnx.Module):
     """``x * rsqrt(mean(x²) + eps) * (1 + w)`` in float32, cast back; the stored weight is an offset."""
 
@@ -441,9 +446,8 @@ class CausalLMMixin(PretrainedMixin):
         """The keyword arguments of the prefill call: a fresh cache, the mask and positions."""
         b, t = input_ids.shape  # mask and positions by numpy: eager jax operations would each compile
         mask = np.ones((b, t), bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
-        positions = np.maximum(np.cumsum(mask, axis=1, dtype=np.int32) - 1, 0)
         return dict(past_key_values=self.init_cache(b, max_length), attention_mask=jax.device_put(mask),
-                    position_ids=jax.device_put(positions), **kwargs)
+                    position_ids=jax.device_put(positions_of(mask)), **kwargs)
 
     def update_inputs_for_generation(self, model_outputs, model_kwargs: dict) -> dict:
         """The keyword arguments of the next decode step: the new cache; one real token per row."""

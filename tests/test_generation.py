@@ -301,3 +301,33 @@ def test_generate_walks_the_module_graph_once_per_structure_and_reads_weights_af
     walks.clear()
     np.testing.assert_array_equal(model.generate(ids, max_new_tokens=6, eos_token_id=[]).new_tokens, after)
     assert walks
+
+
+def test_generate_compiles_its_programs_once_and_before_it_allocates_the_cache(model, monkeypatch):
+    """At a new shape the prefill, first-token and loop programs compile first, each once (their calls
+    then find them compiled), and only then is the cache made (its own small program compiles there)."""
+    from gemma3 import generation, heap
+
+    generation._knows_option("xla_cpu_use_fusion_emitters", False)  # the one-time probe of the compiler
+    events = []
+    real_init = type(model).init_cache
+
+    def init_cache(self, *args):
+        events.append("cache")
+        made = real_init(self, *args)
+        if isinstance(made.length, jax.core.Tracer):  # generate's abstract one, for compiling: not a cache
+            events.pop()
+        return made
+
+    monkeypatch.setattr(type(model), "init_cache", init_cache)
+    listener = lambda event, duration, **_: event == heap.COMPILE_EVENT and events.append("compile")  # noqa: E731
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        ids = np.full((3, 21), 7)  # a batch size no other test uses: every program is new
+        first = model.generate(ids, max_new_tokens=5, eos_token_id=[]).new_tokens
+        assert events == ["compile"] * 3 + ["cache", "compile"]
+        events.clear()
+        np.testing.assert_array_equal(model.generate(ids, max_new_tokens=5, eos_token_id=[]).new_tokens, first)
+        assert events == ["cache"]
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
