@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from gemma3 import cache as kv
+from gemma3 import heap
 from gemma3.text import positions_of
 
 CANDIDATES = 256
@@ -229,6 +230,12 @@ def _knows_option(name: str, value) -> bool:
     return True
 
 
+RELEASE_AFTER_BYTES = 64 << 20
+"""A generate whose cache is at least this large hands the heap its buffers freed back to the OS at the
+end: glibc keeps it otherwise (gemma-3-1b float32 batch 8, a 110 MB cache: 105 MB), and the next call's
+peak starts from there. The trim takes about 10 ms there, next to a 17 s generate; below the
+threshold it would be a noticeable share of a short call (0.5 ms of the demo model's 8 ms)."""
+
 _compiled_first: set = set()
 
 
@@ -355,8 +362,12 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int = 32,
         cache = shard_cache(cache, mesh)
     logits, cache = prefill(state, padded, mask, positions, cache, extra)
     token = first(logits, seeds, temperature, top_k, top_p)
-    out, count, _ = loop(state, token, cache, seeds, temperature, top_k, top_p, stop_ids, np.int32(max_new_tokens),
-                         np.int32(pad))
+    cache_bytes = sum(x.nbytes for x in jax.tree.leaves(cache))
+    out, count, cache = loop(state, token, cache, seeds, temperature, top_k, top_p, stop_ids,
+                             np.int32(max_new_tokens), np.int32(pad))
     new = np.asarray(out)[:, :max_new_tokens].astype(np.int64)
+    del cache, logits
+    if cache_bytes >= RELEASE_AFTER_BYTES:
+        heap.release()
     return GenerateOutput(sequences=np.concatenate([np.asarray(input_ids), new], axis=1), new_tokens=new,
                           num_new_tokens=np.asarray(count).astype(np.int64))
