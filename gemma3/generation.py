@@ -236,22 +236,26 @@ end: glibc keeps it otherwise (gemma-3-1b float32 batch 8, a 110 MB cache: 105 M
 peak starts from there. The trim takes about 10 ms there, next to a 17 s generate; below the
 threshold it would be a noticeable share of a short call (0.5 ms of the demo model's 8 ms)."""
 
-_compiled_first: set = set()
+_compiled_first: set = set()  # (program ids, shapes): ids, not the programs, so that none is kept alive
 
 
 def _compile_first(model, programs, state, prompt, extra, max_length, sampling) -> None:
     """Compile generate's programs for these shapes, once, before any of its buffers exist: a compile's
     working memory (100-200 MB at gemma-3-1b) then never sits beside the cache and the logits (at 1b
     float32 the process's peak fell by their size: 14 MB at batch 1, 110 MB at batch 8). The calls that
-    follow find the programs compiled."""
+    follow find the programs compiled. Only for weights on one device (a sharded model's outputs are
+    placed by the compiler; its programs compile at the calls)."""
     prefill, first, loop = programs
     padded, seeds = prompt[0], sampling[0]
-    key = (programs, padded.shape, max_length, tuple((k, v.shape, v.dtype) for k, v in sorted(extra.items())))
-    if key in _compiled_first:
+    placed = next((x.sharding for x in jax.tree.leaves(state) if isinstance(x, jax.Array)), None)
+    key = (tuple(map(id, programs)), padded.shape, max_length,
+           tuple((k, v.shape, v.dtype) for k, v in sorted(extra.items())))
+    if key in _compiled_first or not isinstance(placed, jax.sharding.SingleDeviceSharding):
         return
+    if len(_compiled_first) > 1024:  # an id reused after its program was freed only skips this step
+        _compiled_first.clear()
     cache = jax.eval_shape(lambda: model.init_cache(padded.shape[0], max_length))
     # what the prefill returns lives where the weights do: its avals, and that placement, key the next calls
-    placed = jax.tree.leaves(state)[0].sharding
     out = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=placed)  # noqa: E731
     logits = out((padded.shape[0], model.get_decoder().config.vocab_size), jnp.float32)
     prefill.lower(state, *prompt, cache, extra).compile()
