@@ -3,15 +3,15 @@
     python bench/op_profile.py --checkpoint DIR --dtype float32 --batch 1          # any Gemma 3 text checkpoint
     python bench/op_profile.py --shape 270m --workdir /tmp/bw-work --dtype bfloat16 --batch 8
 
-A decode step: ``generate`` of 2N and of N new tokens (compiled first, then each traced once); the
-difference of every op's total time between the two traces, divided by N, is one step without the prefill
-or the first call's fixed costs. Prefill: the jitted prefill of ``generate`` on the same prompt, traced
-once. Ops are named as XLA's CPU thunks: ``ffi_call`` are our kernel's calls (products and attention,
-``gemma3/kernels/rows_matmul.cc``), ``ynn_fusion`` XLA's library dots, the rest XLA's own fusions. Times
-are summed over XLA's threads, so a step's ops may add up to more than its wall time. Run it alone: the
-machine is shared and noisy (bench/RESULTS.md). The findings go to bench/RESULTS.md. (Not "profile.py":
-scripts run with bench/ on sys.path, where that name hid the standard library's profile module.)
-"""
+A decode step: ``generate`` of 2N and of N new tokens (compiled first, then each traced three times, the
+least of each kept); the difference of every op's total time between the two, divided by N, is one step
+without the prefill or the first call's fixed costs. Prefill: the jitted prefill of ``generate`` on the
+same prompt, traced once. Ops are named as XLA's CPU thunks: ``ffi_call`` are our kernel's calls
+(products and attention, ``gemma3/kernels/rows_matmul.cc``), ``ynn_fusion`` XLA's library dots, the rest
+XLA's own fusions. Times are summed over XLA's threads, so a step's ops may add up to more than its wall
+time. Run it alone: the machine is shared and noisy (bench/RESULTS.md). The findings go to
+bench/RESULTS.md. (Not "profile.py": scripts run with bench/ on sys.path, where that name hid the
+standard library's profile module.)"""
 
 from __future__ import annotations
 
@@ -58,6 +58,14 @@ def traced(fn, trace_dir: str) -> tuple[float, collections.Counter]:
     return wall, op_times(trace_dir)
 
 
+def best_of(fn, trace_dir: str, repeats: int) -> tuple[float, collections.Counter]:
+    """``traced`` ``repeats`` times: the least wall time, and each op's least time (a tiny model's few
+    milliseconds move by as much between single traces)."""
+    runs = [traced(fn, os.path.join(trace_dir, str(i))) for i in range(repeats)]
+    ops = set.intersection(*(set(times) for _, times in runs))
+    return min(wall for wall, _ in runs), collections.Counter({k: min(times[k] for _, times in runs) for k in ops})
+
+
 def table(title: str, wall_ms: float, times: dict, top: int) -> str:
     """Markdown: the ops' milliseconds (largest first) and their share of the wall time."""
     lines = [f"{title}: {wall_ms:.2f} ms wall, {sum(times.values()) / 1e6:.2f} ms in ops (summed over threads)",
@@ -67,7 +75,8 @@ def table(title: str, wall_ms: float, times: dict, top: int) -> str:
     return "\n".join(lines)
 
 
-def profile(checkpoint: str, dtype: str, batch: int, prompt_len: int, new_tokens: int, top: int = 15) -> str:
+def profile(checkpoint: str, dtype: str, batch: int, prompt_len: int, new_tokens: int, top: int = 15,
+            repeats: int = 3) -> str:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -85,8 +94,8 @@ def profile(checkpoint: str, dtype: str, batch: int, prompt_len: int, new_tokens
 
     run(new_tokens), run(2 * new_tokens)  # compile both
     with tempfile.TemporaryDirectory() as d:
-        short_s, short = traced(lambda: run(new_tokens), os.path.join(d, "short"))
-        long_s, long = traced(lambda: run(2 * new_tokens), os.path.join(d, "long"))
+        short_s, short = best_of(lambda: run(new_tokens), os.path.join(d, "short"), repeats)
+        long_s, long = best_of(lambda: run(2 * new_tokens), os.path.join(d, "long"), repeats)
         step = {k: (long[k] - short.get(k, 0)) / new_tokens for k in long}
         step = {k: v for k, v in step.items() if v > 0}
 
@@ -119,6 +128,7 @@ def main(argv=None) -> None:
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=64, help="N: generate N and 2N, the difference is N steps")
     p.add_argument("--top", type=int, default=15, help="ops listed per table")
+    p.add_argument("--repeats", type=int, default=3, help="traces of each generate (the least of each is kept)")
     args = p.parse_args(argv)
     if (args.checkpoint is None) == (args.shape is None):
         p.error("give --checkpoint or --shape")
@@ -127,7 +137,7 @@ def main(argv=None) -> None:
         from bench.model import ensure_checkpoint
 
         checkpoint = ensure_checkpoint(args.shape, args.workdir or tempfile.mkdtemp(prefix="gemma3-profile-"), 0)
-    print(profile(checkpoint, args.dtype, args.batch, args.prompt_len, args.new_tokens, args.top))
+    print(profile(checkpoint, args.dtype, args.batch, args.prompt_len, args.new_tokens, args.top, args.repeats))
 
 
 if __name__ == "__main__":
