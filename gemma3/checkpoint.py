@@ -186,12 +186,11 @@ def _place_in_chunks(array: np.ndarray, transposed: bool, dtype, device, release
         part = array[rows[0]:rows[-1] + 1]
         if host is not None:
             np.moveaxis(host, axis, 0)[start:start + len(rows)] = part  # cast (and transposed) as it is copied
-            release()
         else:
             chunk = jax.device_put(np.ascontiguousarray(part.T if transposed else part, dtype=dtype), device)
             chunk.block_until_ready()
-            release()
             out = _write_slice(out, chunk, start, axis)
+        release()
         start += len(rows)
     return out if host is None else jax.device_put(host, device)
 

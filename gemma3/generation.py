@@ -236,7 +236,7 @@ end: glibc keeps it otherwise (gemma-3-1b float32 batch 8, a 110 MB cache: 105 M
 peak starts from there. The trim takes about 10 ms there, next to a 17 s generate; below the
 threshold it would be a noticeable share of a short call (0.5 ms of the demo model's 8 ms)."""
 
-_compiled_first: set = set()  # (program ids, shapes): ids, not the programs, so that none is kept alive
+_precompiled: set = set()  # (program ids, shapes): ids, not the programs, so that none is kept alive
 
 
 def _compile_first(model, programs, state, prompt, extra, max_length, sampling) -> None:
@@ -247,13 +247,15 @@ def _compile_first(model, programs, state, prompt, extra, max_length, sampling) 
     placed by the compiler; its programs compile at the calls)."""
     prefill, first, loop = programs
     padded, seeds = prompt[0], sampling[0]
-    placed = next((x.sharding for x in jax.tree.leaves(state) if isinstance(x, jax.Array)), None)
     key = (tuple(map(id, programs)), padded.shape, max_length,
            tuple((k, v.shape, v.dtype) for k, v in sorted(extra.items())))
-    if key in _compiled_first or not isinstance(placed, jax.sharding.SingleDeviceSharding):
+    if key in _precompiled:
         return
-    if len(_compiled_first) > 1024:  # an id reused after its program was freed only skips this step
-        _compiled_first.clear()
+    placed = next((x.sharding for x in jax.tree.leaves(state) if isinstance(x, jax.Array)), None)
+    if not isinstance(placed, jax.sharding.SingleDeviceSharding):
+        return
+    if len(_precompiled) > 1024:  # an id reused after its program was freed only skips this step
+        _precompiled.clear()
     cache = jax.eval_shape(lambda: model.init_cache(padded.shape[0], max_length))
     # what the prefill returns lives where the weights do: its avals, and that placement, key the next calls
     out = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=placed)  # noqa: E731
@@ -262,7 +264,7 @@ def _compile_first(model, programs, state, prompt, extra, max_length, sampling) 
     first.lower(logits, *sampling[:4]).compile()
     loop.lower(state, out(seeds.shape, jnp.int32), jax.tree.map(lambda x: out(x.shape, x.dtype), cache), *sampling,
                np.int32(0), np.int32(0)).compile()
-    _compiled_first.add(key)
+    _precompiled.add(key)
 
 
 @functools.lru_cache(maxsize=64)

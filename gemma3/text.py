@@ -72,10 +72,10 @@ def _linear(n_in: int, n_out: int, dtype, rngs: nnx.Rngs, out_dtype=None) -> nnx
                       dot_general=accumulating_dot_general, preferred_element_type=out_dtype)
 
 
-
 def positions_of(mask: np.ndarray) -> np.ndarray:
     """Each token's position from a (B, T) padding mask (left padding shifts none): numpy, not jax."""
     return np.maximum(np.cumsum(mask, axis=1, dtype=np.int32) - 1, 0)
+
 
 class Gemma3RMSNorm(nnx.Module):
     """``x * rsqrt(mean(x²) + eps) * (1 + w)`` in float32, cast back; the stored weight is an offset."""

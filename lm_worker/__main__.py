@@ -206,7 +206,6 @@ def main(argv=None) -> int:
     configure_logging("lm-worker", args.log_level, args.log_format)
     use_compilation_cache(args.compilation_cache_dir)
     use_cpu_threads(args.cpu_threads, args.model)
-    log.info("XLA CPU threads", extra={"threads": os.environ.get("NPROC", "one per core")})
     if args.num_processes > 1:
         from lm_worker.group import initialize
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import logging
 import os
 
 
@@ -78,13 +79,16 @@ def use_cpu_threads(value: str, model_dir: str) -> int | None:
     pool's 2 threads and 6.6 ms with 1, and answered through the gateway in 7.6 ms instead of 10.3
     (bench/RESULTS.md). A larger model's products use the pool (gemma-3-270m decodes 1.7x slower on
     one thread)."""
-    if value == "auto":
+    threads = None
+    if value != "auto":
+        threads = int(value)
+    elif "NPROC" not in os.environ:
         weights = sum(os.path.getsize(f) for f in glob.glob(os.path.join(model_dir, "*.safetensors")))
-        if "NPROC" in os.environ or not weights or weights >= SMALL_MODEL_BYTES:
-            return None
-        value = "1"
-    os.environ["NPROC"] = value
-    return int(value)
+        threads = 1 if 0 < weights < SMALL_MODEL_BYTES else None
+    if threads is not None:
+        os.environ["NPROC"] = str(threads)
+    logging.getLogger(__name__).info("XLA CPU threads", extra={"threads": os.environ.get("NPROC", "one per core")})
+    return threads
 
 
 def tls_flags(parser: argparse.ArgumentParser, prefix: str, client_ca: bool) -> None:

@@ -310,7 +310,7 @@ def test_generate_compiles_its_programs_once_and_before_it_allocates_the_cache(m
 
     generation._knows_option("xla_cpu_use_fusion_emitters", False)  # the one-time probe of the compiler
     jax.clear_caches()  # whatever an earlier test compiled at these shapes compiles again here
-    monkeypatch.setattr(generation, "_compiled_first", set())
+    monkeypatch.setattr(generation, "_precompiled", set())
     events = []
     real_init = type(model).init_cache
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import sys
 
 import numpy as np
@@ -92,7 +91,6 @@ def main(argv=None) -> int:
     configure_logging("vision-worker", args.log_level, args.log_format)
     use_compilation_cache(args.compilation_cache_dir)
     use_cpu_threads(args.cpu_threads, args.model)
-    log.info("XLA CPU threads", extra={"threads": os.environ.get("NPROC", "one per core")})
     asyncio.run(main_async(args))
     return 0
 
