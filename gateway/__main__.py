@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import os
@@ -100,7 +99,9 @@ async def main_async(args) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     configure_logging("gateway", args.log_level, args.log_format)
-    asyncio.run(main_async(args))
+    from serving.server import run
+
+    run(main_async(args))
     return 0
 
 

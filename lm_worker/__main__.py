@@ -221,7 +221,9 @@ def main(argv=None) -> int:
             code = follower(args)
             logging.shutdown()
             os._exit(code)  # not jax.distributed's exit barrier: the group may already be gone
-    asyncio.run(main_async(args))
+    from serving.server import run
+
+    run(main_async(args))
     if args.num_processes > 1:
         logging.shutdown()
         os._exit(0)

@@ -74,6 +74,11 @@ def wait_serving(target: str, service: str, proc: subprocess.Popen, timeout: flo
         raise AssertionError(f"{e}:\n{_output(proc, log)}") from None
 
 
+def log_file(module: str, target: str) -> str:
+    """Where ``running`` writes the output of ``module`` serving at ``target`` unless told otherwise."""
+    return os.path.join(tempfile.gettempdir(), f"gemma3-{module}-{target.rsplit(':', 1)[1]}.log")
+
+
 @contextlib.contextmanager
 def running(module: str, service: str, *args: str, credentials: grpc.ChannelCredentials | None = None,
             env: dict | None = None, log: str | None = None, expect_exit_code: int | None = 0):
@@ -93,7 +98,7 @@ def running(module: str, service: str, *args: str, credentials: grpc.ChannelCred
            "GEMMA3_METRICS_FILE": metrics_file(target), "OTEL_METRIC_EXPORT_INTERVAL": "1000",
            "GEMMA3_LM_WARM_UP": "smallest", **(env or {})}
     if log is None:
-        log = os.path.join(tempfile.gettempdir(), f"gemma3-{module}-{port}.log")
+        log = log_file(module, target)
     out = open(log, "w")
     proc = subprocess.Popen([sys.executable, "-m", module, "--port", str(port), "--log-format", "text",
                              "--drain-seconds", "2", *args], env=env, cwd=ROOT, stdout=out,

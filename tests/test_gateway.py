@@ -42,6 +42,11 @@ def _call(target, request, unary=False, timeout=60):
 
 
 
+def test_the_gateway_runs_on_uvloop(gateway):
+    with open(services.log_file("gateway", gateway)) as f:
+        assert "event loop: uvloop" in f.read()
+
+
 def test_text_chat_streams_and_completes(gateway, reference):
     request = gateway_pb2.GenerateRequest(request_id="g1", chat=chat("What colour is the triangle?"),
                                           sampling=common_pb2.SamplingParams(max_new_tokens=10))

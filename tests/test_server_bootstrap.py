@@ -6,10 +6,11 @@ import subprocess
 import sys
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from serving.server import Server
+from serving.server import Server, run
 from tests.services import ROOT
 
 NAME = "gemma3serve.v1.LMWorker"
@@ -71,3 +72,30 @@ def test_tracing_only_where_an_exporter_is_asked_for(tmp_path):
                         cwd=ROOT, capture_output=True, text=True)
     assert off.stdout.split() == ["False", "0", "False"], off.stderr
     assert on.stdout.split() == ["True", "1", "True"], on.stderr
+
+
+@pytest.mark.parametrize("choice, module", [(None, "uvloop"), ("uvloop", "uvloop"), ("asyncio", "asyncio")])
+def test_services_run_on_uvloop_unless_told_otherwise(monkeypatch, choice, module):
+    if choice is None:
+        monkeypatch.delenv("GEMMA3_EVENT_LOOP", raising=False)
+    else:
+        monkeypatch.setenv("GEMMA3_EVENT_LOOP", choice)
+    seen = []
+
+    async def main():
+        seen.append(type(asyncio.get_running_loop()).__module__)
+
+    run(main())
+    assert seen and seen[0].split(".")[0] == module
+
+
+def test_an_unknown_event_loop_is_refused(monkeypatch):
+    monkeypatch.setenv("GEMMA3_EVENT_LOOP", "trio")
+
+    async def main():
+        raise AssertionError("ran")
+
+    coro = main()
+    with pytest.raises(SystemExit, match="GEMMA3_EVENT_LOOP must be uvloop or asyncio"):
+        run(coro)
+    coro.close()

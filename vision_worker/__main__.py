@@ -91,7 +91,9 @@ def main(argv=None) -> int:
     configure_logging("vision-worker", args.log_level, args.log_format)
     use_compilation_cache(args.compilation_cache_dir)
     use_cpu_threads(args.cpu_threads, args.model)
-    asyncio.run(main_async(args))
+    from serving.server import run
+
+    run(main_async(args))
     return 0
 
 
