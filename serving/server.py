@@ -35,7 +35,7 @@ SERVER_OPTIONS = [*CHANNEL_OPTIONS, ("grpc.max_connection_age_ms", 5 * 60_000),
 def run(main: Coroutine) -> None:
     """Run a service's main coroutine on uvloop where it is installed (``GEMMA3_EVENT_LOOP=asyncio``: the
     standard loop). gRPC's asyncio stack and the Redis client spend most of a small request in the event
-    loop's own code: uvloop took ~0.5 ms off each demo-model request through the gateway (bench/RESULTS.md)."""
+    loop's own code: uvloop took 1.3-2.8 ms off each demo-model request through the gateway (bench/RESULTS.md)."""
     choice = os.environ.get("GEMMA3_EVENT_LOOP", "uvloop")
     if choice not in ("uvloop", "asyncio"):
         raise SystemExit(f"GEMMA3_EVENT_LOOP must be uvloop or asyncio, got {choice!r}")
