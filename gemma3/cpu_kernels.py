@@ -33,6 +33,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 MAX_ROWS = 8
+FLOAT32_GEMM_ROWS = 32  # fewer rows stay pairs (where `float32_gemm`): widening the panels costs more there
 TARGET = "gemma3_rows_matmul"
 ATTENTION_TARGET = "gemma3_attention"
 SOURCE = Path(__file__).with_name("kernels") / "rows_matmul.cc"
@@ -109,6 +110,24 @@ def pair_products() -> bool:
     return library is not None and bool(library.Gemma3PairProducts())
 
 
+@functools.cache
+def float32_gemm() -> bool:
+    """Whether bfloat16 products of more than 8 rows (prefill) run as float32 FMAs on weight panels widened
+    as they are packed, rather than as bfloat16 pairs. ``GEMMA3_BF16_GEMM``: ``pairs``, ``float32``, or
+    ``auto`` (the default): whichever this CPU ran faster when the kernel timed both once, under a
+    millisecond. Zen 4 multiplies pairs twice as fast as floats; an Intel Emerald Rapids ran the 1b
+    prefill's products 1.7x faster as floats (its vdpbf16ps has half its FMA throughput)."""
+    choice = os.environ.get("GEMMA3_BF16_GEMM", "auto")
+    if choice not in ("auto", "pairs", "float32"):
+        raise ValueError(f"GEMMA3_BF16_GEMM must be auto, pairs or float32, got {choice!r}")
+    if not pair_products():
+        return False
+    if choice == "auto":
+        choice = "pairs" if _library().Gemma3PairsOutpaceFloat32() else "float32"
+        log.info("bfloat16 prefill products as %s (timed on this CPU)", choice)
+    return choice == "float32"
+
+
 def applies(lhs: jax.Array, rhs: jax.Array, dimension_numbers) -> bool:
     """Whether ``dot_general(lhs, rhs, dimension_numbers)`` is a product the kernel runs faster than XLA:
     on the CPU backend, at most 8 rows of lhs against a 2-D weight matrix of the same dtype, float32 or
@@ -132,7 +151,8 @@ def applies(lhs: jax.Array, rhs: jax.Array, dimension_numbers) -> bool:
 def _product(x: jax.Array, w: jax.Array, w_layout: int) -> jax.Array:
     n = w.shape[1 - w_layout]
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32), vmap_method="sequential")
-    return call(x, w, w_layout=np.int64(w_layout))
+    gemm = x.shape[0] >= FLOAT32_GEMM_ROWS and x.dtype == jnp.bfloat16 and float32_gemm()
+    return call(x, w, w_layout=np.int64(w_layout), float32_gemm=np.int64(gemm))
 
 
 @_product.defjvp

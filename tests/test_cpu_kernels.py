@@ -42,20 +42,53 @@ def test_products_match_float64_for_every_row_count(dtype, layout, k, n):
         np.testing.assert_allclose(got, want, rtol=tol, atol=tol * np.abs(want).max())
 
 
+@pytest.fixture(params=["pairs", "float32"])
+def bf16_gemm(request, monkeypatch):
+    """Both ways the kernel multiplies bfloat16 prefill products (GEMMA3_BF16_GEMM), whichever this CPU prefers."""
+    monkeypatch.setenv("GEMMA3_BF16_GEMM", request.param)
+    cpu_kernels.float32_gemm.cache_clear()
+    yield request.param
+    cpu_kernels.float32_gemm.cache_clear()
+
+
 @pytest.mark.skipif(not cpu_kernels.pair_products(), reason="the GEMM needs AVX512-BF16 (XLA's dot elsewhere)")
 @pytest.mark.parametrize("k,n", [(37, 13), (261, 35), (640, 1000)])
-def test_prefill_sized_products_match_float64_in_bfloat16(k, n):
+def test_prefill_sized_products_match_float64_in_bfloat16(k, n, bf16_gemm):
     """More than 8 rows: tiles of 6 rows and their rest (1 to 5), panels of 64 columns and their rest,
-    256 weight rows at a time and an odd last one."""
+    256 weight rows at a time and an odd last one; as pairs, and from FLOAT32_GEMM_ROWS rows on as float32
+    FMAs when asked."""
     rng = np.random.default_rng(k + n)
     w = jnp.asarray(rng.standard_normal((k, n)), jnp.bfloat16)
     product = jax.jit(lambda x, w: cpu_kernels.rows_matmul(x, w, KN))
-    for rows in (9, 11, 12, 14, 16, 19, 130):
+    for rows in (9, 11, 12, 14, 16, 19, 31, 32, 37, 130):
         x = jnp.asarray(rng.standard_normal((rows, k)), jnp.bfloat16)
         assert cpu_kernels.applies(x, w, KN)
         want = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
         got = np.asarray(product(x, w), np.float64)
         np.testing.assert_allclose(got, want, rtol=8e-3, atol=8e-3 * np.abs(want).max())
+
+
+@pytest.mark.skipif(not cpu_kernels.pair_products(), reason="the GEMM needs AVX512-BF16 (XLA's dot elsewhere)")
+def test_the_float32_gemm_takes_prefill_products_of_enough_rows_when_chosen(bf16_gemm):
+    w = jnp.zeros((64, 48), jnp.bfloat16)
+
+    def attribute(rows):
+        text = jax.jit(lambda x: cpu_kernels.rows_matmul(x, w, KN)).lower(jnp.zeros((rows, 64), jnp.bfloat16)).as_text()
+        assert "float32_gemm" in text
+        return "float32_gemm = 1" in text
+
+    assert not attribute(cpu_kernels.FLOAT32_GEMM_ROWS - 1)
+    assert attribute(cpu_kernels.FLOAT32_GEMM_ROWS) == (bf16_gemm == "float32")
+
+
+def test_an_unknown_bf16_gemm_is_refused(monkeypatch):
+    monkeypatch.setenv("GEMMA3_BF16_GEMM", "int8")
+    cpu_kernels.float32_gemm.cache_clear()
+    try:
+        with pytest.raises(ValueError, match="GEMMA3_BF16_GEMM must be auto, pairs or float32"):
+            cpu_kernels.float32_gemm()
+    finally:
+        cpu_kernels.float32_gemm.cache_clear()
 
 
 def test_decode_sized_products_use_the_kernel_and_others_xla():

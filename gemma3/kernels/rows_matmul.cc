@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -436,13 +437,62 @@ void TileDp(const uint16_t* x, int64_t K, int64_t k0, int64_t depth, const uint1
     _Pragma("GCC unroll 4") for (int v = 0; v < V; ++v) _mm512_mask_storeu_ps(y + r * N + 16 * v, masks[v], acc[r][v]);
 }
 
+// The same product as float32 FMAs, for CPUs that run vdpbf16ps on one port and FMA on two (Intel's
+// Sapphire and Emerald Rapids): the panel is widened as it is packed (PackF32) and x beforehand, so the
+// inner loop is FMAs alone. On an Emerald Rapids it ran the 1b prefill's products 1.7x faster than the
+// pairs; on Zen 4 the pairs are twice as fast. `Gemma3PairsOutpaceFloat32` times both on this CPU.
+void PackF32(const uint16_t* w, float* out, int64_t ldw, int64_t n, int64_t cols, int64_t k0, int64_t k1) {
+  for (int64_t k = k0; k < k1; ++k) {
+    float* o = out + (k - k0) * kPanelCols;
+    for (int64_t j = 0; j < kPanelCols; j += 16) {
+      const int64_t valid = std::clamp<int64_t>(cols - j, 0, 16);
+      const __mmask32 mask = static_cast<__mmask32>((1u << valid) - 1);
+      const __m256i h = _mm512_castsi512_si256(_mm512_maskz_loadu_epi16(mask, w + k * ldw + n + j));
+      _mm512_storeu_ps(o + j, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
+    }
+  }
+}
+
+template <int R>
+void TileDp(const float* x, int64_t K, int64_t k0, int64_t depth, const float* panel, float* y, int64_t N,
+            int64_t cols, bool first) {
+  constexpr int V = kPanelCols / 16;
+  __mmask16 masks[V];
+  for (int v = 0; v < V; ++v) {
+    const int64_t valid = std::clamp<int64_t>(cols - 16 * v, 0, 16);
+    masks[v] = valid == 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << valid) - 1);
+  }
+  __m512 acc[R][V];
+  _Pragma("GCC unroll 8") for (int r = 0; r < R; ++r)
+    _Pragma("GCC unroll 4") for (int v = 0; v < V; ++v)
+      acc[r][v] = first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(masks[v], y + r * N + 16 * v);
+  for (int64_t k = 0; k < depth; ++k) {
+    __m512 b[V];
+    _Pragma("GCC unroll 4") for (int v = 0; v < V; ++v) b[v] = _mm512_loadu_ps(panel + k * kPanelCols + 16 * v);
+    _Pragma("GCC unroll 8") for (int r = 0; r < R; ++r) {
+      const __m512 a = _mm512_set1_ps(x[r * K + k0 + k]);
+      _Pragma("GCC unroll 4") for (int v = 0; v < V; ++v) acc[r][v] = _mm512_fmadd_ps(a, b[v], acc[r][v]);
+    }
+  }
+  _Pragma("GCC unroll 8") for (int r = 0; r < R; ++r)
+    _Pragma("GCC unroll 4") for (int v = 0; v < V; ++v) _mm512_mask_storeu_ps(y + r * N + 16 * v, masks[v], acc[r][v]);
+}
+
+inline void Pack(const uint16_t* w, uint16_t* out, int64_t ldw, int64_t n, int64_t cols, int64_t k0, int64_t k1) {
+  PackPairs(w, out, ldw, n, cols, k0, k1);
+}
+inline void Pack(const uint16_t* w, float* out, int64_t ldw, int64_t n, int64_t cols, int64_t k0, int64_t k1) {
+  PackF32(w, out, ldw, n, cols, k0, k1);
+}
+
 // Rows m0..m1 of x against one packed panel (weight rows k0..k0+depth, columns n..n+cols) into y. With
 // `ahead`, the source of the next panel (ahead_rows rows of kPanelCols bfloat16 at ldw apart) is prefetched
 // to L2 a slice per tile, so that packing it does not wait for memory: at 128 rows (a 1b prefill) packing
 // read the weights between the tiles' arithmetic, 10% of the product.
-void TilesDp(const uint16_t* x, int64_t K, int64_t k0, int64_t depth, const uint16_t* panel, float* y, int64_t N,
-             int64_t n, int64_t cols, int64_t m0, int64_t m1, const uint16_t* ahead = nullptr,
-             int64_t ahead_rows = 0, int64_t ldw = 0) {
+template <typename T>
+void TilesDp(const T* x, int64_t K, int64_t k0, int64_t depth, const T* panel, float* y, int64_t N, int64_t n,
+             int64_t cols, int64_t m0, int64_t m1, const uint16_t* ahead = nullptr, int64_t ahead_rows = 0,
+             int64_t ldw = 0) {
   const int64_t tiles = std::max<int64_t>(1, (m1 - m0) / kTileRows);
   int64_t m = m0;
   for (int64_t i = 0; m + kTileRows <= m1; m += kTileRows, ++i) {
@@ -453,7 +503,7 @@ void TilesDp(const uint16_t* x, int64_t K, int64_t k0, int64_t depth, const uint
       }
     TileDp<kTileRows>(x + m * K, K, k0, depth, panel, y + m * N + n, N, cols, k0 == 0);
   }
-  const uint16_t* xm = x + m * K;
+  const T* xm = x + m * K;
   float* ym = y + m * N + n;
   switch (m1 - m) {
     case 1: TileDp<1>(xm, K, k0, depth, panel, ym, N, cols, k0 == 0); break;
@@ -466,14 +516,14 @@ void TilesDp(const uint16_t* x, int64_t K, int64_t k0, int64_t depth, const uint
 }
 
 // Panels p0..p1 (kPanelCols columns each) of y = x w for all M rows.
-void GemmDp(const uint16_t* x, const uint16_t* w, float* y, int64_t M, int64_t K, int64_t N, int64_t p0,
-            int64_t p1) {
-  std::vector<uint16_t> panel(static_cast<size_t>(kPanelDepth) * kPanelCols);
+template <typename T>
+void GemmDp(const T* x, const uint16_t* w, float* y, int64_t M, int64_t K, int64_t N, int64_t p0, int64_t p1) {
+  std::vector<T> panel(static_cast<size_t>(kPanelDepth) * kPanelCols);
   for (int64_t p = p0; p < p1; ++p) {
     const int64_t n = p * kPanelCols, cols = std::min(kPanelCols, N - n);
     for (int64_t k0 = 0; k0 < K; k0 += kPanelDepth) {
       const int64_t k1 = std::min(K, k0 + kPanelDepth);
-      PackPairs(w, panel.data(), N, n, cols, k0, k1);
+      Pack(w, panel.data(), N, n, cols, k0, k1);
       // the block packed next: the next rows of this panel, else the first of the next panel
       const bool down = k1 < K;
       const uint16_t* ahead = down ? w + k1 * N + n : p + 1 < p1 ? w + n + kPanelCols : nullptr;
@@ -838,7 +888,7 @@ ffi::Error Attention(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer keys
 }
 
 ffi::Error RowsMatmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
-                      ffi::Result<ffi::Buffer<ffi::F32>> y, int64_t w_layout) {
+                      ffi::Result<ffi::Buffer<ffi::F32>> y, int64_t w_layout, int64_t float32_gemm) {
   auto xd = x.dimensions();
   auto wd = w.dimensions();
   if (xd.size() != 2 || wd.size() != 2) return ffi::Error::InvalidArgument("rows_matmul: x and w must be 2-D");
@@ -858,6 +908,16 @@ ffi::Error RowsMatmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
       const int64_t parts = std::min<int64_t>(panels, std::max<int64_t>(1, pool.num_threads()));
       const auto* xs = static_cast<const uint16_t*>(x.untyped_data());
       const auto* ws = static_cast<const uint16_t*>(w.untyped_data());
+      if (float32_gemm) {  // float32 FMAs (PackF32): x widened once, in parts
+        std::vector<float> xf(static_cast<size_t>(M * K));
+        RunParts(pool, parts, [&](int64_t i) {
+          for (int64_t j = M * K * i / parts; j < M * K * (i + 1) / parts; ++j) xf[j] = widen(xs[j]);
+        });
+        RunParts(pool, parts, [&](int64_t i) {
+          GemmDp(xf.data(), ws, out, M, K, N, panels * i / parts, panels * (i + 1) / parts);
+        });
+        return ffi::Error::Success();
+      }
       RunParts(pool, parts, [&](int64_t i) { GemmDp(xs, ws, out, M, K, N, panels * i / parts, panels * (i + 1) / parts); });
       return ffi::Error::Success();
     }
@@ -890,13 +950,46 @@ extern "C" int Gemma3PairProducts() {
 #endif
 }
 
+// Whether bfloat16 products of more than 8 rows run faster as pairs (vdpbf16ps) than as float32 FMAs on
+// widened panels, on this CPU: one tile's arithmetic timed both ways (a packed panel in L1/L2 against six
+// rows, accumulating so no call is redundant), the best of nine alternating rounds each. Under a millisecond.
+extern "C" int Gemma3PairsOutpaceFloat32() {
+#ifdef GEMMA3_DPBF16
+  std::vector<uint16_t> w(kPanelDepth * kPanelCols), x(kTileRows * kPanelDepth), pairs(kPanelDepth * kPanelCols);
+  for (size_t i = 0; i < w.size(); ++i) w[i] = static_cast<uint16_t>(0x3e80 + i % 97);  // about 0.25..0.5
+  for (size_t i = 0; i < x.size(); ++i) x[i] = static_cast<uint16_t>(0x3a80 + i % 89);  // about 0.001
+  std::vector<float> wide(kPanelDepth * kPanelCols), xf(x.size()), y(kTileRows * kPanelCols, 0.0f);
+  for (size_t i = 0; i < x.size(); ++i) xf[i] = widen(x[i]);
+  PackPairs(w.data(), pairs.data(), kPanelCols, 0, kPanelCols, 0, kPanelDepth);
+  PackF32(w.data(), wide.data(), kPanelCols, 0, kPanelCols, 0, kPanelDepth);
+  auto seconds = [&](auto&& tile) {
+    const auto t0 = std::chrono::steady_clock::now();
+    for (int i = 0; i < 64; ++i) tile();
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  };
+  double pair = 1e30, f32 = 1e30;
+  for (int round = 0; round < 9; ++round) {
+    pair = std::min(pair, seconds([&] {
+      TileDp<kTileRows>(x.data(), kPanelDepth, 0, kPanelDepth, pairs.data(), y.data(), kPanelCols, kPanelCols, false);
+    }));
+    f32 = std::min(f32, seconds([&] {
+      TileDp<kTileRows>(xf.data(), kPanelDepth, 0, kPanelDepth, wide.data(), y.data(), kPanelCols, kPanelCols, false);
+    }));
+  }
+  return pair <= f32 ? 1 : 0;
+#else
+  return 0;
+#endif
+}
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Gemma3RowsMatmul, RowsMatmul,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("w_layout"));
+                                  .Attr<int64_t>("w_layout")
+                                  .Attr<int64_t>("float32_gemm"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Gemma3Attention, Attention,
                               ffi::Ffi::Bind()
