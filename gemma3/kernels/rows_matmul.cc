@@ -398,6 +398,28 @@ void PackPairsNK(const uint16_t* w, uint16_t* out, int64_t ldw, int64_t n, int64
   }
 }
 
+// A tile's column masks (cols of kPanelCols valid) and its R x kPanelCols sums: zero on the first panel of
+// the depth, else what y holds; EndTile stores them back. Shared by the pair and float32 tiles.
+template <int R>
+inline void StartTile(const float* y, int64_t N, int64_t cols, bool first, __mmask16* masks,
+                      __m512 (*acc)[kPanelCols / 16]) {
+  constexpr int V = kPanelCols / 16;
+  for (int v = 0; v < V; ++v) {
+    const int64_t valid = std::clamp<int64_t>(cols - 16 * v, 0, 16);
+    masks[v] = valid == 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << valid) - 1);
+  }
+  _Pragma("GCC unroll 8") for (int r = 0; r < R; ++r)
+    _Pragma("GCC unroll 4") for (int v = 0; v < V; ++v)
+      acc[r][v] = first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(masks[v], y + r * N + 16 * v);
+}
+
+template <int R>
+inline void EndTile(float* y, int64_t N, const __mmask16* masks, __m512 (*acc)[kPanelCols / 16]) {
+  _Pragma("GCC unroll 8") for (int r = 0; r < R; ++r)
+    _Pragma("GCC unroll 4") for (int v = 0; v < kPanelCols / 16; ++v)
+      _mm512_mask_storeu_ps(y + r * N + 16 * v, masks[v], acc[r][v]);
+}
+
 // R rows of x (row stride K, from column k0) against a packed panel of `depth` weight rows into
 // y[:, n..n+cols] (row stride N): set on the first panel of the depth, added to after.
 template <int R>
@@ -405,14 +427,8 @@ void TileDp(const uint16_t* x, int64_t K, int64_t k0, int64_t depth, const uint1
             int64_t cols, bool first) {
   constexpr int V = kPanelCols / 16;
   __mmask16 masks[V];
-  for (int v = 0; v < V; ++v) {
-    const int64_t valid = std::clamp<int64_t>(cols - 16 * v, 0, 16);
-    masks[v] = valid == 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << valid) - 1);
-  }
   __m512 acc[R][V];
-  _Pragma("GCC unroll 8") for (int r = 0; r < R; ++r)
-    _Pragma("GCC unroll 4") for (int v = 0; v < V; ++v)
-      acc[r][v] = first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(masks[v], y + r * N + 16 * v);
+  StartTile<R>(y, N, cols, first, masks, acc);
   const int64_t pairs = depth / 2;
   for (int64_t p = 0; p < pairs; ++p) {
     __m512bh b[V];
@@ -433,8 +449,7 @@ void TileDp(const uint16_t* x, int64_t K, int64_t k0, int64_t depth, const uint1
       for (int v = 0; v < V; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], a, b[v]);
     }
   }
-  _Pragma("GCC unroll 8") for (int r = 0; r < R; ++r)
-    _Pragma("GCC unroll 4") for (int v = 0; v < V; ++v) _mm512_mask_storeu_ps(y + r * N + 16 * v, masks[v], acc[r][v]);
+  EndTile<R>(y, N, masks, acc);
 }
 
 // The same product as float32 FMAs, for CPUs that run vdpbf16ps on one port and FMA on two (Intel's
@@ -458,14 +473,8 @@ void TileDp(const float* x, int64_t K, int64_t k0, int64_t depth, const float* p
             int64_t cols, bool first) {
   constexpr int V = kPanelCols / 16;
   __mmask16 masks[V];
-  for (int v = 0; v < V; ++v) {
-    const int64_t valid = std::clamp<int64_t>(cols - 16 * v, 0, 16);
-    masks[v] = valid == 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << valid) - 1);
-  }
   __m512 acc[R][V];
-  _Pragma("GCC unroll 8") for (int r = 0; r < R; ++r)
-    _Pragma("GCC unroll 4") for (int v = 0; v < V; ++v)
-      acc[r][v] = first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(masks[v], y + r * N + 16 * v);
+  StartTile<R>(y, N, cols, first, masks, acc);
   for (int64_t k = 0; k < depth; ++k) {
     __m512 b[V];
     _Pragma("GCC unroll 4") for (int v = 0; v < V; ++v) b[v] = _mm512_loadu_ps(panel + k * kPanelCols + 16 * v);
@@ -474,8 +483,7 @@ void TileDp(const float* x, int64_t K, int64_t k0, int64_t depth, const float* p
       _Pragma("GCC unroll 4") for (int v = 0; v < V; ++v) acc[r][v] = _mm512_fmadd_ps(a, b[v], acc[r][v]);
     }
   }
-  _Pragma("GCC unroll 8") for (int r = 0; r < R; ++r)
-    _Pragma("GCC unroll 4") for (int v = 0; v < V; ++v) _mm512_mask_storeu_ps(y + r * N + 16 * v, masks[v], acc[r][v]);
+  EndTile<R>(y, N, masks, acc);
 }
 
 inline void Pack(const uint16_t* w, uint16_t* out, int64_t ldw, int64_t n, int64_t cols, int64_t k0, int64_t k1) {
