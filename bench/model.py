@@ -14,8 +14,10 @@ What it does:
    shapes of gemma-3-270m / gemma-3-1b, ``save_pretrained`` in float32. Every library loads that directory
    (and casts to the benchmarked dtype itself).
 2. Measures the machine's memory bandwidth with numpy copies (bytes read + written / time, best of 5)
-   and derives the decode roofline: parameter bytes (tied embedding counted once, as the LM head reads
-   it) / bandwidth = the fastest a batch-1 decode step can be when every weight is read once per step.
+   and read-only streams (a sum, a BLAS matrix-vector product), and derives the decode roofline: parameter
+   bytes (tied embedding counted once, as the LM head reads it) / bandwidth = the fastest a batch-1 decode
+   step can be when every weight is read once per step; against the copy figure, and against the best
+   read-only one (the read roofline: on some CPUs a read-only stream is slower than a copy's traffic).
 3. For each (shape, dtype, batch) starts one worker process per library (so peak RSS is per library and
    per configuration: VmHWM), loads the checkpoint, warms up, then runs the workers one after the other,
    repeat by repeat, rotating who goes first (the machine may be shared: each ratio compares runs measured
@@ -145,7 +147,10 @@ def parameter_count(path: str) -> int:
 def memory_bandwidth(gib: float = 1.0, repeats: int = 5) -> dict:
     """Copy bandwidth (bytes read + written per second), best of ``repeats``, 1 thread and all cores.
 
-    Also a read-only figure (a float64 sum, which numpy vectorises), since decode mostly reads.
+    Also read-only figures, since decode only reads: a float64 sum (which numpy vectorises), and a float32
+    matrix-vector product through numpy's BLAS on all cores, a decode step's own access pattern. On an Intel
+    Xeon (session 15) the sum read 19 GB/s and the BLAS product 30.6, while copies moved 45 (read + written):
+    a core there has only so many reads in flight, so copies outrun any read-only stream (bench/RESULTS.md).
     """
     n = int(gib * GIB) // 8
     src = np.ones(n, np.float64)
@@ -160,12 +165,15 @@ def memory_bandwidth(gib: float = 1.0, repeats: int = 5) -> dict:
     def sum_part(b):
         return float(src[b[0]:b[1]].sum())
 
+    matrix = src.view(np.float32).reshape(-1, 4096)  # the same bytes as float32 rows
+    vector = np.ones(4096, np.float32)
     out = {"buffer_bytes": n * 8, "threads": threads}
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
         for label, fn, factor in (("copy_1t", lambda: np.copyto(dst, src), 2),
                                   ("copy_mt", lambda: list(pool.map(copy_part, bounds)), 2),
                                   ("read_1t", lambda: src.sum(), 1),
-                                  ("read_mt", lambda: list(pool.map(sum_part, bounds)), 1)):
+                                  ("read_mt", lambda: list(pool.map(sum_part, bounds)), 1),
+                                  ("read_gemv", lambda: matrix @ vector, 1)):
             fn()
             best = float("inf")
             for _ in range(repeats):
@@ -173,9 +181,9 @@ def memory_bandwidth(gib: float = 1.0, repeats: int = 5) -> dict:
                 fn()
                 best = min(best, time.perf_counter() - t0)
             out[label] = factor * n * 8 / best
-    src = dst = None  # free the 2 GiB before the workers start
+    src = dst = matrix = None  # free the 2 GiB before the workers start
     out["copy"] = max(out["copy_1t"], out["copy_mt"])
-    out["read"] = max(out["read_1t"], out["read_mt"])
+    out["read"] = max(out["read_1t"], out["read_mt"], out["read_gemv"])
     return out
 
 
@@ -379,16 +387,19 @@ def tables(results, rooflines, bw, args) -> str:
         f"Prompt {args.prompt_len} random tokens, {n} new tokens greedy (no stop token); best of {args.repeats} "
         f"repeats (prefill: best of {args.repeats} x {args.prefill_reps}). Decode tok/s = B x {n - 1} / "
         "(generate - prefill), aggregated over the batch. Roofline = B x bandwidth / weight bytes "
-        "(weights read once per step; ignores KV-cache reads and compute)."
+        "(weights read once per step; ignores KV-cache reads and compute): the decode roofline against the copy "
+        "bandwidth (bytes read + written), the read roofline against the fastest read-only stream measured."
         + (" EasyDeL's prefill computes the LM head at every prompt position, as its generate does; the others' "
            "at the last one only." if "easydel" in args.libs else ""),
         "",
         "| model | dtype | B | library | prefill tok/s | decode tok/s | generate s | generate tok/s | "
-        + ("decode step loop tok/s | " if args.step_loop else "") + "compile s | peak RSS GiB | % of decode roofline |",
-        "|---|---|---:|---|---:|---:|---:|---:|" + ("---:|" if args.step_loop else "") + "---:|---:|---:|",
+        + ("decode step loop tok/s | " if args.step_loop else "") + "compile s | peak RSS GiB | % of decode roofline | "
+        "% of read roofline |",
+        "|---|---|---:|---|---:|---:|---:|---:|" + ("---:|" if args.step_loop else "") + "---:|---:|---:|---:|",
     ]
     for res in results:
-        roof = res["batch"] * rooflines[(res["shape"], res["dtype"])]["tok_s"]
+        rf = rooflines[(res["shape"], res["dtype"])]
+        roof, roof_read = res["batch"] * rf["tok_s"], res["batch"] * rf["tok_s_read"]
         for lib in res["libs"]:
             r = res[lib]
             lines.append(
@@ -396,7 +407,8 @@ def tables(results, rooflines, bw, args) -> str:
                 f"{fmt(r['decode_tok_s'])} | {fmt(r['generate_best_s'], 2)} | {fmt(r['generate_tok_s'])} | "
                 + (f"{fmt(r.get('step_loop_tok_s'))} | " if args.step_loop else "")
                 + f"{fmt(r['compile_s'], 1) if lib in JIT_LIBS else '-'} | "
-                f"{fmt(r['peak_rss'] / GIB, 2)} | {fmt(100 * r['decode_tok_s'] / roof, 0)}% |")
+                f"{fmt(r['peak_rss'] / GIB, 2)} | {fmt(100 * r['decode_tok_s'] / roof, 0)}% | "
+                f"{fmt(100 * r['decode_tok_s'] / roof_read, 0)}% |")
     lines += [
         "",
         "Ours / each peer (same run, interleaved; > 1 means ours is faster, or for RSS larger), and ours / the best "
@@ -435,8 +447,10 @@ def tables(results, rooflines, bw, args) -> str:
         f"the runs: copy {' / '.join(f'{c / 1e9:.1f}' for c in bw['all_copy'])} GB/s; details of the better one, "
         f"{bw['when']}): copy "
         f"{bw['copy_1t'] / 1e9:.1f} GB/s (1 thread), {bw['copy_mt'] / 1e9:.1f} GB/s ({bw['threads']} threads), "
-        f"read+written bytes; read-only sum {bw['read_1t'] / 1e9:.1f} / {bw['read_mt'] / 1e9:.1f} GB/s. "
-        f"Roofline uses the copy figure, {bw['copy'] / 1e9:.1f} GB/s.",
+        f"read+written bytes; read-only: sum {bw['read_1t'] / 1e9:.1f} / {bw['read_mt'] / 1e9:.1f} GB/s, "
+        f"BLAS float32 matrix-vector product {bw.get('read_gemv', float('nan')) / 1e9:.1f} GB/s. "
+        f"Decode roofline: the copy figure, {bw['copy'] / 1e9:.1f} GB/s; read roofline: the best read-only "
+        f"figure, {bw['read'] / 1e9:.1f} GB/s.",
         "",
         "| model | dtype | parameters | weight bytes / step | roofline decode tok/s (B=1) | "
         "same, read-only bandwidth |",

@@ -112,11 +112,12 @@ def pair_products() -> bool:
 
 @functools.cache
 def float32_gemm() -> bool:
-    """Whether bfloat16 products of more than 8 rows (prefill) run as float32 FMAs on weight panels widened
-    as they are packed, rather than as bfloat16 pairs. ``GEMMA3_BF16_GEMM``: ``pairs``, ``float32``, or
-    ``auto`` (the default): whichever this CPU ran faster when the kernel timed both once, under a
-    millisecond. Zen 4 multiplies pairs twice as fast as floats; an Intel Emerald Rapids ran the 1b
-    prefill's products 1.7x faster as floats (its vdpbf16ps has half its FMA throughput)."""
+    """Whether bfloat16 products of FLOAT32_GEMM_ROWS rows or more (prefill's, and attention over a prefill
+    chunk) run as float32 FMAs on panels widened as they are packed, rather than as bfloat16 pairs.
+    ``GEMMA3_BF16_GEMM``: ``pairs``, ``float32``, or ``auto`` (the default): whichever this CPU ran faster
+    when the kernel timed both once, under a millisecond. Zen 4 multiplies pairs twice as fast as floats;
+    an Intel Emerald Rapids ran the 1b prefill's products 1.7x faster as floats (its vdpbf16ps has half its
+    FMA throughput)."""
     choice = os.environ.get("GEMMA3_BF16_GEMM", "auto")
     if choice not in ("auto", "pairs", "float32"):
         raise ValueError(f"GEMMA3_BF16_GEMM must be auto, pairs or float32, got {choice!r}")
@@ -196,4 +197,6 @@ def attention(q: jax.Array, keys: jax.Array, values: jax.Array, visible: jax.Arr
     every layer, and widened a bfloat16 prefill's to float32 (kernels/rows_matmul.cc). It has no derivative:
     models call it through `gemma3.text.kernel_attention`, whose derivatives are XLA's."""
     call = jax.ffi.ffi_call(ATTENTION_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32), vmap_method="sequential")
-    return call(q, keys, values, visible.astype(bool))
+    rows = q.shape[1] * q.shape[2] // keys.shape[2]  # a (row, kv head) pair's query rows
+    gemm = rows >= FLOAT32_GEMM_ROWS and q.dtype == jnp.bfloat16 and float32_gemm()
+    return call(q, keys, values, visible.astype(bool), float32_gemm=np.int64(gemm))

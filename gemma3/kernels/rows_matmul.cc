@@ -24,6 +24,7 @@
 #include <memory>
 #include <thread>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -468,6 +469,13 @@ void PackF32(const uint16_t* w, float* out, int64_t ldw, int64_t n, int64_t cols
   }
 }
 
+// The same panel from a matrix stored transposed, (N, K) at ldw apart (attention's keys), as PackPairsNK.
+void PackF32NK(const uint16_t* w, float* out, int64_t ldw, int64_t n, int64_t cols, int64_t k0, int64_t k1) {
+  std::memset(out, 0, sizeof(float) * (k1 - k0) * kPanelCols);
+  for (int64_t j = 0; j < cols; ++j)
+    for (int64_t k = k0; k < k1; ++k) out[(k - k0) * kPanelCols + j] = widen(w[(n + j) * ldw + k]);
+}
+
 template <int R>
 void TileDp(const float* x, int64_t K, int64_t k0, int64_t depth, const float* panel, float* y, int64_t N,
             int64_t cols, bool first) {
@@ -493,14 +501,15 @@ inline void Pack(const uint16_t* w, float* out, int64_t ldw, int64_t n, int64_t 
   PackF32(w, out, ldw, n, cols, k0, k1);
 }
 
-// Rows m0..m1 of x against one packed panel (weight rows k0..k0+depth, columns n..n+cols) into y. With
-// `ahead`, the source of the next panel (ahead_rows rows of kPanelCols bfloat16 at ldw apart) is prefetched
-// to L2 a slice per tile, so that packing it does not wait for memory: at 128 rows (a 1b prefill) packing
-// read the weights between the tiles' arithmetic, 10% of the product.
+// Rows m0..m1 of x against one packed panel (weight rows k0..k0+depth, columns n..n+cols) into y: set when
+// `first` (the depth's first panel), added to after. With `ahead`, the source of the next panel (ahead_rows
+// rows of kPanelCols bfloat16 at ldw apart) is prefetched to L2 a slice per tile, so that packing it does not
+// wait for memory: at 128 rows (a 1b prefill) packing read the weights between the tiles' arithmetic, 10% of
+// the product.
 template <typename T>
 void TilesDp(const T* x, int64_t K, int64_t k0, int64_t depth, const T* panel, float* y, int64_t N, int64_t n,
-             int64_t cols, int64_t m0, int64_t m1, const uint16_t* ahead = nullptr, int64_t ahead_rows = 0,
-             int64_t ldw = 0) {
+             int64_t cols, int64_t m0, int64_t m1, bool first, const uint16_t* ahead = nullptr,
+             int64_t ahead_rows = 0, int64_t ldw = 0) {
   const int64_t tiles = std::max<int64_t>(1, (m1 - m0) / kTileRows);
   int64_t m = m0;
   for (int64_t i = 0; m + kTileRows <= m1; m += kTileRows, ++i) {
@@ -509,16 +518,16 @@ void TilesDp(const T* x, int64_t K, int64_t k0, int64_t depth, const T* panel, f
         _mm_prefetch(reinterpret_cast<const char*>(ahead + r * ldw), _MM_HINT_T1);
         _mm_prefetch(reinterpret_cast<const char*>(ahead + r * ldw + 32), _MM_HINT_T1);
       }
-    TileDp<kTileRows>(x + m * K, K, k0, depth, panel, y + m * N + n, N, cols, k0 == 0);
+    TileDp<kTileRows>(x + m * K, K, k0, depth, panel, y + m * N + n, N, cols, first);
   }
   const T* xm = x + m * K;
   float* ym = y + m * N + n;
   switch (m1 - m) {
-    case 1: TileDp<1>(xm, K, k0, depth, panel, ym, N, cols, k0 == 0); break;
-    case 2: TileDp<2>(xm, K, k0, depth, panel, ym, N, cols, k0 == 0); break;
-    case 3: TileDp<3>(xm, K, k0, depth, panel, ym, N, cols, k0 == 0); break;
-    case 4: TileDp<4>(xm, K, k0, depth, panel, ym, N, cols, k0 == 0); break;
-    case 5: TileDp<5>(xm, K, k0, depth, panel, ym, N, cols, k0 == 0); break;
+    case 1: TileDp<1>(xm, K, k0, depth, panel, ym, N, cols, first); break;
+    case 2: TileDp<2>(xm, K, k0, depth, panel, ym, N, cols, first); break;
+    case 3: TileDp<3>(xm, K, k0, depth, panel, ym, N, cols, first); break;
+    case 4: TileDp<4>(xm, K, k0, depth, panel, ym, N, cols, first); break;
+    case 5: TileDp<5>(xm, K, k0, depth, panel, ym, N, cols, first); break;
     default: break;
   }
 }
@@ -536,18 +545,18 @@ void GemmDp(const T* x, const uint16_t* w, float* y, int64_t M, int64_t K, int64
       const bool down = k1 < K;
       const uint16_t* ahead = down ? w + k1 * N + n : p + 1 < p1 ? w + n + kPanelCols : nullptr;
       const int64_t rows = down ? std::min(K, k1 + kPanelDepth) - k1 : std::min(K, kPanelDepth);
-      TilesDp(x, K, k0, k1 - k0, panel.data(), y, N, n, cols, 0, M, ahead, rows, N);
+      TilesDp(x, K, k0, k1 - k0, panel.data(), y, N, n, cols, 0, M, k0 == 0, ahead, rows, N);
     }
   }
 }
 
 // Every panel of a (K, N) matrix packed once, for products that many row blocks share (attention's keys and
 // values): panel p's depth block d at (p * blocks + d) * kPanelDepth * kPanelCols. pack(out, n, cols, k0, k1)
-// is PackPairs or PackPairsNK with the matrix bound.
-template <typename Pack>
-std::vector<uint16_t> PackPanels(int64_t K, int64_t N, const Pack& pack) {
+// is a packing (pairs, or float32 for T = float) with the matrix bound.
+template <typename T, typename Pack>
+std::vector<T> PackPanels(int64_t K, int64_t N, const Pack& pack) {
   const int64_t panels = (N + kPanelCols - 1) / kPanelCols, blocks = (K + kPanelDepth - 1) / kPanelDepth;
-  std::vector<uint16_t> out(static_cast<size_t>(panels * blocks) * kPanelDepth * kPanelCols);
+  std::vector<T> out(static_cast<size_t>(panels * blocks) * kPanelDepth * kPanelCols);
   for (int64_t p = 0; p < panels; ++p)
     for (int64_t d = 0; d < blocks; ++d)
       pack(out.data() + (p * blocks + d) * kPanelDepth * kPanelCols, p * kPanelCols,
@@ -555,14 +564,17 @@ std::vector<uint16_t> PackPanels(int64_t K, int64_t N, const Pack& pack) {
   return out;
 }
 
-// Rows m0..m1 of y (M x N) = x (M x K) w, w from PackPanels.
-void GemmPanels(const uint16_t* x, const uint16_t* panels, float* y, int64_t K, int64_t N, int64_t m0, int64_t m1) {
+// Columns n0..n1 of y (rows x N) = x (rows x K) w over w's rows k0..k1 alone (the rest of x is taken as
+// zeros), w from PackPanels; n0 a multiple of kPanelCols, k0 of kPanelDepth.
+template <typename T>
+void GemmPanels(const T* x, const T* panels, float* y, int64_t K, int64_t N, int64_t rows, int64_t n0, int64_t n1,
+                int64_t k0, int64_t k1) {
   const int64_t blocks = (K + kPanelDepth - 1) / kPanelDepth;
-  for (int64_t p = 0; p * kPanelCols < N; ++p)
-    for (int64_t d = 0; d < blocks; ++d) {
-      const int64_t k0 = d * kPanelDepth;
-      TilesDp(x, K, k0, std::min(K, k0 + kPanelDepth) - k0, panels + (p * blocks + d) * kPanelDepth * kPanelCols, y,
-              N, p * kPanelCols, std::min(kPanelCols, N - p * kPanelCols), m0, m1);
+  for (int64_t p = n0 / kPanelCols; p * kPanelCols < n1; ++p)
+    for (int64_t d = k0 / kPanelDepth; d * kPanelDepth < k1; ++d) {
+      const int64_t k = d * kPanelDepth;
+      TilesDp(x, K, k, std::min(K, k + kPanelDepth) - k, panels + (p * blocks + d) * kPanelDepth * kPanelCols, y, N,
+              p * kPanelCols, std::min(kPanelCols, N - p * kPanelCols), 0, rows, k == k0);
     }
 }
 #endif
@@ -818,45 +830,80 @@ void AttendRows(ffi::ThreadPool& pool, const AttentionShape& a, const Q* q, cons
 }
 
 #ifdef GEMMA3_DPBF16
+// The entries rows r0..r0+rows of pair u see, [lo, hi) widened to whole depth blocks of kPanelDepth: a causal
+// chunk's early rows see its early entries only, a sliding window's a band. All of them if a row sees nothing
+// (it averages every entry, as the einsum path does). Outside the range a row's probabilities are exactly
+// zero, so products over the range alone are the same sums.
+std::pair<int64_t, int64_t> SeenRange(const AttentionShape& a, const bool* visible, int64_t u, int64_t r0,
+                                      int64_t rows) {
+  int64_t lo = a.S, hi = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    const bool* seen = visible + a.mask_row(u, r0 + r);
+    const bool* first = std::find(seen, seen + a.S, true);
+    if (first == seen + a.S) return {0, a.S};
+    lo = std::min<int64_t>(lo, first - seen);
+    int64_t last = a.S;
+    while (!seen[last - 1]) --last;
+    hi = std::max(hi, last);
+  }
+  return {lo / kPanelDepth * kPanelDepth, std::min(a.S, (hi + kPanelDepth - 1) / kPanelDepth * kPanelDepth)};
+}
+
 // The many-rows bfloat16 path (prefill): each pair's keys (as k^T) and values packed once, then blocks of
-// query rows: scores by the pair-product GEMM, softmax, probabilities (bfloat16) times the values by it.
+// query rows: scores by the GEMM, softmax, probabilities (rounded to bfloat16) times the values by it, over
+// the entries the block sees (SeenRange: half the work of a causal prefill, a sliding window's band alone).
+// T: uint16_t multiplies bfloat16 pairs, float multiplies float32 panels widened as they are packed (where
+// the CPU runs FMAs faster, `float32_gemm`).
+template <typename T>
 void AttendGemm(ffi::ThreadPool& pool, const AttentionShape& a, const uint16_t* q, const uint16_t* keys,
                 const uint16_t* values, const bool* visible, float* out) {
   const int64_t R = a.R(), S = a.S, H = a.H, units = a.units();
   constexpr int64_t kBlockRows = 8 * kTileRows;
+  constexpr bool kPairs = std::is_same_v<T, uint16_t>;
   const int64_t blocks = (R + kBlockRows - 1) / kBlockRows;
-  std::vector<std::vector<uint16_t>> keys_t(units), vals(units);
+  std::vector<std::vector<T>> keys_t(units), vals(units);
   RunParts(pool, units, [&](int64_t u) {
-    keys_t[u] = PackPanels(H, S, [&](uint16_t* o, int64_t n, int64_t cols, int64_t k0, int64_t k1) {
-      PackPairsNK(keys + a.base(u), o, a.ld(), n, cols, k0, k1);
+    keys_t[u] = PackPanels<T>(H, S, [&](T* o, int64_t n, int64_t cols, int64_t k0, int64_t k1) {
+      if constexpr (kPairs) PackPairsNK(keys + a.base(u), o, a.ld(), n, cols, k0, k1);
+      else PackF32NK(keys + a.base(u), o, a.ld(), n, cols, k0, k1);
     });
-    vals[u] = PackPanels(S, H, [&](uint16_t* o, int64_t n, int64_t cols, int64_t k0, int64_t k1) {
-      PackPairs(values + a.base(u), o, a.ld(), n, cols, k0, k1);
+    vals[u] = PackPanels<T>(S, H, [&](T* o, int64_t n, int64_t cols, int64_t k0, int64_t k1) {
+      Pack(values + a.base(u), o, a.ld(), n, cols, k0, k1);
     });
   });
   RunParts(pool, units * blocks, [&](int64_t i) {
     const int64_t u = i / blocks, r0 = i % blocks * kBlockRows, rows = std::min(kBlockRows, R - r0);
-    std::vector<uint16_t> x(static_cast<size_t>(rows) * std::max(H, S));
+    const auto [s0, s1] = SeenRange(a, visible, u, r0, rows);
+    std::vector<T> x(static_cast<size_t>(rows) * std::max(H, S));
     std::vector<float> scores(static_cast<size_t>(rows) * S), y(static_cast<size_t>(rows) * H);
-    for (int64_t r = 0; r < rows; ++r) std::memcpy(x.data() + r * H, q + a.q_row(u, r0 + r), sizeof(uint16_t) * H);
-    GemmPanels(x.data(), keys_t[u].data(), scores.data(), H, S, 0, rows);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t h = 0; h < H; ++h) {
+        const uint16_t v = q[a.q_row(u, r0 + r) + h];
+        if constexpr (kPairs) x[r * H + h] = v;
+        else x[r * H + h] = widen(v);
+      }
+    GemmPanels(x.data(), keys_t[u].data(), scores.data(), H, S, rows, s0, s1, 0, H);
     for (int64_t r = 0; r < rows; ++r) {
       float* row = scores.data() + r * S;
-      SoftmaxRow(row, visible + a.mask_row(u, r0 + r), S, true);
-      for (int64_t s = 0; s < S; ++s) {  // rounded already: the top half of the bits
-        uint32_t bits;
-        std::memcpy(&bits, row + s, sizeof bits);
-        x[r * S + s] = static_cast<uint16_t>(bits >> 16);
+      SoftmaxRow(row + s0, visible + a.mask_row(u, r0 + r) + s0, s1 - s0, true);
+      for (int64_t s = s0; s < s1; ++s) {  // rounded already: the top half of the bits
+        if constexpr (kPairs) {
+          uint32_t bits;
+          std::memcpy(&bits, row + s, sizeof bits);
+          x[r * S + s] = static_cast<uint16_t>(bits >> 16);
+        } else {
+          x[r * S + s] = row[s];
+        }
       }
     }
-    GemmPanels(x.data(), vals[u].data(), y.data(), S, H, 0, rows);
+    GemmPanels(x.data(), vals[u].data(), y.data(), S, H, rows, 0, H, s0, s1);
     for (int64_t r = 0; r < rows; ++r) std::memcpy(out + a.q_row(u, r0 + r), y.data() + r * H, sizeof(float) * H);
   });
 }
 #endif
 
 ffi::Error Attention(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer keys, ffi::AnyBuffer values,
-                     ffi::Buffer<ffi::PRED> visible, ffi::Result<ffi::Buffer<ffi::F32>> out) {
+                     ffi::Buffer<ffi::PRED> visible, ffi::Result<ffi::Buffer<ffi::F32>> out, int64_t float32_gemm) {
   auto qd = q.dimensions();
   auto kd = keys.dimensions();
   auto md = visible.dimensions();
@@ -887,7 +934,8 @@ ffi::Error Attention(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer keys
   const auto* q16 = static_cast<const uint16_t*>(q.untyped_data());
 #ifdef GEMMA3_DPBF16
   if (a.R() > kMaxRows) {
-    AttendGemm(pool, a, q16, k16, v16, seen, y);
+    if (float32_gemm) AttendGemm<float>(pool, a, q16, k16, v16, seen, y);
+    else AttendGemm<uint16_t>(pool, a, q16, k16, v16, seen, y);
     return ffi::Error::Success();
   }
 #endif
@@ -958,9 +1006,10 @@ extern "C" int Gemma3PairProducts() {
 #endif
 }
 
-// Whether bfloat16 products of more than 8 rows run faster as pairs (vdpbf16ps) than as float32 FMAs on
-// widened panels, on this CPU: one tile's arithmetic timed both ways (a packed panel in L1/L2 against six
-// rows, accumulating so no call is redundant), the best of nine alternating rounds each. Under a millisecond.
+// Whether bfloat16 products of many rows (FLOAT32_GEMM_ROWS in cpu_kernels.py, and attention over a prefill
+// chunk) run faster as pairs (vdpbf16ps) than as float32 FMAs on widened panels, on this CPU: one tile's
+// arithmetic timed both ways (a packed panel in L1/L2 against six rows, accumulating so no call is
+// redundant), the best of nine alternating rounds each. Under a millisecond.
 extern "C" int Gemma3PairsOutpaceFloat32() {
 #ifdef GEMMA3_DPBF16
   std::vector<uint16_t> w(kPanelDepth * kPanelCols), x(kTileRows * kPanelDepth), pairs(kPanelDepth * kPanelCols);
@@ -1006,4 +1055,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Gemma3Attention, Attention,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::PRED>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("float32_gemm"));
