@@ -178,13 +178,14 @@ def rows_matmul(lhs: jax.Array, rhs: jax.Array, dimension_numbers, out_dtype=Non
 def attention_applies(q: jax.Array, keys: jax.Array) -> bool:
     """Whether `attention` takes queries q (B, T, N, H) over ``keys``: on the CPU backend with the kernel, float32
     or bfloat16 alike (a bfloat16 cache may be kept as its bits), for a decode step's few tokens (T <= 8), or
-    any number of bfloat16 ones where the CPU multiplies bfloat16 pairs (prefill, through its GEMM)."""
+    any number where the CPU multiplies bfloat16 pairs (prefill, through the kernel's GEMM, whose float32
+    tiles are built there too: each block of query rows against only the entries it sees)."""
     if jax.default_backend() != "cpu" or not available():
         return False
     if (q.dtype, keys.dtype) not in ((jnp.float32, jnp.float32), (jnp.bfloat16, jnp.bfloat16),
                                      (jnp.bfloat16, jnp.uint16)):
         return False
-    return q.shape[1] <= MAX_ROWS or (q.dtype == jnp.bfloat16 and pair_products())
+    return q.shape[1] <= MAX_ROWS or pair_products()
 
 
 def attention(q: jax.Array, keys: jax.Array, values: jax.Array, visible: jax.Array) -> jax.Array:

@@ -191,8 +191,8 @@ def test_attention_matches_float64(dtype, b, rows, t, n, kh, s, h):
     want = _attention64(queries[0], keys, values, visible)
     for query in queries:
         if (query.dtype == jnp.float32) == (dtype == "float32"):  # a model's own pairing (the kernel takes both)
-            assert cpu_kernels.attention_applies(query, keys) == (t <= cpu_kernels.MAX_ROWS or (
-                query.dtype == jnp.bfloat16 and cpu_kernels.pair_products()))
+            assert cpu_kernels.attention_applies(query, keys) == (
+                t <= cpu_kernels.MAX_ROWS or cpu_kernels.pair_products())
         got = np.asarray(jax.jit(cpu_kernels.attention)(query, keys, values, jnp.asarray(visible)))
         assert got.shape == want.shape == (b, t, n, h)
         tol = 1e-5 if dtype == "float32" else 8e-3  # bfloat16: the probabilities are rounded, as the einsum path does
@@ -200,28 +200,31 @@ def test_attention_matches_float64(dtype, b, rows, t, n, kh, s, h):
 
 
 @pytest.mark.skipif(not cpu_kernels.pair_products(), reason="the GEMM needs AVX512-BF16 (XLA's einsums elsewhere)")
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 @pytest.mark.parametrize("window", [None, 90])
-def test_prefill_attention_reads_only_what_each_block_sees(window, bf16_gemm):
+def test_prefill_attention_reads_only_what_each_block_sees(window, dtype, bf16_gemm):
     """A prefill chunk after 100 cached entries, causal (and within a sliding window's band): the GEMM path
-    multiplies each block of query rows against the entries it sees alone, as pairs or float32 FMAs, and
-    matches float64 over every entry; a block holding a row that sees nothing takes every entry (that row
-    averages them all)."""
+    multiplies each block of query rows against the entries it sees alone (bfloat16 as pairs or float32
+    FMAs, float32 as float32 FMAs), and matches float64 over every entry; a block holding a row that sees
+    nothing takes every entry (that row averages them all)."""
     rng = np.random.default_rng(7)
     b, t, n, kh, h, cached = 1, 600, 2, 1, 64, 100
     s = cached + t
-    q = jnp.asarray(rng.standard_normal((b, t, n, h)) / np.sqrt(h), jnp.bfloat16)
-    keys = jnp.asarray(rng.standard_normal((b, s, kh, h)), jnp.bfloat16)
-    values = jnp.asarray(rng.standard_normal((b, s, kh, h)), jnp.bfloat16)
+    q = jnp.asarray(rng.standard_normal((b, t, n, h)) / np.sqrt(h), dtype)
+    keys = jnp.asarray(rng.standard_normal((b, s, kh, h)), dtype)
+    values = jnp.asarray(rng.standard_normal((b, s, kh, h)), dtype)
     pos, entry = np.arange(t)[:, None] + cached, np.arange(s)[None, :]
     visible = (entry <= pos) & (True if window is None else entry > pos - window)
     visible = np.broadcast_to(visible, (b, t, s)).copy()
     visible[0, 300] = False
     want = _attention64(q.astype(jnp.float32), keys, values, visible)
     call = jax.jit(lambda *args: cpu_kernels.attention(*args))  # traced anew: the choice is read when tracing
+    assert cpu_kernels.attention_applies(q, keys)
     assert ("float32_gemm = 1" in call.lower(q, keys, values, jnp.asarray(visible)).as_text()) == (
-        bf16_gemm == "float32")
+        bf16_gemm == "float32" and dtype == jnp.bfloat16)
     got = np.asarray(call(q, keys, values, jnp.asarray(visible)))
-    np.testing.assert_allclose(got, want, rtol=8e-3, atol=8e-3 * np.abs(want).max())
+    tol = 1e-5 if dtype == jnp.float32 else 8e-3
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol * np.abs(want).max())
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])

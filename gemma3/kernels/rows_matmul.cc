@@ -469,8 +469,19 @@ void PackF32(const uint16_t* w, float* out, int64_t ldw, int64_t n, int64_t cols
   }
 }
 
-// The same panel from a matrix stored transposed, (N, K) at ldw apart (attention's keys), as PackPairsNK.
-void PackF32NK(const uint16_t* w, float* out, int64_t ldw, int64_t n, int64_t cols, int64_t k0, int64_t k1) {
+// A float32 matrix's panel as it is (attention's float32 values).
+void PackF32(const float* w, float* out, int64_t ldw, int64_t n, int64_t cols, int64_t k0, int64_t k1) {
+  for (int64_t k = k0; k < k1; ++k)
+    for (int64_t j = 0; j < kPanelCols; j += 16) {
+      const __mmask16 mask = static_cast<__mmask16>((1u << std::clamp<int64_t>(cols - j, 0, 16)) - 1);
+      _mm512_storeu_ps(out + (k - k0) * kPanelCols + j, _mm512_maskz_loadu_ps(mask, w + k * ldw + n + j));
+    }
+}
+
+// The same panel from a matrix stored transposed, (N, K) at ldw apart (attention's keys), as PackPairsNK;
+// bfloat16 widened, or float32.
+template <typename S>
+void PackF32NK(const S* w, float* out, int64_t ldw, int64_t n, int64_t cols, int64_t k0, int64_t k1) {
   std::memset(out, 0, sizeof(float) * (k1 - k0) * kPanelCols);
   for (int64_t j = 0; j < cols; ++j)
     for (int64_t k = k0; k < k1; ++k) out[(k - k0) * kPanelCols + j] = widen(w[(n + j) * ldw + k]);
@@ -498,6 +509,9 @@ inline void Pack(const uint16_t* w, uint16_t* out, int64_t ldw, int64_t n, int64
   PackPairs(w, out, ldw, n, cols, k0, k1);
 }
 inline void Pack(const uint16_t* w, float* out, int64_t ldw, int64_t n, int64_t cols, int64_t k0, int64_t k1) {
+  PackF32(w, out, ldw, n, cols, k0, k1);
+}
+inline void Pack(const float* w, float* out, int64_t ldw, int64_t n, int64_t cols, int64_t k0, int64_t k1) {
   PackF32(w, out, ldw, n, cols, k0, k1);
 }
 
@@ -853,13 +867,15 @@ std::pair<int64_t, int64_t> SeenRange(const AttentionShape& a, const bool* visib
 // query rows: scores by the GEMM, softmax, probabilities (rounded to bfloat16) times the values by it, over
 // the entries the block sees (SeenRange: half the work of a causal prefill, a sliding window's band alone).
 // T: uint16_t multiplies bfloat16 pairs, float multiplies float32 panels widened as they are packed (where
-// the CPU runs FMAs faster, `float32_gemm`).
-template <typename T>
-void AttendGemm(ffi::ThreadPool& pool, const AttentionShape& a, const uint16_t* q, const uint16_t* keys,
-                const uint16_t* values, const bool* visible, float* out) {
+// the CPU runs FMAs faster, `float32_gemm`). In: what q, keys and values hold, bfloat16 (uint16_t) or float32
+// (then T is float, and the probabilities stay float32, as XLA's float32 einsums keep them).
+template <typename T, typename In>
+void AttendGemm(ffi::ThreadPool& pool, const AttentionShape& a, const In* q, const In* keys, const In* values,
+                const bool* visible, float* out) {
   const int64_t R = a.R(), S = a.S, H = a.H, units = a.units();
   constexpr int64_t kBlockRows = 8 * kTileRows;
-  constexpr bool kPairs = std::is_same_v<T, uint16_t>;
+  constexpr bool kPairs = std::is_same_v<T, uint16_t>, kHalves = std::is_same_v<In, uint16_t>;
+  static_assert(kHalves || !kPairs, "float32 attention multiplies float32 panels");
   const int64_t blocks = (R + kBlockRows - 1) / kBlockRows;
   std::vector<std::vector<T>> keys_t(units), vals(units);
   RunParts(pool, units, [&](int64_t u) {
@@ -878,15 +894,15 @@ void AttendGemm(ffi::ThreadPool& pool, const AttentionShape& a, const uint16_t* 
     std::vector<float> scores(static_cast<size_t>(rows) * S), y(static_cast<size_t>(rows) * H);
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t h = 0; h < H; ++h) {
-        const uint16_t v = q[a.q_row(u, r0 + r) + h];
+        const In v = q[a.q_row(u, r0 + r) + h];
         if constexpr (kPairs) x[r * H + h] = v;
         else x[r * H + h] = widen(v);
       }
     GemmPanels(x.data(), keys_t[u].data(), scores.data(), H, S, rows, s0, s1, 0, H);
     for (int64_t r = 0; r < rows; ++r) {
       float* row = scores.data() + r * S;
-      SoftmaxRow(row + s0, visible + a.mask_row(u, r0 + r) + s0, s1 - s0, true);
-      for (int64_t s = s0; s < s1; ++s) {  // rounded already: the top half of the bits
+      SoftmaxRow(row + s0, visible + a.mask_row(u, r0 + r) + s0, s1 - s0, kHalves);
+      for (int64_t s = s0; s < s1; ++s) {  // bfloat16: rounded already, the top half of the bits
         if constexpr (kPairs) {
           uint32_t bits;
           std::memcpy(&bits, row + s, sizeof bits);
@@ -921,8 +937,16 @@ ffi::Error Attention(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer keys
   const bool* seen = visible.typed_data();
   float* y = out->typed_data();
   if (!halves) {
-    AttendRows(pool, a, static_cast<const float*>(q.untyped_data()), static_cast<const float*>(keys.untyped_data()),
-               static_cast<const float*>(values.untyped_data()), seen, y);
+    const auto* q32 = static_cast<const float*>(q.untyped_data());
+    const auto* k32 = static_cast<const float*>(keys.untyped_data());
+    const auto* v32 = static_cast<const float*>(values.untyped_data());
+#ifdef GEMMA3_DPBF16
+    if (a.R() > kMaxRows) {
+      AttendGemm<float>(pool, a, q32, k32, v32, seen, y);
+      return ffi::Error::Success();
+    }
+#endif
+    AttendRows(pool, a, q32, k32, v32, seen, y);
     return ffi::Error::Success();
   }
   const auto* k16 = static_cast<const uint16_t*>(keys.untyped_data());
