@@ -732,9 +732,10 @@ void Multiply(ffi::ThreadPool& pool, const T* x_in, const T* w, float* y, int64_
 // layout, so every decode step copied each layer's whole key and value cache transposed (4% of a 270m float32
 // step at 256 entries, more at longer contexts), and a bfloat16 prefill widened q, k and v to float32 around
 // its dots. A decode step's few query rows stream the entries once (RowsNK, RowsKNSum; with few (row, kv head)
-// pairs the entries are split between the threads); many rows in bfloat16, where the CPU multiplies pairs,
-// go through the pair-product GEMM against keys and values packed once per pair. Probabilities are rounded
-// to bfloat16 before multiplying bfloat16 values, as the einsum path rounds them.
+// pairs the entries are split between the threads); many rows, where the kernel has its GEMM (AVX512-BF16),
+// go through it against keys and values packed once per pair, each block of rows over the entries it sees
+// (AttendGemm). Probabilities are rounded to bfloat16 before multiplying bfloat16 values, as the einsum path
+// rounds them.
 //   q (B, T, N, H), already scaled, float32 or bfloat16; keys, values (Bc >= B, S, Kh, H) float32 or bfloat16
 //   (as its bits), of which the first B rows are read; visible (B, T, S); out (B, T, N, H) float32.
 typedef int32_t i8v __attribute__((vector_size(32)));
@@ -863,7 +864,7 @@ std::pair<int64_t, int64_t> SeenRange(const AttentionShape& a, const bool* visib
   return {lo / kPanelDepth * kPanelDepth, std::min(a.S, (hi + kPanelDepth - 1) / kPanelDepth * kPanelDepth)};
 }
 
-// The many-rows bfloat16 path (prefill): each pair's keys (as k^T) and values packed once, then blocks of
+// The many-rows path (prefill): each pair's keys (as k^T) and values packed once, then blocks of
 // query rows: scores by the GEMM, softmax, probabilities (rounded to bfloat16) times the values by it, over
 // the entries the block sees (SeenRange: half the work of a causal prefill, a sliding window's band alone).
 // T: uint16_t multiplies bfloat16 pairs, float multiplies float32 panels widened as they are packed (where
