@@ -149,7 +149,7 @@ def memory_bandwidth(gib: float = 1.0, repeats: int = 5) -> dict:
 
     Also read-only figures, since decode only reads: a float64 sum (which numpy vectorises), and a float32
     matrix-vector product through numpy's BLAS on all cores, a decode step's own access pattern. On an Intel
-    Xeon (session 15) the sum read 19 GB/s and the BLAS product 30.6, while copies moved 45 (read + written):
+    Xeon (session 16) the sum read 19 GB/s and the BLAS product 30.6, while copies moved 45 (read + written):
     a core there has only so many reads in flight, so copies outrun any read-only stream (bench/RESULTS.md).
     """
     n = int(gib * GIB) // 8
