@@ -448,7 +448,7 @@ def tables(results, rooflines, bw, args) -> str:
         f"{bw['when']}): copy "
         f"{bw['copy_1t'] / 1e9:.1f} GB/s (1 thread), {bw['copy_mt'] / 1e9:.1f} GB/s ({bw['threads']} threads), "
         f"read+written bytes; read-only: sum {bw['read_1t'] / 1e9:.1f} / {bw['read_mt'] / 1e9:.1f} GB/s, "
-        f"BLAS float32 matrix-vector product {bw.get('read_gemv', float('nan')) / 1e9:.1f} GB/s. "
+        f"BLAS float32 matrix-vector product {bw['read_gemv'] / 1e9:.1f} GB/s. "
         f"Decode roofline: the copy figure, {bw['copy'] / 1e9:.1f} GB/s; read roofline: the best read-only "
         f"figure, {bw['read'] / 1e9:.1f} GB/s.",
         "",
