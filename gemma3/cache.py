@@ -131,12 +131,17 @@ def floats(buf: jax.Array) -> jax.Array:
     return jax.lax.bitcast_convert_type(buf, jnp.bfloat16) if buf.dtype == jnp.uint16 else buf
 
 
+def as_stored(new: jax.Array, dtype) -> jax.Array:
+    """Keys or values in a cache buffer's ``dtype`` (bfloat16 kept as bits: `stored_dtype`)."""
+    if dtype == jnp.uint16 and new.dtype != jnp.uint16:
+        return jax.lax.bitcast_convert_type(new.astype(jnp.bfloat16), jnp.uint16)
+    return new.astype(dtype)
+
+
 def _scatter(buf: jax.Array, slots: jax.Array, new: jax.Array) -> jax.Array:
     """Write ``new`` at ``slots`` of the buffer's first ``len(slots)`` rows."""
     rows = jnp.arange(slots.shape[0])[:, None]
-    if buf.dtype == jnp.uint16 and new.dtype != jnp.uint16:  # bfloat16 kept as bits
-        new = jax.lax.bitcast_convert_type(new.astype(jnp.bfloat16), jnp.uint16)
-    return buf.at[rows, slots].set(new.astype(buf.dtype), mode="drop")
+    return buf.at[rows, slots].set(as_stored(new, buf.dtype), mode="drop")
 
 
 def scatter_rows(buf: jax.Array, slots: jax.Array, new: jax.Array) -> jax.Array:

@@ -133,6 +133,8 @@ class AttentionContext:
     writes its keys and values into the cache before attending to the cache alone, and cache_index
     already holds the chunk's entries. A buffer that is only updated in place and then read needs no
     copy, while reading the old cache beside the write made XLA copy every layer's buffers twice per step.
+    cache_blocks: with write_first and image blocks, the cache entries' block ids (the chunk's written
+    where it lands, 0 elsewhere: earlier chunks' entries are all before every query anyway), else None.
     """
 
     cos: jax.Array
@@ -142,6 +144,7 @@ class AttentionContext:
     blocks: jax.Array | None
     cache_index: jax.Array | None
     slots: jax.Array | None
+    cache_blocks: jax.Array | None = None
     window: int | None = dataclasses.field(metadata=dict(static=True), default=None)
     write_first: bool = dataclasses.field(metadata=dict(static=True), default=False)
     probabilities: bool = dataclasses.field(metadata=dict(static=True), default=False)
@@ -213,6 +216,17 @@ def _kernel_attention_jvp(primals, tangents):
     return kernel_attention(*primals), jax.jvp(by_xla, primals, tangents)[1]
 
 
+def _joined(key_sets, b: int):
+    """Key sets as one, for the kernel (which reads one): the first ``b`` rows of each, stored alike,
+    concatenated (one copy of a ring's old buffers, small beside attending to them in XLA's einsums)."""
+    dtype = key_sets[0][0].dtype
+    keys, values = (jnp.concatenate([kv.as_stored(s[i][:b], dtype) for s in key_sets], 1) for i in (0, 1))
+    index = jnp.concatenate([s[2] for s in key_sets], 1)
+    blocks = None if all(s[3] is None for s in key_sets) else jnp.concatenate(
+        [jnp.zeros_like(s[2]) if s[3] is None else s[3] for s in key_sets], 1)
+    return keys, values, index, blocks
+
+
 class Gemma3Attention(nnx.Module):
     """GQA with per-head Q/K RMSNorm before RoPE, scaled by ``query_pre_attn_scalar ** -0.5``."""
 
@@ -236,25 +250,25 @@ class Gemma3Attention(nnx.Module):
         v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
         q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
         q = q * jnp.asarray(self.scale, q.dtype)
-        key_sets = [(k, v, ctx.k_index, ctx.blocks)]
-        alone = None  # with a cache, the one key set attention reads, as stored: (keys, values, index, blocks)
+        # The key sets attention reads, (keys, values, index, blocks), a cache's as stored, whole buffers
+        key_sets = [(k, v, ctx.k_index, ctx.blocks)]  # no cache, or an empty one: the chunk alone
+        use_kernel = False
         if cache_kv is not None:
             old_k, old_v = cache_kv
             cache_kv = kv.write_layer(old_k, old_v, ctx.slots, k, v)
-            if ctx.write_first:
-                alone = (cache_kv[0], cache_kv[1], ctx.cache_index, None)
-                key_sets = [(kv.floats(cache_kv[0][:b]), kv.floats(cache_kv[1][:b]), ctx.cache_index, None)]
-            elif ctx.cache_index is not None:  # None: the cache held nothing for these rows before the chunk
-                key_sets.insert(0, (kv.floats(old_k[:b]), kv.floats(old_v[:b]), ctx.cache_index, None))
-            else:
-                alone = key_sets[0]
-        if alone is not None and not ctx.probabilities and cpu_kernels.attention_applies(q, alone[0]):
+            if ctx.write_first:  # the cache alone, the chunk written in it
+                key_sets = [(*cache_kv, ctx.cache_index, ctx.cache_blocks)]
+            elif ctx.cache_index is not None:  # the chunk beside the cache as it was (a ring the chunk overwrites)
+                key_sets.insert(0, (old_k, old_v, ctx.cache_index, None))
             # on the CPU the kernel reads keys and values in place (XLA's dots copied or widened them)
-            keys, values, k_index, k_blocks = alone
+            use_kernel = not ctx.probabilities and cpu_kernels.attention_applies(q, old_k)
+        if use_kernel:
+            keys, values, k_index, k_blocks = key_sets[0] if len(key_sets) == 1 else _joined(key_sets, b)
             visible = visibility_mask(ctx.q_index, k_index, ctx.window, ctx.blocks, k_blocks)
             out = kernel_attention(q, keys, values, visible).astype(q.dtype)
             return self.o_proj(out.reshape(b, t, -1)), cache_kv, None
-        out, probs = dot_product_attention(q, key_sets, ctx)
+        out, probs = dot_product_attention(
+            q, [(kv.floats(keys[:b]), kv.floats(values[:b]), i, bl) for keys, values, i, bl in key_sets], ctx)
         return self.o_proj(out.reshape(b, t, -1)), cache_kv, probs
 
 
@@ -346,7 +360,7 @@ class Gemma3TextModel(nnx.Module):
             base, factor = self.config.rope(kind)
             cos, sin = rope_tables(position_ids, self.config.head_dim, base, factor, x.dtype)
             sliding = kind == SLIDING
-            cache_index = kind_slots = None
+            cache_index = kind_slots = cache_blocks = None
             write_first = False
             if cache is not None:
                 kind_slots = slots.sliding if sliding else slots.full
@@ -354,15 +368,18 @@ class Gemma3TextModel(nnx.Module):
                 cache_index = cache.sliding_index if sliding else cache.full_index
                 # A chunk can be written before it is read when no entry it overwrites is one of its own
                 # queries still needs: one token, or a buffer holding every position (no ring wraps).
-                # Then attention reads the cache alone, not the cache beside the chunk (a prefill into a
-                # new cache, `kv.emptied`, reads no cache at all).
+                # Then attention reads the cache alone (image blocks: `cache_blocks`), not the cache beside
+                # the chunk, which the CPU kernel reads `_joined` (a prefill into a new cache, `kv.emptied`,
+                # reads no cache at all).
                 holds_all = cache_index.shape[1] >= cache.full_index.shape[1]
-                write_first = image_blocks is None and (t == 1 or holds_all)
+                write_first = t == 1 or holds_all
+                if write_first and image_blocks is not None:
+                    cache_blocks = kv.scatter_rows(jnp.zeros_like(cache_index), kind_slots, image_blocks)
                 cache_index = kv.scatter_rows(cache_index, kind_slots, k_index) if write_first else cache_index[:b]
             ctx[kind] = AttentionContext(
                 cos=cos, sin=sin, q_index=index, k_index=k_index, blocks=image_blocks, cache_index=cache_index,
-                slots=kind_slots, window=self.config.sliding_window if sliding else None, write_first=write_first,
-                probabilities=output_attentions,
+                slots=kind_slots, cache_blocks=cache_blocks, window=self.config.sliding_window if sliding else None,
+                write_first=write_first, probabilities=output_attentions,
             )
 
         hidden_states, attentions, new_k, new_v = [], [], [], []

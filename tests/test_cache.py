@@ -51,18 +51,31 @@ def test_decode_steps_equal_full_forward_past_the_window(model, forward, step):
     assert np.asarray(cache.length).tolist() == [total, total]
 
 
+@pytest.fixture(scope="module")
+def step_in_xla(model):
+    """`step` with the attention probabilities returned, which takes XLA's attention, not the CPU kernel."""
+    def run(ids, mask, cache):
+        out = model(ids, attention_mask=mask, past_key_values=cache, output_attentions=True)
+        return out.logits, out.past_key_values
+
+    return jax.jit(run, donate_argnums=(2,))
+
+
+@pytest.mark.parametrize("attention", ["kernel", "xla"])
 @pytest.mark.parametrize("total,chunk", [(18, 6), (5, 2)])
-def test_chunked_prefill_equals_one_pass(model, forward, step, total, chunk):
+def test_chunked_prefill_equals_one_pass(model, forward, step, step_in_xla, total, chunk, attention):
     """18 in chunks of 6, longer than the window (5): sliding layers attend to their ring beside the
-    chunk. 5 in chunks of 2: every buffer holds every position, so each chunk is written into the cache
-    first and attention reads the cache alone."""
+    chunk (XLA: two key sets under one softmax; the CPU kernel: both joined). 5 in chunks of 2: every
+    buffer holds every position, so each chunk is written into the cache first and attention reads the
+    cache alone."""
     rng = np.random.default_rng(2)
     ids = jnp.asarray(rng.integers(3, model.config.vocab_size, (1, total)))
     full = np.asarray(forward(ids, jnp.ones((1, total), bool)))
     cache = model.init_cache(1, total)
     got = []
     for s in range(0, total, chunk):
-        logits, cache = step(ids[:, s:s + chunk], jnp.ones((1, min(chunk, total - s)), bool), cache)
+        run = step if attention == "kernel" else step_in_xla
+        logits, cache = run(ids[:, s:s + chunk], jnp.ones((1, min(chunk, total - s)), bool), cache)
         got.append(np.asarray(logits))
     np.testing.assert_allclose(np.concatenate(got, axis=1), full, atol=1e-5)
 

@@ -52,6 +52,28 @@ def test_logits_match(pair, images):
     assert max_error_on_mask(_our_logits(ours, ids, mask, tt, pixels), ref, mask) <= 1e-4
 
 
+@pytest.mark.parametrize("attention", ["kernel", "xla"])
+def test_images_in_chunks_appended_to_a_cache_match_transformers(pair, attention):
+    """A prompt prefilled in three chunks, each image in a later one: sliding layers (window 5) read their
+    ring beside the chunk, full layers the cache with the chunk's image blocks written in. With the
+    attention probabilities returned, XLA's attention runs instead of the CPU kernel."""
+    _, hf, ours = pair
+    ids, mask, tt = mk.image_prompt([2], length=30, seed=5)
+    pixels = mk.random_pixels(2, seed=9)
+    ref = _hf_logits(hf, ids, mask, tt, pixels)
+    features = ours.get_image_features(jnp.asarray(pixels))
+    cache, got, used = ours.init_cache(1, 32), [], 0
+    for start, end in [(0, 4), (4, 17), (17, 30)]:  # text; <boi> 9 x <image> <eoi> and text; the same again
+        n = int(tt[:, start:end].sum()) // mk.MULTIMODAL_BASE["mm_tokens_per_image"]
+        out = ours(jnp.asarray(ids[:, start:end]), attention_mask=jnp.ones((1, end - start), bool),
+                   past_key_values=cache, token_type_ids=jnp.asarray(tt[:, start:end]),
+                   image_features=features[used:used + n] if n else None, output_attentions=attention == "xla")
+        cache, used = out.past_key_values, used + n
+        got.append(np.asarray(out.logits))
+    assert used == 2
+    np.testing.assert_allclose(np.concatenate(got, axis=1), ref, atol=1e-4)
+
+
 def test_greedy_continuation_matches_transformers_generate(pair):
     _, hf, ours = pair
     ids, mask, tt = mk.image_prompt([1, 0], length=20, seed=3)
