@@ -218,7 +218,8 @@ def _kernel_attention_jvp(primals, tangents):
 
 def _joined(key_sets, b: int):
     """Key sets as one, for the kernel (which reads one): the first ``b`` rows of each, stored alike,
-    concatenated (one copy of a ring's old buffers, small beside attending to them in XLA's einsums)."""
+    concatenated (one copy of a ring's old buffers: a window's entries per layer); a set without image
+    blocks counts as text (0)."""
     dtype = key_sets[0][0].dtype
     keys, values = (jnp.concatenate([kv.as_stored(s[i][:b], dtype) for s in key_sets], 1) for i in (0, 1))
     index = jnp.concatenate([s[2] for s in key_sets], 1)

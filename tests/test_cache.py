@@ -72,9 +72,8 @@ def test_chunked_prefill_equals_one_pass(model, forward, step, step_in_xla, tota
     ids = jnp.asarray(rng.integers(3, model.config.vocab_size, (1, total)))
     full = np.asarray(forward(ids, jnp.ones((1, total), bool)))
     cache = model.init_cache(1, total)
-    got = []
+    got, run = [], step if attention == "kernel" else step_in_xla
     for s in range(0, total, chunk):
-        run = step if attention == "kernel" else step_in_xla
         logits, cache = run(ids[:, s:s + chunk], jnp.ones((1, min(chunk, total - s)), bool), cache)
         got.append(np.asarray(logits))
     np.testing.assert_allclose(np.concatenate(got, axis=1), full, atol=1e-5)
