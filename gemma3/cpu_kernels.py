@@ -1,15 +1,15 @@
 """Decode-sized products (1 to 8 rows) on XLA's CPU backend, by our own kernel, bfloat16 products of any row
-count where the CPU multiplies bfloat16 pairs (AVX512-BF16), and attention over a cache (`attention`).
+count (prefill's GEMM), and attention over a cache (`attention`).
 
 At a few rows a product reads every weight once and is bound by memory bandwidth, which XLA's CPU dot
 does not reach (float32 layer products at 60-75% of the kernel's speed, bfloat16 ones 2-5x slower: see
 bench/RESULTS.md). `kernels/rows_matmul.cc` streams the weights once across XLA's own intra-op threads.
-At prefill sizes XLA's bfloat16 GEMM reached 0.6-0.9x of oneDNN's; the kernel's packed pair-product GEMM
-matches oneDNN there.
+At prefill sizes XLA's bfloat16 GEMM reached 0.6-0.9x of oneDNN's; the kernel's packed GEMM (bfloat16
+pair products where the CPU has AVX512-BF16, float32 FMAs on widened panels elsewhere) matches oneDNN there.
 It is compiled on first use with the machine's compiler and `-march=native`, cached by source, compiler
 and CPU, and registered as an XLA FFI target; without a compiler (or with ``GEMMA3_CPU_KERNELS=0``)
-products fall back to XLA's dot. ``GEMMA3_KERNEL_FLAGS`` adds compiler flags (``-mno-avx512bf16`` builds
-the portable bfloat16 loops on a CPU that has bfloat16 instructions). Accelerators never use it.
+products fall back to XLA's dot. ``GEMMA3_KERNEL_FLAGS`` adds compiler flags (``-mno-avx512bf16``,
+``-mno-avx512f``: the loops and GEMM panels of CPUs without those instructions). Accelerators never use it.
 """
 
 from __future__ import annotations
@@ -104,8 +104,8 @@ def available() -> bool:
 
 @functools.cache
 def pair_products() -> bool:
-    """Whether the kernel multiplies bfloat16 pairs (the CPU has AVX512-BF16): then it also takes
-    bfloat16 products of any row count with (in, out) weights, prefill's, faster than XLA's GEMM."""
+    """Whether the kernel multiplies bfloat16 pairs (the CPU has AVX512-BF16); elsewhere its GEMM widens
+    bfloat16 panels to float32 (`float32_gemm`)."""
     library = _library()
     return library is not None and bool(library.Gemma3PairProducts())
 
@@ -113,16 +113,16 @@ def pair_products() -> bool:
 @functools.cache
 def float32_gemm() -> bool:
     """Whether bfloat16 products of FLOAT32_GEMM_ROWS rows or more (prefill's, and attention over a prefill
-    chunk) run as float32 FMAs on panels widened as they are packed, rather than as bfloat16 pairs.
-    ``GEMMA3_BF16_GEMM``: ``pairs``, ``float32``, or ``auto`` (the default): whichever this CPU ran faster
-    when the kernel timed both once, under a millisecond. Zen 4 multiplies pairs twice as fast as floats;
-    an Intel Emerald Rapids ran the 1b prefill's products 1.7x faster as floats (its vdpbf16ps has half its
-    FMA throughput)."""
+    chunk) run as float32 FMAs on panels widened as they are packed, rather than as bfloat16 pairs: always
+    where the CPU has no pair products. ``GEMMA3_BF16_GEMM``: ``pairs``, ``float32``, or ``auto`` (the
+    default): whichever this CPU ran faster when the kernel timed both once, under a millisecond. Zen 4
+    multiplies pairs twice as fast as floats; an Intel Emerald Rapids ran the 1b prefill's products 1.7x
+    faster as floats (its vdpbf16ps has half its FMA throughput)."""
     choice = os.environ.get("GEMMA3_BF16_GEMM", "auto")
     if choice not in ("auto", "pairs", "float32"):
         raise ValueError(f"GEMMA3_BF16_GEMM must be auto, pairs or float32, got {choice!r}")
     if not pair_products():
-        return False
+        return True
     if choice == "auto":
         choice = "pairs" if _library().Gemma3PairsOutpaceFloat32() else "float32"
         log.info("bfloat16 prefill products as %s (timed on this CPU)", choice)
@@ -132,7 +132,7 @@ def float32_gemm() -> bool:
 def applies(lhs: jax.Array, rhs: jax.Array, dimension_numbers) -> bool:
     """Whether ``dot_general(lhs, rhs, dimension_numbers)`` is a product the kernel runs faster than XLA:
     on the CPU backend, at most 8 rows of lhs against a 2-D weight matrix of the same dtype, float32 or
-    bfloat16, in either layout; or more rows in bfloat16 with (in, out) weights where `pair_products`.
+    bfloat16, in either layout; or more rows in bfloat16 with (in, out) weights (the GEMM).
     (XLA's float32 product with the (out, in) LM head matched the kernel on a Zen 3 CPU; on a Zen 4 it
     read the 270m head at 21.5 GB/s against the kernel's 28 at one row, and at 11.1 against 11.9-22.6
     GB/s at 2-8 rows: bench/RESULTS.md.)"""
@@ -142,9 +142,9 @@ def applies(lhs: jax.Array, rhs: jax.Array, dimension_numbers) -> bool:
     if lhs.dtype != rhs.dtype or lhs.dtype not in (jnp.float32, jnp.bfloat16):
         return False
     rows = int(np.prod(lhs.shape[:-1]))
-    if rows > MAX_ROWS:  # prefill: bfloat16 with (in, out) weights, where the CPU multiplies pairs
+    if rows > MAX_ROWS:  # prefill: bfloat16 with (in, out) weights
         return (lhs.dtype == jnp.bfloat16 and tuple(contract_r) == (0,) and jax.default_backend() == "cpu"
-                and pair_products())
+                and available())
     return rows >= 1 and jax.default_backend() == "cpu" and available()
 
 
@@ -177,15 +177,13 @@ def rows_matmul(lhs: jax.Array, rhs: jax.Array, dimension_numbers, out_dtype=Non
 
 def attention_applies(q: jax.Array, keys: jax.Array) -> bool:
     """Whether `attention` takes queries q (B, T, N, H) over ``keys``: on the CPU backend with the kernel, float32
-    or bfloat16 alike (a bfloat16 cache may be kept as its bits), for a decode step's few tokens (T <= 8), or
-    any number where the CPU multiplies bfloat16 pairs (prefill, through the kernel's GEMM, whose float32
-    tiles are built there too: each block of query rows against only the entries it sees)."""
+    or bfloat16 alike (a bfloat16 cache may be kept as its bits), for any number of tokens: a decode step's few
+    (T <= 8) stream the entries, more (prefill) go through the kernel's GEMM, each block of query rows against
+    only the entries it sees."""
     if jax.default_backend() != "cpu" or not available():
         return False
-    if (q.dtype, keys.dtype) not in ((jnp.float32, jnp.float32), (jnp.bfloat16, jnp.bfloat16),
-                                     (jnp.bfloat16, jnp.uint16)):
-        return False
-    return q.shape[1] <= MAX_ROWS or pair_products()
+    return (q.dtype, keys.dtype) in ((jnp.float32, jnp.float32), (jnp.bfloat16, jnp.bfloat16),
+                                     (jnp.bfloat16, jnp.uint16))
 
 
 def attention(q: jax.Array, keys: jax.Array, values: jax.Array, visible: jax.Array) -> jax.Array:

@@ -44,19 +44,21 @@ def test_products_match_float64_for_every_row_count(dtype, layout, k, n):
 
 @pytest.fixture(params=["pairs", "float32"])
 def bf16_gemm(request, monkeypatch):
-    """Both ways the kernel multiplies bfloat16 prefill products (GEMMA3_BF16_GEMM), whichever this CPU prefers."""
+    """Both ways the kernel multiplies bfloat16 prefill products (GEMMA3_BF16_GEMM), whichever this CPU prefers;
+    pairs only where the CPU has them (AVX512-BF16)."""
+    if request.param == "pairs" and not cpu_kernels.pair_products():
+        pytest.skip("this CPU has no bfloat16 pair products: its GEMM is float32 FMAs alone")
     monkeypatch.setenv("GEMMA3_BF16_GEMM", request.param)
     cpu_kernels.float32_gemm.cache_clear()
     yield request.param
     cpu_kernels.float32_gemm.cache_clear()
 
 
-@pytest.mark.skipif(not cpu_kernels.pair_products(), reason="the GEMM needs AVX512-BF16 (XLA's dot elsewhere)")
 @pytest.mark.parametrize("k,n", [(37, 13), (261, 35), (640, 1000)])
 def test_prefill_sized_products_match_float64_in_bfloat16(k, n, bf16_gemm):
-    """More than 8 rows: tiles of 6 rows and their rest (1 to 5), panels of 64 columns and their rest,
-    256 weight rows at a time and an odd last one; as pairs, and from FLOAT32_GEMM_ROWS rows on as float32
-    FMAs when asked."""
+    """More than 8 rows: tiles of 6 rows and their rest (1 to 5), panels of 64 columns (16 without AVX-512)
+    and their rest, 256 weight rows at a time and an odd last one; as pairs, and from FLOAT32_GEMM_ROWS rows
+    on as float32 FMAs when asked (every row count where the CPU has no pairs)."""
     rng = np.random.default_rng(k + n)
     w = jnp.asarray(rng.standard_normal((k, n)), jnp.bfloat16)
     product = jax.jit(lambda x, w: cpu_kernels.rows_matmul(x, w, KN))
@@ -68,7 +70,6 @@ def test_prefill_sized_products_match_float64_in_bfloat16(k, n, bf16_gemm):
         np.testing.assert_allclose(got, want, rtol=8e-3, atol=8e-3 * np.abs(want).max())
 
 
-@pytest.mark.skipif(not cpu_kernels.pair_products(), reason="the GEMM needs AVX512-BF16 (XLA's dot elsewhere)")
 def test_the_float32_gemm_takes_prefill_products_of_enough_rows_when_chosen(bf16_gemm):
     w = jnp.zeros((64, 48), jnp.bfloat16)
 
@@ -95,8 +96,8 @@ def test_decode_sized_products_use_the_kernel_and_others_xla():
     x8, x9 = jnp.ones((2, 4, 64), jnp.bfloat16), jnp.ones((9, 64), jnp.bfloat16)
     w = jnp.ones((64, 32), jnp.bfloat16)
     assert cpu_kernels.applies(x8, w, (((2,), (0,)), ((), ())))  # 8 rows, batch and sequence folded
-    # prefill-sized: our bfloat16 GEMM where the CPU multiplies pairs, else XLA's; never float32 or (N, K)
-    assert cpu_kernels.applies(x9, w, KN) == cpu_kernels.pair_products()
+    # prefill-sized: our bfloat16 GEMM; never float32 or (N, K)
+    assert cpu_kernels.applies(x9, w, KN)
     assert not cpu_kernels.applies(x9.astype(jnp.float32), w.astype(jnp.float32), KN)
     assert not cpu_kernels.applies(x9, w.T, NK)
     assert cpu_kernels.applies(x9[:1], w.T, NK)  # bfloat16 LM head
@@ -136,16 +137,21 @@ def test_without_the_kernel_products_fall_back_to_xla(env, tmp_path):
         assert "CPU product kernel unavailable" in done.stderr
 
 
-@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="-mno-avx512bf16 is an x86 flag")
-def test_portable_bfloat16_loops_where_the_cpu_has_pair_products(tmp_path):
-    """A CPU with AVX512-BF16 multiplies bfloat16 by pair products (vdpbf16ps); the loops every other CPU
-    runs are built here with the instruction set turned off and checked by the same test."""
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 instruction-set flags")
+@pytest.mark.parametrize("flags", ["-mno-avx512bf16", "-mno-avx512f"])
+def test_the_builds_for_cpus_without_these_instructions(flags, tmp_path):
+    """A CPU with AVX512-BF16 multiplies bfloat16 by pair products (vdpbf16ps), one with AVX-512 fills
+    sixteen-lane float32 panels in the GEMM; the loops and panels other CPUs run (AVX-512 without BF16, and
+    eight lanes: AVX2) are built here with those instruction sets turned off and checked by the same tests:
+    products of every row count, the GEMM, and attention."""
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
-                           "builds_here or match_float64 and bfloat16"], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "GEMMA3_KERNEL_CACHE_DIR": str(tmp_path),
-                               "GEMMA3_KERNEL_FLAGS": "-mno-avx512bf16"})
+                           "builds_here or match_float64 or prefill or attention_matches"], capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "GEMMA3_KERNEL_CACHE_DIR": str(tmp_path),
+                                                       "GEMMA3_KERNEL_FLAGS": flags})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
-    assert "7 passed" in done.stdout  # the build and the six bfloat16 product cases
+    # the build, 12 decode-sized products, 3 GEMMs, the GEMM's choice, 4 prefill attentions, 18 attentions;
+    # the pair-product cases skip (8)
+    assert "39 passed, 8 skipped" in done.stdout, done.stdout[-3000:]
 
 
 def _attention64(q, keys, values, visible):
@@ -191,15 +197,13 @@ def test_attention_matches_float64(dtype, b, rows, t, n, kh, s, h):
     want = _attention64(queries[0], keys, values, visible)
     for query in queries:
         if (query.dtype == jnp.float32) == (dtype == "float32"):  # a model's own pairing (the kernel takes both)
-            assert cpu_kernels.attention_applies(query, keys) == (
-                t <= cpu_kernels.MAX_ROWS or cpu_kernels.pair_products())
+            assert cpu_kernels.attention_applies(query, keys)
         got = np.asarray(jax.jit(cpu_kernels.attention)(query, keys, values, jnp.asarray(visible)))
         assert got.shape == want.shape == (b, t, n, h)
         tol = 1e-5 if dtype == "float32" else 8e-3  # bfloat16: the probabilities are rounded, as the einsum path does
         np.testing.assert_allclose(got, want, rtol=tol, atol=tol * np.abs(want).max())
 
 
-@pytest.mark.skipif(not cpu_kernels.pair_products(), reason="the GEMM needs AVX512-BF16 (XLA's einsums elsewhere)")
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 @pytest.mark.parametrize("window", [None, 90])
 def test_prefill_attention_reads_only_what_each_block_sees(window, dtype, bf16_gemm):

@@ -13,7 +13,8 @@
 // lanes), so one source builds for AVX2, AVX-512 or NEON. Where the CPU has AVX512-BF16 (Zen 4, Sapphire
 // Rapids), bfloat16 products multiply bfloat16 pairs directly (vdpbf16ps: 32 products per instruction,
 // float32 sums): the widening loops cost more instructions per weight than memory allows (at 8 rows they
-// are bound by arithmetic, and even one row read only 11-24 GB/s).
+// are bound by arithmetic, and even one row read only 11-24 GB/s). Products of more rows (prefill) and
+// attention over many query rows go through a packed GEMM, on every CPU (see GemmDp).
 
 #include <algorithm>
 #include <atomic>
@@ -29,9 +30,12 @@
 
 #include "xla/ffi/api/ffi.h"
 
-#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+#if defined(__AVX512F__) && defined(__AVX512BW__)
 #include <immintrin.h>
-#define GEMMA3_DPBF16 1
+#define GEMMA3_AVX512 1  // sixteen-lane float32 panels for the prefill GEMM
+#if defined(__AVX512BF16__)
+#define GEMMA3_DPBF16 1  // bfloat16 pair products
+#endif
 #endif
 
 namespace ffi = xla::ffi;
@@ -356,15 +360,25 @@ void RowsKNStream(const uint16_t* x, const uint16_t* w, float* acc, int64_t K, i
   }
 }
 
-// Products of more than 8 rows (prefill) of bfloat16 x with bfloat16 (K, N) weights, where XLA's CPU
-// GEMM reached 0.6-0.9x of oneDNN's (transformers') at the 270m and 1b prefill shapes: panels of
-// kPanelCols columns and kPanelDepth weight rows are packed into (w[k, n], w[k + 1, n]) pairs (zeros past
-// K and N), then tiles of kTileRows rows x kPanelCols columns keep their 24 float32 sums in registers
-// while the packed panel streams from L1/L2 and each input pair is broadcast once for four vectors.
+#endif
+
+// Products of more than 8 rows (prefill), where XLA's CPU GEMM reached 0.6-0.9x of oneDNN's (transformers')
+// at the 270m and 1b bfloat16 prefill shapes: panels of kPanelCols columns and kPanelDepth weight rows are
+// packed once (zeros past K and N), then tiles of kTileRows rows x kPanelCols columns keep their float32 sums
+// in registers while the packed panel streams from L1/L2 and each input is broadcast once for the tile's
+// vectors. Where the CPU has AVX512-BF16 a panel may hold (w[k, n], w[k + 1, n]) bfloat16 pairs (vdpbf16ps);
+// everywhere it may hold float32 (bfloat16 widened as it is packed), multiplied by FMAs: AVX-512's 16 lanes,
+// or eight (the vector extensions: AVX2, NEON) on every other CPU.
 constexpr int kTileRows = 6;
-constexpr int64_t kPanelCols = 64;
+#ifdef GEMMA3_AVX512
+constexpr int64_t kPanelCols = 64;  // four vectors: a tile's 24 sums in AVX-512's 32 registers
+#else
+constexpr int64_t kPanelCols = 16;  // two vectors of eight: 12 sums, two panel vectors and a broadcast in 16
+#endif
 constexpr int64_t kPanelDepth = 256;
 static_assert(kPanelDepth % 2 == 0, "a panel's depth is whole pairs, so only the last one can be odd");
+
+#ifdef GEMMA3_DPBF16
 
 // Columns n..n+cols (cols <= kPanelCols) of weight rows k0..k1 (at ldw apart) as pairs, kPanelCols wide.
 void PackPairs(const uint16_t* w, uint16_t* out, int64_t ldw, int64_t n, int64_t cols, int64_t k0, int64_t k1) {
@@ -399,6 +413,9 @@ void PackPairsNK(const uint16_t* w, uint16_t* out, int64_t ldw, int64_t n, int64
   }
 }
 
+#endif
+
+#ifdef GEMMA3_AVX512
 // A tile's column masks (cols of kPanelCols valid) and its R x kPanelCols sums: zero on the first panel of
 // the depth, else what y holds; EndTile stores them back. Shared by the pair and float32 tiles.
 template <int R>
@@ -421,6 +438,9 @@ inline void EndTile(float* y, int64_t N, const __mmask16* masks, __m512 (*acc)[k
       _mm512_mask_storeu_ps(y + r * N + 16 * v, masks[v], acc[r][v]);
 }
 
+#endif
+
+#ifdef GEMMA3_DPBF16
 // R rows of x (row stride K, from column k0) against a packed panel of `depth` weight rows into
 // y[:, n..n+cols] (row stride N): set on the first panel of the depth, added to after.
 template <int R>
@@ -453,10 +473,13 @@ void TileDp(const uint16_t* x, int64_t K, int64_t k0, int64_t depth, const uint1
   EndTile<R>(y, N, masks, acc);
 }
 
-// The same product as float32 FMAs, for CPUs that run vdpbf16ps on one port and FMA on two (Intel's
-// Sapphire and Emerald Rapids): the panel is widened as it is packed (PackF32) and x beforehand, so the
-// inner loop is FMAs alone. On an Emerald Rapids it ran the 1b prefill's products 1.7x faster than the
-// pairs; on Zen 4 the pairs are twice as fast. `Gemma3PairsOutpaceFloat32` times both on this CPU.
+#endif
+
+#ifdef GEMMA3_AVX512
+// The same product as float32 FMAs: on every CPU without pair products, and on those that run vdpbf16ps on
+// one port and FMA on two (Intel's Sapphire and Emerald Rapids): the panel is widened as it is packed (PackF32)
+// and x beforehand, so the inner loop is FMAs alone. On an Emerald Rapids it ran the 1b prefill's products 1.7x
+// faster than the pairs; on Zen 4 the pairs are twice as fast. `Gemma3PairsOutpaceFloat32` times both.
 void PackF32(const uint16_t* w, float* out, int64_t ldw, int64_t n, int64_t cols, int64_t k0, int64_t k1) {
   for (int64_t k = k0; k < k1; ++k) {
     float* o = out + (k - k0) * kPanelCols;
@@ -469,22 +492,13 @@ void PackF32(const uint16_t* w, float* out, int64_t ldw, int64_t n, int64_t cols
   }
 }
 
-// A float32 matrix's panel as it is (attention's float32 values).
+// A float32 matrix's panel as it is (attention's float32 values, float32 weights).
 void PackF32(const float* w, float* out, int64_t ldw, int64_t n, int64_t cols, int64_t k0, int64_t k1) {
   for (int64_t k = k0; k < k1; ++k)
     for (int64_t j = 0; j < kPanelCols; j += 16) {
       const __mmask16 mask = static_cast<__mmask16>((1u << std::clamp<int64_t>(cols - j, 0, 16)) - 1);
       _mm512_storeu_ps(out + (k - k0) * kPanelCols + j, _mm512_maskz_loadu_ps(mask, w + k * ldw + n + j));
     }
-}
-
-// The same panel from a matrix stored transposed, (N, K) at ldw apart (attention's keys), as PackPairsNK;
-// bfloat16 widened, or float32.
-template <typename S>
-void PackF32NK(const S* w, float* out, int64_t ldw, int64_t n, int64_t cols, int64_t k0, int64_t k1) {
-  std::memset(out, 0, sizeof(float) * (k1 - k0) * kPanelCols);
-  for (int64_t j = 0; j < cols; ++j)
-    for (int64_t k = k0; k < k1; ++k) out[(k - k0) * kPanelCols + j] = widen(w[(n + j) * ldw + k]);
 }
 
 template <int R>
@@ -504,10 +518,69 @@ void TileDp(const float* x, int64_t K, int64_t k0, int64_t depth, const float* p
   }
   EndTile<R>(y, N, masks, acc);
 }
+#else
+// The float32 panels and tile in eight-lane vectors (AVX2 or NEON), kPanelCols (two vectors) wide.
+template <typename S>
+void PackF32(const S* w, float* out, int64_t ldw, int64_t n, int64_t cols, int64_t k0, int64_t k1) {
+  for (int64_t k = k0; k < k1; ++k) {
+    const S* row = w + k * ldw + n;
+    float* o = out + (k - k0) * kPanelCols;
+    if (cols == kPanelCols) {
+      _Pragma("GCC unroll 4") for (int64_t j = 0; j < kPanelCols; j += 8) store8(o + j, load8(row + j));
+    } else {
+      for (int64_t j = 0; j < kPanelCols; ++j) o[j] = j < cols ? widen(row[j]) : 0.f;
+    }
+  }
+}
 
+// R rows of x (row stride K, from column k0) against a packed float32 panel of `depth` weight rows into
+// y[:, 0..cols) (row stride N): set on the first panel of the depth, added to after. A tile narrower than
+// the panel (N's last) goes through a whole-width copy.
+template <int R>
+void TileDp(const float* x, int64_t K, int64_t k0, int64_t depth, const float* panel, float* y, int64_t N,
+            int64_t cols, bool first) {
+  constexpr int V = kPanelCols / 8;
+  const bool whole = cols == kPanelCols;
+  float part[R][kPanelCols];
+  f8 acc[R][V];
+  _Pragma("GCC unroll 8") for (int r = 0; r < R; ++r) {
+    const float* from = y + r * N;
+    if (!first && !whole) {
+      for (int64_t j = 0; j < kPanelCols; ++j) part[r][j] = j < cols ? y[r * N + j] : 0.f;
+      from = part[r];
+    }
+    _Pragma("GCC unroll 4") for (int v = 0; v < V; ++v) acc[r][v] = first ? f8{} : load8(from + 8 * v);
+  }
+  for (int64_t k = 0; k < depth; ++k) {
+    f8 b[V];
+    _Pragma("GCC unroll 4") for (int v = 0; v < V; ++v) b[v] = load8(panel + k * kPanelCols + 8 * v);
+    _Pragma("GCC unroll 8") for (int r = 0; r < R; ++r) {
+      const float a = x[r * K + k0 + k];
+      _Pragma("GCC unroll 4") for (int v = 0; v < V; ++v) acc[r][v] += a * b[v];
+    }
+  }
+  _Pragma("GCC unroll 8") for (int r = 0; r < R; ++r) {
+    float* to = whole ? y + r * N : part[r];
+    _Pragma("GCC unroll 4") for (int v = 0; v < V; ++v) store8(to + 8 * v, acc[r][v]);
+    if (!whole) std::memcpy(y + r * N, part[r], sizeof(float) * cols);
+  }
+}
+#endif
+
+// The same panel from a matrix stored transposed, (N, K) at ldw apart (attention's keys), as PackPairsNK;
+// bfloat16 widened, or float32.
+template <typename S>
+void PackF32NK(const S* w, float* out, int64_t ldw, int64_t n, int64_t cols, int64_t k0, int64_t k1) {
+  std::memset(out, 0, sizeof(float) * (k1 - k0) * kPanelCols);
+  for (int64_t j = 0; j < cols; ++j)
+    for (int64_t k = k0; k < k1; ++k) out[(k - k0) * kPanelCols + j] = widen(w[(n + j) * ldw + k]);
+}
+
+#ifdef GEMMA3_DPBF16
 inline void Pack(const uint16_t* w, uint16_t* out, int64_t ldw, int64_t n, int64_t cols, int64_t k0, int64_t k1) {
   PackPairs(w, out, ldw, n, cols, k0, k1);
 }
+#endif
 inline void Pack(const uint16_t* w, float* out, int64_t ldw, int64_t n, int64_t cols, int64_t k0, int64_t k1) {
   PackF32(w, out, ldw, n, cols, k0, k1);
 }
@@ -517,21 +590,20 @@ inline void Pack(const float* w, float* out, int64_t ldw, int64_t n, int64_t col
 
 // Rows m0..m1 of x against one packed panel (weight rows k0..k0+depth, columns n..n+cols) into y: set when
 // `first` (the depth's first panel), added to after. With `ahead`, the source of the next panel (ahead_rows
-// rows of kPanelCols bfloat16 at ldw apart) is prefetched to L2 a slice per tile, so that packing it does not
-// wait for memory: at 128 rows (a 1b prefill) packing read the weights between the tiles' arithmetic, 10% of
-// the product.
-template <typename T>
+// rows of kPanelCols weights, S each, at ldw apart) is prefetched to L2 a slice per tile, so that packing it
+// does not wait for memory: at 128 rows (a 1b prefill) packing read the weights between the tiles'
+// arithmetic, 10% of the product.
+template <typename T, typename S = uint16_t>
 void TilesDp(const T* x, int64_t K, int64_t k0, int64_t depth, const T* panel, float* y, int64_t N, int64_t n,
-             int64_t cols, int64_t m0, int64_t m1, bool first, const uint16_t* ahead = nullptr,
+             int64_t cols, int64_t m0, int64_t m1, bool first, const S* ahead = nullptr,
              int64_t ahead_rows = 0, int64_t ldw = 0) {
   const int64_t tiles = std::max<int64_t>(1, (m1 - m0) / kTileRows);
   int64_t m = m0;
   for (int64_t i = 0; m + kTileRows <= m1; m += kTileRows, ++i) {
     if (ahead)
-      for (int64_t r = ahead_rows * i / tiles; r < ahead_rows * (i + 1) / tiles; ++r) {
-        _mm_prefetch(reinterpret_cast<const char*>(ahead + r * ldw), _MM_HINT_T1);
-        _mm_prefetch(reinterpret_cast<const char*>(ahead + r * ldw + 32), _MM_HINT_T1);
-      }
+      for (int64_t r = ahead_rows * i / tiles; r < ahead_rows * (i + 1) / tiles; ++r)
+        for (int64_t j = 0; j < kPanelCols; j += 64 / sizeof(S))  // a 64-byte line at a time
+          __builtin_prefetch(ahead + r * ldw + j, 0, 2);
     TileDp<kTileRows>(x + m * K, K, k0, depth, panel, y + m * N + n, N, cols, first);
   }
   const T* xm = x + m * K;
@@ -546,21 +618,46 @@ void TilesDp(const T* x, int64_t K, int64_t k0, int64_t depth, const T* panel, f
   }
 }
 
-// Panels p0..p1 (kPanelCols columns each) of y = x w for all M rows.
+// Rows of x per block of the GEMM: a block's slice of x, kPanelDepth deep, stays in L2 (256 KiB of it) while
+// the part's panels pass.
 template <typename T>
-void GemmDp(const T* x, const uint16_t* w, float* y, int64_t M, int64_t K, int64_t N, int64_t p0, int64_t p1) {
-  std::vector<T> panel(static_cast<size_t>(kPanelDepth) * kPanelCols);
-  for (int64_t p = p0; p < p1; ++p) {
-    const int64_t n = p * kPanelCols, cols = std::min(kPanelCols, N - n);
-    for (int64_t k0 = 0; k0 < K; k0 += kPanelDepth) {
-      const int64_t k1 = std::min(K, k0 + kPanelDepth);
-      Pack(w, panel.data(), N, n, cols, k0, k1);
-      // the block packed next: the next rows of this panel, else the first of the next panel
-      const bool down = k1 < K;
-      const uint16_t* ahead = down ? w + k1 * N + n : p + 1 < p1 ? w + n + kPanelCols : nullptr;
-      const int64_t rows = down ? std::min(K, k1 + kPanelDepth) - k1 : std::min(K, kPanelDepth);
-      TilesDp(x, K, k0, k1 - k0, panel.data(), y, N, n, cols, 0, M, k0 == 0, ahead, rows, N);
+constexpr int64_t BlockRows() {
+  return (256 << 10) / (kPanelDepth * sizeof(T)) / kTileRows * kTileRows;
+}
+
+// Panels p0..p1 (kPanelCols columns each) of y = x w for all M rows; T: what the panels hold, S: the weights.
+// Up to BlockRows rows, each panel is packed and multiplied in turn, the next one's weights prefetched. More
+// rows read every panel's slice of x from memory (1024 rows, a 1b prefill of batch 8, ran 0.8x of XLA's float32
+// GEMM in eight-lane panels): then a depth slice of every panel of the part is packed first, and blocks of
+// rows pass over them all.
+template <typename T, typename S>
+void GemmDp(const T* x, const S* w, float* y, int64_t M, int64_t K, int64_t N, int64_t p0, int64_t p1) {
+  constexpr int64_t kPanel = kPanelDepth * kPanelCols;
+  if (M <= BlockRows<T>()) {
+    std::vector<T> panel(static_cast<size_t>(kPanel));
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t n = p * kPanelCols, cols = std::min(kPanelCols, N - n);
+      for (int64_t k0 = 0; k0 < K; k0 += kPanelDepth) {
+        const int64_t k1 = std::min(K, k0 + kPanelDepth);
+        Pack(w, panel.data(), N, n, cols, k0, k1);
+        // the block packed next: the next rows of this panel, else the first of the next panel
+        const bool down = k1 < K;
+        const S* ahead = down ? w + k1 * N + n : p + 1 < p1 ? w + n + kPanelCols : nullptr;
+        const int64_t rows = down ? std::min(K, k1 + kPanelDepth) - k1 : std::min(K, kPanelDepth);
+        TilesDp(x, K, k0, k1 - k0, panel.data(), y, N, n, cols, 0, M, k0 == 0, ahead, rows, N);
+      }
     }
+    return;
+  }
+  std::vector<T> panels(static_cast<size_t>((p1 - p0) * kPanel));
+  for (int64_t k0 = 0; k0 < K; k0 += kPanelDepth) {
+    const int64_t k1 = std::min(K, k0 + kPanelDepth);
+    for (int64_t p = p0; p < p1; ++p)
+      Pack(w, panels.data() + (p - p0) * kPanel, N, p * kPanelCols, std::min(kPanelCols, N - p * kPanelCols), k0, k1);
+    for (int64_t m0 = 0; m0 < M; m0 += BlockRows<T>())
+      for (int64_t p = p0; p < p1; ++p)
+        TilesDp(x, K, k0, k1 - k0, panels.data() + (p - p0) * kPanel, y, N, p * kPanelCols,
+                std::min(kPanelCols, N - p * kPanelCols), m0, std::min(M, m0 + BlockRows<T>()), k0 == 0);
   }
 }
 
@@ -591,7 +688,6 @@ void GemmPanels(const T* x, const T* panels, float* y, int64_t K, int64_t N, int
               p * kPanelCols, std::min(kPanelCols, N - p * kPanelCols), 0, rows, k == k0);
     }
 }
-#endif
 
 // Runs parts 0..parts-1 of a job on the calling thread and on XLA's intra-op pool. Whoever comes first
 // claims the next part, so the caller never waits for a task that has not started (the pool may be busy,
@@ -844,7 +940,6 @@ void AttendRows(ffi::ThreadPool& pool, const AttentionShape& a, const Q* q, cons
     }
 }
 
-#ifdef GEMMA3_DPBF16
 // The entries rows r0..r0+rows of pair u see, [lo, hi) widened to whole depth blocks of kPanelDepth: a causal
 // chunk's early rows see its early entries only, a sliding window's a band. All of them if a row sees nothing
 // (it averages every entry, as the einsum path does). Outside the range a row's probabilities are exactly
@@ -917,7 +1012,6 @@ void AttendGemm(ffi::ThreadPool& pool, const AttentionShape& a, const In* q, con
     for (int64_t r = 0; r < rows; ++r) std::memcpy(out + a.q_row(u, r0 + r), y.data() + r * H, sizeof(float) * H);
   });
 }
-#endif
 
 ffi::Error Attention(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer keys, ffi::AnyBuffer values,
                      ffi::Buffer<ffi::PRED> visible, ffi::Result<ffi::Buffer<ffi::F32>> out, int64_t float32_gemm) {
@@ -941,12 +1035,10 @@ ffi::Error Attention(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer keys
     const auto* q32 = static_cast<const float*>(q.untyped_data());
     const auto* k32 = static_cast<const float*>(keys.untyped_data());
     const auto* v32 = static_cast<const float*>(values.untyped_data());
-#ifdef GEMMA3_DPBF16
     if (a.R() > kMaxRows) {
       AttendGemm<float>(pool, a, q32, k32, v32, seen, y);
       return ffi::Error::Success();
     }
-#endif
     AttendRows(pool, a, q32, k32, v32, seen, y);
     return ffi::Error::Success();
   }
@@ -957,13 +1049,16 @@ ffi::Error Attention(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer keys
     return ffi::Error::Success();
   }
   const auto* q16 = static_cast<const uint16_t*>(q.untyped_data());
-#ifdef GEMMA3_DPBF16
   if (a.R() > kMaxRows) {
-    if (float32_gemm) AttendGemm<float>(pool, a, q16, k16, v16, seen, y);
-    else AttendGemm<uint16_t>(pool, a, q16, k16, v16, seen, y);
+#ifdef GEMMA3_DPBF16
+    if (!float32_gemm) {
+      AttendGemm<uint16_t>(pool, a, q16, k16, v16, seen, y);
+      return ffi::Error::Success();
+    }
+#endif
+    AttendGemm<float>(pool, a, q16, k16, v16, seen, y);
     return ffi::Error::Success();
   }
-#endif
   AttendRows(pool, a, q16, k16, v16, seen, y);
   return ffi::Error::Success();
 }
@@ -982,28 +1077,28 @@ ffi::Error RowsMatmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
   if (yd.size() != 2 || yd[0] != M || yd[1] != N)
     return ffi::Error::InvalidArgument("rows_matmul: output shape must be (rows, N)");
   float* out = y->typed_data();
-  if (M > kMaxRows) {
-#ifdef GEMMA3_DPBF16
-    if (x.element_type() == ffi::DataType::BF16 && !nk) {
-      const int64_t panels = (N + kPanelCols - 1) / kPanelCols;
-      const int64_t parts = std::min<int64_t>(panels, std::max<int64_t>(1, pool.num_threads()));
-      const auto* xs = static_cast<const uint16_t*>(x.untyped_data());
-      const auto* ws = static_cast<const uint16_t*>(w.untyped_data());
-      if (float32_gemm) {  // float32 FMAs (PackF32): x widened once, in parts
-        std::vector<float> xf(static_cast<size_t>(M * K));
-        RunParts(pool, parts, [&](int64_t i) {
-          for (int64_t j = M * K * i / parts; j < M * K * (i + 1) / parts; ++j) xf[j] = widen(xs[j]);
-        });
-        RunParts(pool, parts, [&](int64_t i) {
-          GemmDp(xf.data(), ws, out, M, K, N, panels * i / parts, panels * (i + 1) / parts);
-        });
-        return ffi::Error::Success();
-      }
+  if (M > kMaxRows) {  // the GEMM: bfloat16, (K, N) weights (XLA's float32 GEMM is as fast as ours)
+    if (nk || x.element_type() != ffi::DataType::BF16)
+      return ffi::Error::InvalidArgument("rows_matmul: more than 8 rows only for bfloat16 (K, N) products");
+    const int64_t panels = (N + kPanelCols - 1) / kPanelCols;
+    const int64_t parts = std::min<int64_t>(panels, std::max<int64_t>(1, pool.num_threads()));
+    auto gemm = [&](const auto* xs, const auto* ws) {
       RunParts(pool, parts, [&](int64_t i) { GemmDp(xs, ws, out, M, K, N, panels * i / parts, panels * (i + 1) / parts); });
+    };
+    const auto* xs = static_cast<const uint16_t*>(x.untyped_data());
+    const auto* ws = static_cast<const uint16_t*>(w.untyped_data());
+#ifdef GEMMA3_DPBF16
+    if (!float32_gemm) {
+      gemm(xs, ws);
       return ffi::Error::Success();
     }
 #endif
-    return ffi::Error::InvalidArgument("rows_matmul: more than 8 rows only for bfloat16 (K, N) pair products");
+    std::vector<float> xf(static_cast<size_t>(M * K));  // float32 FMAs (PackF32): x widened once, in parts
+    RunParts(pool, parts, [&](int64_t i) {
+      for (int64_t j = M * K * i / parts; j < M * K * (i + 1) / parts; ++j) xf[j] = widen(xs[j]);
+    });
+    gemm(xf.data(), ws);
+    return ffi::Error::Success();
   }
   if (M < 1) return ffi::Error::InvalidArgument("rows_matmul: x must have rows");
   switch (x.element_type()) {
