@@ -492,7 +492,7 @@ void PackF32(const uint16_t* w, float* out, int64_t ldw, int64_t n, int64_t cols
   }
 }
 
-// A float32 matrix's panel as it is (attention's float32 values, float32 weights).
+// A float32 matrix's panel as it is (attention's float32 values).
 void PackF32(const float* w, float* out, int64_t ldw, int64_t n, int64_t cols, int64_t k0, int64_t k1) {
   for (int64_t k = k0; k < k1; ++k)
     for (int64_t j = 0; j < kPanelCols; j += 16) {
