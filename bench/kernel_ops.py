@@ -63,7 +63,6 @@ def products(shapes, rows_list, dtypes):
     for dtype in dtypes:
         for shape in shapes:
             for rows in rows_list:
-                x = w = None
                 tk = tx = 0.0
                 for k, n in LAYER[shape]:
                     rng = np.random.default_rng(k * n)
