@@ -41,7 +41,7 @@ def accumulating_dot_general(lhs, rhs, dimension_numbers, precision=None, prefer
     the operands' dtype (or ``preferred_element_type``): better numerics, and XLA's CPU backend then runs
     them as fast library kernels instead of slow loops. On the CPU backend, decode-sized products (up to 8
     rows) run in our own kernel (`gemma3.cpu_kernels`), which reads the weights at memory speed, and so do
-    bfloat16 ones of any size where the CPU multiplies bfloat16 pairs; elsewhere, on CPU and GPU, a one-row
+    bfloat16 ones of any size with (in, out) weights (its GEMM); elsewhere (a CPU without the kernel, GPUs), a one-row
     bfloat16 product is padded to two, XLA's fast path (on an H200 XLA runs one row as a slow reduction;
     bench/RESULTS.md has the measurements). Float32 operands are otherwise multiplied as before."""
     out_dtype = preferred_element_type or lhs.dtype

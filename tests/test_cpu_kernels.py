@@ -187,7 +187,7 @@ def _attention64(q, keys, values, visible):
 ])
 def test_attention_matches_float64(dtype, b, rows, t, n, kh, s, h):
     """Scores, mask, softmax and values in the kernel against float64, with float32 queries and, for a
-    bfloat16 cache, bfloat16 ones too (many of them take the pair-product GEMM where the CPU has it); a fully
+    bfloat16 cache, bfloat16 ones too (many of them take the kernel's GEMM); a fully
     masked query row averages every entry (as the einsum path's softmax over equal masked scores does)."""
     rng = np.random.default_rng(b * 1000 + s)
     q = jnp.asarray(rng.standard_normal((b, t, n, h)) / np.sqrt(h), jnp.float32)
@@ -241,8 +241,8 @@ def test_prefill_attention_reads_only_what_each_block_sees(window, dtype, bf16_g
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_a_model_attends_in_the_kernel_as_it_does_through_xla(dtype):
     """A prefill into a cache and the decode steps after it (the kernel, where it applies) give the logits of
-    a forward without a cache (always XLA's einsums), in float32 and bfloat16 (prefill through the GEMM
-    where the CPU multiplies pairs), with image-free padding on the left."""
+    a forward without a cache (always XLA's einsums), in float32 and bfloat16 (prefill through the kernel's
+    GEMM), with image-free padding on the left."""
     from flax import nnx
 
     from gemma3 import Gemma3ForCausalLM, Gemma3TextConfig
