@@ -7,9 +7,9 @@ Products: the text decoder's (in, out) weight products of one layer (q, k/v, o, 
 weights, through `cpu_kernels.rows_matmul` (the kernel's GEMM for bfloat16) and through `lax.dot_general`
 (XLA's GEMM), each jitted, best of 7 calls. Attention: a prefill chunk attending to itself causally (and within
 a sliding window), 4 query heads over one kv head of 256 as both models have, through `cpu_kernels.attention`
-and through grouped einsums with a float32 softmax (the shape of `gemma3.text.dot_product_attention`'s XLA
-path). The ratio is XLA's time over the kernel's: > 1 means the kernel is faster. Run it alone (the machine is
-shared and noisy); the findings go to bench/RESULTS.md.
+and through `gemma3.text.attend` (the models' XLA path: grouped einsums, a float32 softmax). The ratio is
+XLA's time over the kernel's: > 1 means the kernel is faster. Run it alone (the machine is shared and noisy);
+the findings go to bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from gemma3 import cpu_kernels  # noqa: E402
+from gemma3.text import attend  # noqa: E402
 
 KN = (((1,), (0,)), ((), ()))
 # (in, out) of one decoder layer's products: q, k (v alike), o, gate (up alike), down
@@ -44,16 +45,6 @@ def best(f, *args, n: int = 7) -> float:
         f(*args).block_until_ready()
         times.append(time.perf_counter() - t)
     return min(times)
-
-
-def einsum_attention(q, k, v, visible):
-    """softmax(q k^T) v per kv head by XLA's einsums: q (B, T, N, H), k and v (B, S, K, H), visible (B, T, S)."""
-    b, t, n, h = q.shape
-    kh = k.shape[2]
-    s = jnp.einsum("btkgh,bskh->bkgts", q.reshape(b, t, kh, n // kh, h), k, preferred_element_type=jnp.float32)
-    s = jnp.where(visible[:, None, None], s, jnp.finfo(jnp.float32).min)
-    p = jax.nn.softmax(s, axis=-1).astype(q.dtype)
-    return jnp.einsum("bkgts,bskh->btkgh", p, v, preferred_element_type=jnp.float32).reshape(b, t, n, h)
 
 
 def products(shapes, rows_list, dtypes):
@@ -81,7 +72,7 @@ def products(shapes, rows_list, dtypes):
 
 def attention(tokens_list, batches, dtypes, window: int):
     rows_out = []
-    kernel, xla = jax.jit(cpu_kernels.attention), jax.jit(einsum_attention)
+    kernel, xla = jax.jit(cpu_kernels.attention), jax.jit(lambda q, k, v, seen: attend(q, [(k, v, seen)])[0])
     for dtype in dtypes:
         for t in tokens_list:
             for b in batches:
