@@ -85,9 +85,11 @@ class Gemma3RMSNorm(nnx.Module):
         self.eps = eps
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        xf = x.astype(jnp.float32)
+        # as rows of the normalized axis: XLA's CPU backend reduced a key's (B, T, 1, head_dim) over its last
+        # axis at ~0.1 GB/s (2.6 ms a layer in a 270m batch-8 prefill, 8% of it)
+        xf = x.astype(jnp.float32).reshape(-1, x.shape[-1])
         y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-        return (y * (1.0 + self.weight[...].astype(jnp.float32))).astype(x.dtype)
+        return (y * (1.0 + self.weight[...].astype(jnp.float32))).reshape(x.shape).astype(x.dtype)
 
 
 class Gemma3MLP(nnx.Module):
