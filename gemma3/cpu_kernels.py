@@ -5,7 +5,8 @@ At a few rows a product reads every weight once and is bound by memory bandwidth
 does not reach (float32 layer products at 60-75% of the kernel's speed, bfloat16 ones 2-5x slower: see
 bench/RESULTS.md). `kernels/rows_matmul.cc` streams the weights once across XLA's own intra-op threads.
 At prefill sizes XLA's bfloat16 GEMM reached 0.6-0.9x of oneDNN's; the kernel's packed GEMM (bfloat16
-pair products where the CPU has AVX512-BF16, float32 FMAs on widened panels elsewhere) matches oneDNN there.
+pair products where the CPU has AVX512-BF16, in AMX tiles where it has AMX-BF16, float32 FMAs on widened
+panels elsewhere) matches oneDNN there.
 It is compiled on first use with the machine's compiler and `-march=native`, cached by source, compiler
 and CPU, and registered as an XLA FFI target; without a compiler (or with ``GEMMA3_CPU_KERNELS=0``)
 products fall back to XLA's dot. ``GEMMA3_KERNEL_FLAGS`` adds compiler flags (``-mno-avx512bf16``,
@@ -111,13 +112,23 @@ def pair_products() -> bool:
 
 
 @functools.cache
+def amx_tiles() -> bool:
+    """Whether the GEMM multiplies its bfloat16 pair panels in AMX tiles (Intel Sapphire Rapids and later:
+    the CPU has AMX-BF16 and Linux grants the tiles; ``GEMMA3_AMX=0`` turns them off). Those products then
+    run as pairs at any row count (`float32_gemm` is False)."""
+    library = _library()
+    return library is not None and bool(library.Gemma3AmxTiles())
+
+
+@functools.cache
 def float32_gemm() -> bool:
     """Whether bfloat16 products of FLOAT32_GEMM_ROWS rows or more (prefill's, and attention over a prefill
     chunk) run as float32 FMAs on panels widened as they are packed, rather than as bfloat16 pairs: always
     where the CPU has no pair products. ``GEMMA3_BF16_GEMM``: ``pairs``, ``float32``, or ``auto`` (the
-    default): whichever this CPU ran faster when the kernel timed both once, under a millisecond. Zen 4
-    multiplies pairs twice as fast as floats; an Intel Emerald Rapids ran the 1b prefill's products 1.7x
-    faster as floats (its vdpbf16ps has half its FMA throughput)."""
+    default): pairs where the GEMM has AMX tiles (`amx_tiles`), else whichever this CPU ran faster when the
+    kernel timed both once, under a millisecond. Zen 4 multiplies pairs twice as fast as floats; an Intel
+    Emerald Rapids without AMX ran the 1b prefill's products 1.7x faster as floats (its vdpbf16ps has half
+    its FMA throughput)."""
     choice = os.environ.get("GEMMA3_BF16_GEMM", "auto")
     if choice not in ("auto", "pairs", "float32"):
         raise ValueError(f"GEMMA3_BF16_GEMM must be auto, pairs or float32, got {choice!r}")

@@ -25,9 +25,9 @@ def test_the_kernel_builds_here():
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("layout", ["KN", "NK"])
-@pytest.mark.parametrize("k,n", [(37, 13), (261, 35), (641, 1000)])  # odd tails (261: passes of eight
-# weight rows and an odd rest; 35 and 1000: blocks of 32 columns and a rest); a matrix large enough to
-# split in two, its odd depth too
+@pytest.mark.parametrize("k,n", [(37, 13), (261, 35), (641, 1000), (640, 1000)])  # odd tails (261: passes of
+# eight weight rows and an odd rest; 35 and 1000: blocks of 32 columns and a rest); a matrix large enough to
+# split in two, its odd depth too, and a whole number of AMX tiles deep (AMX takes (N, K) weights only so)
 def test_products_match_float64_for_every_row_count(dtype, layout, k, n):
     rng = np.random.default_rng(k * n)
     w = jnp.asarray(rng.standard_normal((k, n) if layout == "KN" else (n, k)), dtype)
@@ -138,15 +138,32 @@ def test_without_the_kernel_products_fall_back_to_xla(env, tmp_path):
         assert "CPU product kernel unavailable" in done.stderr
 
 
-VARIANTS = {"-mno-avx512bf16": "avx512_bf16", "-mno-avx512f": "avx512f"}  # compiler flag: the CPU flag it turns off
+# compiler flag: the CPU flag it turns off
+VARIANTS = {"-mno-amx-tile": "amx_bf16", "-mno-avx512bf16": "avx512_bf16", "-mno-avx512f": "avx512f"}
+
+
+def test_the_gemm_takes_amx_tiles_where_the_cpu_has_them(monkeypatch):
+    """On a CPU with AMX-BF16 (Intel Sapphire Rapids and later) the GEMM's pair panels go through AMX tiles,
+    so the pair cases above run them (the no-AMX build checks the AVX-512 pair tiles); auto then picks pairs."""
+    if "amx_bf16" not in Path("/proc/cpuinfo").read_text().split():
+        pytest.skip("this CPU has no AMX-BF16")
+    assert cpu_kernels.amx_tiles()
+    monkeypatch.setenv("GEMMA3_BF16_GEMM", "auto")
+    cpu_kernels.float32_gemm.cache_clear()
+    try:
+        assert not cpu_kernels.float32_gemm()
+    finally:
+        cpu_kernels.float32_gemm.cache_clear()
+
 
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 instruction-set flags")
 @pytest.mark.parametrize("flags", VARIANTS)
 def test_the_builds_for_cpus_without_these_instructions(flags, tmp_path):
-    """A CPU with AVX512-BF16 multiplies bfloat16 by pair products (vdpbf16ps), one with AVX-512 fills
-    sixteen-lane float32 panels in the GEMM; the loops and panels other CPUs run (AVX-512 without BF16, and
-    eight lanes: AVX2) are built here with those instruction sets turned off and checked by the same tests:
+    """A CPU with AMX-BF16 multiplies the GEMM's pairs in AMX tiles, one with AVX512-BF16 by pair products
+    (vdpbf16ps), one with AVX-512 fills sixteen-lane float32 panels in the GEMM; the loops and panels other
+    CPUs run (AVX512-BF16 without AMX, AVX-512 without BF16, and eight lanes: AVX2) are built here with those
+    instruction sets turned off and checked by the same tests:
     products of every row count, the GEMM, and attention. A CPU without the instructions runs that build
     already (the tests above)."""
     if VARIANTS[flags] not in Path("/proc/cpuinfo").read_text().split():
@@ -156,9 +173,10 @@ def test_the_builds_for_cpus_without_these_instructions(flags, tmp_path):
                           text=True, timeout=600, env={**os.environ, "GEMMA3_KERNEL_CACHE_DIR": str(tmp_path),
                                                        "GEMMA3_KERNEL_FLAGS": flags})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
-    # the build, 12 decode-sized products, 3 GEMMs, the GEMM's choice, 4 prefill attentions, 18 attentions;
-    # the pair-product cases skip (8)
-    assert "39 passed, 8 skipped" in done.stdout, done.stdout[-3000:]
+    # the build, 16 decode-sized products, 3 GEMMs, the GEMM's choice, 4 prefill attentions, 18 attentions,
+    # the last three each as pairs and as float32; without AVX512-BF16 the pair cases skip (8)
+    want = "51 passed" if flags == "-mno-amx-tile" else "43 passed, 8 skipped"
+    assert want in done.stdout, done.stdout[-3000:]
 
 
 def _attention64(q, keys, values, visible):

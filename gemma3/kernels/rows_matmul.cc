@@ -14,15 +14,19 @@
 // Rapids), bfloat16 products multiply bfloat16 pairs directly (vdpbf16ps: 32 products per instruction,
 // float32 sums): the widening loops cost more instructions per weight than memory allows (at 8 rows they
 // are bound by arithmetic, and even one row read only 11-24 GB/s). Products of more rows (prefill) and
-// attention over many query rows go through a packed GEMM, on every CPU (see GemmDp).
+// attention over many query rows go through a packed GEMM, on every CPU (see GemmDp). Where the CPU also has
+// AMX-BF16 (Sapphire Rapids and later), the GEMM's pairs and decode products of 5-8 bfloat16 rows go through
+// AMX tiles (TileAmx, RowsKNAmx, RowsNKAmx).
 
 #include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <new>
 #include <thread>
 #include <type_traits>
 #include <utility>
@@ -35,6 +39,11 @@
 #define GEMMA3_AVX512 1  // sixteen-lane float32 panels for the prefill GEMM
 #if defined(__AVX512BF16__)
 #define GEMMA3_DPBF16 1  // bfloat16 pair products
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__)
+#define GEMMA3_AMX 1  // the GEMM's pair panels through AMX tiles, where Linux grants them (AmxReady)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 #endif
 #endif
 
@@ -588,6 +597,242 @@ inline void Pack(const float* w, float* out, int64_t ldw, int64_t n, int64_t col
   PackF32(w, out, ldw, n, cols, k0, k1);
 }
 
+#ifdef GEMMA3_AMX
+// Whether this process may use AMX tiles: Linux hands out their 8 KB of register state only on request, once per
+// process (arch_prctl ARCH_REQ_XCOMP_PERM for XTILEDATA); a kernel that refuses (before 5.16, or a sandbox that
+// hides it) leaves the AVX-512 tiles. GEMMA3_AMX=0 turns them off (for comparisons and tests).
+bool AmxReady() {
+  static const bool ready = [] {
+    const char* off = std::getenv("GEMMA3_AMX");
+    if (off && std::strcmp(off, "0") == 0) return false;
+    return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
+  }();
+  return ready;
+}
+
+// Decode products of this many rows or more go through AMX tiles (RowsKNAmx, RowsNKAmx): one core read a 1b
+// layer's or head's weights at 10-15 GB/s at 5-8 rows, where the pair loops fell to 5-9 (each row's
+// vdpbf16ps on one port); at 1-2 rows the pair loops read 15-32 GB/s, 1.2-2x the tiles, and at 4 they tie.
+constexpr int64_t kAmxRows = 5;
+
+// ldtilecfg's 64 bytes: every tile 16 rows of 64 bytes (16 float32 sums, 32 bfloat16 inputs, or 16 pairs).
+// With rows < 16 the sums and x of TileAmxWide (tiles 0-4) hold that many rows, for the rows after the last
+// block of 16 (a decode step's 1-8).
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {64, 64, 64, 64, 64, 64, 64, 64};
+  uint8_t rows[16] = {16, 16, 16, 16, 16, 16, 16, 16};
+  explicit TileConfig(int r = 16) { std::fill(rows, rows + 5, static_cast<uint8_t>(r)); }
+};
+
+// Rows m..m+16*RB of x (or the tile shape's rows, under 16) against 32 columns of a pair panel (its depth a
+// multiple of 32) into y: tiles 0-3 hold RB x 2 blocks of 16 x 16 float32 sums, 4-5 RB blocks of x (16 rows
+// x 32 inputs), 6-7 the columns' two
+// 16-wide slices of 16 pairs, as the panel holds them (a pair row's kPanelCols columns, 2 bfloat16 each, in
+// order). One tdpbf16ps is 16 x 16 x 32 products: 1.9 TFLOP/s per core on an Emerald Rapids, against 175
+// GFLOP/s of float32 FMAs there.
+template <int RB>
+void TileAmx(const uint16_t* x, int64_t K, int64_t k0, int64_t depth, const uint16_t* panel, float* y,
+             int64_t N, bool first) {
+  const int64_t lda = K * sizeof(uint16_t), ldb = 2 * kPanelCols * sizeof(uint16_t), ldc = N * sizeof(float);
+  if (first) {
+    _tile_zero(0);
+    _tile_zero(1);
+    if (RB == 2) {
+      _tile_zero(2);
+      _tile_zero(3);
+    }
+  } else {
+    _tile_loadd(0, y, ldc);
+    _tile_loadd(1, y + 16, ldc);
+    if (RB == 2) {
+      _tile_loadd(2, y + 16 * N, ldc);
+      _tile_loadd(3, y + 16 * N + 16, ldc);
+    }
+  }
+  for (int64_t d = 0; d < depth; d += 32) {
+    const uint16_t* b = panel + d * kPanelCols;  // pair row d / 2
+    _tile_loadd(4, x + k0 + d, lda);
+    _tile_loadd(6, b, ldb);
+    _tile_loadd(7, b + 32, ldb);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    if (RB == 2) {
+      _tile_loadd(5, x + 16 * K + k0 + d, lda);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  _tile_stored(0, y, ldc);
+  _tile_stored(1, y + 16, ldc);
+  if (RB == 2) {
+    _tile_stored(2, y + 16 * N, ldc);
+    _tile_stored(3, y + 16 * N + 16, ldc);
+  }
+}
+
+// Rows of the product with a (N, K) matrix (the tied LM head) through AMX tiles, as y^T = w x^T: the weights'
+// rows are the A operand as they lie in memory (16 rows x 32 inputs a tile: nothing packed, every line read
+// once), x^T the B operand, packed once as pairs: xt[p * M + m] = (x[m, 2p], x[m, 2p + 1]). Blocks of B x 16
+// weight rows from n (tiles 0-2 their sums, 3-5 their weights, 6 x), the rows `ahead` prefetched a line
+// per step; each block's sums (16 rows x M) are stored and written to y transposed. K a multiple of 32.
+template <int B>
+void BlockNKAmx(const uint16_t* xt, int64_t M, const uint16_t* w, float* y, int64_t K, int64_t N, int64_t n,
+                const uint16_t* ahead, int64_t ahead_rows) {
+  const int64_t lda = K * sizeof(uint16_t), ldb = M * 2 * sizeof(uint16_t);
+  _tile_zero(0);
+  if (B > 1) _tile_zero(1);
+  if (B > 2) _tile_zero(2);
+  const uint16_t* a = w + n * K;
+  for (int64_t d = 0; d < K; d += 32) {
+    for (int64_t r = 0; r < ahead_rows; ++r) __builtin_prefetch(ahead + r * K + d, 0, 2);
+    _tile_loadd(6, xt + d * M, ldb);  // pair row d / 2
+    _tile_loadd(3, a + d, lda);
+    _tile_dpbf16ps(0, 3, 6);
+    if (B > 1) {
+      _tile_loadd(4, a + 16 * K + d, lda);
+      _tile_dpbf16ps(1, 4, 6);
+    }
+    if (B > 2) {
+      _tile_loadd(5, a + 32 * K + d, lda);
+      _tile_dpbf16ps(2, 5, 6);
+    }
+  }
+  alignas(64) float sums[3][16 * 16];
+  _tile_stored(0, sums[0], M * sizeof(float));
+  if (B > 1) _tile_stored(1, sums[1], M * sizeof(float));
+  if (B > 2) _tile_stored(2, sums[2], M * sizeof(float));
+  for (int b = 0; b < B; ++b)
+    for (int64_t m = 0; m < M; ++m)
+      for (int r = 0; r < 16; ++r) y[m * N + n + 16 * b + r] = sums[b][r * M + m];
+}
+
+// Weight rows n0..n1 (multiples of 16) of that product, for M <= 16 rows.
+void RowsNKAmx(const uint16_t* xt, int64_t M, const uint16_t* w, float* y, int64_t K, int64_t N, int64_t n0,
+               int64_t n1) {
+  TileConfig config;
+  for (int t : {0, 1, 2, 6}) config.colsb[t] = static_cast<uint16_t>(M * sizeof(float));
+  _tile_loadconfig(&config);
+  for (int64_t n = n0; n < n1; n += 48) {
+    // the block after next to L2 (in a probe the next block ran 1.1-1.7x slower, four blocks ahead no faster)
+    const int64_t next = std::min<int64_t>(48, std::max<int64_t>(0, n1 - n - 96));
+    switch (std::min<int64_t>(3, (n1 - n) / 16)) {
+      case 3: BlockNKAmx<3>(xt, M, w, y, K, N, n, w + (n + 96) * K, next); break;
+      case 2: BlockNKAmx<2>(xt, M, w, y, K, N, n, w + (n + 96) * K, next); break;
+      default: BlockNKAmx<1>(xt, M, w, y, K, N, n, w + (n + 96) * K, next); break;
+    }
+  }
+  _tile_release();
+}
+
+// Weight rows k0..k1 of a (K, N) bfloat16 matrix against M <= 16 rows of x through AMX tiles, summed into acc
+// (M x Np floats, Np: N rounded up to 64). xp is x with its rows padded with zeros to Kp (a multiple of 32).
+// Each pass takes 32 weight rows (16 pairs, one tile deep) and reads them along their length as
+// RowsKNStream does, packing 64 columns at a time as pairs (4 KB, in L1, two buffers in turn) for four
+// 16-column tiles whose sums come from acc and go back: the GEMM's panels (256 rows x 128 bytes each) read
+// memory at 7-8 GB/s a core against 18-20 for rows in order. x stays in tile 4 for the pass; the tile shape
+// gives the sums and x M rows (TileConfig(M)).
+void RowsKNAmx(const uint16_t* xp, int64_t Kp, int64_t M, const uint16_t* w, float* acc, int64_t K, int64_t N,
+               int64_t k0, int64_t k1) {
+  const TileConfig config(static_cast<int>(M));
+  _tile_loadconfig(&config);
+  const int64_t Np = (N + 63) / 64 * 64, lda = Kp * sizeof(uint16_t), ldb = 2 * kPanelCols * sizeof(uint16_t),
+                ldc = Np * sizeof(float);
+  static_assert(kPanelCols == 64, "four 16-column tiles a pass");
+  alignas(64) uint16_t panels[2][16 * 2 * kPanelCols];
+  int which = 0;
+  for (int64_t k = k0; k < k1; k += 32) {
+    const int64_t end = std::min(k1, k + 32);
+    const bool ahead = end + 32 <= k1;
+    if (end - k < 32) std::memset(panels, 0, sizeof panels);  // the pairs past k1 stay zero
+    _tile_loadd(4, xp + k, lda);
+    PackPairs(w, panels[which], N, 0, std::min<int64_t>(kPanelCols, N), k, end);
+    for (int64_t n = 0; n < N; n += kPanelCols, which ^= 1) {
+      if (ahead)  // the next pass's rows here, to L2
+        for (int64_t r = end; r < end + 32; ++r)
+          for (int64_t j = 0; j < kPanelCols; j += 32) _mm_prefetch(reinterpret_cast<const char*>(w + r * N + n + j), _MM_HINT_T1);
+      // the next columns packed before these are multiplied: a tile load waits for the stores it reads to
+      // reach L1 (no forwarding), so loading what was just packed stalled every pass
+      const int64_t next = n + kPanelCols;
+      if (next < N) PackPairs(w, panels[which ^ 1], N, next, std::min<int64_t>(kPanelCols, N - next), k, end);
+      const uint16_t* panel = panels[which];
+      float* c = acc + n;
+      _tile_loadd(0, c, ldc);
+      _tile_loadd(1, c + 16, ldc);
+      _tile_loadd(2, c + 32, ldc);
+      _tile_loadd(3, c + 48, ldc);
+      _tile_loadd(5, panel, ldb);
+      _tile_loadd(6, panel + 32, ldb);
+      _tile_loadd(7, panel + 64, ldb);
+      _tile_dpbf16ps(0, 4, 5);
+      _tile_dpbf16ps(1, 4, 6);
+      _tile_dpbf16ps(2, 4, 7);
+      _tile_loadd(5, panel + 96, ldb);
+      _tile_dpbf16ps(3, 4, 5);
+      _tile_stored(0, c, ldc);
+      _tile_stored(1, c + 16, ldc);
+      _tile_stored(2, c + 32, ldc);
+      _tile_stored(3, c + 48, ldc);
+    }
+  }
+  _tile_release();
+}
+
+// Up to 16 rows of x (the tile shape's) against a whole pair panel (kPanelCols columns) into y: four chains of
+// sums (tiles 0-3, 16 columns each) where TileAmx<1> has two, since each tdpbf16ps waits for the one before on
+// its sums (a decode step's few rows are bound by that wait, not by the tiles' throughput). x in tile 4, the
+// columns' slices in 5-7 (5 again for the last).
+void TileAmxWide(const uint16_t* x, int64_t K, int64_t k0, int64_t depth, const uint16_t* panel, float* y,
+                 int64_t N, bool first) {
+  const int64_t lda = K * sizeof(uint16_t), ldb = 2 * kPanelCols * sizeof(uint16_t), ldc = N * sizeof(float);
+  if (first) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+  } else {
+    _tile_loadd(0, y, ldc);
+    _tile_loadd(1, y + 16, ldc);
+    _tile_loadd(2, y + 32, ldc);
+    _tile_loadd(3, y + 48, ldc);
+  }
+  for (int64_t d = 0; d < depth; d += 32) {
+    const uint16_t* b = panel + d * kPanelCols;  // pair row d / 2
+    _tile_loadd(4, x + k0 + d, lda);
+    _tile_loadd(5, b, ldb);
+    _tile_loadd(6, b + 32, ldb);
+    _tile_loadd(7, b + 64, ldb);
+    _tile_dpbf16ps(0, 4, 5);
+    _tile_dpbf16ps(1, 4, 6);
+    _tile_dpbf16ps(2, 4, 7);
+    _tile_loadd(5, b + 96, ldb);
+    _tile_dpbf16ps(3, 4, 5);
+  }
+  _tile_stored(0, y, ldc);
+  _tile_stored(1, y + 16, ldc);
+  _tile_stored(2, y + 32, ldc);
+  _tile_stored(3, y + 48, ldc);
+}
+#endif
+
+// Storage on 64-byte lines, for the GEMM's panels and the rows it reads: a tile row of AMX (64 bytes) that
+// straddles two lines loads at 0.4x the speed (a 128-row tile loop ran 450 against 1,100 GFLOP/s).
+template <typename T>
+struct LineAllocator {
+  using value_type = T;
+  LineAllocator() = default;
+  template <typename U>
+  LineAllocator(const LineAllocator<U>&) {}
+  T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64))); }
+  void deallocate(T* p, size_t) { ::operator delete(p, std::align_val_t(64)); }
+  template <typename U>
+  bool operator==(const LineAllocator<U>&) const { return true; }
+  template <typename U>
+  bool operator!=(const LineAllocator<U>&) const { return false; }
+};
+template <typename T>
+using Lines = std::vector<T, LineAllocator<T>>;
+
 // Rows m0..m1 of x against one packed panel (weight rows k0..k0+depth, columns n..n+cols) into y: set when
 // `first` (the depth's first panel), added to after. With `ahead`, the source of the next panel (ahead_rows
 // rows of kPanelCols weights, S each, at ldw apart) is prefetched to L2 a slice per tile, so that packing it
@@ -597,6 +842,51 @@ template <typename T, typename S = uint16_t>
 void TilesDp(const T* x, int64_t K, int64_t k0, int64_t depth, const T* panel, float* y, int64_t N, int64_t n,
              int64_t cols, int64_t m0, int64_t m1, bool first, const S* ahead = nullptr,
              int64_t ahead_rows = 0, int64_t ldw = 0) {
+#ifdef GEMMA3_AMX
+  // Whole panels and blocks of 16 rows through AMX tiles (a depth's rest of under 32 after them, as pairs);
+  // the rows after the last block of 16, and panels cut short by N, as below.
+  if constexpr (std::is_same_v<T, uint16_t>) {
+    const int64_t amx_depth = depth / 32 * 32, rows = m1 - m0, rest = rows % 16;
+    if (amx_depth && cols == kPanelCols && AmxReady()) {
+      // a half of the panel's columns (16 KB of pairs) stays in L1 while the blocks of rows pass: both
+      // halves and a block's x (32 rows) did not fit, and tiles loaded from L2 ran at a quarter of the speed.
+      // Blocks of 32 rows, one of 16, then the rest (under 16) with their own tile shape.
+      const int64_t blocks = 2 * ((rows - rest + 31) / 32 + (rest > 0));
+      int64_t i = 0;
+      auto prefetch = [&] {
+        if (ahead)
+          for (int64_t r = ahead_rows * i / blocks; r < ahead_rows * (i + 1) / blocks; ++r)
+            for (int64_t j = 0; j < kPanelCols; j += 64 / sizeof(S)) __builtin_prefetch(ahead + r * ldw + j, 0, 2);
+        ++i;
+      };
+      if (rows >= 16) {
+        const TileConfig config;
+        _tile_loadconfig(&config);
+        for (int64_t h = 0; h < kPanelCols; h += 32)
+          for (int64_t m = m0; m + 16 <= m1; m += 32) {
+            prefetch();
+            if (m + 32 <= m1 - rest)
+              TileAmx<2>(x + m * K, K, k0, amx_depth, panel + 2 * h, y + m * N + n + h, N, first);
+            else
+              TileAmx<1>(x + m * K, K, k0, amx_depth, panel + 2 * h, y + m * N + n + h, N, first);
+          }
+      }
+      if (rest) {
+        const TileConfig config(static_cast<int>(rest));
+        _tile_loadconfig(&config);
+        const int64_t m = m1 - rest;
+        prefetch();
+        prefetch();
+        TileAmxWide(x + m * K, K, k0, amx_depth, panel, y + m * N + n, N, first);
+      }
+      _tile_release();
+      if (amx_depth < depth)
+        TilesDp(x, K, k0 + amx_depth, depth - amx_depth, panel + amx_depth * kPanelCols, y, N, n, cols, m0, m1,
+                false);
+      return;
+    }
+  }
+#endif
   const int64_t tiles = std::max<int64_t>(1, (m1 - m0) / kTileRows);
   int64_t m = m0;
   for (int64_t i = 0; m + kTileRows <= m1; m += kTileRows, ++i) {
@@ -619,9 +909,14 @@ void TilesDp(const T* x, int64_t K, int64_t k0, int64_t depth, const T* panel, f
 }
 
 // Rows of x per block of the GEMM: a block's slice of x, kPanelDepth deep, stays in L2 (256 KiB of it) while
-// the part's panels pass.
+// the part's panels pass. AMX tiles go faster with blocks of 128 rows (their sums, a panel's 32 KiB, near at
+// hand for the next depth): 700-800 GFLOP/s on one core at 512-2048 rows of a 2048-deep product, 450-480
+// with blocks of 510.
 template <typename T>
-constexpr int64_t BlockRows() {
+int64_t BlockRows() {
+#ifdef GEMMA3_AMX
+  if (std::is_same_v<T, uint16_t> && AmxReady()) return 128;
+#endif
   return (256 << 10) / (kPanelDepth * sizeof(T)) / kTileRows * kTileRows;
 }
 
@@ -634,7 +929,7 @@ template <typename T, typename S>
 void GemmDp(const T* x, const S* w, float* y, int64_t M, int64_t K, int64_t N, int64_t p0, int64_t p1) {
   constexpr int64_t kPanel = kPanelDepth * kPanelCols;
   if (M <= BlockRows<T>()) {
-    std::vector<T> panel(static_cast<size_t>(kPanel));
+    Lines<T> panel(static_cast<size_t>(kPanel));
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t n = p * kPanelCols, cols = std::min(kPanelCols, N - n);
       for (int64_t k0 = 0; k0 < K; k0 += kPanelDepth) {
@@ -649,7 +944,7 @@ void GemmDp(const T* x, const S* w, float* y, int64_t M, int64_t K, int64_t N, i
     }
     return;
   }
-  std::vector<T> panels(static_cast<size_t>((p1 - p0) * kPanel));
+  Lines<T> panels(static_cast<size_t>((p1 - p0) * kPanel));
   for (int64_t k0 = 0; k0 < K; k0 += kPanelDepth) {
     const int64_t k1 = std::min(K, k0 + kPanelDepth);
     for (int64_t p = p0; p < p1; ++p)
@@ -665,9 +960,9 @@ void GemmDp(const T* x, const S* w, float* y, int64_t M, int64_t K, int64_t N, i
 // values): panel p's depth block d at (p * blocks + d) * kPanelDepth * kPanelCols. pack(out, n, cols, k0, k1)
 // is a packing (pairs, or float32 for T = float) with the matrix bound.
 template <typename T, typename Pack>
-std::vector<T> PackPanels(int64_t K, int64_t N, const Pack& pack) {
+Lines<T> PackPanels(int64_t K, int64_t N, const Pack& pack) {
   const int64_t panels = (N + kPanelCols - 1) / kPanelCols, blocks = (K + kPanelDepth - 1) / kPanelDepth;
-  std::vector<T> out(static_cast<size_t>(panels * blocks) * kPanelDepth * kPanelCols);
+  Lines<T> out(static_cast<size_t>(panels * blocks) * kPanelDepth * kPanelCols);
   for (int64_t p = 0; p < panels; ++p)
     for (int64_t d = 0; d < blocks; ++d)
       pack(out.data() + (p * blocks + d) * kPanelDepth * kPanelCols, p * kPanelCols,
@@ -765,6 +1060,19 @@ void MultiplyRows(ffi::ThreadPool& pool, int64_t parts, const T* x_in, const flo
 #ifdef GEMMA3_DPBF16
   if constexpr (std::is_same_v<T, uint16_t>) {
     if (w_is_nk) {
+#ifdef GEMMA3_AMX
+      if (M >= kAmxRows && K % 32 == 0 && N >= 16 && AmxReady()) {
+        Lines<uint16_t> xt(static_cast<size_t>(K) * M);
+        for (int64_t k = 0; k < K; ++k)
+          for (int m = 0; m < M; ++m) xt[(k / 2 * M + m) * 2 + k % 2] = x_in[m * K + k];
+        const int64_t blocks = N / 16;
+        RunParts(pool, parts, [&](int64_t i) {
+          RowsNKAmx(xt.data(), M, w, y, K, N, blocks * i / parts * 16, blocks * (i + 1) / parts * 16);
+        });
+        if (blocks * 16 < N) RowsNKDp<M>(x_in, w, y, K, N, blocks * 16, N);
+        return;
+      }
+#endif
       RunParts(pool, parts, [&](int64_t i) { RowsNKDp<M>(x_in, w, y, K, N, N * i / parts, N * (i + 1) / parts); });
       return;
     }
@@ -817,6 +1125,29 @@ void Multiply(ffi::ThreadPool& pool, const T* x_in, const T* w, float* y, int64_
   // 270m float32 batch 1, 35.6 against 41.5 in bfloat16.)
   const size_t bytes = static_cast<size_t>(K) * N * sizeof(T);
   const int64_t parts = bytes < (256 << 10) ? 1 : std::max<int64_t>(1, pool.num_threads());
+#ifdef GEMMA3_AMX
+  // (K, N) bfloat16 weights through the GEMM's panels and AMX tiles: the pair loops below are bound by their
+  // instructions at 8 rows (vdpbf16ps on one port, each row's sums loaded and stored per pass)
+  if constexpr (std::is_same_v<T, uint16_t>) {
+    if (!w_is_nk && M >= kAmxRows && AmxReady()) {  // each part its own block of weight rows, summed after
+      const int64_t Kp = (K + 31) / 32 * 32, Np = (N + 63) / 64 * 64, tiles = Kp / 32;
+      Lines<uint16_t> xp(static_cast<size_t>(M * Kp), 0);
+      for (int64_t m = 0; m < M; ++m) std::memcpy(xp.data() + m * Kp, x_in + m * K, K * sizeof(uint16_t));
+      Lines<float> acc(static_cast<size_t>(parts * M * Np), 0.f);
+      RunParts(pool, parts, [&](int64_t i) {
+        RowsKNAmx(xp.data(), Kp, M, w, acc.data() + i * M * Np, K, N, std::min(K, tiles * i / parts * 32),
+                  std::min(K, tiles * (i + 1) / parts * 32));
+      });
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t n = 0; n < N; ++n) {
+          float sum = 0.f;
+          for (int64_t i = 0; i < parts; ++i) sum += acc[(i * M + m) * Np + n];
+          y[m * N + n] = sum;
+        }
+      return;
+    }
+  }
+#endif
   std::vector<float> x(UsesPairs<T>() ? 0 : static_cast<size_t>(M) * K);
   for (size_t i = 0; i < x.size(); ++i) x[i] = widen(x_in[i]);
   WithRows(M, [&](auto rows) { MultiplyRows<rows()>(pool, parts, x_in, x.data(), w, y, K, N, w_is_nk); });
@@ -973,7 +1304,7 @@ void AttendGemm(ffi::ThreadPool& pool, const AttentionShape& a, const In* q, con
   constexpr bool kPairs = std::is_same_v<T, uint16_t>, kHalves = std::is_same_v<In, uint16_t>;
   static_assert(kHalves || !kPairs, "float32 attention multiplies float32 panels");
   const int64_t blocks = (R + kBlockRows - 1) / kBlockRows;
-  std::vector<std::vector<T>> keys_t(units), vals(units);
+  std::vector<Lines<T>> keys_t(units), vals(units);
   RunParts(pool, units, [&](int64_t u) {
     keys_t[u] = PackPanels<T>(H, S, [&](T* o, int64_t n, int64_t cols, int64_t k0, int64_t k1) {
       if constexpr (kPairs) PackPairsNK(keys + a.base(u), o, a.ld(), n, cols, k0, k1);
@@ -986,8 +1317,8 @@ void AttendGemm(ffi::ThreadPool& pool, const AttentionShape& a, const In* q, con
   RunParts(pool, units * blocks, [&](int64_t i) {
     const int64_t u = i / blocks, r0 = i % blocks * kBlockRows, rows = std::min(kBlockRows, R - r0);
     const auto [s0, s1] = SeenRange(a, visible, u, r0, rows);
-    std::vector<T> x(static_cast<size_t>(rows) * std::max(H, S));
-    std::vector<float> scores(static_cast<size_t>(rows) * S), y(static_cast<size_t>(rows) * H);
+    Lines<T> x(static_cast<size_t>(rows) * std::max(H, S));
+    Lines<float> scores(static_cast<size_t>(rows) * S), y(static_cast<size_t>(rows) * H);
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t h = 0; h < H; ++h) {
         const In v = q[a.q_row(u, r0 + r) + h];
@@ -1093,7 +1424,7 @@ ffi::Error RowsMatmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
       return ffi::Error::Success();
     }
 #endif
-    std::vector<float> xf(static_cast<size_t>(M * K));  // float32 FMAs (PackF32): x widened once, in parts
+    Lines<float> xf(static_cast<size_t>(M * K));  // float32 FMAs (PackF32): x widened once, in parts
     RunParts(pool, parts, [&](int64_t i) {
       for (int64_t j = M * K * i / parts; j < M * K * (i + 1) / parts; ++j) xf[j] = widen(xs[j]);
     });
@@ -1126,11 +1457,23 @@ extern "C" int Gemma3PairProducts() {
 #endif
 }
 
+// Whether the GEMM multiplies its pair panels in AMX tiles (built for a CPU with AMX-BF16, granted by Linux).
+extern "C" int Gemma3AmxTiles() {
+#ifdef GEMMA3_AMX
+  return AmxReady() ? 1 : 0;
+#else
+  return 0;
+#endif
+}
+
 // Whether bfloat16 products of many rows (FLOAT32_GEMM_ROWS in cpu_kernels.py, and attention over a prefill
 // chunk) run faster as pairs (vdpbf16ps) than as float32 FMAs on widened panels, on this CPU: one tile's
 // arithmetic timed both ways (a packed panel in L1/L2 against six rows, accumulating so no call is
 // redundant), the best of nine alternating rounds each. Under a millisecond.
 extern "C" int Gemma3PairsOutpaceFloat32() {
+#ifdef GEMMA3_AMX
+  if (AmxReady()) return 1;  // tiles of pairs: ten times the float32 FMAs' arithmetic (TileAmx)
+#endif
 #ifdef GEMMA3_DPBF16
   std::vector<uint16_t> w(kPanelDepth * kPanelCols), x(kTileRows * kPanelDepth), pairs(kPanelDepth * kPanelCols);
   for (size_t i = 0; i < w.size(); ++i) w[i] = static_cast<uint16_t>(0x3e80 + i % 97);  // about 0.25..0.5
