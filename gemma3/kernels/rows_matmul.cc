@@ -1412,7 +1412,9 @@ ffi::Error RowsMatmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
     if (nk || x.element_type() != ffi::DataType::BF16)
       return ffi::Error::InvalidArgument("rows_matmul: more than 8 rows only for bfloat16 (K, N) products");
     const int64_t panels = (N + kPanelCols - 1) / kPanelCols;
-    const int64_t parts = std::min<int64_t>(panels, std::max<int64_t>(1, pool.num_threads()));
+    // four parts a thread, claimed as threads come free: one core of this session's Xeon ran AMX tiles at
+    // 300 GFLOP/s while the other ran 700 (a neighbour's load), and halves left the fast one waiting
+    const int64_t parts = std::min<int64_t>(panels, 4 * std::max<int64_t>(1, pool.num_threads()));
     auto gemm = [&](const auto* xs, const auto* ws) {
       RunParts(pool, parts, [&](int64_t i) { GemmDp(xs, ws, out, M, K, N, panels * i / parts, panels * (i + 1) / parts); });
     };
