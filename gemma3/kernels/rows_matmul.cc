@@ -625,31 +625,39 @@ struct alignas(64) TileConfig {
   explicit TileConfig(int r = 16) { std::fill(rows, rows + 5, static_cast<uint8_t>(r)); }
 };
 
-// Rows m..m+16*RB of x (or the tile shape's rows, under 16) against 32 columns of a pair panel (its depth a
-// multiple of 32) into y: tiles 0-3 hold RB x 2 blocks of 16 x 16 float32 sums, 4-5 RB blocks of x (16 rows
-// x 32 inputs), 6-7 the columns' two
-// 16-wide slices of 16 pairs, as the panel holds them (a pair row's kPanelCols columns, 2 bfloat16 each, in
-// order). One tdpbf16ps is 16 x 16 x 32 products: 1.9 TFLOP/s per core on an Emerald Rapids, against 175
-// GFLOP/s of float32 FMAs there.
-template <int RB>
-void TileAmx(const uint16_t* x, int64_t K, int64_t k0, int64_t depth, const uint16_t* panel, float* y,
-             int64_t N, bool first) {
-  const int64_t lda = K * sizeof(uint16_t), ldb = 2 * kPanelCols * sizeof(uint16_t), ldc = N * sizeof(float);
+// Tiles 0-3 (float32 sums, 16 columns each) from y0..y3 at ldc bytes a row, or zeros on a depth's first panel;
+// and stored back.
+inline void StartSums(bool first, const float* y0, const float* y1, const float* y2, const float* y3,
+                      int64_t ldc) {
   if (first) {
     _tile_zero(0);
     _tile_zero(1);
-    if (RB == 2) {
-      _tile_zero(2);
-      _tile_zero(3);
-    }
+    _tile_zero(2);
+    _tile_zero(3);
   } else {
-    _tile_loadd(0, y, ldc);
-    _tile_loadd(1, y + 16, ldc);
-    if (RB == 2) {
-      _tile_loadd(2, y + 16 * N, ldc);
-      _tile_loadd(3, y + 16 * N + 16, ldc);
-    }
+    _tile_loadd(0, y0, ldc);
+    _tile_loadd(1, y1, ldc);
+    _tile_loadd(2, y2, ldc);
+    _tile_loadd(3, y3, ldc);
   }
+}
+
+inline void EndSums(float* y0, float* y1, float* y2, float* y3, int64_t ldc) {
+  _tile_stored(0, y0, ldc);
+  _tile_stored(1, y1, ldc);
+  _tile_stored(2, y2, ldc);
+  _tile_stored(3, y3, ldc);
+}
+
+// Rows m..m+32 of x against 32 columns of a pair panel (its depth a multiple of 32) into y: tiles 0-3 hold
+// 2 x 2 blocks of 16 x 16 float32 sums, 4-5 two blocks of x (16 rows x 32 inputs), 6-7 the columns' two
+// 16-wide slices of 16 pairs, as the panel holds them (a pair row's kPanelCols columns, 2 bfloat16 each, in
+// order). One tdpbf16ps is 16 x 16 x 32 products: 1.9 TFLOP/s per core on an Emerald Rapids, against 175
+// GFLOP/s of float32 FMAs there.
+void TileAmx(const uint16_t* x, int64_t K, int64_t k0, int64_t depth, const uint16_t* panel, float* y,
+             int64_t N, bool first) {
+  const int64_t lda = K * sizeof(uint16_t), ldb = 2 * kPanelCols * sizeof(uint16_t), ldc = N * sizeof(float);
+  StartSums(first, y, y + 16, y + 16 * N, y + 16 * N + 16, ldc);
   for (int64_t d = 0; d < depth; d += 32) {
     const uint16_t* b = panel + d * kPanelCols;  // pair row d / 2
     _tile_loadd(4, x + k0 + d, lda);
@@ -657,18 +665,11 @@ void TileAmx(const uint16_t* x, int64_t K, int64_t k0, int64_t depth, const uint
     _tile_loadd(7, b + 32, ldb);
     _tile_dpbf16ps(0, 4, 6);
     _tile_dpbf16ps(1, 4, 7);
-    if (RB == 2) {
-      _tile_loadd(5, x + 16 * K + k0 + d, lda);
-      _tile_dpbf16ps(2, 5, 6);
-      _tile_dpbf16ps(3, 5, 7);
-    }
+    _tile_loadd(5, x + 16 * K + k0 + d, lda);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
   }
-  _tile_stored(0, y, ldc);
-  _tile_stored(1, y + 16, ldc);
-  if (RB == 2) {
-    _tile_stored(2, y + 16 * N, ldc);
-    _tile_stored(3, y + 16 * N + 16, ldc);
-  }
+  EndSums(y, y + 16, y + 16 * N, y + 16 * N + 16, ldc);
 }
 
 // Rows of the product with a (N, K) matrix (the tied LM head) through AMX tiles, as y^T = w x^T: the weights'
@@ -725,77 +726,14 @@ void RowsNKAmx(const uint16_t* xt, int64_t M, const uint16_t* w, float* y, int64
   _tile_release();
 }
 
-// Weight rows k0..k1 of a (K, N) bfloat16 matrix against M <= 16 rows of x through AMX tiles, summed into acc
-// (M x Np floats, Np: N rounded up to 64). xp is x with its rows padded with zeros to Kp (a multiple of 32).
-// Each pass takes 32 weight rows (16 pairs, one tile deep) and reads them along their length as
-// RowsKNStream does, packing 64 columns at a time as pairs (4 KB, in L1, two buffers in turn) for four
-// 16-column tiles whose sums come from acc and go back: the GEMM's panels (256 rows x 128 bytes each) read
-// memory at 7-8 GB/s a core against 18-20 for rows in order. x stays in tile 4 for the pass; the tile shape
-// gives the sums and x M rows (TileConfig(M)).
-void RowsKNAmx(const uint16_t* xp, int64_t Kp, int64_t M, const uint16_t* w, float* acc, int64_t K, int64_t N,
-               int64_t k0, int64_t k1) {
-  const TileConfig config(static_cast<int>(M));
-  _tile_loadconfig(&config);
-  const int64_t Np = (N + 63) / 64 * 64, lda = Kp * sizeof(uint16_t), ldb = 2 * kPanelCols * sizeof(uint16_t),
-                ldc = Np * sizeof(float);
-  static_assert(kPanelCols == 64, "four 16-column tiles a pass");
-  alignas(64) uint16_t panels[2][16 * 2 * kPanelCols];
-  int which = 0;
-  for (int64_t k = k0; k < k1; k += 32) {
-    const int64_t end = std::min(k1, k + 32);
-    const bool ahead = end + 32 <= k1;
-    if (end - k < 32) std::memset(panels, 0, sizeof panels);  // the pairs past k1 stay zero
-    _tile_loadd(4, xp + k, lda);
-    PackPairs(w, panels[which], N, 0, std::min<int64_t>(kPanelCols, N), k, end);
-    for (int64_t n = 0; n < N; n += kPanelCols, which ^= 1) {
-      if (ahead)  // the next pass's rows here, to L2
-        for (int64_t r = end; r < end + 32; ++r)
-          for (int64_t j = 0; j < kPanelCols; j += 32) _mm_prefetch(reinterpret_cast<const char*>(w + r * N + n + j), _MM_HINT_T1);
-      // the next columns packed before these are multiplied: a tile load waits for the stores it reads to
-      // reach L1 (no forwarding), so loading what was just packed stalled every pass
-      const int64_t next = n + kPanelCols;
-      if (next < N) PackPairs(w, panels[which ^ 1], N, next, std::min<int64_t>(kPanelCols, N - next), k, end);
-      const uint16_t* panel = panels[which];
-      float* c = acc + n;
-      _tile_loadd(0, c, ldc);
-      _tile_loadd(1, c + 16, ldc);
-      _tile_loadd(2, c + 32, ldc);
-      _tile_loadd(3, c + 48, ldc);
-      _tile_loadd(5, panel, ldb);
-      _tile_loadd(6, panel + 32, ldb);
-      _tile_loadd(7, panel + 64, ldb);
-      _tile_dpbf16ps(0, 4, 5);
-      _tile_dpbf16ps(1, 4, 6);
-      _tile_dpbf16ps(2, 4, 7);
-      _tile_loadd(5, panel + 96, ldb);
-      _tile_dpbf16ps(3, 4, 5);
-      _tile_stored(0, c, ldc);
-      _tile_stored(1, c + 16, ldc);
-      _tile_stored(2, c + 32, ldc);
-      _tile_stored(3, c + 48, ldc);
-    }
-  }
-  _tile_release();
-}
-
 // Up to 16 rows of x (the tile shape's) against a whole pair panel (kPanelCols columns) into y: four chains of
-// sums (tiles 0-3, 16 columns each) where TileAmx<1> has two, since each tdpbf16ps waits for the one before on
+// sums (tiles 0-3, 16 columns each) where half a panel has two, since each tdpbf16ps waits for the one before on
 // its sums (a decode step's few rows are bound by that wait, not by the tiles' throughput). x in tile 4, the
 // columns' slices in 5-7 (5 again for the last).
 void TileAmxWide(const uint16_t* x, int64_t K, int64_t k0, int64_t depth, const uint16_t* panel, float* y,
                  int64_t N, bool first) {
   const int64_t lda = K * sizeof(uint16_t), ldb = 2 * kPanelCols * sizeof(uint16_t), ldc = N * sizeof(float);
-  if (first) {
-    _tile_zero(0);
-    _tile_zero(1);
-    _tile_zero(2);
-    _tile_zero(3);
-  } else {
-    _tile_loadd(0, y, ldc);
-    _tile_loadd(1, y + 16, ldc);
-    _tile_loadd(2, y + 32, ldc);
-    _tile_loadd(3, y + 48, ldc);
-  }
+  StartSums(first, y, y + 16, y + 32, y + 48, ldc);
   for (int64_t d = 0; d < depth; d += 32) {
     const uint16_t* b = panel + d * kPanelCols;  // pair row d / 2
     _tile_loadd(4, x + k0 + d, lda);
@@ -808,11 +746,42 @@ void TileAmxWide(const uint16_t* x, int64_t K, int64_t k0, int64_t depth, const 
     _tile_loadd(5, b + 96, ldb);
     _tile_dpbf16ps(3, 4, 5);
   }
-  _tile_stored(0, y, ldc);
-  _tile_stored(1, y + 16, ldc);
-  _tile_stored(2, y + 32, ldc);
-  _tile_stored(3, y + 48, ldc);
+  EndSums(y, y + 16, y + 32, y + 48, ldc);
 }
+
+// Weight rows k0..k1 of a (K, N) bfloat16 matrix against M <= 16 rows of x through AMX tiles, summed into acc
+// (M x Np floats, Np: N rounded up to 64). xp is x with its rows padded with zeros to Kp (a multiple of 32).
+// Each pass takes 32 weight rows (16 pairs, one tile deep) and reads them along their length as
+// RowsKNStream does, packing 64 columns at a time as pairs (4 KB, in L1, two buffers in turn) for TileAmxWide's
+// four 16-column tiles, whose sums come from acc and go back: the GEMM's panels (256 rows x 128 bytes each) read
+// memory at 7-8 GB/s a core against 18-20 for rows in order. The tile shape gives the sums and x M rows
+// (TileConfig(M)).
+void RowsKNAmx(const uint16_t* xp, int64_t Kp, int64_t M, const uint16_t* w, float* acc, int64_t K, int64_t N,
+               int64_t k0, int64_t k1) {
+  const TileConfig config(static_cast<int>(M));
+  _tile_loadconfig(&config);
+  const int64_t Np = (N + 63) / 64 * 64;
+  alignas(64) uint16_t panels[2][16 * 2 * kPanelCols];
+  int which = 0;
+  for (int64_t k = k0; k < k1; k += 32) {
+    const int64_t end = std::min(k1, k + 32);
+    const bool ahead = end + 32 <= k1;
+    if (end - k < 32) std::memset(panels, 0, sizeof panels);  // the pairs past k1 stay zero
+    PackPairs(w, panels[which], N, 0, std::min<int64_t>(kPanelCols, N), k, end);
+    for (int64_t n = 0; n < N; n += kPanelCols, which ^= 1) {
+      if (ahead)  // the next pass's rows here, to L2
+        for (int64_t r = end; r < end + 32; ++r)
+          for (int64_t j = 0; j < kPanelCols; j += 32) _mm_prefetch(reinterpret_cast<const char*>(w + r * N + n + j), _MM_HINT_T1);
+      // the next columns packed before these are multiplied: a tile load waits for the stores it reads to
+      // reach L1 (no forwarding), so loading what was just packed stalled every pass
+      const int64_t next = n + kPanelCols;
+      if (next < N) PackPairs(w, panels[which ^ 1], N, next, std::min<int64_t>(kPanelCols, N - next), k, end);
+      TileAmxWide(xp, Kp, k, 32, panels[which], acc + n, Np, false);
+    }
+  }
+  _tile_release();
+}
+
 #endif
 
 // Storage on 64-byte lines, for the GEMM's panels and the rows it reads: a tile row of AMX (64 bytes) that
@@ -850,8 +819,9 @@ void TilesDp(const T* x, int64_t K, int64_t k0, int64_t depth, const T* panel, f
     if (amx_depth && cols == kPanelCols && AmxReady()) {
       // a half of the panel's columns (16 KB of pairs) stays in L1 while the blocks of rows pass: both
       // halves and a block's x (32 rows) did not fit, and tiles loaded from L2 ran at a quarter of the speed.
-      // Blocks of 32 rows, one of 16, then the rest (under 16) with their own tile shape.
-      const int64_t blocks = 2 * ((rows - rest + 31) / 32 + (rest > 0));
+      // Blocks of 32 rows; then one of 16 and the rest (under 16, with their own tile shape) a whole panel at
+      // a time.
+      const int64_t pairs = rows / 32, blocks = 2 * pairs + 2 * (rows % 32 >= 16) + 2 * (rest > 0);
       int64_t i = 0;
       auto prefetch = [&] {
         if (ahead)
@@ -863,13 +833,16 @@ void TilesDp(const T* x, int64_t K, int64_t k0, int64_t depth, const T* panel, f
         const TileConfig config;
         _tile_loadconfig(&config);
         for (int64_t h = 0; h < kPanelCols; h += 32)
-          for (int64_t m = m0; m + 16 <= m1; m += 32) {
+          for (int64_t m = m0; m < m0 + 32 * pairs; m += 32) {
             prefetch();
-            if (m + 32 <= m1 - rest)
-              TileAmx<2>(x + m * K, K, k0, amx_depth, panel + 2 * h, y + m * N + n + h, N, first);
-            else
-              TileAmx<1>(x + m * K, K, k0, amx_depth, panel + 2 * h, y + m * N + n + h, N, first);
+            TileAmx(x + m * K, K, k0, amx_depth, panel + 2 * h, y + m * N + n + h, N, first);
           }
+        if (rows % 32 >= 16) {
+          const int64_t m = m0 + 32 * pairs;
+          prefetch();
+          prefetch();
+          TileAmxWide(x + m * K, K, k0, amx_depth, panel, y + m * N + n, N, first);
+        }
       }
       if (rest) {
         const TileConfig config(static_cast<int>(rest));
