@@ -802,6 +802,15 @@ struct LineAllocator {
 template <typename T>
 using Lines = std::vector<T, LineAllocator<T>>;
 
+// Slice i of `of` of the next panel's source (rows of kPanelCols weights at ldw apart; none without it) to L2,
+// a 64-byte line at a time, so that packing it does not wait for memory.
+template <typename S>
+inline void PrefetchSlice(const S* ahead, int64_t rows, int64_t ldw, int64_t i, int64_t of) {
+  if (ahead)
+    for (int64_t r = rows * i / of; r < rows * (i + 1) / of; ++r)
+      for (int64_t j = 0; j < kPanelCols; j += 64 / sizeof(S)) __builtin_prefetch(ahead + r * ldw + j, 0, 2);
+}
+
 // Rows m0..m1 of x against one packed panel (weight rows k0..k0+depth, columns n..n+cols) into y: set when
 // `first` (the depth's first panel), added to after. With `ahead`, the source of the next panel (ahead_rows
 // rows of kPanelCols weights, S each, at ldw apart) is prefetched to L2 a slice per tile, so that packing it
@@ -823,12 +832,7 @@ void TilesDp(const T* x, int64_t K, int64_t k0, int64_t depth, const T* panel, f
       // a time.
       const int64_t pairs = rows / 32, blocks = 2 * pairs + 2 * (rows % 32 >= 16) + 2 * (rest > 0);
       int64_t i = 0;
-      auto prefetch = [&] {
-        if (ahead)
-          for (int64_t r = ahead_rows * i / blocks; r < ahead_rows * (i + 1) / blocks; ++r)
-            for (int64_t j = 0; j < kPanelCols; j += 64 / sizeof(S)) __builtin_prefetch(ahead + r * ldw + j, 0, 2);
-        ++i;
-      };
+      auto prefetch = [&] { PrefetchSlice(ahead, ahead_rows, ldw, i++, blocks); };
       if (rows >= 16) {
         const TileConfig config;
         _tile_loadconfig(&config);
@@ -863,10 +867,7 @@ void TilesDp(const T* x, int64_t K, int64_t k0, int64_t depth, const T* panel, f
   const int64_t tiles = std::max<int64_t>(1, (m1 - m0) / kTileRows);
   int64_t m = m0;
   for (int64_t i = 0; m + kTileRows <= m1; m += kTileRows, ++i) {
-    if (ahead)
-      for (int64_t r = ahead_rows * i / tiles; r < ahead_rows * (i + 1) / tiles; ++r)
-        for (int64_t j = 0; j < kPanelCols; j += 64 / sizeof(S))  // a 64-byte line at a time
-          __builtin_prefetch(ahead + r * ldw + j, 0, 2);
+    PrefetchSlice(ahead, ahead_rows, ldw, i, tiles);
     TileDp<kTileRows>(x + m * K, K, k0, depth, panel, y + m * N + n, N, cols, first);
   }
   const T* xm = x + m * K;
@@ -999,15 +1000,16 @@ constexpr bool UsesPairs() {
 #endif
 }
 
-// y (M x N) = the sum of the parts' accumulators (parts x M x N, from loops that split the weight rows),
-// whose columns below N's last multiple of `block` lie in `order` within each block (no order: in order).
-void AddParts(const std::vector<float>& acc, int64_t parts, int64_t M, int64_t N, float* y,
-              const int* order = nullptr, int64_t block = 1) {
-  const int64_t n_main = order ? N / block * block : 0;
+// y (M x N) = the sum of the parts' accumulators (parts x M rows of ld >= N floats, from loops that split the
+// weight rows; ld 0: N), whose columns below N's last multiple of `block` lie in `order` within each block (no
+// order: in order).
+void AddParts(const float* acc, int64_t parts, int64_t M, int64_t N, float* y, const int* order = nullptr,
+              int64_t block = 1, int64_t ld = 0) {
+  const int64_t n_main = order ? N / block * block : 0, stride = ld ? ld : N;
   for (int64_t m = 0; m < M; ++m)
     for (int64_t n = 0; n < N; ++n) {
       float s = 0.f;
-      for (int64_t i = 0; i < parts; ++i) s += acc[(i * M + m) * N + n];
+      for (int64_t i = 0; i < parts; ++i) s += acc[(i * M + m) * stride + n];
       y[m * N + (n < n_main ? n - n % block + order[n % block] : n)] = s;
     }
 }
@@ -1056,7 +1058,7 @@ void MultiplyRows(ffi::ThreadPool& pool, int64_t parts, const T* x_in, const flo
       RowsKNStream<M>(x_in, w, acc.data() + i * M * N, K, N, std::min(K, pairs * i / parts * 2),
                       std::min(K, pairs * (i + 1) / parts * 2));
     });
-    AddParts(acc, parts, M, N, y, kPairOrder, 32);
+    AddParts(acc.data(), parts, M, N, y, kPairOrder, 32);
     return;
   }
 #endif
@@ -1075,7 +1077,7 @@ void MultiplyRows(ffi::ThreadPool& pool, int64_t parts, const T* x_in, const flo
     RunParts(pool, parts, [&](int64_t i) {
       RowsKNSum<M>(x, w, acc.data() + i * M * N, K, N, K * i / parts, K * (i + 1) / parts, N);
     });
-    AddParts(acc, parts, M, N, y);
+    AddParts(acc.data(), parts, M, N, y);
   } else if (M > 1) {  // column blocks of 8 per part
     const int64_t blocks = (N + 7) / 8;
     RunParts(pool, parts, [&](int64_t i) {
@@ -1086,7 +1088,7 @@ void MultiplyRows(ffi::ThreadPool& pool, int64_t parts, const T* x_in, const flo
     std::vector<float> acc(static_cast<size_t>(parts) * N, 0.f);
     RunParts(pool, parts,
              [&](int64_t i) { RowKN(x, w, acc.data() + i * N, N, K * i / parts, K * (i + 1) / parts); });
-    AddParts(acc, parts, 1, N, y, kOrder, 16);
+    AddParts(acc.data(), parts, 1, N, y, kOrder, 16);
   }
 }
 
@@ -1111,12 +1113,7 @@ void Multiply(ffi::ThreadPool& pool, const T* x_in, const T* w, float* y, int64_
         RowsKNAmx(xp.data(), Kp, M, w, acc.data() + i * M * Np, K, N, std::min(K, tiles * i / parts * 32),
                   std::min(K, tiles * (i + 1) / parts * 32));
       });
-      for (int64_t m = 0; m < M; ++m)
-        for (int64_t n = 0; n < N; ++n) {
-          float sum = 0.f;
-          for (int64_t i = 0; i < parts; ++i) sum += acc[(i * M + m) * Np + n];
-          y[m * N + n] = sum;
-        }
+      AddParts(acc.data(), parts, M, N, y, nullptr, 1, Np);
       return;
     }
   }
