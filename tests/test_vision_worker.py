@@ -49,19 +49,50 @@ def expected(served_checkpoint):
     return lambda data: np.asarray(encoder(jnp.asarray(processor([data])["pixel_values"])))
 
 
+def inline(item) -> np.ndarray:
+    assert item.HasField("inline") and item.inline.dtype == "float32"
+    return np.frombuffer(item.inline.data, np.float32).reshape(item.inline.shape)
+
+
+def stored(keys, timeout=10.0) -> list[bytes]:
+    """The Redis values of ``keys`` once all are there (a small embedding is written beside its reply)."""
+    deadline = time.monotonic() + timeout
+    while None in (values := redis(lambda c: c.get_many(keys))):
+        assert time.monotonic() < deadline, f"not stored in Redis within {timeout} s: {keys}"
+        time.sleep(0.02)
+    return values
+
+
 def test_embeddings_are_cached_by_content(vision_worker, expected):
+    """The tiny model's embeddings are small, so they also travel inline, hits and misses alike (the LM
+    worker skips Redis for them), and are written to Redis beside the reply."""
     _, target = vision_worker
     a, b = png(100 + np.random.default_rng().integers(1 << 30)), png(7)
     redis(lambda c: c.redis.delete(*[k.key for k in embed(target, [b]).embeddings]))
     first = embed(target, [a, b, a])
     assert [e.cache_hit for e in first.embeddings] == [False, False, False]
     assert first.embeddings[0].key == first.embeddings[2].key != first.embeddings[1].key
-    stored = redis(lambda c: c.get_many([first.embeddings[0].key, first.embeddings[1].key]))
-    for value, image in zip(stored, [a, b]):
+    for item, image in zip(first.embeddings, [a, b, a]):
+        np.testing.assert_allclose(inline(item), expected(image), atol=1e-5)
+    for value, image in zip(stored([first.embeddings[0].key, first.embeddings[1].key]), [a, b]):
         np.testing.assert_allclose(decode(value), expected(image), atol=1e-5)
     again = embed(target, [b, a])
     assert [e.cache_hit for e in again.embeddings] == [True, True]
-    assert not any(e.HasField("inline") for e in again.embeddings)
+    for item, image in zip(again.embeddings, [b, a]):
+        np.testing.assert_allclose(inline(item), expected(image), atol=1e-5)
+
+
+def test_embeddings_over_the_inline_limit_go_by_key_stored_before_the_reply(served_checkpoint, expected):
+    with services.running("vision_worker", "gemma3serve.v1.VisionWorker", "--model", served_checkpoint,
+                          "--dtype", "float32", "--redis-url", services.REDIS_URL, "--inline-max-bytes", "0"
+                          ) as (_, target):
+        image = png(200 + np.random.default_rng().integers(1 << 30))
+        miss = embed(target, [image]).embeddings[0]
+        value = redis(lambda c: c.get_many([miss.key]))[0]  # at once: the reply waited for the write
+        hit = embed(target, [image]).embeddings[0]
+    assert not miss.cache_hit and hit.cache_hit and hit.key == miss.key
+    assert not miss.HasField("inline") and not hit.HasField("inline")
+    np.testing.assert_allclose(decode(value), expected(image), atol=1e-5)
 
 
 def _images_embedded(target: str) -> float:
@@ -87,10 +118,11 @@ def test_one_image_wanted_by_requests_at_once_is_embedded_once(vision_worker, ex
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         replies = list(pool.map(lambda _: embed(target, [image, image]), range(4)))
     assert len({e.key for r in replies for e in r.embeddings}) == 1
-    assert not any(e.HasField("inline") for r in replies for e in r.embeddings)
+    for item in (e for r in replies for e in r.embeddings):
+        np.testing.assert_allclose(inline(item), expected(image), atol=1e-5)
     assert _images_embedded(target) - before == 1
     key = replies[0].embeddings[0].key
-    np.testing.assert_allclose(decode(redis(lambda c: c.get_many([key]))[0]), expected(image), atol=1e-5)
+    np.testing.assert_allclose(decode(stored([key])[0]), expected(image), atol=1e-5)
 
 
 def test_a_poisoned_entry_is_recomputed(vision_worker, expected):
@@ -126,6 +158,5 @@ def test_without_redis_embeddings_come_inline(served_checkpoint, expected):
                           "--dtype", "float32", "--redis-url", "redis://127.0.0.1:1/0") as (_, target):
         image = png(10)
         reply = embed(target, [image]).embeddings[0]
-    assert not reply.cache_hit and reply.HasField("inline") and reply.inline.dtype == "float32"
-    inline = np.frombuffer(reply.inline.data, np.float32).reshape(reply.inline.shape)
-    np.testing.assert_allclose(inline, expected(image), atol=1e-5)
+    assert not reply.cache_hit
+    np.testing.assert_allclose(inline(reply), expected(image), atol=1e-5)

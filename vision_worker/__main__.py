@@ -35,6 +35,9 @@ def parse_args(argv=None) -> argparse.Namespace:
              "(0: a batch is what arrived while the tower ran the one before)", type=float)
     env_flag(p, "--redis-url", "REDIS_URL", "redis://127.0.0.1:6379/0", "Redis for the embedding cache")
     env_flag(p, "--cache-ttl", "GEMMA3_VISION_CACHE_TTL", 3600, "seconds an embedding stays cached", type=int)
+    env_flag(p, "--inline-max-bytes", "GEMMA3_VISION_INLINE_MAX_BYTES", 1 << 20,
+             "embeddings of at most this many bytes also travel inline (the LM worker skips Redis for them; a "
+             "miss is written to Redis beside the reply); larger ones by key alone (0: all by key)", type=int)
     worker_security_flags(p, "GEMMA3_VISION")
     compilation_cache_flag(p)
     cpu_threads_flag(p, "GEMMA3_VISION")
@@ -62,7 +65,7 @@ async def main_async(args) -> None:
     cache = EmbeddingCache(args.redis_url, ttl_seconds=args.cache_ttl, secret=args.cache_secret,
                            ssl_ca_certs=args.redis_ca_cert)
     log.info("embedding cache", extra={"redis": redact_url(args.redis_url), "signed": args.cache_secret is not None})
-    service = VisionWorkerService(cache, namespace_for(args.model), args.max_image_pixels)
+    service = VisionWorkerService(cache, namespace_for(args.model), args.max_image_pixels, args.inline_max_bytes)
     vision_worker_pb2_grpc.add_VisionWorkerServicer_to_server(service, server.grpc)
 
     async def warm_up():
@@ -81,6 +84,7 @@ async def main_async(args) -> None:
     async def on_stop():
         if service.batcher is not None:
             await service.batcher.stop()
+        await service.flush()
         await service.cache.close()
 
     await server.serve(warm_up, on_stop)

@@ -5,6 +5,12 @@ a micro-batcher that runs concurrent requests' images through the vision tower t
 with a TTL, and returned by key; when Redis cannot be reached the embedding travels inline and the
 request still succeeds. An image already being embedded for another request (or twice in one) is
 embedded once: the later ones wait for that work.
+
+Embeddings of at most ``inline_max_bytes`` (small models: the demo's, gemma-3-270m's) also travel inline
+with their key, hits and misses alike: for them a Redis round trip costs more than their bytes, so the LM
+worker need not fetch them, and a miss's write to Redis goes on beside the reply instead of before it
+(until it lands, requests for that image share the embedding in memory). Larger ones (gemma-3-4b: 2.6 MB an image
+in float32) go by key alone, off the gateway's wire.
 """
 
 from __future__ import annotations
@@ -171,12 +177,15 @@ class Batcher:
 class VisionWorkerService(vision_worker_pb2_grpc.VisionWorkerServicer):
     """Registered before the server starts; answers UNAVAILABLE until ``attach``."""
 
-    def __init__(self, cache: EmbeddingCache, namespace: str, max_pixels: int = DEFAULT_MAX_PIXELS):
+    def __init__(self, cache: EmbeddingCache, namespace: str, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 inline_max_bytes: int = 1 << 20):
         self.cache, self.namespace, self.max_pixels = cache, namespace, max_pixels
+        self.inline_max_bytes = inline_max_bytes
         self.processor = self.batcher = None
         self.fingerprint = ""
         self.shape: tuple[int, int] | None = None
         self._inflight: dict[str, asyncio.Task] = {}  # key -> the embedding under way (shared by requests)
+        self._writes: set[asyncio.Task] = set()  # Redis writes of inline embeddings (referenced until done)
 
     def attach(self, processor, batcher: Batcher, fingerprint: str, shape: tuple[int, int]) -> None:
         self.processor, self.batcher, self.fingerprint, self.shape = processor, batcher, fingerprint, shape
@@ -228,24 +237,30 @@ class VisionWorkerService(vision_worker_pb2_grpc.VisionWorkerServicer):
         for i, key in enumerate(keys):
             emb = found[i] if found[i] is not None else computed[i]
             item = out.embeddings.add(key=key, cache_hit=found[i] is not None, num_crops=len(emb) - 1)
-            if i in computed and not stored[i]:
+            if emb.nbytes <= self.inline_max_bytes or (i in computed and not stored[i]):
                 item.inline.CopyFrom(common_pb2.Tensor(dtype="float32", shape=list(emb.shape),
                                                        data=np.ascontiguousarray(emb, np.float32).tobytes()))
         return out
 
     def _embed(self, key: str, image: bytes, pan_and_scan: bool, store: bool) -> asyncio.Task:
         """Start embedding one image (preprocess, the batched tower, then Redis when ``store``), listed
-        under its key until done; the task's result is (embedding, stored in Redis)."""
+        under its key until done (and stored); the task's result is (embedding, stored in Redis or being
+        written there while it travels inline)."""
 
         def prepare() -> tuple[np.ndarray, np.ndarray | None]:
             batch = self.processor([image], do_pan_and_scan=pan_and_scan, max_pixels=self.max_pixels)
             pixels = np.asarray(batch["pixel_values"], np.float32)
             return pixels, self.batcher.embed_alone(pixels)
 
+        writes: list[asyncio.Task] = []
+
         async def run():
             pixels, embedding = await asyncio.to_thread(prepare)
             if embedding is None:
                 embedding = await self.batcher.embed(pixels)
+            if store and embedding.nbytes <= self.inline_max_bytes:
+                writes.append(self._write_behind(key, embedding))
+                return embedding, True
             if store:
                 try:
                     await self.cache.put(key, embedding)
@@ -255,13 +270,35 @@ class VisionWorkerService(vision_worker_pb2_grpc.VisionWorkerServicer):
             return embedding, False
 
         def done(task: asyncio.Task) -> None:
-            self._inflight.pop(key, None)
+            if not writes:  # (a write behind the reply keeps the key listed until it lands)
+                self._inflight.pop(key, None)
             if not task.cancelled():
                 task.exception()  # retrieved: a request that aborted at an earlier image never awaits it
 
         task = self._inflight[key] = asyncio.ensure_future(run())
         task.add_done_callback(done)
         return task
+
+    def _write_behind(self, key: str, embedding: np.ndarray) -> asyncio.Task:
+        """Store an inline embedding in Redis without holding up the reply; the key stays listed as under
+        way until it lands, so a request whose lookup missed meanwhile shares this embedding."""
+        async def write():
+            try:
+                await self.cache.put(key, embedding)
+            except CacheUnavailable as e:
+                log.warning("cache unreachable, an inline embedding was not stored", extra={"error": str(e)})
+            finally:
+                self._inflight.pop(key, None)
+
+        task = asyncio.ensure_future(write())
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+        return task
+
+    async def flush(self) -> None:
+        """Wait for the Redis writes under way (before the cache closes)."""
+        if self._writes:
+            await asyncio.wait(set(self._writes))
 
 
 def namespace_for(path: str) -> str:
