@@ -74,32 +74,39 @@ def test_one_trace_spans_all_three_services(stack, lm_worker, vision_worker):
     assert {"/gemma3serve.v1.LMWorker/Generate", "lm_worker.prefill", "lm_worker.decode"} <= lm
 
 
-@pytest.mark.parametrize("inline_max_bytes", ["0", "1048576"])
-def test_an_embedding_the_lm_worker_cannot_find_is_embedded_again_once(lm_worker, served_checkpoint,
-                                                                        inline_max_bytes):
-    """A vision worker writing to another Redis database than the LM worker reads. When embeddings go by
-    key alone, the key is never found, so the gateway re-embeds exactly once, then answers NOT_FOUND
-    naming the key; when the tiny model's embeddings travel inline too, the LM worker never needs Redis
-    and the answer comes from one embedding."""
+def _ask_with_vision_on_another_redis(lm_worker, served_checkpoint, inline_max_bytes: str):
+    """One image request through a gateway whose vision worker writes to another Redis database than the
+    LM worker reads: (the reply or None, the error or None, the vision worker's EmbedImages calls)."""
     elsewhere = services.REDIS_URL.rsplit("/", 1)[0] + "/1"
     with services.running("vision_worker", "gemma3serve.v1.VisionWorker", "--model", served_checkpoint,
                           "--dtype", "float32", "--redis-url", elsewhere,
                           "--inline-max-bytes", inline_max_bytes) as (_, vision):
         with services.running("gateway", "gemma3serve.v1.Gateway", "--lm-target", lm_worker[1],
                               "--vision-target", vision) as (_, gateway):
-            error = None
+            reply = error = None
             try:
                 reply = ask(gateway, image_request([png(3)]))
             except grpc.RpcError as e:
                 error = e
             with open(services.trace_file(vision)) as f:
                 calls = [s for s in map(json.loads, f) if s["name"].endswith("VisionWorker/EmbedImages")]
-    if inline_max_bytes == "0":
-        assert error is not None and error.code() == grpc.StatusCode.NOT_FOUND
-        assert "is not in the cache" in error.details()
-        assert len(calls) == 2
-    else:
-        assert error is None and reply.token_ids and len(calls) == 1
+    return reply, error, calls
+
+
+def test_an_embedding_the_lm_worker_cannot_find_is_embedded_again_once(lm_worker, served_checkpoint):
+    """Embeddings by key alone: the key is never found, so the gateway re-embeds exactly once, then
+    answers NOT_FOUND naming the key."""
+    _, error, calls = _ask_with_vision_on_another_redis(lm_worker, served_checkpoint, "0")
+    assert error is not None and error.code() == grpc.StatusCode.NOT_FOUND
+    assert "is not in the cache" in error.details()
+    assert len(calls) == 2
+
+
+def test_an_inline_embedding_needs_no_redis_at_the_lm_worker(lm_worker, served_checkpoint):
+    """The tiny model's embeddings travel inline too: the LM worker never needs Redis, and the answer
+    comes from one embedding."""
+    reply, error, calls = _ask_with_vision_on_another_redis(lm_worker, served_checkpoint, "1048576")
+    assert error is None and reply.token_ids and len(calls) == 1
 
 
 def test_metrics_record_latency_slots_and_cache_hits(stack, lm_worker, vision_worker):

@@ -253,14 +253,16 @@ class VisionWorkerService(vision_worker_pb2_grpc.VisionWorkerServicer):
             pixels = np.asarray(batch["pixel_values"], np.float32)
             return pixels, self.batcher.embed_alone(pixels)
 
-        writes: list[asyncio.Task] = []
+        behind = False  # the Redis write goes on behind the reply, and unlists the key when it lands
 
         async def run():
+            nonlocal behind
             pixels, embedding = await asyncio.to_thread(prepare)
             if embedding is None:
                 embedding = await self.batcher.embed(pixels)
             if store and embedding.nbytes <= self.inline_max_bytes:
-                writes.append(self._write_behind(key, embedding))
+                behind = True
+                self._write_behind(key, embedding)
                 return embedding, True
             if store:
                 try:
@@ -271,7 +273,7 @@ class VisionWorkerService(vision_worker_pb2_grpc.VisionWorkerServicer):
             return embedding, False
 
         def done(task: asyncio.Task) -> None:
-            if not writes:  # (a write behind the reply keeps the key listed until it lands)
+            if not behind:
                 self._inflight.pop(key, None)
             if not task.cancelled():
                 task.exception()  # retrieved: a request that aborted at an earlier image never awaits it
@@ -280,7 +282,7 @@ class VisionWorkerService(vision_worker_pb2_grpc.VisionWorkerServicer):
         task.add_done_callback(done)
         return task
 
-    def _write_behind(self, key: str, embedding: np.ndarray) -> asyncio.Task:
+    def _write_behind(self, key: str, embedding: np.ndarray) -> None:
         """Store an inline embedding in Redis without holding up the reply; the key stays listed as under
         way until it lands, so a request whose lookup missed meanwhile shares this embedding."""
         async def write():
@@ -294,7 +296,6 @@ class VisionWorkerService(vision_worker_pb2_grpc.VisionWorkerServicer):
         task = asyncio.ensure_future(write())
         self._writes.add(task)
         task.add_done_callback(self._writes.discard)
-        return task
 
     async def flush(self) -> None:
         """Wait for the Redis writes under way (before the cache closes)."""
