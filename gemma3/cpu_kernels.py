@@ -197,16 +197,19 @@ def attention_applies(q: jax.Array, keys: jax.Array) -> bool:
                                      (jnp.bfloat16, jnp.uint16))
 
 
-def attention(q: jax.Array, keys: jax.Array, values: jax.Array, visible: jax.Array) -> jax.Array:
+def attention(q: jax.Array, keys: jax.Array, values: jax.Array, visible: jax.Array | None) -> jax.Array:
     """softmax(q k^T masked by ``visible``) v per kv head, in the kernel (float32 sums and softmax), reading
     the keys and values in place.
 
     q: (B, T, N, H), already scaled; keys, values: (Bc, S, K, H) for Bc >= B, of which the first B rows are
     read: a cache's whole buffers (bfloat16 may be kept as its uint16 bits) or a chunk's own keys; visible:
-    (B, T, S). Returns (B, T, N, H) float32. XLA's CPU dots copied a decode step's keys and values transposed
+    (B, T, S), or None where every query sees every entry (SigLIP's patches: no mask of T x S to build and
+    read). Returns (B, T, N, H) float32. XLA's CPU dots copied a decode step's keys and values transposed
     every layer, and widened a bfloat16 prefill's to float32 (kernels/rows_matmul.cc). It has no derivative:
     models call it through `gemma3.text.kernel_attention`, whose derivatives are XLA's."""
     call = jax.ffi.ffi_call(ATTENTION_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32), vmap_method="sequential")
     rows = q.shape[1] * q.shape[2] // keys.shape[2]  # a (row, kv head) pair's query rows
     gemm = rows >= FLOAT32_GEMM_ROWS and q.dtype == jnp.bfloat16 and float32_gemm()
-    return call(q, keys, values, visible.astype(bool), float32_gemm=np.int64(gemm))
+    all_visible = visible is None
+    visible = jnp.ones((1, 1, 1), bool) if all_visible else visible.astype(bool)
+    return call(q, keys, values, visible, float32_gemm=np.int64(gemm), all_visible=np.int64(all_visible))

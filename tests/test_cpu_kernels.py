@@ -168,14 +168,14 @@ def test_the_builds_for_cpus_without_these_instructions(flags, tmp_path):
     already (the tests above)."""
     if VARIANTS[flags] not in Path("/proc/cpuinfo").read_text().split():
         pytest.skip(f"this CPU has no {VARIANTS[flags]}: its own build is the one without it")
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
-                           "builds_here or match_float64 or prefill or attention_matches"], capture_output=True,
-                          text=True, timeout=600, env={**os.environ, "GEMMA3_KERNEL_CACHE_DIR": str(tmp_path),
-                                                       "GEMMA3_KERNEL_FLAGS": flags})
+    chosen = "builds_here or match_float64 or prefill or attention_matches or without_a_mask"
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", chosen],
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "GEMMA3_KERNEL_CACHE_DIR": str(tmp_path), "GEMMA3_KERNEL_FLAGS": flags})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
-    # the build, 16 decode-sized products, 3 GEMMs, the GEMM's choice, 4 prefill attentions, 18 attentions,
-    # the last three each as pairs and as float32; without AVX512-BF16 the pair cases skip (8)
-    want = "51 passed" if flags == "-mno-amx-tile" else "43 passed, 8 skipped"
+    # the build, 16 decode-sized products, 3 GEMMs, the GEMM's choice, 4 prefill attentions (the last three each as
+    # pairs and as float32; without AVX512-BF16 the pair cases skip: 8), 18 attentions, 4 without a mask
+    want = "55 passed" if flags == "-mno-amx-tile" else "47 passed, 8 skipped"
     assert want in done.stdout, done.stdout[-3000:]
 
 
@@ -227,6 +227,20 @@ def test_attention_matches_float64(dtype, b, rows, t, n, kh, s, h):
         assert got.shape == want.shape == (b, t, n, h)
         tol = 1e-5 if dtype == "float32" else 8e-3  # bfloat16: the probabilities are rounded, as the einsum path does
         np.testing.assert_allclose(got, want, rtol=tol, atol=tol * np.abs(want).max())
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("b,t,n,h", [(2, 100, 3, 72), (1, 5, 2, 40)])  # SigLIP's heads of 72 (AMX pads them to
+# whole tiles), row blocks and a rest; and a few rows (the streaming path)
+def test_attention_without_a_mask_sees_every_entry(dtype, b, t, n, h):
+    """visible=None (SigLIP's bidirectional patches): no mask is built or read, and every entry counts."""
+    rng = np.random.default_rng(t)
+    q, keys, values = (jnp.asarray(rng.standard_normal((b, t, n, h)) / np.sqrt(h), dtype) for _ in range(3))
+    want = _attention64(q.astype(jnp.float32), keys, values, np.ones((b, t, t), bool))
+    assert cpu_kernels.attention_applies(q, keys)
+    got = np.asarray(jax.jit(lambda *args: cpu_kernels.attention(*args, None))(q, keys, values))
+    tol = 1e-5 if dtype == jnp.float32 else 8e-3
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol * np.abs(want).max())
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])

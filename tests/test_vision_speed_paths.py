@@ -45,31 +45,60 @@ def pair(tmp_path_factory):
     return str(path), hf, Gemma3ForConditionalGeneration.from_pretrained(path)
 
 
-@pytest.mark.parametrize("budget", [100, 36 * 36])
+@pytest.mark.parametrize("budget", [100, 36 * 36, "kernel"])
 def test_blocked_vision_tower_matches_transformers(monkeypatch, pair, budget):
+    """XLA's blocked attention (accelerators, and CPUs without the kernel), and the CPU kernel's."""
     _, hf, ours = pair
-    monkeypatch.setattr(vision, "_block_scores", lambda: budget)
-    pixels = mk.random_pixels(2, seed=5)
+    if budget == "kernel":
+        assert cpu_kernels.available(), "the CI machine has g++: the kernel must build"
+    else:
+        monkeypatch.setattr(vision, "_block_scores", lambda: budget)
+        monkeypatch.setattr(cpu_kernels, "attention_applies", lambda q, k: False)
+    pixels = jnp.asarray(mk.random_pixels(2, seed=5))
     with torch.no_grad():
-        ref = hf.get_image_features(torch.tensor(pixels)).pooler_output.numpy()
-    got = np.asarray(jax.jit(ours.get_image_features)(jnp.asarray(pixels)))
+        ref = hf.get_image_features(torch.tensor(np.asarray(pixels))).pooler_output.numpy()
+    hlo = jax.jit(ours.get_image_features).lower(pixels).as_text()
+    assert (cpu_kernels.ATTENTION_TARGET in hlo) == (budget == "kernel")
+    got = np.asarray(jax.jit(ours.get_image_features)(pixels))
     np.testing.assert_allclose(got, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_kernel_attention_derivatives_are_xlas(dtype):
+    """The kernel's attention has no derivative of its own: gradients through it are the einsums'."""
+    rng = np.random.default_rng(3)
+    q, k, v = (jnp.asarray(rng.standard_normal((2, 40, 3, 24)) * 0.5, dtype) for _ in range(3))
+
+    def loss(q, k, v, by_kernel):
+        if by_kernel:
+            out = vision.kernel_attention(q, k, v)
+        else:
+            out = vision.attention(*(vision._heads_first(y) for y in (q, k, v)))
+            out = out.reshape(2, 3, 40, 24).transpose(0, 2, 1, 3)
+        return jnp.sum(jnp.sin(out.astype(jnp.float32)))
+
+    ours, xla = (jax.grad(loss, argnums=(0, 1, 2))(q, k, v, by) for by in (True, False))
+    tol = 1e-5 if dtype == jnp.float32 else 5e-2
+    for a, b in zip(ours, xla):
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tol, atol=tol)
 
 
 def test_bfloat16_products_accumulate_in_float32(pair):
     path, _, _ = pair
     encoder = Gemma3ImageEncoder.from_pretrained(path, dtype=jnp.bfloat16)
-    def dots(jaxpr):  # XLA's products, and our CPU kernel's (float32 results by construction)
+    def dots(jaxpr):  # XLA's products, and our CPU kernel's products and attention (float32 by construction)
         for eqn in jaxpr.eqns:
-            if eqn.primitive.name == "dot_general" or (
-                    eqn.primitive.name == "ffi_call" and eqn.params["target_name"] == cpu_kernels.TARGET):
+            if eqn.primitive.name == "dot_general" or (eqn.primitive.name == "ffi_call" and eqn.params["target_name"]
+                                                       in (cpu_kernels.TARGET, cpu_kernels.ATTENTION_TARGET)):
                 yield eqn
             for sub in jax.extend.core.jaxprs_in_params(eqn.params):
                 yield from dots(sub)
 
     found = list(dots(jax.make_jaxpr(encoder)(jnp.zeros((1, 3, 42, 42), jnp.float32)).jaxpr))
-    # patch embedding, 2 layers x (q, k, v, out, 2 attention products, fc1, fc2), the projector
-    assert len(found) == 1 + 2 * 8 + 1
+    # patch embedding, 2 layers x (q, k, v, out, fc1, fc2 and the attention: the kernel's call on the CPU, else
+    # XLA's two products), the projector
+    attention_products = 1 if cpu_kernels.available() else 2
+    assert len(found) == 1 + 2 * (6 + attention_products) + 1
     assert all(v.aval.dtype == jnp.float32 for e in found for v in e.outvars), [e.params for e in found]
     assert all(e.params["preferred_element_type"] == jnp.float32 for e in found if e.primitive.name == "dot_general")
     reference = Gemma3ImageEncoder.from_pretrained(path)

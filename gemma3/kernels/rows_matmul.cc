@@ -802,6 +802,17 @@ struct LineAllocator {
 template <typename T>
 using Lines = std::vector<T, LineAllocator<T>>;
 
+// The same storage left unset, for scratch whose every element read is written first: zeroing a prefill
+// attention's per-block buffers took a tenth of a SigLIP attention's time.
+template <typename T>
+struct FreeLines {
+  void operator()(T* p) const { ::operator delete(p, std::align_val_t(64)); }
+};
+template <typename T>
+std::unique_ptr<T[], FreeLines<T>> Uninitialized(size_t n) {
+  return std::unique_ptr<T[], FreeLines<T>>(static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64))));
+}
+
 // Slice i of `of` of the next panel's source (rows of kPanelCols weights at ldw apart; none without it) to L2,
 // a 64-byte line at a time, so that packing it does not wait for memory.
 template <typename S>
@@ -1136,28 +1147,53 @@ void Multiply(ffi::ThreadPool& pool, const T* x_in, const T* w, float* y, int64_
 //   q (B, T, N, H), already scaled, float32 or bfloat16; keys, values (Bc >= B, S, Kh, H) float32 or bfloat16
 //   (as its bits), of which the first B rows are read; visible (B, T, S); out (B, T, N, H) float32.
 typedef int32_t i8v __attribute__((vector_size(32)));
-// exp(x) for x <= 0 (a softmax's x - max), eight at a time: 2^n e^r with |r| <= ln 2 / 2 and Cephes' degree-6
-// polynomial (1-2 ulp against std::exp); 0 below float32's smallest normal exp (x < -87.3).
-inline f8 Exp8(f8 x) {
-  const f8 low = {-87.3f, -87.3f, -87.3f, -87.3f, -87.3f, -87.3f, -87.3f, -87.3f};
-  const i8v under = x < low;
+// exp(x) for x <= 0 (a softmax's x - max), a vector F of float32 (I: int32 lanes alike) at a time: 2^n e^r with
+// |r| <= ln 2 / 2 and Cephes' degree-6 polynomial (1-2 ulp against std::exp); 0 below float32's smallest normal
+// exp (x < -87.3).
+template <typename F, typename I>
+inline F ExpLanes(F x) {
+  const F low = F{} - 87.3f;
+  const I under = x < low;
   x = x < low ? low : x;
-  f8 n = x * 1.44269504088896341f + 0.5f;
-  const f8 t = __builtin_convertvector(__builtin_convertvector(n, i8v), f8);  // truncated: floor for n > t
+  F n = x * 1.44269504088896341f + 0.5f;
+  const F t = __builtin_convertvector(__builtin_convertvector(n, I), F);  // truncated: floor for n > t
   n = t > n ? t - 1.f : t;
   x -= n * 0.693359375f;
   x -= n * -2.12194440e-4f;
-  f8 y = 1.9875691500e-4f * x + 1.3981999507e-3f;
+  F y = 1.9875691500e-4f * x + 1.3981999507e-3f;
   y = y * x + 8.3334519073e-3f;
   y = y * x + 4.1665795894e-2f;
   y = y * x + 1.6666665459e-1f;
   y = y * x + 5.0000001201e-1f;
   y = y * (x * x) + x + 1.f;
-  const i8v scale = (__builtin_convertvector(n, i8v) + 127) << 23;
-  f8 two_n;
+  const I scale = (__builtin_convertvector(n, I) + 127) << 23;
+  F two_n;
   std::memcpy(&two_n, &scale, sizeof two_n);
   y *= two_n;
-  return under ? f8{} : y;
+  return under ? F{} : y;
+}
+
+// The softmax's lanes: sixteen with AVX-512 (half the instructions of eight), else eight.
+#ifdef GEMMA3_AVX512
+constexpr int kSoftLanes = 16;
+#else
+constexpr int kSoftLanes = 8;
+#endif
+typedef float SoftF __attribute__((vector_size(4 * kSoftLanes)));
+typedef int32_t SoftI __attribute__((vector_size(4 * kSoftLanes)));
+typedef uint32_t SoftU __attribute__((vector_size(4 * kSoftLanes)));
+typedef uint16_t SoftH __attribute__((vector_size(2 * kSoftLanes)));
+
+// A probability as the attention's products read it: float32, or a bfloat16's bits (already rounded).
+template <typename T>
+inline T ToOut(float f) {
+  if constexpr (std::is_same_v<T, float>) {
+    return f;
+  } else {
+    uint32_t bits;
+    std::memcpy(&bits, &f, sizeof bits);
+    return static_cast<uint16_t>(bits >> 16);
+  }
 }
 
 inline float RoundToBfloat16(float f) {
@@ -1168,22 +1204,76 @@ inline float RoundToBfloat16(float f) {
   return f;
 }
 
-// A row of scores (S) made probabilities: masked entries to float32's lowest (as the einsum path masks, so a
-// row with nothing visible averages every entry), then softmax.
-void SoftmaxRow(float* row, const bool* seen, int64_t S, bool round_to_bfloat16) {
+// A row of scores (S) made probabilities in `out` (float32, maybe rounded to bfloat16; or bfloat16's bits), which
+// may be the row itself: masked entries count as float32's lowest (as the einsum path masks them, so a row with
+// nothing visible averages every entry), then softmax. Eight lanes at a time in each of three passes (the
+// maximum, the exponentials and their sum, the division): one scalar chain of maxima, 4 cycles an entry, was
+// half of a SigLIP attention's time.
+template <typename T>
+void SoftmaxRow(float* row, const bool* seen, int64_t S, bool round_to_bfloat16, T* out) {
   constexpr float kMasked = -3.4028234663852886e38f;
+  constexpr int L = kSoftLanes;
+  const int64_t s_main = S / L * L;
+  auto all_seen = [&](int64_t s) {  // L entries from s visible (widening the bytes to a lane mask cost more)
+    if (!seen) return true;
+    uint64_t words[kSoftLanes / 8];
+    std::memcpy(words, seen + s, sizeof words);
+    for (uint64_t w : words)
+      if (w != 0x0101010101010101ull) return false;
+    return true;
+  };
+  auto load = [&](int64_t s, float otherwise) {  // the lanes of entries not seen set to `otherwise`
+    SoftF v;
+    std::memcpy(&v, row + s, sizeof v);
+    if (!all_seen(s))
+      for (int i = 0; i < L; ++i) v[i] = seen[s + i] ? v[i] : otherwise;
+    return v;
+  };
+  SoftF tops[2] = {SoftF{} + kMasked, SoftF{} + kMasked};  // two chains
+  for (int64_t s = 0; s < s_main; s += L) {
+    const SoftF v = load(s, kMasked);
+    SoftF& top = tops[(s / L) & 1];
+    top = top < v ? v : top;
+  }
   float top = kMasked;
-  for (int64_t s = 0; s < S; ++s) top = std::max(top, row[s] = seen[s] ? row[s] : kMasked);
-  const int64_t s_main = S / 8 * 8;
-  f8 sums = {};
-  for (int64_t s = 0; s < s_main; s += 8) {
-    const f8 e = Exp8(load8(row + s) - top);
-    store8(row + s, e);
+  for (int i = 0; i < L; ++i) top = std::max({top, tops[0][i], tops[1][i]});
+  for (int64_t s = s_main; s < S; ++s) top = std::max(top, !seen || seen[s] ? row[s] : kMasked);
+  if (top == kMasked) {  // nothing visible: every entry alike
+    const float each = round_to_bfloat16 ? RoundToBfloat16(1.f / S) : 1.f / S;
+    for (int64_t s = 0; s < S; ++s) out[s] = ToOut<T>(each);
+    return;
+  }
+  SoftF sums = {};
+  for (int64_t s = 0; s < s_main; s += L) {
+    SoftF e = ExpLanes<SoftF, SoftI>(load(s, top) - top);
+    if (!all_seen(s))
+      for (int i = 0; i < L; ++i) e[i] = seen[s + i] ? e[i] : 0.f;
+    std::memcpy(row + s, &e, sizeof e);
     sums += e;
   }
-  float total = sum8(sums);
-  for (int64_t s = s_main; s < S; ++s) total += row[s] = std::exp(row[s] - top);
-  for (int64_t s = 0; s < S; ++s) row[s] = round_to_bfloat16 ? RoundToBfloat16(row[s] / total) : row[s] / total;
+  float total = 0.f;
+  for (int i = 0; i < L; ++i) total += sums[i];
+  for (int64_t s = s_main; s < S; ++s) total += row[s] = !seen || seen[s] ? std::exp(row[s] - top) : 0.f;
+  // rounded to bfloat16, a product per entry rather than a division (a tenth of the time; the rounding hides the
+  // difference); float32 probabilities divided, as XLA's softmax does (the product moved float32 logits by 1e-5)
+  const bool rounded = round_to_bfloat16 || !std::is_same_v<T, float>;
+  const float scale = 1.f / total;
+  for (int64_t s = 0; s < s_main; s += L) {
+    SoftF v;
+    std::memcpy(&v, row + s, sizeof v);
+    v = rounded ? v * scale : v / total;
+    SoftU bits;
+    std::memcpy(&bits, &v, sizeof bits);
+    if (rounded) bits = (bits + 0x7fffu + ((bits >> 16) & 1u)) & 0xffff0000u;  // nearest, ties to even
+    if constexpr (std::is_same_v<T, float>) {
+      std::memcpy(out + s, &bits, sizeof bits);
+    } else {
+      const SoftH halves = __builtin_convertvector(bits >> 16, SoftH);
+      std::memcpy(out + s, &halves, sizeof halves);
+    }
+  }
+  for (int64_t s = s_main; s < S; ++s)
+    out[s] = ToOut<T>(rounded ? RoundToBfloat16(row[s] * scale) : row[s] / total);
 }
 
 struct AttentionShape {
@@ -1224,7 +1314,8 @@ void AttendRows(ffi::ThreadPool& pool, const AttentionShape& a, const Q* q, cons
   });
   for (int64_t u = 0; u < units; ++u)
     for (int64_t r = 0; r < R; ++r)
-      SoftmaxRow(p.data() + (u * R + r) * S, visible + a.mask_row(u, r), S, std::is_same_v<T, uint16_t>);
+      SoftmaxRow(p.data() + (u * R + r) * S, visible ? visible + a.mask_row(u, r) : nullptr, S, std::is_same_v<T, uint16_t>,
+                 p.data() + (u * R + r) * S);
   std::vector<float> acc(static_cast<size_t>(parts) * R * H, 0.f);
   each_part([&](auto m, int64_t i, int64_t u, int64_t r, int64_t s0, int64_t s1) {
     RowsKNSum<m()>(p.data() + (u * R + r) * S, values + a.base(u), acc.data() + (i * R + r) * H, S, H, s0, s1,
@@ -1247,6 +1338,7 @@ void AttendRows(ffi::ThreadPool& pool, const AttentionShape& a, const Q* q, cons
 // zero, so products over the range alone are the same sums.
 std::pair<int64_t, int64_t> SeenRange(const AttentionShape& a, const bool* visible, int64_t u, int64_t r0,
                                       int64_t rows) {
+  if (!visible) return {0, a.S};  // every entry (bidirectional: SigLIP's patches)
   int64_t lo = a.S, hi = 0;
   for (int64_t r = 0; r < rows; ++r) {
     const bool* seen = visible + a.mask_row(u, r0 + r);
@@ -1270,52 +1362,53 @@ template <typename T, typename In>
 void AttendGemm(ffi::ThreadPool& pool, const AttentionShape& a, const In* q, const In* keys, const In* values,
                 const bool* visible, float* out) {
   const int64_t R = a.R(), S = a.S, H = a.H, units = a.units();
-  constexpr int64_t kBlockRows = 8 * kTileRows;
   constexpr bool kPairs = std::is_same_v<T, uint16_t>, kHalves = std::is_same_v<In, uint16_t>;
   static_assert(kHalves || !kPairs, "float32 attention multiplies float32 panels");
+  // In AMX tiles the head is padded with zeros to whole tiles: 32 deep for the scores, whole panels for the
+  // values (SigLIP's heads of 72: the rest of 8 went through pair loops, which took as long as the tiles).
+  bool amx = false;
+#ifdef GEMMA3_AMX
+  amx = kPairs && AmxReady();
+#endif
+  const int64_t Hq = amx ? (H + 31) / 32 * 32 : H, Hv = amx ? (H + kPanelCols - 1) / kPanelCols * kPanelCols : H;
+  const int64_t kBlockRows = amx ? 64 : 8 * kTileRows;  // AMX: two blocks of 32 rows (TileAmx's)
   const int64_t blocks = (R + kBlockRows - 1) / kBlockRows;
   std::vector<Lines<T>> keys_t(units), vals(units);
   RunParts(pool, units, [&](int64_t u) {
-    keys_t[u] = PackPanels<T>(H, S, [&](T* o, int64_t n, int64_t cols, int64_t k0, int64_t k1) {
-      if constexpr (kPairs) PackPairsNK(keys + a.base(u), o, a.ld(), n, cols, k0, k1);
+    keys_t[u] = PackPanels<T>(Hq, S, [&](T* o, int64_t n, int64_t cols, int64_t k0, int64_t k1) {
+      if constexpr (kPairs) PackPairsNK(keys + a.base(u), o, a.ld(), n, cols, k0, std::min(k1, H));
       else PackF32NK(keys + a.base(u), o, a.ld(), n, cols, k0, k1);
     });
-    vals[u] = PackPanels<T>(S, H, [&](T* o, int64_t n, int64_t cols, int64_t k0, int64_t k1) {
-      Pack(values + a.base(u), o, a.ld(), n, cols, k0, k1);
+    vals[u] = PackPanels<T>(S, Hv, [&](T* o, int64_t n, int64_t cols, int64_t k0, int64_t k1) {
+      Pack(values + a.base(u), o, a.ld(), n, std::min(cols, H - n), k0, k1);
     });
   });
   RunParts(pool, units * blocks, [&](int64_t i) {
     const int64_t u = i / blocks, r0 = i % blocks * kBlockRows, rows = std::min(kBlockRows, R - r0);
     const auto [s0, s1] = SeenRange(a, visible, u, r0, rows);
-    Lines<T> x(static_cast<size_t>(rows) * std::max(H, S));
-    Lines<float> scores(static_cast<size_t>(rows) * S), y(static_cast<size_t>(rows) * H);
+    // every element the products read is written first: x's query rows (padded with zeros to Hq), then the
+    // probabilities over [s0, s1); the scores and y are set on the first panel of their depth
+    auto x = Uninitialized<T>(static_cast<size_t>(rows) * std::max(Hq, S));
+    auto scores = Uninitialized<float>(static_cast<size_t>(rows) * S);
+    auto y = Uninitialized<float>(static_cast<size_t>(rows) * Hv);
     for (int64_t r = 0; r < rows; ++r)
-      for (int64_t h = 0; h < H; ++h) {
-        const In v = q[a.q_row(u, r0 + r) + h];
-        if constexpr (kPairs) x[r * H + h] = v;
-        else x[r * H + h] = widen(v);
+      for (int64_t h = 0; h < Hq; ++h) {
+        const In v = h < H ? q[a.q_row(u, r0 + r) + h] : In{};
+        if constexpr (kPairs) x[r * Hq + h] = v;
+        else x[r * Hq + h] = widen(v);
       }
-    GemmPanels(x.data(), keys_t[u].data(), scores.data(), H, S, rows, s0, s1, 0, H);
-    for (int64_t r = 0; r < rows; ++r) {
-      float* row = scores.data() + r * S;
-      SoftmaxRow(row + s0, visible + a.mask_row(u, r0 + r) + s0, s1 - s0, kHalves);
-      for (int64_t s = s0; s < s1; ++s) {  // bfloat16: rounded already, the top half of the bits
-        if constexpr (kPairs) {
-          uint32_t bits;
-          std::memcpy(&bits, row + s, sizeof bits);
-          x[r * S + s] = static_cast<uint16_t>(bits >> 16);
-        } else {
-          x[r * S + s] = row[s];
-        }
-      }
-    }
-    GemmPanels(x.data(), vals[u].data(), y.data(), S, H, rows, 0, H, s0, s1);
-    for (int64_t r = 0; r < rows; ++r) std::memcpy(out + a.q_row(u, r0 + r), y.data() + r * H, sizeof(float) * H);
+    GemmPanels(x.get(), keys_t[u].data(), scores.get(), Hq, S, rows, s0, s1, 0, Hq);
+    for (int64_t r = 0; r < rows; ++r)
+      SoftmaxRow(scores.get() + r * S + s0, visible ? visible + a.mask_row(u, r0 + r) + s0 : nullptr, s1 - s0, kHalves,
+                 x.get() + r * S + s0);
+    GemmPanels(x.get(), vals[u].data(), y.get(), S, Hv, rows, 0, Hv, s0, s1);
+    for (int64_t r = 0; r < rows; ++r) std::memcpy(out + a.q_row(u, r0 + r), y.get() + r * Hv, sizeof(float) * H);
   });
 }
 
 ffi::Error Attention(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer keys, ffi::AnyBuffer values,
-                     ffi::Buffer<ffi::PRED> visible, ffi::Result<ffi::Buffer<ffi::F32>> out, int64_t float32_gemm) {
+                     ffi::Buffer<ffi::PRED> visible, ffi::Result<ffi::Buffer<ffi::F32>> out, int64_t float32_gemm,
+                     int64_t all_visible) {
   auto qd = q.dimensions();
   auto kd = keys.dimensions();
   auto md = visible.dimensions();
@@ -1323,14 +1416,15 @@ ffi::Error Attention(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer keys
     return ffi::Error::InvalidArgument("attention: q, keys and values must be 4-D, visible 3-D");
   const AttentionShape a{qd[0], qd[1], qd[2], qd[3], kd[1], kd[2]};
   if (values.dimensions().size() != 4 || !std::equal(kd.begin(), kd.end(), values.dimensions().begin()) ||
-      kd[0] < a.B || kd[3] != a.H || a.Kh < 1 || a.N % a.Kh != 0 || md[0] != a.B || md[1] != a.Tq || md[2] != a.S)
+      kd[0] < a.B || kd[3] != a.H || a.Kh < 1 || a.N % a.Kh != 0 ||
+      (!all_visible && (md[0] != a.B || md[1] != a.Tq || md[2] != a.S)))
     return ffi::Error::InvalidArgument("attention: shapes do not match");
   const auto kt = keys.element_type(), qt = q.element_type();
   const bool halves = kt == ffi::DataType::BF16 || kt == ffi::DataType::U16;  // bfloat16, maybe as its bits
   if (values.element_type() != kt || !(halves || kt == ffi::DataType::F32) ||
       !(qt == ffi::DataType::F32 || (halves && qt == ffi::DataType::BF16)))
     return ffi::Error::InvalidArgument("attention: keys and values float32 or bfloat16 alike, q float32 or theirs");
-  const bool* seen = visible.typed_data();
+  const bool* seen = all_visible ? nullptr : visible.typed_data();  // none: every query sees every entry
   float* y = out->typed_data();
   if (!halves) {
     const auto* q32 = static_cast<const float*>(q.untyped_data());
@@ -1491,4 +1585,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Gemma3Attention, Attention,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::PRED>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("float32_gemm"));
+                                  .Attr<int64_t>("float32_gemm")
+                                  .Attr<int64_t>("all_visible"));
