@@ -836,7 +836,8 @@ void TilesDp(const T* x, int64_t K, int64_t k0, int64_t depth, const T* panel, f
   // the rows after the last block of 16, and panels cut short by N, as below.
   if constexpr (std::is_same_v<T, uint16_t>) {
     const int64_t amx_depth = depth / 32 * 32, rows = m1 - m0, rest = rows % 16;
-    if (amx_depth && cols == kPanelCols && AmxReady()) {
+    // whole panels; or half of one (a padded head's values) where blocks of 32 rows cover them all
+    if (amx_depth && (cols == kPanelCols || (cols == 32 && rows % 32 == 0)) && AmxReady()) {
       // a half of the panel's columns (16 KB of pairs) stays in L1 while the blocks of rows pass: both
       // halves and a block's x (32 rows) did not fit, and tiles loaded from L2 ran at a quarter of the speed.
       // Blocks of 32 rows; then one of 16 and the rest (under 16, with their own tile shape) a whole panel at
@@ -847,7 +848,7 @@ void TilesDp(const T* x, int64_t K, int64_t k0, int64_t depth, const T* panel, f
       if (rows >= 16) {
         const TileConfig config;
         _tile_loadconfig(&config);
-        for (int64_t h = 0; h < kPanelCols; h += 32)
+        for (int64_t h = 0; h < cols; h += 32)
           for (int64_t m = m0; m < m0 + 32 * pairs; m += 32) {
             prefetch();
             TileAmx(x + m * K, K, k0, amx_depth, panel + 2 * h, y + m * N + n + h, N, first);
@@ -1206,11 +1207,14 @@ inline float RoundToBfloat16(float f) {
 
 // A row of scores (S) made probabilities in `out` (float32, maybe rounded to bfloat16; or bfloat16's bits), which
 // may be the row itself: masked entries count as float32's lowest (as the einsum path masks them, so a row with
-// nothing visible averages every entry), then softmax. Eight lanes at a time in each of three passes (the
-// maximum, the exponentials and their sum, the division): one scalar chain of maxima, 4 cycles an entry, was
-// half of a SigLIP attention's time.
+// nothing visible averages every entry), then softmax; seen null: every entry visible. kSoftLanes at a time in
+// each of three passes (the maximum, the exponentials and their sum, the scaling): one scalar chain of maxima,
+// 4 cycles an entry, was half of a SigLIP attention's time, and widening the mask's bytes to lanes a third.
+// Returns what the products with the probabilities are still to be divided by: 1, or with `divide_later` (the
+// probabilities rounded to bfloat16) the exponentials' sum, the exponentials themselves rounded and written in
+// their own pass (a third pass over the row, to divide them, cost more than dividing the products' few columns).
 template <typename T>
-void SoftmaxRow(float* row, const bool* seen, int64_t S, bool round_to_bfloat16, T* out) {
+float SoftmaxRow(float* row, const bool* seen, int64_t S, bool round_to_bfloat16, T* out, bool divide_later = false) {
   constexpr float kMasked = -3.4028234663852886e38f;
   constexpr int L = kSoftLanes;
   const int64_t s_main = S / L * L;
@@ -1229,6 +1233,17 @@ void SoftmaxRow(float* row, const bool* seen, int64_t S, bool round_to_bfloat16,
       for (int i = 0; i < L; ++i) v[i] = seen[s + i] ? v[i] : otherwise;
     return v;
   };
+  auto put = [&](int64_t s, SoftF v, bool rounded) {  // L probabilities to out, rounded to bfloat16 or not
+    SoftU bits;
+    std::memcpy(&bits, &v, sizeof bits);
+    if (rounded) bits = (bits + 0x7fffu + ((bits >> 16) & 1u)) & 0xffff0000u;  // nearest, ties to even
+    if constexpr (std::is_same_v<T, float>) {
+      std::memcpy(out + s, &bits, sizeof bits);
+    } else {
+      const SoftH halves = __builtin_convertvector(bits >> 16, SoftH);
+      std::memcpy(out + s, &halves, sizeof halves);
+    }
+  };
   SoftF tops[2] = {SoftF{} + kMasked, SoftF{} + kMasked};  // two chains
   for (int64_t s = 0; s < s_main; s += L) {
     const SoftF v = load(s, kMasked);
@@ -1239,21 +1254,28 @@ void SoftmaxRow(float* row, const bool* seen, int64_t S, bool round_to_bfloat16,
   for (int i = 0; i < L; ++i) top = std::max({top, tops[0][i], tops[1][i]});
   for (int64_t s = s_main; s < S; ++s) top = std::max(top, !seen || seen[s] ? row[s] : kMasked);
   if (top == kMasked) {  // nothing visible: every entry alike
-    const float each = round_to_bfloat16 ? RoundToBfloat16(1.f / S) : 1.f / S;
+    const float each = divide_later ? 1.f : round_to_bfloat16 ? RoundToBfloat16(1.f / S) : 1.f / S;
     for (int64_t s = 0; s < S; ++s) out[s] = ToOut<T>(each);
-    return;
+    return divide_later ? static_cast<float>(S) : 1.f;
   }
   SoftF sums = {};
   for (int64_t s = 0; s < s_main; s += L) {
     SoftF e = ExpLanes<SoftF, SoftI>(load(s, top) - top);
     if (!all_seen(s))
       for (int i = 0; i < L; ++i) e[i] = seen[s + i] ? e[i] : 0.f;
-    std::memcpy(row + s, &e, sizeof e);
     sums += e;
+    if (divide_later) put(s, e, true);
+    else std::memcpy(row + s, &e, sizeof e);
   }
   float total = 0.f;
   for (int i = 0; i < L; ++i) total += sums[i];
-  for (int64_t s = s_main; s < S; ++s) total += row[s] = !seen || seen[s] ? std::exp(row[s] - top) : 0.f;
+  for (int64_t s = s_main; s < S; ++s) {
+    const float e = !seen || seen[s] ? std::exp(row[s] - top) : 0.f;
+    total += e;
+    if (divide_later) out[s] = ToOut<T>(RoundToBfloat16(e));
+    else row[s] = e;
+  }
+  if (divide_later) return total;
   // rounded to bfloat16, a product per entry rather than a division (a tenth of the time; the rounding hides the
   // difference); float32 probabilities divided, as XLA's softmax does (the product moved float32 logits by 1e-5)
   const bool rounded = round_to_bfloat16 || !std::is_same_v<T, float>;
@@ -1261,19 +1283,11 @@ void SoftmaxRow(float* row, const bool* seen, int64_t S, bool round_to_bfloat16,
   for (int64_t s = 0; s < s_main; s += L) {
     SoftF v;
     std::memcpy(&v, row + s, sizeof v);
-    v = rounded ? v * scale : v / total;
-    SoftU bits;
-    std::memcpy(&bits, &v, sizeof bits);
-    if (rounded) bits = (bits + 0x7fffu + ((bits >> 16) & 1u)) & 0xffff0000u;  // nearest, ties to even
-    if constexpr (std::is_same_v<T, float>) {
-      std::memcpy(out + s, &bits, sizeof bits);
-    } else {
-      const SoftH halves = __builtin_convertvector(bits >> 16, SoftH);
-      std::memcpy(out + s, &halves, sizeof halves);
-    }
+    put(s, rounded ? v * scale : v / total, rounded);
   }
   for (int64_t s = s_main; s < S; ++s)
     out[s] = ToOut<T>(rounded ? RoundToBfloat16(row[s] * scale) : row[s] / total);
+  return 1.f;
 }
 
 struct AttentionShape {
@@ -1364,14 +1378,15 @@ void AttendGemm(ffi::ThreadPool& pool, const AttentionShape& a, const In* q, con
   const int64_t R = a.R(), S = a.S, H = a.H, units = a.units();
   constexpr bool kPairs = std::is_same_v<T, uint16_t>, kHalves = std::is_same_v<In, uint16_t>;
   static_assert(kHalves || !kPairs, "float32 attention multiplies float32 panels");
-  // In AMX tiles the head is padded with zeros to whole tiles: 32 deep for the scores, whole panels for the
-  // values (SigLIP's heads of 72: the rest of 8 went through pair loops, which took as long as the tiles).
+  // In AMX tiles the head is padded with zeros to whole tiles, 32 deep for the scores and 32 wide for the values
+  // (SigLIP's heads of 72: the rest of 8 went through pair loops, which took as long as the tiles).
   bool amx = false;
 #ifdef GEMMA3_AMX
   amx = kPairs && AmxReady();
 #endif
-  const int64_t Hq = amx ? (H + 31) / 32 * 32 : H, Hv = amx ? (H + kPanelCols - 1) / kPanelCols * kPanelCols : H;
-  const int64_t kBlockRows = amx ? 64 : 8 * kTileRows;  // AMX: two blocks of 32 rows (TileAmx's)
+  const int64_t Hq = amx ? (H + 31) / 32 * 32 : H, Hv = Hq;
+  constexpr int64_t kMaxBlockRows = 64;
+  const int64_t kBlockRows = amx ? kMaxBlockRows : 8 * kTileRows;  // AMX: two blocks of 32 rows (TileAmx's)
   const int64_t blocks = (R + kBlockRows - 1) / kBlockRows;
   std::vector<Lines<T>> keys_t(units), vals(units);
   RunParts(pool, units, [&](int64_t u) {
@@ -1391,18 +1406,23 @@ void AttendGemm(ffi::ThreadPool& pool, const AttentionShape& a, const In* q, con
     auto x = Uninitialized<T>(static_cast<size_t>(rows) * std::max(Hq, S));
     auto scores = Uninitialized<float>(static_cast<size_t>(rows) * S);
     auto y = Uninitialized<float>(static_cast<size_t>(rows) * Hv);
-    for (int64_t r = 0; r < rows; ++r)
-      for (int64_t h = 0; h < Hq; ++h) {
-        const In v = h < H ? q[a.q_row(u, r0 + r) + h] : In{};
-        if constexpr (kPairs) x[r * Hq + h] = v;
-        else x[r * Hq + h] = widen(v);
-      }
+    for (int64_t r = 0; r < rows; ++r) {
+      const In* from = q + a.q_row(u, r0 + r);
+      T* to = x.get() + r * Hq;
+      if constexpr (std::is_same_v<T, In>) std::memcpy(to, from, sizeof(T) * H);
+      else for (int64_t h = 0; h < H; ++h) to[h] = widen(from[h]);
+      std::fill(to + H, to + Hq, T{});
+    }
     GemmPanels(x.get(), keys_t[u].data(), scores.get(), Hq, S, rows, s0, s1, 0, Hq);
+    float divisors[kMaxBlockRows];
     for (int64_t r = 0; r < rows; ++r)
-      SoftmaxRow(scores.get() + r * S + s0, visible ? visible + a.mask_row(u, r0 + r) + s0 : nullptr, s1 - s0, kHalves,
-                 x.get() + r * S + s0);
+      divisors[r] = SoftmaxRow(scores.get() + r * S + s0, visible ? visible + a.mask_row(u, r0 + r) + s0 : nullptr,
+                               s1 - s0, kHalves, x.get() + r * S + s0, /*divide_later=*/kHalves);
     GemmPanels(x.get(), vals[u].data(), y.get(), S, Hv, rows, 0, Hv, s0, s1);
-    for (int64_t r = 0; r < rows; ++r) std::memcpy(out + a.q_row(u, r0 + r), y.get() + r * Hv, sizeof(float) * H);
+    for (int64_t r = 0; r < rows; ++r) {
+      float* o = out + a.q_row(u, r0 + r);
+      for (int64_t h = 0; h < H; ++h) o[h] = y[r * Hv + h] / divisors[r];
+    }
   });
 }
 
