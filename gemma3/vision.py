@@ -95,12 +95,18 @@ def _heads_first(y: jax.Array) -> jax.Array:
     return y.transpose(0, 2, 1, 3).reshape(n * m, p, h)
 
 
+def kernel_attends(q: jax.Array, k: jax.Array) -> bool:
+    """Whether the tower's attention runs in the CPU kernel (`kernel_attention`) rather than XLA's blocked einsums:
+    in bfloat16 on a CPU with AMX tiles, where at 896 px it ran 1.8x the einsums, which had been two thirds of the
+    tower's time. Elsewhere it was not faster on that Xeon (float32 0.97-1.03x; bfloat16 in float32 FMAs, without
+    the tiles, 0.72x), so XLA keeps those (bench/RESULTS.md)."""
+    return q.dtype == jnp.bfloat16 and cpu_kernels.attention_applies(q, k) and cpu_kernels.amx_tiles()
+
+
 @jax.custom_jvp
 def kernel_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     """`attention` of (N, P, M, H) patches in the CPU kernel (`cpu_kernels.attention`, every patch seen; float32
-    out), in place of XLA's blocked einsums: 1.6x faster in bfloat16 at 896 px on a CPU with AMX, where the
-    einsums were two thirds of the tower's time (bench/RESULTS.md). Its derivatives are those of `attention`
-    (the kernel has none of its own)."""
+    out). Its derivatives are those of `attention` (the kernel has none of its own)."""
     return cpu_kernels.attention(q, k, v, None)
 
 
@@ -129,7 +135,7 @@ class SiglipAttention(nnx.Module):
         q = self.q_proj(x)
         q, k, v = (y.reshape(n, p, m, hd) for y in (q * jnp.asarray(hd ** -0.5, q.dtype), self.k_proj(x),
                                                     self.v_proj(x)))
-        if cpu_kernels.attention_applies(q, k):
+        if kernel_attends(q, k):
             out = kernel_attention(q, k, v).astype(v.dtype)
         else:
             out = attention(_heads_first(q), _heads_first(k), _heads_first(v))
