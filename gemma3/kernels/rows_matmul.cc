@@ -803,7 +803,7 @@ template <typename T>
 using Lines = std::vector<T, LineAllocator<T>>;
 
 // The same storage left unset, for scratch whose every element read is written first: zeroing a prefill
-// attention's per-block buffers took a tenth of a SigLIP attention's time.
+// attention's per-block buffers was a tenth of a SigLIP attention's samples under perf.
 template <typename T>
 struct FreeLines {
   void operator()(T* p) const { ::operator delete(p, std::align_val_t(64)); }
@@ -1144,9 +1144,10 @@ void Multiply(ffi::ThreadPool& pool, const T* x_in, const T* w, float* y, int64_
 // pairs the entries are split between the threads); many rows, where the kernel has its GEMM (AVX512-BF16),
 // go through it against keys and values packed once per pair, each block of rows over the entries it sees
 // (AttendGemm). Probabilities are rounded to bfloat16 before multiplying bfloat16 values, as the einsum path
-// rounds them.
+// rounds them (AttendGemm rounds the exponentials and divides the products by their sum after).
 //   q (B, T, N, H), already scaled, float32 or bfloat16; keys, values (Bc >= B, S, Kh, H) float32 or bfloat16
-//   (as its bits), of which the first B rows are read; visible (B, T, S); out (B, T, N, H) float32.
+//   (as its bits), of which the first B rows are read; visible (B, T, S), or none: every entry seen (SigLIP's
+//   patches); out (B, T, N, H) float32.
 typedef int32_t i8v __attribute__((vector_size(32)));
 // exp(x) for x <= 0 (a softmax's x - max), a vector F of float32 (I: int32 lanes alike) at a time: 2^n e^r with
 // |r| <= ln 2 / 2 and Cephes' degree-6 polynomial (1-2 ulp against std::exp); 0 below float32's smallest normal
@@ -1328,8 +1329,8 @@ void AttendRows(ffi::ThreadPool& pool, const AttentionShape& a, const Q* q, cons
   });
   for (int64_t u = 0; u < units; ++u)
     for (int64_t r = 0; r < R; ++r)
-      SoftmaxRow(p.data() + (u * R + r) * S, visible ? visible + a.mask_row(u, r) : nullptr, S, std::is_same_v<T, uint16_t>,
-                 p.data() + (u * R + r) * S);
+      SoftmaxRow(p.data() + (u * R + r) * S, visible ? visible + a.mask_row(u, r) : nullptr, S,
+                 std::is_same_v<T, uint16_t>, p.data() + (u * R + r) * S);
   std::vector<float> acc(static_cast<size_t>(parts) * R * H, 0.f);
   each_part([&](auto m, int64_t i, int64_t u, int64_t r, int64_t s0, int64_t s1) {
     RowsKNSum<m()>(p.data() + (u * R + r) * S, values + a.base(u), acc.data() + (i * R + r) * H, S, H, s0, s1,
@@ -1367,8 +1368,9 @@ std::pair<int64_t, int64_t> SeenRange(const AttentionShape& a, const bool* visib
 }
 
 // The many-rows path (prefill): each pair's keys (as k^T) and values packed once, then blocks of
-// query rows: scores by the GEMM, softmax, probabilities (rounded to bfloat16) times the values by it, over
-// the entries the block sees (SeenRange: half the work of a causal prefill, a sliding window's band alone).
+// query rows: scores by the GEMM, softmax, exponentials (rounded to bfloat16) times the values by it, divided by
+// their sum, over the entries the block sees (SeenRange: half the work of a causal prefill, a sliding window's
+// band alone).
 // T: uint16_t multiplies bfloat16 pairs, float multiplies float32 panels widened as they are packed (where
 // the CPU runs FMAs faster, `float32_gemm`). In: what q, keys and values hold, bfloat16 (uint16_t) or float32
 // (then T is float, and the probabilities stay float32, as XLA's float32 einsums keep them).
