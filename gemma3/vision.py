@@ -89,10 +89,12 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     return out[:, :t] if pad else out
 
 
-def _heads_first(y: jax.Array) -> jax.Array:
-    """(N, P, M, H) → (N*M, P, H)."""
-    n, p, m, h = y.shape
-    return y.transpose(0, 2, 1, 3).reshape(n * m, p, h)
+def patch_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """`attention` of (N, P, M, H) patches (N images, M heads), as (N, P, M, H): XLA's blocked einsums, which
+    take the heads first."""
+    n, p, m, h = q.shape
+    out = attention(*(y.transpose(0, 2, 1, 3).reshape(n * m, p, h) for y in (q, k, v)))
+    return out.reshape(n, m, p, h).transpose(0, 2, 1, 3)
 
 
 def kernel_attends(q: jax.Array, k: jax.Array) -> bool:
@@ -105,17 +107,15 @@ def kernel_attends(q: jax.Array, k: jax.Array) -> bool:
 
 @jax.custom_jvp
 def kernel_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    """`attention` of (N, P, M, H) patches in the CPU kernel (`cpu_kernels.attention`, every patch seen; float32
-    out). Its derivatives are those of `attention` (the kernel has none of its own)."""
+    """`patch_attention` in the CPU kernel (`cpu_kernels.attention`, every patch seen; float32 out). Its
+    derivatives are those of `patch_attention` (the kernel has none of its own)."""
     return cpu_kernels.attention(q, k, v, None)
 
 
 @kernel_attention.defjvp
 def _kernel_attention_jvp(primals, tangents):
     def by_xla(q, k, v):
-        n, p, m, h = q.shape
-        out = attention(_heads_first(q), _heads_first(k), _heads_first(v))
-        return out.reshape(n, m, p, h).transpose(0, 2, 1, 3).astype(jnp.float32)
+        return patch_attention(q, k, v).astype(jnp.float32)
 
     return kernel_attention(*primals), jax.jvp(by_xla, primals, tangents)[1]
 
@@ -135,11 +135,7 @@ class SiglipAttention(nnx.Module):
         q = self.q_proj(x)
         q, k, v = (y.reshape(n, p, m, hd) for y in (q * jnp.asarray(hd ** -0.5, q.dtype), self.k_proj(x),
                                                     self.v_proj(x)))
-        if kernel_attends(q, k):
-            out = kernel_attention(q, k, v).astype(v.dtype)
-        else:
-            out = attention(_heads_first(q), _heads_first(k), _heads_first(v))
-            out = out.reshape(n, m, p, hd).transpose(0, 2, 1, 3)
+        out = kernel_attention(q, k, v).astype(v.dtype) if kernel_attends(q, k) else patch_attention(q, k, v)
         return self.out_proj(out.reshape(n, p, m * hd))
 
 

@@ -59,9 +59,9 @@ def test_blocked_vision_tower_matches_transformers(monkeypatch, pair, budget):
     pixels = jnp.asarray(mk.random_pixels(2, seed=5))
     with torch.no_grad():
         ref = hf.get_image_features(torch.tensor(np.asarray(pixels))).pooler_output.numpy()
-    hlo = jax.jit(ours.get_image_features).lower(pixels).as_text()
-    assert (cpu_kernels.ATTENTION_TARGET in hlo) == (budget == "kernel")
-    got = np.asarray(jax.jit(ours.get_image_features)(pixels))
+    features = jax.jit(ours.get_image_features)
+    assert (cpu_kernels.ATTENTION_TARGET in features.lower(pixels).as_text()) == (budget == "kernel")
+    got = np.asarray(features(pixels))
     np.testing.assert_allclose(got, ref, atol=1e-5)
 
 
@@ -72,11 +72,7 @@ def test_kernel_attention_derivatives_are_xlas(dtype):
     q, k, v = (jnp.asarray(rng.standard_normal((2, 40, 3, 24)) * 0.5, dtype) for _ in range(3))
 
     def loss(q, k, v, by_kernel):
-        if by_kernel:
-            out = vision.kernel_attention(q, k, v)
-        else:
-            out = vision.attention(*(vision._heads_first(y) for y in (q, k, v)))
-            out = out.reshape(2, 3, 40, 24).transpose(0, 2, 1, 3)
+        out = (vision.kernel_attention if by_kernel else vision.patch_attention)(q, k, v)
         return jnp.sum(jnp.sin(out.astype(jnp.float32)))
 
     ours, xla = (jax.grad(loss, argnums=(0, 1, 2))(q, k, v, by) for by in (True, False))

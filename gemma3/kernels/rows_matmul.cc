@@ -1386,44 +1386,44 @@ void AttendGemm(ffi::ThreadPool& pool, const AttentionShape& a, const In* q, con
 #ifdef GEMMA3_AMX
   amx = kPairs && AmxReady();
 #endif
-  const int64_t Hq = amx ? (H + 31) / 32 * 32 : H, Hv = Hq;
+  const int64_t Hp = amx ? (H + 31) / 32 * 32 : H;  // the padded head: depth of the scores, width of the values
   constexpr int64_t kMaxBlockRows = 64;
   const int64_t kBlockRows = amx ? kMaxBlockRows : 8 * kTileRows;  // AMX: two blocks of 32 rows (TileAmx's)
   const int64_t blocks = (R + kBlockRows - 1) / kBlockRows;
   std::vector<Lines<T>> keys_t(units), vals(units);
   RunParts(pool, units, [&](int64_t u) {
-    keys_t[u] = PackPanels<T>(Hq, S, [&](T* o, int64_t n, int64_t cols, int64_t k0, int64_t k1) {
+    keys_t[u] = PackPanels<T>(Hp, S, [&](T* o, int64_t n, int64_t cols, int64_t k0, int64_t k1) {
       if constexpr (kPairs) PackPairsNK(keys + a.base(u), o, a.ld(), n, cols, k0, std::min(k1, H));
       else PackF32NK(keys + a.base(u), o, a.ld(), n, cols, k0, k1);
     });
-    vals[u] = PackPanels<T>(S, Hv, [&](T* o, int64_t n, int64_t cols, int64_t k0, int64_t k1) {
+    vals[u] = PackPanels<T>(S, Hp, [&](T* o, int64_t n, int64_t cols, int64_t k0, int64_t k1) {
       Pack(values + a.base(u), o, a.ld(), n, std::min(cols, H - n), k0, k1);
     });
   });
   RunParts(pool, units * blocks, [&](int64_t i) {
     const int64_t u = i / blocks, r0 = i % blocks * kBlockRows, rows = std::min(kBlockRows, R - r0);
     const auto [s0, s1] = SeenRange(a, visible, u, r0, rows);
-    // every element the products read is written first: x's query rows (padded with zeros to Hq), then the
-    // probabilities over [s0, s1); the scores and y are set on the first panel of their depth
-    auto x = Uninitialized<T>(static_cast<size_t>(rows) * std::max(Hq, S));
+    // every element the products read is written first: x's query rows (padded with zeros to Hp), then the
+    // exponentials over [s0, s1); the scores and y are set on the first panel of their depth
+    auto x = Uninitialized<T>(static_cast<size_t>(rows) * std::max(Hp, S));
     auto scores = Uninitialized<float>(static_cast<size_t>(rows) * S);
-    auto y = Uninitialized<float>(static_cast<size_t>(rows) * Hv);
+    auto y = Uninitialized<float>(static_cast<size_t>(rows) * Hp);
     for (int64_t r = 0; r < rows; ++r) {
       const In* from = q + a.q_row(u, r0 + r);
-      T* to = x.get() + r * Hq;
+      T* to = x.get() + r * Hp;
       if constexpr (std::is_same_v<T, In>) std::memcpy(to, from, sizeof(T) * H);
       else for (int64_t h = 0; h < H; ++h) to[h] = widen(from[h]);
-      std::fill(to + H, to + Hq, T{});
+      std::fill(to + H, to + Hp, T{});
     }
-    GemmPanels(x.get(), keys_t[u].data(), scores.get(), Hq, S, rows, s0, s1, 0, Hq);
+    GemmPanels(x.get(), keys_t[u].data(), scores.get(), Hp, S, rows, s0, s1, 0, Hp);
     float divisors[kMaxBlockRows];
     for (int64_t r = 0; r < rows; ++r)
       divisors[r] = SoftmaxRow(scores.get() + r * S + s0, visible ? visible + a.mask_row(u, r0 + r) + s0 : nullptr,
                                s1 - s0, kHalves, x.get() + r * S + s0, /*divide_later=*/kHalves);
-    GemmPanels(x.get(), vals[u].data(), y.get(), S, Hv, rows, 0, Hv, s0, s1);
+    GemmPanels(x.get(), vals[u].data(), y.get(), S, Hp, rows, 0, Hp, s0, s1);
     for (int64_t r = 0; r < rows; ++r) {
       float* o = out + a.q_row(u, r0 + r);
-      for (int64_t h = 0; h < H; ++h) o[h] = y[r * Hv + h] / divisors[r];
+      for (int64_t h = 0; h < H; ++h) o[h] = y[r * Hp + h] / divisors[r];
     }
   });
 }
