@@ -144,7 +144,7 @@ def _hf_name(path: tuple) -> tuple[str, bool]:
     *head, leaf = map(str, path)
     if leaf == "kernel":
         return ".".join(head + ["weight"]), True
-    if leaf in ("embedding", "scale"):  # nnx.Embed, nnx.LayerNorm
+    if leaf in ("embedding", "scale", "planes"):  # nnx.Embed, nnx.LayerNorm, SplitFloat32Embed
         return ".".join(head + ["weight"]), False
     return ".".join(head + [leaf]), False
 
@@ -195,6 +195,23 @@ def _place_in_chunks(array: np.ndarray, transposed: bool, dtype, device, release
     return out if host is None else jax.device_put(host, device)
 
 
+def _split(path: tuple) -> int:
+    """1 for the planes of a `SplitFloat32Embed` (whose leading axis the checkpoint's tensor lacks), else 0."""
+    return int(str(path[-1]) == "planes")
+
+
+def _place_planes(array: np.ndarray, device, release: Callable) -> jax.Array:
+    """A (V, D) table as a `SplitFloat32Embed`'s planes (2, V, D) uint16, filled from 16 MiB pieces of its source:
+    the top halves of its float32 values, then the bottom halves."""
+    host = _aligned_empty((2, *array.shape), np.uint16)
+    for rows in np.array_split(np.arange(array.shape[0]), max(1, -(-array.nbytes // CHUNK_BYTES))):
+        bits = np.ascontiguousarray(array[rows[0]:rows[-1] + 1], dtype=np.float32).view(np.uint32)
+        host[0, rows[0]:rows[-1] + 1] = bits >> 16
+        host[1, rows[0]:rows[-1] + 1] = bits & 0xFFFF
+        release()
+    return jax.device_put(host, device)
+
+
 def _aligned_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
     """An uninitialised host array whose data starts on a 64-byte boundary, as XLA's CPU client needs
     to adopt it."""
@@ -218,17 +235,30 @@ def _adopts_host_arrays(sharding: SingleDeviceSharding, dtype: np.dtype) -> bool
 
 
 def load_pretrained(cls, path, dtype=np.float32, mesh: Mesh | None = None, progress: bool | None = None,
-                    config=None):
+                    config=None, split_head: bool | None = None):
     """Build ``cls`` from a checkpoint directory without materialising random weights.
 
     The model is created abstractly (``nnx.eval_shape``); each parameter is then read from its
     tensor and placed by the mesh's partition rules (or on the default device without a mesh).
     Missing, unexpected and mis-shaped tensors are all reported at once, by name. Checkpoint keys
-    are renamed by ``cls.checkpoint_key`` (default: the text-model layouts).
+    are renamed by ``cls.checkpoint_key`` (default: the text-model layouts). ``split_head``: keep a tied
+    float32 head as `gemma3.text.SplitFloat32Embed` (None: wherever it can, without a mesh), written straight
+    into its planes.
     """
+    from gemma3.text import head_splits
+
     path = os.fspath(path)
     config = config if config is not None else cls.config_class.from_pretrained(path)
-    abstract = nnx.eval_shape(lambda: cls(config, dtype=dtype, rngs=nnx.Rngs(0)))
+    if split_head is None:
+        split_head = mesh is None and hasattr(cls, "split_head") and head_splits(config, dtype)
+
+    def build():
+        model = cls(config, dtype=dtype, rngs=nnx.Rngs(0))
+        if split_head:
+            model.split_head()
+        return model
+
+    abstract = nnx.eval_shape(build)
     graphdef, state = nnx.split(abstract)
     ckpt = Checkpoint(path)
     key_map = getattr(cls, "checkpoint_key", text_key)
@@ -248,7 +278,7 @@ def load_pretrained(cls, path, dtype=np.float32, mesh: Mesh | None = None, progr
         if name in available:
             _, transposed = _hf_name(p)
             found = ckpt.where[available[name]].shape(available[name])
-            want = tuple(v.get_value().shape)
+            want = tuple(v.get_value().shape)[_split(p):]
             if (found[::-1] if transposed else found) != want:
                 wrong.append(f"{available[name]}: expected {want[::-1] if transposed else want}, found {found}")
     if missing or unexpected or wrong:
@@ -274,7 +304,10 @@ def load_pretrained(cls, path, dtype=np.float32, mesh: Mesh | None = None, progr
         shape = tuple(v.get_value().shape)
         sharding = parameter_sharding(".".join(map(str, p)), shape, mesh) if mesh is not None else device
         transposed = _hf_name(p)[1]
-        if mesh is None and source.nbytes > CHUNK_BYTES:
+        if _split(p):
+            value = _place_planes(source, device, ckpt.where[key].release)
+            seen[(key, "all")] = source.nbytes
+        elif mesh is None and source.nbytes > CHUNK_BYTES:
             value = _place_in_chunks(source, transposed, dtype, device, ckpt.where[key].release)
             seen[(key, "all")] = source.nbytes
         else:
@@ -311,6 +344,11 @@ def save_pretrained(model, path, architecture: str | None = None) -> None:
     for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         name, transposed = _hf_name(p)
         name = rename(name)
-        a = np.asarray(jax.device_get(v.get_value()))
+        value = v.get_value()
+        if _split(p):
+            from gemma3.text import SplitFloat32Embed
+
+            value = SplitFloat32Embed.join(value)
+        a = np.asarray(jax.device_get(value))
         tensors[name] = np.ascontiguousarray(a.T if transposed else a)
     save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})

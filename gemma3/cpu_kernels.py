@@ -37,6 +37,8 @@ MAX_ROWS = 8
 FLOAT32_GEMM_ROWS = 32  # fewer rows stay pairs (where `float32_gemm`): widening the panels costs more there
 TARGET = "gemma3_rows_matmul"
 ATTENTION_TARGET = "gemma3_attention"
+SPLIT_PRODUCT_TARGET = "gemma3_split_product"
+SPLIT_ARGMAX_TARGET = "gemma3_split_argmax"
 SOURCE = Path(__file__).with_name("kernels") / "rows_matmul.cc"
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 
@@ -92,6 +94,10 @@ def _library() -> ctypes.CDLL | None:
         library = ctypes.cdll.LoadLibrary(str(build()))
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.Gemma3RowsMatmul), platform="cpu")
         jax.ffi.register_ffi_target(ATTENTION_TARGET, jax.ffi.pycapsule(library.Gemma3Attention), platform="cpu")
+        jax.ffi.register_ffi_target(SPLIT_PRODUCT_TARGET, jax.ffi.pycapsule(library.Gemma3SplitProduct),
+                                    platform="cpu")
+        jax.ffi.register_ffi_target(SPLIT_ARGMAX_TARGET, jax.ffi.pycapsule(library.Gemma3SplitArgmax),
+                                    platform="cpu")
     except Exception as error:  # noqa: BLE001 - any failure means XLA's dot, which is always correct
         log.warning("CPU product kernel unavailable, using XLA's dot: %s", error)
         return None
@@ -213,3 +219,22 @@ def attention(q: jax.Array, keys: jax.Array, values: jax.Array, visible: jax.Arr
     all_visible = visible is None
     visible = jnp.ones((1, 1, 1), bool) if all_visible else visible.astype(bool)
     return call(q, keys, values, visible, float32_gemm=np.int64(gemm), all_visible=np.int64(all_visible))
+
+
+def split_product(x: jax.Array, planes: jax.Array) -> jax.Array:
+    """x (M, K) float32 times the float32 (N, K) matrix that ``planes`` (2, N, K) uint16 holds as its top and
+    bottom halves (`gemma3.text.SplitFloat32Embed`), transposed: (M, N) float32, summed as the kernel sums a
+    float32 matrix's rows. Any M: past eight rows, eight at a time over blocks of the planes that stay in L2."""
+    return _split_call(SPLIT_PRODUCT_TARGET, (x.shape[0], planes.shape[1]), jnp.float32)(x, planes)
+
+
+def split_argmax(x: jax.Array, planes: jax.Array) -> jax.Array:
+    """The argmax over n of `split_product` (M,) int32, exact (the first on ties, NaN largest, as jnp.argmax),
+    reading the top plane alone but for the few rows that may hold the maximum (kernels/rows_matmul.cc)."""
+    return _split_call(SPLIT_ARGMAX_TARGET, (x.shape[0],), jnp.int32)(x, planes)
+
+
+def _split_call(target: str, shape: tuple, dtype):
+    if not available():  # (which registers the targets)
+        raise RuntimeError("the split head needs the CPU kernel, which is unavailable here")
+    return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(shape, dtype), vmap_method="sequential")

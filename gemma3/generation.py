@@ -139,7 +139,11 @@ def _decode_step(graphdef, greedy, state, tokens, cache, seeds, step, temperatur
     """One token per row from the previous one: a forward of length 1 through the cache, then sampling
     (``greedy``: argmax only, see sample_tokens)."""
     model = nnx.merge(graphdef, state)
-    out = model(input_ids=tokens[:, None], position_ids=cache.next_position[:, None], past_key_values=cache)
+    inputs = dict(input_ids=tokens[:, None], position_ids=cache.next_position[:, None], past_key_values=cache)
+    if greedy and model.splits_head():  # the argmax without the logits: half the head read (SplitFloat32Embed)
+        out = model.model(**inputs)
+        return model.greedy_tokens(out.last_hidden_state[:, -1]), out.past_key_values
+    out = model(**inputs)
     nxt = sample_tokens(out.logits[:, -1], step_keys(seeds, step), temperature, top_k, top_p, greedy=greedy)
     return nxt, out.past_key_values
 

@@ -307,6 +307,45 @@ def _chunk_mask(attention_mask, t: int, cache: kv.KVCache | None, index):
     return m
 
 
+class SplitFloat32Embed(nnx.Module):
+    """A float32 embedding table (vocab, hidden) kept as two uint16 planes (2, vocab, hidden): the top half of
+    every float32 (its bfloat16 truncation), then the bottom half. The tied LM head of a float32 model on the CPU
+    kernel (`CausalLMMixin.split_head`; the loader's default there): a greedy decode step then reads the top
+    plane alone but for the few rows that may hold the maximum (`cpu_kernels.split_argmax`), half the head's
+    bytes, which are most of gemma-3-270m's step and 30% of gemma-3-1b's. Rows and logits are the float32
+    table's exactly. An inference form: it has no derivatives (train on `nnx.Embed`)."""
+
+    def __init__(self, planes: jax.Array):
+        self.num_embeddings, self.features = planes.shape[1:]
+        self.dtype = jnp.float32
+        self.planes = nnx.Param(planes)
+
+    @staticmethod
+    def split(table: jax.Array) -> jax.Array:
+        bits = jax.lax.bitcast_convert_type(table.astype(jnp.float32), jnp.uint32)
+        return jnp.stack([(bits >> 16).astype(jnp.uint16), (bits & 0xFFFF).astype(jnp.uint16)])
+
+    @staticmethod
+    def join(planes: jax.Array) -> jax.Array:
+        """The float32 values of planes (2, ...)."""
+        bits = planes[0].astype(jnp.uint32) << 16 | planes[1].astype(jnp.uint32)
+        return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+    def __call__(self, input_ids: jax.Array) -> jax.Array:
+        return self.join(self.planes[...][:, input_ids])
+
+    def attend(self, hidden: jax.Array) -> jax.Array:
+        """hidden (..., D) times the table transposed, as ``nnx.Embed.attend``: (..., V) float32, by the kernel,
+        reading the planes in place. Its row loops suit decode steps: at 64 rows they took twice the time of
+        XLA's GEMM on the float32 table (which XLA could not run as fast on blocks joined from the planes)."""
+        x = hidden.reshape(-1, self.features).astype(jnp.float32)
+        return cpu_kernels.split_product(x, self.planes[...]).reshape(*hidden.shape[:-1], self.num_embeddings)
+
+    def greedy(self, hidden: jax.Array) -> jax.Array:
+        """hidden (B, D) → the argmax of its logits (B,) int32, exactly."""
+        return cpu_kernels.split_argmax(hidden.astype(jnp.float32), self.planes[...])
+
+
 class Gemma3TextModel(nnx.Module):
     """Embedding (scaled by sqrt(hidden_size) in the weight dtype), decoder layers, final norm."""
 
@@ -422,15 +461,24 @@ def causal_lm_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return jnp.sum(jnp.where(keep, nll, 0.0)) / jnp.maximum(jnp.sum(keep), 1)
 
 
+def head_splits(config, dtype) -> bool:
+    """Whether a model of ``config`` in ``dtype`` can keep its head split (`CausalLMMixin.split_head`): tied,
+    float32, and on the CPU backend with the kernel."""
+    return (getattr(config, "tie_word_embeddings", False) and jnp.dtype(dtype) == jnp.float32
+            and jax.default_backend() == "cpu" and cpu_kernels.available())
+
+
 class PretrainedMixin:
     """Checkpoint I/O shared by every model class."""
 
     @classmethod
-    def from_pretrained(cls, path, dtype=jnp.float32, mesh=None, progress=None, config=None):
-        """Load a Hugging Face checkpoint directory, each tensor straight onto its devices."""
+    def from_pretrained(cls, path, dtype=jnp.float32, mesh=None, progress=None, config=None, split_head=None):
+        """Load a Hugging Face checkpoint directory, each tensor straight onto its devices (``split_head``:
+        see `gemma3.checkpoint.load_pretrained`)."""
         from gemma3.checkpoint import load_pretrained
 
-        return load_pretrained(cls, path, dtype=dtype, mesh=mesh, progress=progress, config=config)
+        return load_pretrained(cls, path, dtype=dtype, mesh=mesh, progress=progress, config=config,
+                               split_head=split_head)
 
     def save_pretrained(self, path) -> None:
         """Write config.json and model.safetensors in the layout transformers 5.x writes."""
@@ -446,12 +494,35 @@ class CausalLMMixin(PretrainedMixin):
         """Logits (with final-logit softcapping) from hidden states; tied heads use the embedding."""
         text = self.get_decoder()
         lm_head = self.get_lm_head()
-        if lm_head is None:  # tied: the embedding table (vocab, hidden) is the head
+        if lm_head is None and self.splits_head():
+            logits = text.embed_tokens.attend(hidden)
+        elif lm_head is None:  # tied: the embedding table (vocab, hidden) is the head
             table = text.embed_tokens.embedding[...]
             logits = accumulating_dot_general(hidden.astype(table.dtype), table, (((hidden.ndim - 1,), (1,)), ((), ())))
         else:
             logits = lm_head(hidden)
         return softcap(logits, text.config.final_logit_softcapping)
+
+    def splits_head(self) -> bool:
+        """Whether the tied head is kept as a `SplitFloat32Embed` (see `split_head`)."""
+        return isinstance(self.get_decoder().embed_tokens, SplitFloat32Embed)
+
+    def split_head(self) -> None:
+        """Keep the tied float32 embedding as a `SplitFloat32Embed`, in place: same logits, and greedy decode
+        reads half the head (`greedy_tokens`). Only where the CPU kernel runs it: float32, tied, the CPU
+        backend, one device. The loader does this itself there (``from_pretrained(split_head=None)``)."""
+        text = self.get_decoder()
+        if not self.splits_head():
+            if not head_splits(self.config, text.dtype):
+                raise ValueError("split_head needs a tied float32 head on the CPU kernel")
+            text.embed_tokens = SplitFloat32Embed(SplitFloat32Embed.split(text.embed_tokens.embedding[...]))
+
+    def greedy_tokens(self, hidden: jax.Array) -> jax.Array:
+        """The argmax of the logits of hidden states (B, D), (B,) int32; with a split head, without
+        computing them (the softcap keeps the order)."""
+        if self.splits_head():
+            return self.get_decoder().embed_tokens.greedy(hidden)
+        return jnp.argmax(self.apply_lm_head(hidden).astype(jnp.float32), axis=-1).astype(jnp.int32)
 
     def logits_and_loss(self, hidden: jax.Array, labels: jax.Array | None, logits_to_keep: int):
         """Logits of the last ``logits_to_keep`` positions (0: all), and the loss when labels are given."""

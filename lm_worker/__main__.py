@@ -99,7 +99,9 @@ def load(args):
     mesh = None
     if len(jax.devices()) > 1:  # with several processes: every device of the group
         mesh = create_mesh(data=-1, fsdp=args.fsdp, tensor=args.tensor_parallel)
-    return cls.from_pretrained(args.model, dtype=getattr(jnp, args.dtype), mesh=mesh), mesh
+    # split_head=False: every step's sampler takes all logits (log-probabilities), so a split head would save
+    # nothing here, and its kernel's row loops are slower than XLA's GEMM past 16 slots (SplitFloat32Embed.attend)
+    return cls.from_pretrained(args.model, dtype=getattr(jnp, args.dtype), mesh=mesh, split_head=False), mesh
 
 
 def follower(args) -> int:

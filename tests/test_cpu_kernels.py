@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from gemma3 import cpu_kernels
-from gemma3.text import accumulating_dot_general
+from gemma3.text import SplitFloat32Embed, accumulating_dot_general
 
 KN = (((1,), (0,)), ((), ()))  # nnx.Linear: x @ w, w is (in, out)
 NK = (((1,), (1,)), ((), ()))  # the tied LM head: x @ w.T, w is (out, in)
@@ -127,7 +127,7 @@ def test_derivatives_flow_through_xla_dot():
 @pytest.mark.parametrize("env", [{"GEMMA3_CPU_KERNELS": "0"}, {"CXX": "false"}])
 def test_without_the_kernel_products_fall_back_to_xla(env, tmp_path):
     code = ("import jax, jax.numpy as jnp; from gemma3 import cpu_kernels; "
-            "from gemma3.text import accumulating_dot_general as d; "
+            "from gemma3.text import SplitFloat32Embed, accumulating_dot_general as d; "
             "x, w = jnp.ones((1, 8)), jnp.ones((8, 4)); "
             "print(cpu_kernels.available(), float(d(x, w, (((1,), (0,)), ((), ())))[0, 0]))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
@@ -136,6 +136,54 @@ def test_without_the_kernel_products_fall_back_to_xla(env, tmp_path):
     assert done.stdout.split() == ["False", "8.0"]
     if "CXX" in env:
         assert "CPU product kernel unavailable" in done.stderr
+
+
+def _planes(table: np.ndarray) -> jax.Array:
+    return SplitFloat32Embed.split(jnp.asarray(table, jnp.float32))
+
+
+@pytest.mark.parametrize("k,n", [(37, 13), (261, 1000), (640, 3001)])  # tails of the 8-lane sums, one row per part
+def test_split_products_equal_the_float32_kernel_and_the_argmax_is_theirs(k, n):
+    rng = np.random.default_rng(k + n)
+    table = rng.standard_normal((n, k)).astype(np.float32)
+    planes = _planes(table)
+    np.testing.assert_array_equal(np.asarray(SplitFloat32Embed.join(planes)), table)
+    product = jax.jit(cpu_kernels.split_product)
+    argmax = jax.jit(cpu_kernels.split_argmax)
+    for rows in (1, 2, 5, 8, 9, 17):  # past eight: eight at a time over blocks of the planes
+        x = jnp.asarray(rng.standard_normal((rows, k)), jnp.float32)
+        got = np.asarray(product(x, planes))
+        exact = np.asarray(x, np.float64) @ table.T.astype(np.float64)
+        np.testing.assert_allclose(got, exact, rtol=1e-5, atol=1e-4)
+        if rows <= cpu_kernels.MAX_ROWS:  # the float32 table's own kernel product, to its rounding
+            np.testing.assert_allclose(got, np.asarray(cpu_kernels.rows_matmul(x, jnp.asarray(table), NK)), rtol=1e-6,
+                                       atol=1e-6)
+        np.testing.assert_array_equal(np.asarray(argmax(x, planes)), np.argmax(exact, axis=-1))
+
+
+def test_split_argmax_decides_rows_that_differ_only_in_their_bottom_halves():
+    """Every row has the same top halves (the top plane alone cannot tell them apart): the argmax is the row
+    whose bottom halves make its exact product largest, the first of equal ones, and NaN wins as in jnp.argmax."""
+    rng = np.random.default_rng(0)
+    n, k = 4096, 640
+    top = (rng.standard_normal(k).astype(np.float32).view(np.uint32) & 0xFFFF0000).astype(np.uint32)
+    bottom = rng.integers(0, 1 << 16, (n, k), dtype=np.uint32)
+    table = (top[None, :] | bottom).view(np.float32)
+    x = jnp.asarray(np.abs(rng.standard_normal((3, k))) * np.sign(table[0])[None, :], jnp.float32)
+    exact = np.asarray(x, np.float64) @ table.T.astype(np.float64)
+    got = np.asarray(cpu_kernels.split_argmax(x, _planes(table)))
+    best = np.argmax(exact, axis=-1)
+    spread = exact.max(axis=-1) - exact.min(axis=-1)  # what the bottom halves move the rows by
+    rounding = 1e-6 * np.abs(exact).max(axis=-1)  # float32 sums of k products
+    assert (spread > 100 * rounding).all() and (best != 0).any()  # the bottom halves decide, not the row order
+    assert (exact[np.arange(3), got] >= exact.max(axis=-1) - rounding).all()
+    tied = np.concatenate([table, table[best[:1]]])  # a later copy of row best[0]: the first one wins
+    assert int(cpu_kernels.split_argmax(x[:1], _planes(tied))[0]) == best[0]
+    with_nan = table.copy()
+    with_nan[7, 3] = np.nan
+    nan_logits = np.asarray(cpu_kernels.split_product(x, _planes(with_nan)))
+    np.testing.assert_array_equal(np.asarray(cpu_kernels.split_argmax(x, _planes(with_nan))),
+                                  np.asarray(jnp.argmax(jnp.asarray(nan_logits), axis=-1)))
 
 
 # compiler flag: the CPU flag it turns off
@@ -168,14 +216,15 @@ def test_the_builds_for_cpus_without_these_instructions(flags, tmp_path):
     already (the tests above)."""
     if VARIANTS[flags] not in Path("/proc/cpuinfo").read_text().split():
         pytest.skip(f"this CPU has no {VARIANTS[flags]}: its own build is the one without it")
-    chosen = "builds_here or match_float64 or prefill or attention_matches or without_a_mask"
+    chosen = "builds_here or match_float64 or prefill or attention_matches or without_a_mask or split"
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", chosen],
                           capture_output=True, text=True, timeout=600,
                           env={**os.environ, "GEMMA3_KERNEL_CACHE_DIR": str(tmp_path), "GEMMA3_KERNEL_FLAGS": flags})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     # the build, 16 decode-sized products, 3 GEMMs, the GEMM's choice, 4 prefill attentions (the last three each as
-    # pairs and as float32; without AVX512-BF16 the pair cases skip: 8), 18 attentions, 4 without a mask
-    want = "55 passed" if flags == "-mno-amx-tile" else "47 passed, 8 skipped"
+    # pairs and as float32; without AVX512-BF16 the pair cases skip: 8), 18 attentions, 4 without a mask, 4 of the
+    # split head's products and argmax
+    want = "59 passed" if flags == "-mno-amx-tile" else "51 passed, 8 skipped"
     assert want in done.stdout, done.stdout[-3000:]
 
 

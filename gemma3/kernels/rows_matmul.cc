@@ -55,6 +55,7 @@ namespace {
 typedef float f8 __attribute__((vector_size(32)));
 typedef uint16_t u16x8 __attribute__((vector_size(16)));
 typedef uint32_t u32x8 __attribute__((vector_size(32)));
+typedef uint16_t u16x16 __attribute__((vector_size(32)));
 
 inline float widen(float v) { return v; }
 inline float widen(uint16_t v) {  // bfloat16 is the top half of a float32
@@ -77,10 +78,36 @@ inline f8 load8(const uint16_t* p) {
   return v;
 }
 inline void store8(float* p, f8 v) { std::memcpy(p, &v, sizeof v); }
+// A float32 (N, K) matrix kept as two planes of halves (SplitHead): the top 16 bits of every float32 (its
+// bfloat16 truncation) at `top`, the bottom 16 bits `plane` elements after. Indexed as a pointer to float.
+struct SplitF32 {
+  const uint16_t* top;
+  int64_t plane;
+  SplitF32 operator+(int64_t i) const { return {top + i, plane}; }
+  float operator[](int64_t i) const {
+    const uint32_t bits = static_cast<uint32_t>(top[i]) << 16 | top[i + plane];
+    float f;
+    std::memcpy(&f, &bits, sizeof f);
+    return f;
+  }
+};
+inline f8 load8(SplitF32 p) {  // each bottom half below its top half: the float32's bytes, little-endian
+  u16x8 h, l;
+  std::memcpy(&h, p.top, sizeof h);
+  std::memcpy(&l, p.top + p.plane, sizeof l);
+  const u16x16 halves = __builtin_shufflevector(l, h, 0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15);
+  f8 v;
+  std::memcpy(&v, &halves, sizeof v);
+  return v;
+}
+inline void Prefetch(const void* p) { __builtin_prefetch(p, 0, 2); }  // to L2
+inline void Prefetch(SplitF32 p) {
+  Prefetch(p.top);
+  Prefetch(p.top + p.plane);
+}
 // Sixteen bfloat16 as two vectors of eight float32 by interleaving zeros below them (one shuffle each,
 // no shifts); the lanes come out as elements 0-3 and 8-11, then 4-7 and 12-15 (the order of x86's
 // unpack instructions), so the other operand of a dot product is permuted the same way (Interleave).
-typedef uint16_t u16x16 __attribute__((vector_size(32)));
 inline void load16(const uint16_t* p, f8& lo, f8& hi) {
   u16x16 v;
   std::memcpy(&v, p, sizeof v);
@@ -218,17 +245,17 @@ void RowsKN(const float* x, const T* w, float* y, int64_t K, int64_t N, int64_t 
 // sharing each load of x: at eight rows x (37 KB for the 1b model) no longer fits L1 beside the stream, and
 // one weight row at a time read the head at 11 GB/s. The summation order is fixed, so results do not
 // depend on the thread split.
-template <int M, int W = SharedRows(M), typename T = float>
-void RowsNK(const float* x, const T* w, float* y, int64_t K, int64_t N, int64_t n0, int64_t n1, int64_t ldw) {
+template <int M, int W = SharedRows(M), typename P = const float*>  // P: const float*, const uint16_t*, SplitF32
+void RowsNK(const float* x, P w, float* y, int64_t K, int64_t N, int64_t n0, int64_t n1, int64_t ldw) {
   const int64_t k_main = K / 8 * 8;
   int64_t n = n0;
   for (; n + W <= n1; n += W) {
-    const T* __restrict row = w + n * ldw;
+    const P row = w + n * ldw;
     f8 acc[M][W] = {};
     const bool ahead = n + 2 * W <= n1;
     for (int64_t k = 0; k < k_main; k += 8) {
       if (ahead && k % 16 == 0) {  // the next W rows, to L2, a 64-byte line per row
-        _Pragma("GCC unroll 4") for (int r = W; r < 2 * W; ++r) __builtin_prefetch(row + r * ldw + k, 0, 2);
+        _Pragma("GCC unroll 4") for (int r = W; r < 2 * W; ++r) Prefetch(row + r * ldw + k);
       }
       f8 wv[W];
       _Pragma("GCC unroll 4") for (int r = 0; r < W; ++r) wv[r] = load8(row + r * ldw + k);
@@ -1480,6 +1507,134 @@ ffi::Error Attention(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer keys
   return ffi::Error::Success();
 }
 
+// The tied LM head of a float32 model kept as two planes of halves (SplitF32; gemma3.text.SplitFloat32Embed).
+// Why: at batch 1 a float32 decode step reads every weight once and is bound by memory, and the head is a large
+// part of it (gemma-3-270m: 0.67 of its 1.07 GB, gemma-3-1b: 1.2 of 4.0). A greedy step needs only the argmax:
+// SplitArgmax reads the top plane alone (half the head's bytes), bounds what each row's bottom halves can add,
+// and reads both planes only for the rows whose bound reaches the best (a handful of 262,144). Logits
+// (SplitProduct) read both planes, summed as RowsNK sums a float32 matrix.
+ffi::Error SplitProduct(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U16> planes,
+                        ffi::Result<ffi::Buffer<ffi::F32>> y) {
+  const auto xd = x.dimensions(), pd = planes.dimensions();
+  if (xd.size() != 2 || pd.size() != 3 || pd[0] != 2 || pd[2] != xd[1] || y->dimensions()[1] != pd[1])
+    return ffi::Error::InvalidArgument("split_product: x (M, K), planes (2, N, K), y (M, N)");
+  const int64_t M = xd[0], K = xd[1], N = pd[1];
+  const SplitF32 w{planes.typed_data(), N * K};
+  const int64_t parts = std::max<int64_t>(1, pool.num_threads());
+  // More than eight rows: eight at a time over a block of weight rows small enough to stay in L2, so that the
+  // planes are read from memory once
+  const int64_t block = M <= kMaxRows ? N : std::max<int64_t>(8, (128 << 10) / (4 * K));
+  RunParts(pool, parts, [&](int64_t i) {
+    for (int64_t n = N * i / parts, end = N * (i + 1) / parts; n < end; n += block)
+      for (int64_t m0 = 0; m0 < M; m0 += kMaxRows)
+        WithRows(std::min(kMaxRows, M - m0), [&](auto rows) {
+          RowsNK<rows()>(x.typed_data() + m0 * K, w, y->typed_data() + m0 * N, K, N, n, std::min(end, n + block), K);
+        });
+  });
+  return ffi::Error::Success();
+}
+
+// Pass one of SplitArgmax, M rows (1..8) of x against the top plane (bfloat16 truncations t) of (N, K) weights,
+// rows n0..n1: a[m, n] = <x[m], t[n]>, and s[n] = <xm, |t[n]|> for xm = max over m of |x[m]|, which bounds what
+// the bottom halves add to any of the M rows (each adds less than 2^-7 of its top half's magnitude): one sum
+// more per weight row, whatever M. W rows at a time, as RowsNK.
+constexpr int TopShared(int m) { return std::clamp((kVectorRegisters - 8) / (m + 1), 1, 4); }
+template <int M, int W = TopShared(M)>
+void TopRows(const float* x, const float* xm, const uint16_t* w, float* a, float* s, int64_t K, int64_t N, int64_t n0,
+             int64_t n1) {
+  const int64_t k_main = K / 8 * 8;
+  int64_t n = n0;
+  for (; n + W <= n1; n += W) {
+    const uint16_t* row = w + n * K;
+    f8 acc[M][W] = {}, bound[W] = {};
+    const bool ahead = n + 2 * W <= n1;
+    for (int64_t k = 0; k < k_main; k += 8) {
+      if (ahead && k % 32 == 0) {
+        _Pragma("GCC unroll 4") for (int r = W; r < 2 * W; ++r) Prefetch(row + r * K + k);
+      }
+      const f8 xmv = load8(xm + k);
+      f8 tv[W];
+      _Pragma("GCC unroll 4") for (int r = 0; r < W; ++r) {
+        u16x8 h;
+        std::memcpy(&h, row + r * K + k, sizeof h);
+        const u32x8 bits = __builtin_convertvector(h, u32x8) << 16, magnitude = bits & 0x7fffffffu;
+        f8 ta;
+        std::memcpy(&tv[r], &bits, sizeof tv[r]);
+        std::memcpy(&ta, &magnitude, sizeof ta);
+        bound[r] += xmv * ta;
+      }
+      _Pragma("GCC unroll 8") for (int m = 0; m < M; ++m) {
+        const f8 xv = load8(x + m * K + k);
+        _Pragma("GCC unroll 4") for (int r = 0; r < W; ++r) acc[m][r] += xv * tv[r];
+      }
+    }
+    for (int r = 0; r < W; ++r) {
+      float ss = sum8(bound[r]);
+      for (int64_t k = k_main; k < K; ++k) ss += xm[k] * std::fabs(widen(row[r * K + k]));
+      s[n + r] = ss;
+      for (int m = 0; m < M; ++m) {
+        float sa = sum8(acc[m][r]);
+        for (int64_t k = k_main; k < K; ++k) sa += x[m * K + k] * widen(row[r * K + k]);
+        a[m * N + n + r] = sa;
+      }
+    }
+  }
+  if (n < n1) TopRows<M, 1>(x, xm, w, a, s, K, N, n, n1);
+}
+
+// ids[m] = argmax_n <x[m], w[n]> (the first on ties; a NaN counts as the largest, as jnp.argmax), w the float32
+// rows that the planes hold. Exact: a row's value differs from its top plane's a by under 2^-7 s (truncation)
+// plus the float32 rounding of either sum (under K ulps of s each, slack included), so every row whose
+// a + bound falls below the best a - bound is below the best row's exact value, and only the others are summed
+// exactly (as SplitProduct sums them).
+ffi::Error SplitArgmax(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U16> planes,
+                       ffi::Result<ffi::Buffer<ffi::S32>> ids) {
+  const auto xd = x.dimensions(), pd = planes.dimensions();
+  if (xd.size() != 2 || pd.size() != 3 || pd[0] != 2 || pd[2] != xd[1] || ids->element_count() != xd[0])
+    return ffi::Error::InvalidArgument("split_argmax: x (M, K), planes (2, N, K), ids (M,)");
+  const int64_t M = xd[0], K = xd[1], N = pd[1];
+  const float* xs = x.typed_data();
+  const uint16_t* top = planes.typed_data();
+  const int64_t groups = (M + kMaxRows - 1) / kMaxRows;  // of eight rows, one pass over the top plane each
+  std::vector<float> xm(static_cast<size_t>(groups * K), 0.f), a(static_cast<size_t>(M * N)),
+      s(static_cast<size_t>(groups * N));
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) {
+      float& most = xm[m / kMaxRows * K + k];
+      most = std::max(most, std::fabs(xs[m * K + k]));
+    }
+  const int64_t parts = std::max<int64_t>(1, pool.num_threads());
+  for (int64_t g = 0; g < groups; ++g)
+    WithRows(std::min(kMaxRows, M - g * kMaxRows), [&](auto rows) {
+      const int64_t m0 = g * kMaxRows;
+      RunParts(pool, parts, [&](int64_t i) {
+        TopRows<rows()>(xs + m0 * K, xm.data() + g * K, top, a.data() + m0 * N, s.data() + g * N, K, N,
+                        N * i / parts, N * (i + 1) / parts);
+      });
+    });
+  const float slack = (0x1p-7f + 4.0f * static_cast<float>(K + 16) * 0x1p-24f) * (1.0f + 0x1p-10f);
+  const SplitF32 w{top, N * K};
+  RunParts(pool, M, [&](int64_t m) {
+    float* am = a.data() + m * N;  // each candidate's exact value is written over its a, once read
+    const float* sm = s.data() + m / kMaxRows * N;
+    float floor = -INFINITY;  // the largest a - bound: the best row's exact value is at least this
+    for (int64_t n = 0; n < N; ++n) floor = std::max(floor, am[n] - slack * sm[n] - 0x1p-100f);
+    int64_t best = -1;
+    float value = 0.f;
+    for (int64_t n = 0; n < N; ++n) {
+      if (am[n] + slack * sm[n] + 0x1p-100f < floor) continue;  // NaN stays: compared as jnp.argmax does
+      RowsNK<1, 1>(xs + m * K, w, am, K, N, n, n + 1, K);
+      const float e = am[n];
+      if (best < 0 || (!std::isnan(value) && (std::isnan(e) || e > value))) {
+        best = n;
+        value = e;
+      }
+    }
+    ids->typed_data()[m] = static_cast<int32_t>(std::max<int64_t>(best, 0));
+  });
+  return ffi::Error::Success();
+}
+
 ffi::Error RowsMatmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
                       ffi::Result<ffi::Buffer<ffi::F32>> y, int64_t w_layout, int64_t float32_gemm) {
   auto xd = x.dimensions();
@@ -1609,3 +1764,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Gemma3Attention, Attention,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("float32_gemm")
                                   .Attr<int64_t>("all_visible"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Gemma3SplitProduct, SplitProduct,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Gemma3SplitArgmax, SplitArgmax,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U16>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>());
