@@ -243,8 +243,9 @@ void RowsKN(const float* x, const T* w, float* y, int64_t K, int64_t N, int64_t 
 // M rows (1..8), (N, K) weights (float32, or bfloat16 widened: attention's keys) at ldw apart, rows n0..n1:
 // y[m, n] = <x[m, :], w[n, :]>, W weight rows at a time (adjacent, so one stream; the next W prefetched)
 // sharing each load of x: at eight rows x (37 KB for the 1b model) no longer fits L1 beside the stream, and
-// one weight row at a time read the head at 11 GB/s. The summation order is fixed, so results do not
-// depend on the thread split.
+// one weight row at a time read the head at 11 GB/s. Each sum runs in one order, but a row summed in a group
+// of W and the same row summed alone (a part's last rows: another compiled loop) can differ in the last bit, so
+// the thread split can move a result by an ulp.
 template <int M, int W = SharedRows(M), typename P = const float*>  // P: const float*, const uint16_t*, SplitF32
 void RowsNK(const float* x, P w, float* y, int64_t K, int64_t N, int64_t n0, int64_t n1, int64_t ldw) {
   const int64_t k_main = K / 8 * 8;
