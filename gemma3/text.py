@@ -312,8 +312,8 @@ class SplitFloat32Embed(nnx.Module):
     every float32 (its bfloat16 truncation), then the bottom half. The tied LM head of a float32 model on the CPU
     kernel (`CausalLMMixin.split_head`; the loader's default there): a greedy decode step then reads the top
     plane alone but for the few rows that may hold the maximum (`cpu_kernels.split_argmax`), half the head's
-    bytes, which are most of gemma-3-270m's step and 30% of gemma-3-1b's. Rows and logits are the float32
-    table's exactly. An inference form: it has no derivatives (train on `nnx.Embed`)."""
+    bytes, which are most of gemma-3-270m's step and 30% of gemma-3-1b's. Rows are the float32 table's exactly,
+    logits its products to float32 rounding. An inference form: it has no derivatives (train on `nnx.Embed`)."""
 
     def __init__(self, planes: jax.Array):
         self.num_embeddings, self.features = planes.shape[1:]
@@ -513,9 +513,11 @@ class CausalLMMixin(PretrainedMixin):
         backend, one device. The loader does this itself there (``from_pretrained(split_head=None)``)."""
         text = self.get_decoder()
         if not self.splits_head():
-            if not head_splits(self.config, text.dtype):
-                raise ValueError("split_head needs a tied float32 head on the CPU kernel")
-            text.embed_tokens = SplitFloat32Embed(SplitFloat32Embed.split(text.embed_tokens.embedding[...]))
+            table = text.embed_tokens.embedding[...]
+            sharding = getattr(table, "sharding", None)  # (none while traced abstractly)
+            if not head_splits(self.config, text.dtype) or (sharding is not None and len(sharding.device_set) > 1):
+                raise ValueError("split_head needs a tied float32 head on one device, on the CPU kernel")
+            text.embed_tokens = SplitFloat32Embed(SplitFloat32Embed.split(table))
 
     def greedy_tokens(self, hidden: jax.Array) -> jax.Array:
         """The argmax of the logits of hidden states (B, D), (B,) int32; with a split head, without

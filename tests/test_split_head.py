@@ -60,5 +60,11 @@ def test_split_head_is_refused_where_the_kernel_would_not_run_it(text_checkpoint
     assert not untied.splits_head()
     with pytest.raises(ValueError, match="tied float32"):
         untied.split_head()
+    from gemma3 import create_mesh
+
+    sharded = Gemma3ForCausalLM.from_pretrained(text_checkpoints["base"][0], mesh=create_mesh(data=1, fsdp=2, tensor=4))
+    assert not sharded.splits_head()
+    with pytest.raises(ValueError, match="one device"):
+        sharded.split_head()
     bf16 = Gemma3ForCausalLM.from_pretrained(text_checkpoints["base"][0], dtype=jnp.bfloat16)
     assert not bf16.splits_head()
