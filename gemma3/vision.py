@@ -99,10 +99,12 @@ def patch_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
 
 def kernel_attends(q: jax.Array, k: jax.Array) -> bool:
     """Whether the tower's attention runs in the CPU kernel (`kernel_attention`) rather than XLA's blocked einsums:
-    in bfloat16 on a CPU with AMX tiles, where at 896 px it ran 1.8x the einsums, which had been two thirds of the
-    tower's time. Elsewhere it was not faster on that Xeon (float32 0.97-1.03x; bfloat16 in float32 FMAs, without
-    the tiles, 0.72x), so XLA keeps those (bench/RESULTS.md)."""
-    return q.dtype == jnp.bfloat16 and cpu_kernels.attention_applies(q, k) and cpu_kernels.amx_tiles()
+    in bfloat16 where the kernel's GEMM multiplies bfloat16 pairs, in AMX tiles (an Intel Xeon: 1.8x the einsums
+    at 896 px, which had been two thirds of the tower's time) or by vdpbf16ps (a Zen 5: 1.33-1.39x). Elsewhere it
+    was not faster (float32 0.97-1.10x; bfloat16 in float32 FMAs, without pairs, 0.72x on the Xeon), so XLA keeps
+    those (bench/RESULTS.md)."""
+    return (q.dtype == jnp.bfloat16 and cpu_kernels.attention_applies(q, k) and cpu_kernels.pair_products()
+            and not cpu_kernels.float32_gemm())
 
 
 @jax.custom_jvp
