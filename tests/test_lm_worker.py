@@ -198,8 +198,10 @@ def test_a_full_queue_answers_resource_exhausted(lm_worker):
     from concurrent.futures import ThreadPoolExecutor
 
     _, target = lm_worker
+    # long enough that the 4 slots are still busy while 60 client threads start: at 40 tokens a fast host once
+    # finished requests as quickly as a busy one started them, and none was refused
     request = lm_worker_pb2.LMGenerateRequest(raw=common_pb2.RawPrompt(text="Queue"),
-                                              sampling=common_pb2.SamplingParams(max_new_tokens=40))
+                                              sampling=common_pb2.SamplingParams(max_new_tokens=160))
 
     def one(_):
         try:
