@@ -103,8 +103,7 @@ def kernel_attends(q: jax.Array, k: jax.Array) -> bool:
     at 896 px, which had been two thirds of the tower's time) or by vdpbf16ps (a Zen 5: 1.33-1.39x). Elsewhere it
     was not faster (float32 0.97-1.10x; bfloat16 in float32 FMAs, without pairs, 0.72x on the Xeon), so XLA keeps
     those (bench/RESULTS.md)."""
-    return (q.dtype == jnp.bfloat16 and cpu_kernels.attention_applies(q, k) and cpu_kernels.pair_products()
-            and not cpu_kernels.float32_gemm())
+    return q.dtype == jnp.bfloat16 and cpu_kernels.attention_applies(q, k) and not cpu_kernels.float32_gemm()
 
 
 @jax.custom_jvp

@@ -95,7 +95,7 @@ def test_bfloat16_products_accumulate_in_float32(pair):
     found = list(dots(jax.make_jaxpr(encoder)(jnp.zeros((1, 3, 42, 42), jnp.float32)).jaxpr))
     # patch embedding, 2 layers x (q, k, v, out, fc1, fc2 and the attention: the kernel's call on the CPU, else
     # XLA's two products), the projector
-    attention_products = 1 if cpu_kernels.pair_products() and not cpu_kernels.float32_gemm() else 2  # kernel_attends
+    attention_products = 1 if not cpu_kernels.float32_gemm() else 2  # where `vision.kernel_attends` in bfloat16
     assert len(found) == 1 + 2 * (6 + attention_products) + 1
     assert all(v.aval.dtype == jnp.float32 for e in found for v in e.outvars), [e.params for e in found]
     assert all(e.params["preferred_element_type"] == jnp.float32 for e in found if e.primitive.name == "dot_general")

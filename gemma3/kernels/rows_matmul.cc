@@ -1132,14 +1132,18 @@ void MultiplyRows(ffi::ThreadPool& pool, int64_t parts, const T* x_in, const flo
   }
 }
 
+// How many parts a product that reads `bytes` of weights once is split into: one per thread, but one alone below
+// ~256 KiB, where a second thread costs more (its wake-up) than it saves. (Four parts per thread, for balance
+// when another process preempts one, measured slower: 24.5 against 25.9 tok/s at 270m float32 batch 1, 35.6
+// against 41.5 in bfloat16.)
+int64_t ReadParts(ffi::ThreadPool& pool, size_t bytes) {
+  return bytes < (256 << 10) ? 1 : std::max<int64_t>(1, pool.num_threads());
+}
+
 template <typename T>
 void Multiply(ffi::ThreadPool& pool, const T* x_in, const T* w, float* y, int64_t M, int64_t K, int64_t N,
               bool w_is_nk) {
-  // Below ~256 KiB of weights a second thread costs more (its wake-up) than it saves. (Four parts per
-  // thread, for balance when another process preempts one, measured slower: 24.5 against 25.9 tok/s at
-  // 270m float32 batch 1, 35.6 against 41.5 in bfloat16.)
-  const size_t bytes = static_cast<size_t>(K) * N * sizeof(T);
-  const int64_t parts = bytes < (256 << 10) ? 1 : std::max<int64_t>(1, pool.num_threads());
+  const int64_t parts = ReadParts(pool, static_cast<size_t>(K) * N * sizeof(T));
 #ifdef GEMMA3_AMX
   // (K, N) bfloat16 weights through the GEMM's panels and AMX tiles: the pair loops below are bound by their
   // instructions at 8 rows (vdpbf16ps on one port, each row's sums loaded and stored per pass)
@@ -1521,7 +1525,7 @@ ffi::Error SplitProduct(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
     return ffi::Error::InvalidArgument("split_product: x (M, K), planes (2, N, K), y (M, N)");
   const int64_t M = xd[0], K = xd[1], N = pd[1];
   const SplitF32 w{planes.typed_data(), N * K};
-  const int64_t parts = std::max<int64_t>(1, pool.num_threads());
+  const int64_t parts = ReadParts(pool, static_cast<size_t>(N) * K * sizeof(float));
   // More than eight rows: eight at a time over a block of weight rows small enough to stay in L2, so that the
   // planes are read from memory once
   const int64_t block = M <= kMaxRows ? N : std::max<int64_t>(8, (128 << 10) / (4 * K));
@@ -1604,7 +1608,7 @@ ffi::Error SplitArgmax(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
       float& most = xm[m / kMaxRows * K + k];
       most = std::max(most, std::fabs(xs[m * K + k]));
     }
-  const int64_t parts = std::max<int64_t>(1, pool.num_threads());
+  const int64_t parts = ReadParts(pool, static_cast<size_t>(N) * K * sizeof(uint16_t));  // the top plane
   for (int64_t g = 0; g < groups; ++g)
     WithRows(std::min(kMaxRows, M - g * kMaxRows), [&](auto rows) {
       const int64_t m0 = g * kMaxRows;
