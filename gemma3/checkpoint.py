@@ -235,7 +235,7 @@ def _adopts_host_arrays(sharding: SingleDeviceSharding, dtype: np.dtype) -> bool
 
 
 def load_pretrained(cls, path, dtype=np.float32, mesh: Mesh | None = None, progress: bool | None = None,
-                    config=None, split_head: bool | None = None):
+                    config=None, split_head: bool | None = None, screen_head: bool | None = None):
     """Build ``cls`` from a checkpoint directory without materialising random weights.
 
     The model is created abstractly (``nnx.eval_shape``); each parameter is then read from its
@@ -243,9 +243,10 @@ def load_pretrained(cls, path, dtype=np.float32, mesh: Mesh | None = None, progr
     Missing, unexpected and mis-shaped tensors are all reported at once, by name. Checkpoint keys
     are renamed by ``cls.checkpoint_key`` (default: the text-model layouts). ``split_head``: keep a tied
     float32 head as `gemma3.text.SplitFloat32Embed` (None: wherever it can, without a mesh), written straight
-    into its planes.
+    into its planes. ``screen_head``: give a tied bfloat16 head an int8 screen for greedy decode
+    (`gemma3.text.HeadScreen`; None: wherever it can, without a mesh).
     """
-    from gemma3.text import head_splits
+    from gemma3.text import head_screens, head_splits
 
     path = os.fspath(path)
     config = config if config is not None else cls.config_class.from_pretrained(path)
@@ -325,7 +326,12 @@ def load_pretrained(cls, path, dtype=np.float32, mesh: Mesh | None = None, progr
     # after its first 16 MiB piece glibc serves pieces that size from its heap, which kept 55 MB of
     # gemma-3-270m's float32 load resident beside the weights, under everything the process does next
     heap.release()
-    return nnx.merge(graphdef, state)
+    model = nnx.merge(graphdef, state)
+    if screen_head is None:
+        screen_head = mesh is None and hasattr(cls, "screen_head") and head_screens(config, dtype)
+    if screen_head:
+        model.screen_head()
+    return model
 
 
 def save_pretrained(model, path, architecture: str | None = None) -> None:

@@ -39,6 +39,7 @@ TARGET = "gemma3_rows_matmul"
 ATTENTION_TARGET = "gemma3_attention"
 SPLIT_PRODUCT_TARGET = "gemma3_split_product"
 SPLIT_ARGMAX_TARGET = "gemma3_split_argmax"
+SCREEN_ARGMAX_TARGET = "gemma3_screen_argmax"
 SOURCE = Path(__file__).with_name("kernels") / "rows_matmul.cc"
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 
@@ -98,6 +99,9 @@ def _library() -> ctypes.CDLL | None:
                                     platform="cpu")
         jax.ffi.register_ffi_target(SPLIT_ARGMAX_TARGET, jax.ffi.pycapsule(library.Gemma3SplitArgmax),
                                     platform="cpu")
+        if library.Gemma3Int8Screen():
+            jax.ffi.register_ffi_target(SCREEN_ARGMAX_TARGET, jax.ffi.pycapsule(library.Gemma3ScreenArgmax),
+                                        platform="cpu")
     except Exception as error:  # noqa: BLE001 - any failure means XLA's dot, which is always correct
         log.warning("CPU product kernel unavailable, using XLA's dot: %s", error)
         return None
@@ -115,6 +119,14 @@ def pair_products() -> bool:
     bfloat16 panels to float32 (`float32_gemm`)."""
     library = _library()
     return library is not None and bool(library.Gemma3PairProducts())
+
+
+@functools.cache
+def int8_screen() -> bool:
+    """Whether the kernel multiplies int8 rows (the CPU has AVX512-VNNI), which a bfloat16 head's greedy
+    screen needs (`screen_argmax`)."""
+    library = _library()
+    return library is not None and bool(library.Gemma3Int8Screen())
 
 
 @functools.cache
@@ -232,6 +244,18 @@ def split_argmax(x: jax.Array, planes: jax.Array) -> jax.Array:
     """The argmax over n of `split_product` (M,) int32, exact (the first on ties, NaN largest, as jnp.argmax),
     reading the top plane alone but for the few rows that may hold the maximum (kernels/rows_matmul.cc)."""
     return _split_call(SPLIT_ARGMAX_TARGET, (x.shape[0],), jnp.int32)(x, planes)
+
+
+def screen_argmax(x: jax.Array, table: jax.Array, screen: jax.Array, rows: jax.Array) -> jax.Array:
+    """The argmax over n of x (M, K) times the bfloat16 table (N, K) transposed, (M,) int32: of the logits as a
+    one-row product sums them and rounds them to bfloat16 (the first on ties, NaN largest, as jnp.argmax),
+    reading the int8 ``screen`` (N, K) and its ``rows`` (4, N) (`gemma3.text.HeadScreen`) but for the few table
+    rows that may hold the maximum."""
+    if not int8_screen():
+        raise RuntimeError("the head's int8 screen needs the CPU kernel with AVX512-VNNI, which is unavailable here")
+    call = jax.ffi.ffi_call(SCREEN_ARGMAX_TARGET, jax.ShapeDtypeStruct((x.shape[0],), jnp.int32),
+                            vmap_method="sequential")
+    return call(x.astype(jnp.bfloat16), table, screen, rows)
 
 
 def _split_call(target: str, shape: tuple, dtype):

@@ -140,7 +140,7 @@ def _decode_step(graphdef, greedy, state, tokens, cache, seeds, step, temperatur
     (``greedy``: argmax only, see sample_tokens)."""
     model = nnx.merge(graphdef, state)
     inputs = dict(input_ids=tokens[:, None], position_ids=cache.next_position[:, None], past_key_values=cache)
-    if greedy and model.splits_head():  # the argmax without the logits: half the head read (SplitFloat32Embed)
+    if greedy and model.greedy_without_logits():  # half the head read (SplitFloat32Embed, HeadScreen)
         out = model.model(**inputs)
         return model.greedy_tokens(out.last_hidden_state[:, -1]), out.past_key_values
     out = model(**inputs)

@@ -8,6 +8,7 @@ B batch, T query tokens, S key tokens, D model width, K kv heads, G query heads 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -346,6 +347,54 @@ class SplitFloat32Embed(nnx.Module):
         return cpu_kernels.split_argmax(hidden.astype(jnp.float32), self.planes[...])
 
 
+class Derived(nnx.Variable):
+    """State computed from the weights (`HeadScreen`): not a parameter, so never loaded, saved or trained."""
+
+
+@functools.partial(jax.jit, static_argnums=4, donate_argnums=(0, 1))
+def _screen_block(screen, rows, table, start, size):
+    """Rows start..start+size of `HeadScreen`'s screen and row data from the table, written into the donated
+    arrays (so that the screen is built in place, one block of the table widened at a time)."""
+    w = jax.lax.dynamic_slice_in_dim(table, start, size).astype(jnp.float32)
+    most = jnp.max(jnp.abs(w), axis=1)
+    s = jnp.where(most > 0, most / 127, 1.0)
+    q = jnp.clip(jnp.round(w / s[:, None]), -127, 127)
+    # what rounding left, plus the product s q's own rounding (under 2^-24 of 127 s)
+    r = jnp.max(jnp.abs(w - s[:, None] * q), axis=1) + s * 2.0**-16
+    finite = jnp.all(jnp.isfinite(w), axis=1)
+    block = jnp.stack([jnp.where(finite, s, jnp.nan), r, jnp.sum(jnp.abs(q), axis=1), jnp.sum(q, axis=1)])
+    screen = jax.lax.dynamic_update_slice_in_dim(screen, q.astype(jnp.int8), start, 0)
+    return screen, jax.lax.dynamic_update_slice_in_dim(rows, block, start, 1)
+
+
+class HeadScreen(nnx.Module):
+    """An int8 copy of a tied bfloat16 head, beside the table (`CausalLMMixin.screen_head`; the loader's default
+    where the CPU kernel has AVX512-VNNI): each row n as q[n] = round(w[n] / s[n]), s[n] = max |w[n]| / 127, and
+    rows (4, vocab): s, a bound on |w[n] - s[n] q[n]|, sum |q[n]|, sum q[n]. A greedy decode step reads the
+    screen (half the head's bytes, most of gemma-3-270m's step) and sums from the table only the rows whose
+    bound reaches the best (`cpu_kernels.screen_argmax`): the same tokens as the logits' argmax. A copy of the
+    table: build it again (`screen_head`) after changing the table."""
+
+    BLOCK_ROWS = 16384
+
+    def __init__(self, screen: jax.Array, rows: jax.Array):
+        self.screen = Derived(screen)
+        self.rows = Derived(rows)
+
+    @classmethod
+    def of(cls, table: jax.Array) -> HeadScreen:
+        vocab, hidden = table.shape
+        size = min(vocab, cls.BLOCK_ROWS)
+        screen, rows = jnp.zeros((vocab, hidden), jnp.int8), jnp.zeros((4, vocab), jnp.float32)
+        for start in range(0, vocab, size):  # the last block ends at the table's end (overlapping the one before)
+            screen, rows = _screen_block(screen, rows, table, min(start, vocab - size), size)
+        return cls(screen, rows)
+
+    def greedy(self, hidden: jax.Array, table: jax.Array) -> jax.Array:
+        """hidden (B, D) → the argmax of its logits against ``table`` (B,) int32, exactly."""
+        return cpu_kernels.screen_argmax(hidden, table, self.screen[...], self.rows[...])
+
+
 class Gemma3TextModel(nnx.Module):
     """Embedding (scaled by sqrt(hidden_size) in the weight dtype), decoder layers, final norm."""
 
@@ -461,6 +510,16 @@ def causal_lm_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return jnp.sum(jnp.where(keep, nll, 0.0)) / jnp.maximum(jnp.sum(keep), 1)
 
 
+def head_screens(config, dtype) -> bool:
+    """Whether a model of ``config`` in ``dtype`` can screen its head (`CausalLMMixin.screen_head`): tied,
+    bfloat16, no final-logit softcapping (Gemma 3 has none; its rounding could tie rows the screen tells
+    apart), and on the CPU backend with the kernel's int8 products."""
+    text = getattr(config, "text_config", config)
+    return (getattr(config, "tie_word_embeddings", False) and jnp.dtype(dtype) == jnp.bfloat16
+            and getattr(text, "final_logit_softcapping", None) is None
+            and jax.default_backend() == "cpu" and cpu_kernels.int8_screen())
+
+
 def head_splits(config, dtype) -> bool:
     """Whether a model of ``config`` in ``dtype`` can keep its head split (`CausalLMMixin.split_head`): tied,
     float32, and on the CPU backend with the kernel."""
@@ -472,13 +531,14 @@ class PretrainedMixin:
     """Checkpoint I/O shared by every model class."""
 
     @classmethod
-    def from_pretrained(cls, path, dtype=jnp.float32, mesh=None, progress=None, config=None, split_head=None):
-        """Load a Hugging Face checkpoint directory, each tensor straight onto its devices (``split_head``:
-        see `gemma3.checkpoint.load_pretrained`)."""
+    def from_pretrained(cls, path, dtype=jnp.float32, mesh=None, progress=None, config=None, split_head=None,
+                        screen_head=None):
+        """Load a Hugging Face checkpoint directory, each tensor straight onto its devices (``split_head``,
+        ``screen_head``: see `gemma3.checkpoint.load_pretrained`)."""
         from gemma3.checkpoint import load_pretrained
 
         return load_pretrained(cls, path, dtype=dtype, mesh=mesh, progress=progress, config=config,
-                               split_head=split_head)
+                               split_head=split_head, screen_head=screen_head)
 
     def save_pretrained(self, path) -> None:
         """Write config.json and model.safetensors in the layout transformers 5.x writes."""
@@ -519,11 +579,36 @@ class CausalLMMixin(PretrainedMixin):
                 raise ValueError("split_head needs a tied float32 head on one device, on the CPU kernel")
             text.embed_tokens = SplitFloat32Embed(SplitFloat32Embed.split(table))
 
+    def screens_head(self) -> bool:
+        """Whether the tied head has an int8 screen for greedy decode (see `screen_head`)."""
+        return getattr(self.get_decoder(), "head_screen", None) is not None
+
+    def screen_head(self) -> None:
+        """Give the tied bfloat16 head an int8 screen (`HeadScreen`, built from the table; half its bytes more
+        memory, never saved): greedy decode then reads the screen instead of the table (`greedy_tokens`), the
+        same tokens. Only where the CPU kernel runs it: bfloat16, tied, the CPU backend (AVX512-VNNI), one
+        device. The loader does this itself there (``from_pretrained(screen_head=None)``); call it again after
+        changing the embedding."""
+        text = self.get_decoder()
+        table = text.embed_tokens.embedding[...] if head_screens(self.config, text.dtype) else None
+        sharding = getattr(table, "sharding", None)
+        if table is None or (sharding is not None and len(sharding.device_set) > 1):
+            raise ValueError("screen_head needs a tied bfloat16 head on one device, on the CPU kernel with "
+                             "AVX512-VNNI")
+        text.head_screen = HeadScreen.of(table)
+
+    def greedy_without_logits(self) -> bool:
+        """Whether `greedy_tokens` takes the argmax without computing the logits (a split or screened head)."""
+        return self.splits_head() or self.screens_head()
+
     def greedy_tokens(self, hidden: jax.Array) -> jax.Array:
-        """The argmax of the logits of hidden states (B, D), (B,) int32; with a split head, without
-        computing them (the softcap keeps the order)."""
+        """The argmax of the logits of hidden states (B, D), (B,) int32; with a split or screened head,
+        without computing them (the softcap keeps the order)."""
         if self.splits_head():
             return self.get_decoder().embed_tokens.greedy(hidden)
+        if self.screens_head():
+            text = self.get_decoder()
+            return text.head_screen.greedy(hidden, text.embed_tokens.embedding[...])
         return jnp.argmax(self.apply_lm_head(hidden).astype(jnp.float32), axis=-1).astype(jnp.int32)
 
     def logits_and_loss(self, hidden: jax.Array, labels: jax.Array | None, logits_to_keep: int):

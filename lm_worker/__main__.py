@@ -99,9 +99,11 @@ def load(args):
     mesh = None
     if len(jax.devices()) > 1:  # with several processes: every device of the group
         mesh = create_mesh(data=-1, fsdp=args.fsdp, tensor=args.tensor_parallel)
-    # split_head=False: every step's sampler takes all logits (log-probabilities), so a split head would save
-    # nothing here, and its kernel's row loops are slower than XLA's GEMM past 16 slots (SplitFloat32Embed.attend)
-    return cls.from_pretrained(args.model, dtype=getattr(jnp, args.dtype), mesh=mesh, split_head=False), mesh
+    # split_head=False, screen_head=False: every step's sampler takes all logits (log-probabilities), so a split
+    # head would save nothing here, and its kernel's row loops are slower than XLA's GEMM past 16 slots
+    # (SplitFloat32Embed.attend); a screen would be memory for nothing
+    return cls.from_pretrained(args.model, dtype=getattr(jnp, args.dtype), mesh=mesh, split_head=False,
+                               screen_head=False), mesh
 
 
 def follower(args) -> int:

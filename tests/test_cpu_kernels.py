@@ -186,6 +186,68 @@ def test_split_argmax_decides_rows_that_differ_only_in_their_bottom_halves():
                                   np.asarray(jnp.argmax(jnp.asarray(nan_logits), axis=-1)))
 
 
+def _screened_argmax(x, table) -> np.ndarray:
+    """The argmax of the model's bfloat16 logits of x against the table (the kernel's product, eight rows at a
+    time, rounded to bfloat16), as jnp.argmax takes it."""
+    logits = [cpu_kernels.rows_matmul(x[i:i + 8], table, NK) for i in range(0, x.shape[0], 8)]
+    return np.asarray(jnp.argmax(jnp.concatenate(logits).astype(jnp.float32), axis=-1))
+
+
+def _screen(table):
+    from gemma3.text import HeadScreen
+
+    screen = HeadScreen.of(table)
+    return screen.screen[...], screen.rows[...]
+
+
+@pytest.mark.parametrize("k,n", [(37, 13), (100, 1000), (640, 3001)])  # tails of 64 inputs, one row per part
+def test_screen_argmax_is_the_argmax_of_the_bfloat16_logits(k, n):
+    if not cpu_kernels.int8_screen():
+        pytest.skip("the int8 screen needs AVX512-VNNI")
+    rng = np.random.default_rng(k + n)
+    table = jnp.asarray(rng.standard_normal((n, k)) * 0.05, jnp.bfloat16)
+    screen, rows = _screen(table)
+    argmax = jax.jit(cpu_kernels.screen_argmax)
+    for m in (1, 2, 5, 8, 9, 17):  # past eight: a pass over the screen per eight rows
+        x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+        np.testing.assert_array_equal(np.asarray(argmax(x, table, screen, rows)), _screened_argmax(x, table))
+
+
+def test_screen_argmax_decides_rows_the_screen_cannot_tell_apart():
+    """Rows whose int8 screens are equal but whose bfloat16 values differ: the exact sums decide; a row the
+    screen ranks below others still wins where its bound says it may; logits that round to the same bfloat16
+    tie (the first wins); NaN wins, in the table or from x, as in jnp.argmax."""
+    if not cpu_kernels.int8_screen():
+        pytest.skip("the int8 screen needs AVX512-VNNI")
+    rng = np.random.default_rng(1)
+    n, k = 4096, 640
+    table = rng.integers(-1, 2, (n, k)).astype(np.float32) * 2.0**-9  # a quarter of the screen's step, 2^-7 ...
+    table[:, 0] = 127 * 2.0**-7  # ... which every row's largest value sets
+    table = jnp.asarray(table, jnp.bfloat16)
+    screen, rows = _screen(table)
+    assert len(np.unique(np.asarray(screen), axis=0)) == 1  # the screen sees one row
+    x = jnp.asarray(rng.standard_normal((4, k)), jnp.bfloat16).at[:, 0].set(0)
+    want = _screened_argmax(x, table)
+    assert (want != 0).all()  # the noise decides, not the row order
+    np.testing.assert_array_equal(np.asarray(cpu_kernels.screen_argmax(x, table, screen, rows)), want)
+    with_nan = table.at[7, 3].set(jnp.nan)
+    np.testing.assert_array_equal(np.asarray(cpu_kernels.screen_argmax(x, with_nan, *_screen(with_nan))),
+                                  _screened_argmax(x, with_nan))
+    # a row that rounds down by 7/16 of its coarse step (its first value, against x's zero, sets the step)
+    # screens at 0 while its exact sum, 1.75, beats the rest, which screen exactly at 1.625: only the bound
+    # keeps it among the rows summed
+    coarse = np.full((2, 65), 13 * 2.0**-9, np.float32)
+    coarse[1] = 7 * 2.0**-8
+    coarse[1, 0] = 127 * 2.0**-4
+    coarse = jnp.asarray(np.concatenate([np.repeat(coarse[:1], 500, axis=0), coarse[1:]]), jnp.bfloat16)
+    ones = jnp.ones((1, 65), jnp.bfloat16).at[0, 0].set(0)
+    assert int(_screened_argmax(ones, coarse)[0]) == 500
+    assert int(cpu_kernels.screen_argmax(ones, coarse, *_screen(coarse))[0]) == 500
+    infinite = x.at[1, 5].set(jnp.inf)
+    np.testing.assert_array_equal(np.asarray(cpu_kernels.screen_argmax(infinite, table, screen, rows)),
+                                  _screened_argmax(infinite, table))
+
+
 # compiler flag: the CPU flag it turns off
 VARIANTS = {"-mno-amx-tile": "amx_bf16", "-mno-avx512bf16": "avx512_bf16", "-mno-avx512f": "avx512f"}
 
@@ -216,15 +278,18 @@ def test_the_builds_for_cpus_without_these_instructions(flags, tmp_path):
     already (the tests above)."""
     if VARIANTS[flags] not in Path("/proc/cpuinfo").read_text().split():
         pytest.skip(f"this CPU has no {VARIANTS[flags]}: its own build is the one without it")
-    chosen = "builds_here or match_float64 or prefill or attention_matches or without_a_mask or split"
+    chosen = "builds_here or match_float64 or prefill or attention_matches or without_a_mask or split or screen"
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", chosen],
                           capture_output=True, text=True, timeout=600,
                           env={**os.environ, "GEMMA3_KERNEL_CACHE_DIR": str(tmp_path), "GEMMA3_KERNEL_FLAGS": flags})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     # the build, 16 decode-sized products, 3 GEMMs, the GEMM's choice, 4 prefill attentions (the last three each as
     # pairs and as float32; without AVX512-BF16 the pair cases skip: 8), 18 attentions, 4 without a mask, 4 of the
-    # split head's products and argmax
-    want = "59 passed" if flags == "-mno-amx-tile" else "51 passed, 8 skipped"
+    # split head's products and argmax, 4 of the screened head's argmax (which needs AVX512-VNNI, else they skip)
+    screen = 4 if flags != "-mno-avx512f" and "avx512_vnni" in Path("/proc/cpuinfo").read_text().split() else 0
+    pairs = flags == "-mno-amx-tile"
+    passed, skipped = (59 if pairs else 51) + screen, (0 if pairs else 8) + 4 - screen
+    want = f"{passed} passed" + (f", {skipped} skipped" if skipped else "")
     assert want in done.stdout, done.stdout[-3000:]
 
 

@@ -46,6 +46,9 @@
 #endif
 #endif
 #endif
+#if defined(GEMMA3_AVX512) && defined(__AVX512VNNI__)
+#define GEMMA3_VNNI 1  // int8 products (vpdpbusd): the bfloat16 head's greedy screen (ScreenArgmax)
+#endif
 
 namespace ffi = xla::ffi;
 
@@ -1644,6 +1647,165 @@ ffi::Error SplitArgmax(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   return ffi::Error::Success();
 }
 
+#ifdef GEMMA3_VNNI
+// The tied LM head of a bfloat16 model with an int8 screen beside it (gemma3.text.HeadScreen): q[n] =
+// round(w[n] / s[n]), s[n] = max |w[n]| / 127, and per row rows[0..3][n] = s, r (at least max |w[n] - s q[n]|),
+// sum |q[n]|, sum q[n]. Why: a greedy bfloat16 decode step at batch 1 reads every weight once, and the head is
+// most of gemma-3-270m's (0.34 of 0.54 GB) and 30% of gemma-3-1b's; the screen is half its bytes, and only the
+// few rows whose bound reaches the best are then summed exactly from the table.
+//
+// Pass one, M rows (1..8) of x quantized per row (u = round(x / sx) + 128, as bytes, Kp = K rounded up to 64,
+// padded with 128) against int8 rows n0..n1: d[m, n] = sum_k u[m, k] q[n, k], exact in int32 (vpdpbusd: 64
+// products an instruction), W rows at a time (adjacent, the next W prefetched, as RowsNKDp).
+constexpr int ScreenShared(int m) { return std::clamp(28 / (m + 1), 1, 4); }
+template <int M, int W = ScreenShared(M)>
+void ScreenRows(const uint8_t* u, int64_t Kp, const int8_t* q, int32_t* d, int64_t K, int64_t N, int64_t n0,
+                int64_t n1) {
+  const int64_t k_main = K / 64 * 64;
+  const __mmask64 tail = K % 64 ? (__mmask64{1} << (K % 64)) - 1 : 0;
+  int64_t n = n0;
+  for (; n + W <= n1; n += W) {
+    const int8_t* __restrict row = q + n * K;
+    __m512i acc[M][W];
+    _Pragma("GCC unroll 8") for (int m = 0; m < M; ++m)
+      _Pragma("GCC unroll 4") for (int r = 0; r < W; ++r) acc[m][r] = _mm512_setzero_si512();
+    const bool ahead = n + 2 * W <= n1;
+    auto step = [&](int64_t k, __mmask64 mask) {
+      __m512i wv[W];
+      _Pragma("GCC unroll 4") for (int r = 0; r < W; ++r) wv[r] = _mm512_maskz_loadu_epi8(mask, row + r * K + k);
+      _Pragma("GCC unroll 8") for (int m = 0; m < M; ++m) {
+        const __m512i xv = _mm512_loadu_si512(u + m * Kp + k);
+        _Pragma("GCC unroll 4") for (int r = 0; r < W; ++r) acc[m][r] = _mm512_dpbusd_epi32(acc[m][r], xv, wv[r]);
+      }
+    };
+    for (int64_t k = 0; k < k_main; k += 64) {
+      if (ahead) {
+        _Pragma("GCC unroll 4") for (int r = W; r < 2 * W; ++r)
+          _mm_prefetch(reinterpret_cast<const char*>(row + r * K + k), _MM_HINT_T1);
+      }
+      step(k, ~__mmask64{0});
+    }
+    if (tail) step(k_main, tail);
+    for (int m = 0; m < M; ++m)
+      for (int r = 0; r < W; ++r) d[m * N + n + r] = _mm512_reduce_add_epi32(acc[m][r]);
+  }
+  if (n < n1) ScreenRows<M, 1>(u, Kp, q, d, K, N, n, n1);
+}
+
+// ids[m] = argmax_n <x[m], w[n]> over the bfloat16 table w, each sum as a one-row product sums it, rounded to
+// bfloat16 as the model's logits are (the first on ties; a NaN counts as the largest, as jnp.argmax). Every row's screen value a = sx s (d - 128 sum q) differs
+// from <x, w[n]> by at most |x|_1 r + dx s sum |q| (dx: x's own rounding), and the exact sum from it by its
+// float32 rounding (under 4 (K + 16) 2^-24 |x|_1 max |w[n]|, slack included): rows whose a + bound falls below
+// the best a - bound cannot hold the maximum, and only the others are summed from the table. A row of x that
+// is not finite, or a screen row that is not (s NaN: a table row that was not), is always summed.
+ffi::Error ScreenArgmax(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer table, ffi::Buffer<ffi::S8> screen,
+                        ffi::Buffer<ffi::F32> rows, ffi::Result<ffi::Buffer<ffi::S32>> ids) {
+  const auto xd = x.dimensions(), td = table.dimensions(), sd = screen.dimensions(), rd = rows.dimensions();
+  if (x.element_type() != ffi::DataType::BF16 || table.element_type() != ffi::DataType::BF16 || xd.size() != 2 ||
+      td.size() != 2 || td[1] != xd[1] || sd.size() != 2 || sd[0] != td[0] || sd[1] != td[1] || rd.size() != 2 ||
+      rd[0] != 4 || rd[1] != td[0] || ids->element_count() != xd[0])
+    return ffi::Error::InvalidArgument(
+        "screen_argmax: x (M, K) and table (N, K) bfloat16, screen (N, K) int8, rows (4, N), ids (M,)");
+  const int64_t M = xd[0], K = xd[1], N = td[0], Kp = (K + 63) / 64 * 64;
+  const auto* xs = static_cast<const uint16_t*>(x.untyped_data());
+  const auto* w = static_cast<const uint16_t*>(table.untyped_data());
+  const float* s = rows.typed_data();
+  const float *r = s + N, *abs_q = s + 2 * N, *sum_q = s + 3 * N;
+  Lines<uint8_t> u(static_cast<size_t>(M * Kp), 128);
+  std::vector<float> xf(static_cast<size_t>(M * K)), sx(M), dx(M), l1(M);
+  std::vector<char> whole(M, 0);  // rows of x summed against every table row
+  for (int64_t m = 0; m < M; ++m) {
+    float most = 0.f, sum = 0.f;
+    for (int64_t k = 0; k < K; ++k) {
+      const float v = xf[m * K + k] = widen(xs[m * K + k]);
+      most = std::max(most, std::fabs(v));
+      sum += std::fabs(v);
+      if (!std::isfinite(v)) whole[m] = 1;
+    }
+    sx[m] = most > 0.f ? most / 127.f : 1.f;
+    float off = 0.f;
+    for (int64_t k = 0; k < K; ++k) {
+      const float v = xf[m * K + k], qv = std::clamp(std::nearbyint(v / sx[m]), -127.f, 127.f);
+      u[m * Kp + k] = static_cast<uint8_t>(static_cast<int>(qv) + 128);
+      off = std::max(off, std::fabs(v - sx[m] * qv));
+    }
+    dx[m] = off + most * 0x1p-22f;  // the residual's own rounding
+    l1[m] = sum * (1.f + static_cast<float>(K) * 0x1p-23f);
+  }
+  const int64_t groups = (M + kMaxRows - 1) / kMaxRows;
+  // kept between steps (fresh pages cost more than the pass itself); the caller's, so named by a pointer in
+  // the parts (a thread_local named there is the pool thread's own)
+  thread_local std::vector<int32_t> kept;
+  kept.resize(static_cast<size_t>(M * N));
+  int32_t* const d = kept.data();
+  const int64_t parts = ReadParts(pool, static_cast<size_t>(N) * K);
+  for (int64_t g = 0; g < groups; ++g)
+    WithRows(std::min(kMaxRows, M - g * kMaxRows), [&](auto rows_) {
+      const int64_t m0 = g * kMaxRows;
+      RunParts(pool, parts, [&](int64_t i) {
+        ScreenRows<rows_()>(u.data() + m0 * Kp, Kp, screen.typed_data(), d + m0 * N, K, N,
+                            N * i / parts, N * (i + 1) / parts);
+      });
+    });
+  const float slack = 4.0f * static_cast<float>(K + 16) * 0x1p-24f * 127.f;
+  // the exact sums, as a one-row product of this build sums them (MultiplyRows)
+  std::vector<float> xi(UsesPairs<uint16_t>() ? 0 : static_cast<size_t>(M * K));
+  for (int64_t m = 0; m < M && !UsesPairs<uint16_t>(); ++m) Interleave(xf.data() + m * K, xi.data() + m * K, K / 16 * 16);
+  RunParts(pool, M, [&](int64_t m) {
+    const int32_t* dm = d + m * N;
+    const __m512 sxv = _mm512_set1_ps(sx[m]), l1v = _mm512_set1_ps(l1[m]), dxv = _mm512_set1_ps(dx[m]);
+    // rows n..n+16 (those below N): each one's screen value a and its bound e
+    auto bounds = [&](int64_t n, __mmask16 in, __m512& a, __m512& e) {
+      const __m512 sv = _mm512_maskz_loadu_ps(in, s + n);
+      const __m512i dv = _mm512_sub_epi32(_mm512_maskz_loadu_epi32(in, dm + n),
+                                          _mm512_slli_epi32(_mm512_cvttps_epi32(_mm512_maskz_loadu_ps(in, sum_q + n)), 7));
+      a = _mm512_mul_ps(_mm512_mul_ps(sxv, sv), _mm512_cvtepi32_ps(dv));
+      const __m512 rows_bound = _mm512_fmadd_ps(l1v, _mm512_fmadd_ps(_mm512_set1_ps(slack), sv, _mm512_maskz_loadu_ps(in, r + n)),
+                                                _mm512_mul_ps(_mm512_mul_ps(dxv, sv), _mm512_maskz_loadu_ps(in, abs_q + n)));
+      e = _mm512_fmadd_ps(rows_bound, _mm512_set1_ps(1.f + 0x1p-10f),
+                          _mm512_fmadd_ps(_mm512_abs_ps(a), _mm512_set1_ps(0x1p-20f), _mm512_set1_ps(0x1p-100f)));
+    };
+    auto lanes = [&](int64_t n) { return N - n >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (N - n)) - 1); };
+    __m512 floors = _mm512_set1_ps(-INFINITY);  // the largest a - e: the best row's exact sum is at least this
+    for (int64_t n = 0; n < N; n += 16) {
+      __m512 a, e;
+      const __mmask16 in = lanes(n);
+      bounds(n, in, a, e);
+      floors = _mm512_mask_max_ps(floors, in, _mm512_sub_ps(a, e), floors);  // a NaN's is skipped
+    }
+    // the logits are rounded to bfloat16 before the argmax (the model's product comes back in its dtype): a
+    // row ties the best once its value rounds alike, so the floor drops by more than a bfloat16 step
+    const float most = _mm512_reduce_max_ps(floors);
+    const __m512 floor = _mm512_set1_ps(whole[m] ? -INFINITY : most - std::fabs(most) * 0x1p-6f - 0x1p-126f);
+    int64_t best = -1;
+    float value = 0.f;
+    for (int64_t n = 0; n < N; n += 16) {
+      __m512 a, e;
+      const __mmask16 in = lanes(n);
+      bounds(n, in, a, e);
+      // rows whose a + e reaches the floor, NaN included (compared as jnp.argmax does)
+      for (unsigned left = _mm512_mask_cmp_ps_mask(in, _mm512_add_ps(a, e), floor, _CMP_NLT_UQ); left;
+           left &= left - 1) {
+        const int64_t c = n + __builtin_ctz(left);
+        float v;
+#ifdef GEMMA3_DPBF16
+        RowsNKDp<1, 1>(xs + m * K, w + c * K, &v, K, 1, 0, 1);
+#else
+        RowsNK<1>(xf.data() + m * K, xi.data() + m * K, w + c * K, &v, K, 1, 0, 1);
+#endif
+        v = RoundToBfloat16(v);  // (NaN and infinities stay)
+        if (best < 0 || (!std::isnan(value) && (std::isnan(v) || v > value))) {
+          best = c;
+          value = v;
+        }
+      }
+    }
+    ids->typed_data()[m] = static_cast<int32_t>(std::max<int64_t>(best, 0));
+  });
+  return ffi::Error::Success();
+}
+#endif
+
 ffi::Error RowsMatmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
                       ffi::Result<ffi::Buffer<ffi::F32>> y, int64_t w_layout, int64_t float32_gemm) {
   auto xd = x.dimensions();
@@ -1703,6 +1865,15 @@ ffi::Error RowsMatmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
 // Whether this build multiplies bfloat16 pairs (AVX512-BF16), and so takes products of any row count.
 extern "C" int Gemma3PairProducts() {
 #ifdef GEMMA3_DPBF16
+  return 1;
+#else
+  return 0;
+#endif
+}
+
+// Whether this build screens a bfloat16 head's greedy decode through int8 rows (AVX512-VNNI: ScreenArgmax).
+extern "C" int Gemma3Int8Screen() {
+#ifdef GEMMA3_VNNI
   return 1;
 #else
   return 0;
@@ -1787,3 +1958,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Gemma3SplitArgmax, SplitArgmax,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::U16>>()
                                   .Ret<ffi::Buffer<ffi::S32>>());
+
+#ifdef GEMMA3_VNNI
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Gemma3ScreenArgmax, ScreenArgmax,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>());
+#endif
