@@ -99,11 +99,12 @@ def load(args):
     mesh = None
     if len(jax.devices()) > 1:  # with several processes: every device of the group
         mesh = create_mesh(data=-1, fsdp=args.fsdp, tensor=args.tensor_parallel)
-    # split_head=False, screen_head=False: every step's sampler takes all logits (log-probabilities), so a split
-    # head would save nothing here, and its kernel's row loops are slower than XLA's GEMM past 16 slots
-    # (SplitFloat32Embed.attend); a screen would be memory for nothing
-    return cls.from_pretrained(args.model, dtype=getattr(jnp, args.dtype), mesh=mesh, split_head=False,
-                               screen_head=False), mesh
+    # The head as the loader keeps it on one CPU device (split in float32, screened in bfloat16): decode calls
+    # whose requests are all greedy and want no log-probabilities take the argmax without the logits (Engine).
+    # Past 16 slots a split head's logits (its kernel's row loops, SplitFloat32Embed.attend) cost more than
+    # XLA's GEMM on the table, which every sampled or log-probability step needs.
+    split = None if args.num_slots <= 16 else False
+    return cls.from_pretrained(args.model, dtype=getattr(jnp, args.dtype), mesh=mesh, split_head=split), mesh
 
 
 def follower(args) -> int:

@@ -74,6 +74,9 @@ class Request:
     seed: int = 0
     stop_token_ids: frozenset[int] = frozenset()
     top_logprobs: int = 0  # alternatives reported with each token (at most the engine's max_top_logprobs)
+    # each token's log-probability (Token.logprob); without it (and top_logprobs 0) greedy decode may take the
+    # argmax without the logits (a split or screened head), and Token.logprob is 0
+    logprobs: bool = True
     prefill_inputs: dict = dataclasses.field(default_factory=dict)  # image_features, token_type_ids
     deadline: float | None = None  # time.monotonic() after which the request is dropped
     notify: Callable[[], None] | None = None  # called (on the engine thread) after each new event
@@ -364,8 +367,12 @@ class Engine:
             zip(*(s.sampling if s else (0.0, 0, 1.0, 0) for s in rows)), (np.float32, np.int32, np.float32, np.uint32)))
         stop_ids = np.stack([s.stop_ids if s else device_stop_ids() for s in rows])
         wants_top = np.bool_(any(s is not None and s.request.top_logprobs > 0 for s in rows))
+        # every active row greedy and wanting no log-probabilities: the argmax without the logits
+        greedy_only = np.bool_(all(s is None or (s.sampling[0] == 0 and not s.request.logprobs
+                                                 and s.request.top_logprobs == 0) for s in rows))
         limit = self._burst(active, min(s.request.max_new_tokens - s.scheduled for s in rows if s is not None))
-        pending = self.device.decode(active, seed, temperature, top_k, top_p, stop_ids, np.int32(limit), wants_top)
+        pending = self.device.decode(active, seed, temperature, top_k, top_p, stop_ids, np.int32(limit), wants_top,
+                                     greedy_only)
         for s in rows:
             if s is not None:
                 s.scheduled += limit
@@ -458,7 +465,7 @@ class DeviceProgram:
         self.step_seconds: dict[int, float] = {}
         z = lambda dtype: np.zeros(num_slots, dtype)  # noqa: E731
         idle = (z(bool), z(np.uint32), z(np.float32), z(np.int32), np.ones(num_slots, np.float32),
-                np.tile(device_stop_ids(), (num_slots, 1)), np.int32(1), np.bool_(False))
+                np.tile(device_stop_ids(), (num_slots, 1)), np.int32(1), np.bool_(False), np.bool_(False))
         for rows in self.buckets:
             self._fetch_now(self._dispatch(rows, *idle))  # compiles
             started = time.perf_counter()  # a first figure; fetch() then follows the calls
@@ -481,10 +488,13 @@ class DeviceProgram:
         measured step time (at start, then a moving average over the calls)."""
         return max(1, min(self.max_burst, int(seconds / max(self.step_seconds[self.rows(active)], 1e-6))))
 
-    def decode(self, active, seeds, temperature, top_k, top_p, stop_ids, limit, wants_top):
+    def decode(self, active, seeds, temperature, top_k, top_p, stop_ids, limit, wants_top, greedy_only):
         """Dispatch up to ``limit`` steps of the active slots, each from its last token, fewer when an
-        active slot draws one of its ``stop_ids``; returns at once, with what ``fetch`` takes."""
-        return self._dispatch(self.rows(active), active, seeds, temperature, top_k, top_p, stop_ids, limit, wants_top)
+        active slot draws one of its ``stop_ids``; returns at once, with what ``fetch`` takes. ``greedy_only``
+        (every active slot greedy, none wanting log-probabilities): the argmax alone, where the model takes it
+        without the logits (`CausalLMMixin.greedy_without_logits`), with log-probabilities 0."""
+        return self._dispatch(self.rows(active), active, seeds, temperature, top_k, top_p, stop_ids, limit, wants_top,
+                              greedy_only)
 
     def fetch(self, pending) -> list[np.ndarray]:
         """A dispatched call's picks, in one host transfer: tokens and logprobs (max_burst, rows), the
@@ -499,12 +509,12 @@ class DeviceProgram:
         self.step_seconds[rows] += 0.25 * (per_step - self.step_seconds[rows])
         return picked
 
-    def _dispatch(self, rows, active, seeds, temperature, top_k, top_p, stop_ids, limit, wants_top):
+    def _dispatch(self, rows, active, seeds, temperature, top_k, top_p, stop_ids, limit, wants_top, greedy_only):
         per_slot = (x[:rows] for x in (active, seeds, temperature, top_k, top_p, stop_ids))
         active, seeds, temperature, top_k, top_p, stop_ids = per_slot
         picked, self.cache, self.tokens, self.steps = self._decode(
             self.weights, self.cache, self.tokens, self.steps, active, seeds, temperature, top_k, top_p, stop_ids,
-            limit, wants_top)
+            limit, wants_top, greedy_only)
         return rows, time.perf_counter(), picked
 
     def _fetch_now(self, pending) -> list[np.ndarray]:
@@ -580,7 +590,7 @@ def _compile(graphdef, treedef, num_slots: int, max_length: int, n_top: int, max
         return cache, tokens.at[slot].set(token[0]), steps.at[slot].set(1)
 
     def decode(weights, cache, last_tokens, step_counts, active, seeds, temperature, top_k, top_p, stop_ids, limit,
-               wants_top):
+               wants_top, greedy_only):
         """Up to ``limit`` steps of the cache's first len(active) slots (the rest are left as they are),
         in one while_loop; it ends early after a step in which an active slot drew one of its stop_ids.
         Each active slot starts from its last token and step count, and leaves its new ones."""
@@ -591,8 +601,18 @@ def _compile(graphdef, treedef, num_slots: int, max_length: int, n_top: int, max
             i, tok, cache, picks, _ = carry
             model = model_of(weights)
             out = model.model(input_ids=tok[:, None], attention_mask=active[:, None], past_key_values=cache)
-            logits = model.apply_lm_head(out.last_hidden_state[:, 0])
-            picked = pick(logits, step_keys(seeds, steps + i), temperature, top_k, top_p, n_top, wants_top)
+            hidden = out.last_hidden_state[:, 0]
+
+            def sampled(hidden):
+                logits = model.apply_lm_head(hidden)
+                return pick(logits, step_keys(seeds, steps + i), temperature, top_k, top_p, n_top, wants_top)
+
+            def greedy(hidden):  # (a split head's argmax reads half its bytes; a screened one, a quarter)
+                zeros = jnp.zeros((rows, k), jnp.float32)
+                return model.greedy_tokens(hidden), jnp.zeros(rows, jnp.float32), zeros.astype(jnp.int32), zeros
+
+            picked = (jax.lax.cond(greedy_only, greedy, sampled, hidden) if model.greedy_without_logits()
+                      else sampled(hidden))
             picks = tuple(jax.lax.dynamic_update_index_in_dim(buf, x.astype(buf.dtype), i, 0)
                           for buf, x in zip(picks, picked))
             stopped = (active[:, None] & (picked[0][:, None] == stop_ids)).any()

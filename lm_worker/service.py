@@ -48,7 +48,8 @@ def check_sampling(s: common_pb2.SamplingParams, default_max_new_tokens: int) ->
         raise InvalidRequest(f"sampling.top_p must be at most 1, got {s.top_p}")
     return dict(max_new_tokens=s.max_new_tokens or default_max_new_tokens, temperature=float(s.temperature),
                 top_k=int(s.top_k), top_p=float(s.top_p) if s.top_p > 0 else 1.0,
-                seed=int(s.seed) if s.HasField("seed") else 0, top_logprobs=int(s.top_logprobs))
+                seed=int(s.seed) if s.HasField("seed") else 0, top_logprobs=int(s.top_logprobs),
+                logprobs=s.logprobs or s.top_logprobs > 0)
 
 
 class LMWorkerService(lm_worker_pb2_grpc.LMWorkerServicer):

@@ -271,7 +271,8 @@ def test_decode_updates_the_cache_in_place(model, rows):
     _, _, decode, init = _compile(graphdef, treedef, 3, 48, 2, 16)
     cache, tokens, steps = jax.jit(init)(weights)
     host = (jnp.ones(rows, bool), jnp.zeros(rows, jnp.uint32), jnp.zeros(rows, jnp.float32), jnp.zeros(rows, jnp.int32),
-            jnp.ones(rows, jnp.float32), jnp.full((rows, 8), -1, jnp.int32), jnp.int32(16), jnp.bool_(False))
+            jnp.ones(rows, jnp.float32), jnp.full((rows, 8), -1, jnp.int32), jnp.int32(16), jnp.bool_(False),
+            jnp.bool_(False))
     hlo = decode.lower(weights, cache, tokens, steps, *host).compile().as_text()
     shapes = {f"{x.dtype.name.replace('float', 'f').replace('int', 's')}[{','.join(map(str, x.shape))}]"
               for x in jax.tree.leaves(cache) if x.ndim >= 2}
@@ -329,3 +330,23 @@ def test_warm_up_compiles_every_prefill_and_image_counts_share_shapes(served_che
         ids.append(want[-1])
         types.append(0)
     assert got[:len(want)] == want
+
+
+def test_greedy_requests_without_logprobs_skip_the_logits_and_take_the_same_tokens(model):
+    """The base model's head is split (the loader's default on the CPU): a call whose requests are all greedy
+    and want no log-probabilities takes its argmax (SplitFloat32Embed.greedy) without the logits, the same
+    tokens, with logprob 0; one that wants them gets the model's."""
+    assert model.greedy_without_logits()
+    eng = Engine(model, num_slots=2, max_length=48, prefill_buckets=(8, 16, 48))
+    prompt = [2, 30, 31, 32]
+    runs = {}
+    for logprobs in (True, False):
+        r = eng.submit(Request(prompt_ids=prompt, max_new_tokens=8, logprobs=logprobs))
+        eng._admit()
+        while eng.free_slots < 2:
+            eng._step()
+        runs[logprobs] = [e for e in r.stream(timeout=5) if isinstance(e, Token)]
+    assert [t.token_id for t in runs[False]] == [t.token_id for t in runs[True]] == _alone(
+        model, Request(prompt_ids=prompt, max_new_tokens=8))
+    assert all(t.logprob == 0.0 for t in runs[False][1:])  # decoded without the logits (the prefill's has one)
+    assert all(t.logprob < 0.0 for t in runs[True])
