@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from gemma3 import Gemma3ForCausalLM, cpu_kernels, generation
+from gemma3 import Gemma3ForCausalLM, cpu_kernels
+from tests.helpers import greedy_decode_hlo
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.int8_screen(), reason="the int8 screen needs AVX512-VNNI")
 
@@ -36,11 +37,7 @@ def test_greedy_generate_reads_the_screen_and_takes_the_same_tokens(models, left
     ids, mask = left_padded_batch
     args = dict(max_new_tokens=12, eos_token_id=[], attention_mask=mask)
     np.testing.assert_array_equal(screened.generate(ids, **args).sequences, table.generate(ids, **args).sequences)
-    graphdef, state = generation.split_model(screened)
-    decode = generation._compiled(graphdef, True)[1]
-    cache = screened.init_cache(1, 16)
-    text = decode.lower(state, jnp.zeros(1, jnp.int32), cache, jnp.zeros(1, jnp.uint32), jnp.int32(1), jnp.zeros(1),
-                        jnp.zeros(1, jnp.int32), jnp.ones(1)).as_text()
+    text = greedy_decode_hlo(screened)
     assert cpu_kernels.SCREEN_ARGMAX_TARGET in text
 
 

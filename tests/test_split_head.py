@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from gemma3 import Gemma3ForCausalLM, cpu_kernels, generation
+from gemma3 import Gemma3ForCausalLM, cpu_kernels
+from tests.helpers import greedy_decode_hlo
 
 
 @pytest.fixture(scope="module")
@@ -37,11 +38,7 @@ def test_greedy_generate_reads_the_split_head_and_takes_the_same_tokens(models, 
     np.testing.assert_array_equal(split.generate(ids, **args).sequences, table.generate(ids, **args).sequences)
     sampled = dict(args, temperature=0.8, seed=list(range(ids.shape[0])))
     np.testing.assert_array_equal(split.generate(ids, **sampled).sequences, table.generate(ids, **sampled).sequences)
-    graphdef, state = generation.split_model(split)
-    decode = generation._compiled(graphdef, True)[1]
-    cache = split.init_cache(1, 16)
-    text = decode.lower(state, jnp.zeros(1, jnp.int32), cache, jnp.zeros(1, jnp.uint32), jnp.int32(1), jnp.zeros(1),
-                        jnp.zeros(1, jnp.int32), jnp.ones(1)).as_text()
+    text = greedy_decode_hlo(split)
     assert cpu_kernels.SPLIT_ARGMAX_TARGET in text and cpu_kernels.SPLIT_PRODUCT_TARGET not in text
 
 
