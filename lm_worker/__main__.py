@@ -102,9 +102,11 @@ def load(args):
     # The head as the loader keeps it on one CPU device (split in float32, screened in bfloat16): decode calls
     # whose requests are all greedy and want no log-probabilities take the argmax without the logits (Engine).
     # Past 16 slots a split head's logits (its kernel's row loops, SplitFloat32Embed.attend) cost more than
-    # XLA's GEMM on the table, which every sampled or log-probability step needs.
-    split = None if args.num_slots <= 16 else False
-    return cls.from_pretrained(args.model, dtype=getattr(jnp, args.dtype), mesh=mesh, split_head=split), mesh
+    # XLA's GEMM on the table, which every sampled or log-probability step needs, and a screen's pass keeps
+    # slots x vocabulary sums.
+    light = None if args.num_slots <= 16 else False
+    return cls.from_pretrained(args.model, dtype=getattr(jnp, args.dtype), mesh=mesh, split_head=light,
+                               screen_head=light), mesh
 
 
 def follower(args) -> int:

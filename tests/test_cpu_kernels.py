@@ -187,9 +187,10 @@ def test_split_argmax_decides_rows_that_differ_only_in_their_bottom_halves():
 
 
 def _screened_argmax(x, table) -> np.ndarray:
-    """The argmax of the model's bfloat16 logits of x against the table (the kernel's product, eight rows at a
-    time, rounded to bfloat16), as jnp.argmax takes it."""
-    logits = [cpu_kernels.rows_matmul(x[i:i + 8], table, NK) for i in range(0, x.shape[0], 8)]
+    """The argmax of the model's bfloat16 logits of x against the table (the kernel's product of one row, as
+    the screen sums its candidates: products of more rows may sum in another order on some CPUs, AMX tiles,
+    rounded to bfloat16), as jnp.argmax takes it."""
+    logits = [cpu_kernels.rows_matmul(x[i:i + 1], table, NK) for i in range(x.shape[0])]
     return np.asarray(jnp.argmax(jnp.concatenate(logits).astype(jnp.float32), axis=-1))
 
 

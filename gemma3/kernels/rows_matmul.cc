@@ -1693,7 +1693,9 @@ void ScreenRows(const uint8_t* u, int64_t Kp, const int8_t* q, int32_t* d, int64
 }
 
 // ids[m] = argmax_n <x[m], w[n]> over the bfloat16 table w, each sum as a one-row product sums it, rounded to
-// bfloat16 as the model's logits are (the first on ties; a NaN counts as the largest, as jnp.argmax). Every row's screen value a = sx s (d - 128 sum q) differs
+// bfloat16 as the model's logits are (the first on ties; a NaN counts as the largest, as jnp.argmax). Products
+// of more rows sum in another order on CPUs with AMX or without AVX512-BF16, so there a logit within a float32
+// rounding of a bfloat16 boundary may tie differently, as between the kernel's thread splits. Every row's screen value a = sx s (d - 128 sum q) differs
 // from <x, w[n]> by at most |x|_1 r + dx s sum |q| (dx: x's own rounding), and the exact sum from it by its
 // float32 rounding (under 4 (K + 16) 2^-24 |x|_1 max |w[n]|, slack included): rows whose a + bound falls below
 // the best a - bound cannot hold the maximum, and only the others are summed from the table. A row of x that
@@ -1722,9 +1724,9 @@ ffi::Error ScreenArgmax(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer t
       sum += std::fabs(v);
       if (!std::isfinite(v)) whole[m] = 1;
     }
-    sx[m] = most > 0.f ? most / 127.f : 1.f;
+    sx[m] = most > 0.f && !whole[m] ? most / 127.f : 1.f;
     float off = 0.f;
-    for (int64_t k = 0; k < K; ++k) {
+    for (int64_t k = 0; k < K && !whole[m]; ++k) {  // (a row that is not finite is summed against every row)
       const float v = xf[m * K + k], qv = std::clamp(std::nearbyint(v / sx[m]), -127.f, 127.f);
       u[m * Kp + k] = static_cast<uint8_t>(static_cast<int>(qv) + 128);
       off = std::max(off, std::fabs(v - sx[m] * qv));
