@@ -252,6 +252,8 @@ def load_pretrained(cls, path, dtype=np.float32, mesh: Mesh | None = None, progr
     config = config if config is not None else cls.config_class.from_pretrained(path)
     if split_head is None:
         split_head = mesh is None and hasattr(cls, "split_head") and head_splits(config, dtype)
+    if screen_head is None:
+        screen_head = mesh is None and hasattr(cls, "screen_head") and head_screens(config, dtype)
 
     def build():
         model = cls(config, dtype=dtype, rngs=nnx.Rngs(0))
@@ -327,9 +329,7 @@ def load_pretrained(cls, path, dtype=np.float32, mesh: Mesh | None = None, progr
     # gemma-3-270m's float32 load resident beside the weights, under everything the process does next
     heap.release()
     model = nnx.merge(graphdef, state)
-    if screen_head is None:
-        screen_head = mesh is None and hasattr(cls, "screen_head") and head_screens(config, dtype)
-    if screen_head:
+    if screen_head:  # built from the loaded table (it is no checkpoint tensor)
         model.screen_head()
     return model
 

@@ -510,6 +510,12 @@ def causal_lm_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return jnp.sum(jnp.where(keep, nll, 0.0)) / jnp.maximum(jnp.sum(keep), 1)
 
 
+def _on_several_devices(array) -> bool:
+    """Whether ``array`` is laid out over more than one device (never while traced abstractly)."""
+    sharding = getattr(array, "sharding", None)
+    return sharding is not None and len(sharding.device_set) > 1
+
+
 def head_screens(config, dtype) -> bool:
     """Whether a model of ``config`` in ``dtype`` can screen its head (`CausalLMMixin.screen_head`): tied,
     bfloat16, no final-logit softcapping (Gemma 3 has none; its rounding could tie rows the screen tells
@@ -574,8 +580,7 @@ class CausalLMMixin(PretrainedMixin):
         text = self.get_decoder()
         if not self.splits_head():
             table = text.embed_tokens.embedding[...]
-            sharding = getattr(table, "sharding", None)  # (none while traced abstractly)
-            if not head_splits(self.config, text.dtype) or (sharding is not None and len(sharding.device_set) > 1):
+            if not head_splits(self.config, text.dtype) or _on_several_devices(table):
                 raise ValueError("split_head needs a tied float32 head on one device, on the CPU kernel")
             text.embed_tokens = SplitFloat32Embed(SplitFloat32Embed.split(table))
 
@@ -591,8 +596,7 @@ class CausalLMMixin(PretrainedMixin):
         changing the embedding."""
         text = self.get_decoder()
         table = text.embed_tokens.embedding[...] if head_screens(self.config, text.dtype) else None
-        sharding = getattr(table, "sharding", None)
-        if table is None or (sharding is not None and len(sharding.device_set) > 1):
+        if table is None or _on_several_devices(table):
             raise ValueError("screen_head needs a tied bfloat16 head on one device, on the CPU kernel with "
                              "AVX512-VNNI")
         text.head_screen = HeadScreen.of(table)

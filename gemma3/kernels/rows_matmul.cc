@@ -1519,6 +1519,20 @@ ffi::Error Attention(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer keys
   return ffi::Error::Success();
 }
 
+// The running argmax of the split and screened heads' exact candidates, offered in row order: the first of equal
+// values, and a NaN counts as the largest (the first NaN), as jnp.argmax; row 0 when none was offered.
+struct RunningArgmax {
+  int64_t best = -1;
+  float value = 0.f;
+  void Offer(int64_t n, float v) {
+    if (best < 0 || (!std::isnan(value) && (std::isnan(v) || v > value))) {
+      best = n;
+      value = v;
+    }
+  }
+  int32_t Id() const { return static_cast<int32_t>(std::max<int64_t>(best, 0)); }
+};
+
 // The tied LM head of a float32 model kept as two planes of halves (SplitF32; gemma3.text.SplitFloat32Embed).
 // Why: at batch 1 a float32 decode step reads every weight once and is bound by memory, and the head is a large
 // part of it (gemma-3-270m: 0.67 of its 1.07 GB, gemma-3-1b: 1.2 of 4.0). A greedy step needs only the argmax:
@@ -1631,18 +1645,13 @@ ffi::Error SplitArgmax(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
     const float* sm = s.data() + m / kMaxRows * N;
     float floor = -INFINITY;  // the largest a - bound: the best row's exact value is at least this
     for (int64_t n = 0; n < N; ++n) floor = std::max(floor, am[n] - slack * sm[n] - 0x1p-100f);
-    int64_t best = -1;
-    float value = 0.f;
+    RunningArgmax argmax;
     for (int64_t n = 0; n < N; ++n) {
       if (am[n] + slack * sm[n] + 0x1p-100f < floor) continue;  // NaN stays: compared as jnp.argmax does
       RowsNK<1, 1>(xs + m * K, w, am, K, N, n, n + 1, K);
-      const float e = am[n];
-      if (best < 0 || (!std::isnan(value) && (std::isnan(e) || e > value))) {
-        best = n;
-        value = e;
-      }
+      argmax.Offer(n, am[n]);
     }
-    ids->typed_data()[m] = static_cast<int32_t>(std::max<int64_t>(best, 0));
+    ids->typed_data()[m] = argmax.Id();
   });
   return ffi::Error::Success();
 }
@@ -1695,11 +1704,12 @@ void ScreenRows(const uint8_t* u, int64_t Kp, const int8_t* q, int32_t* d, int64
 // ids[m] = argmax_n <x[m], w[n]> over the bfloat16 table w, each sum as a one-row product sums it, rounded to
 // bfloat16 as the model's logits are (the first on ties; a NaN counts as the largest, as jnp.argmax). Products
 // of more rows sum in another order on CPUs with AMX or without AVX512-BF16, so there a logit within a float32
-// rounding of a bfloat16 boundary may tie differently, as between the kernel's thread splits. Every row's screen value a = sx s (d - 128 sum q) differs
-// from <x, w[n]> by at most |x|_1 r + dx s sum |q| (dx: x's own rounding), and the exact sum from it by its
-// float32 rounding (under 4 (K + 16) 2^-24 |x|_1 max |w[n]|, slack included): rows whose a + bound falls below
-// the best a - bound cannot hold the maximum, and only the others are summed from the table. A row of x that
-// is not finite, or a screen row that is not (s NaN: a table row that was not), is always summed.
+// rounding of a bfloat16 boundary may tie differently, as between the kernel's thread splits. Every row's
+// screen value a = sx s (d - 128 sum q) differs from <x, w[n]> by at most |x|_1 r + dx s sum |q| (dx: x's own
+// rounding), and the exact sum from it by its float32 rounding (under 4 (K + 16) 2^-24 |x|_1 max |w[n]|, slack
+// included): rows whose a + bound falls below the best a - bound cannot hold the maximum, and only the others are
+// summed from the table. A row of x that is not finite, or a screen row that is not (s NaN: a table row that was
+// not), is always summed.
 ffi::Error ScreenArgmax(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer table, ffi::Buffer<ffi::S8> screen,
                         ffi::Buffer<ffi::F32> rows, ffi::Result<ffi::Buffer<ffi::S32>> ids) {
   const auto xd = x.dimensions(), td = table.dimensions(), sd = screen.dimensions(), rd = rows.dimensions();
@@ -1752,22 +1762,26 @@ ffi::Error ScreenArgmax(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer t
   const float slack = 4.0f * static_cast<float>(K + 16) * 0x1p-24f * 127.f;
   // the exact sums, as a one-row product of this build sums them (MultiplyRows)
   std::vector<float> xi(UsesPairs<uint16_t>() ? 0 : static_cast<size_t>(M * K));
-  for (int64_t m = 0; m < M && !UsesPairs<uint16_t>(); ++m) Interleave(xf.data() + m * K, xi.data() + m * K, K / 16 * 16);
+  for (int64_t m = 0; m < M && !UsesPairs<uint16_t>(); ++m)
+    Interleave(xf.data() + m * K, xi.data() + m * K, K / 16 * 16);
   RunParts(pool, M, [&](int64_t m) {
     const int32_t* dm = d + m * N;
     const __m512 sxv = _mm512_set1_ps(sx[m]), l1v = _mm512_set1_ps(l1[m]), dxv = _mm512_set1_ps(dx[m]);
     // rows n..n+16 (those below N): each one's screen value a and its bound e
     auto bounds = [&](int64_t n, __mmask16 in, __m512& a, __m512& e) {
       const __m512 sv = _mm512_maskz_loadu_ps(in, s + n);
-      const __m512i dv = _mm512_sub_epi32(_mm512_maskz_loadu_epi32(in, dm + n),
-                                          _mm512_slli_epi32(_mm512_cvttps_epi32(_mm512_maskz_loadu_ps(in, sum_q + n)), 7));
+      const __m512i offset = _mm512_slli_epi32(_mm512_cvttps_epi32(_mm512_maskz_loadu_ps(in, sum_q + n)), 7);
+      const __m512i dv = _mm512_sub_epi32(_mm512_maskz_loadu_epi32(in, dm + n), offset);
       a = _mm512_mul_ps(_mm512_mul_ps(sxv, sv), _mm512_cvtepi32_ps(dv));
-      const __m512 rows_bound = _mm512_fmadd_ps(l1v, _mm512_fmadd_ps(_mm512_set1_ps(slack), sv, _mm512_maskz_loadu_ps(in, r + n)),
-                                                _mm512_mul_ps(_mm512_mul_ps(dxv, sv), _mm512_maskz_loadu_ps(in, abs_q + n)));
+      const __m512 rounding = _mm512_fmadd_ps(_mm512_set1_ps(slack), sv, _mm512_maskz_loadu_ps(in, r + n));
+      const __m512 rows_bound = _mm512_fmadd_ps(l1v, rounding, _mm512_mul_ps(_mm512_mul_ps(dxv, sv),
+                                                                            _mm512_maskz_loadu_ps(in, abs_q + n)));
       e = _mm512_fmadd_ps(rows_bound, _mm512_set1_ps(1.f + 0x1p-10f),
                           _mm512_fmadd_ps(_mm512_abs_ps(a), _mm512_set1_ps(0x1p-20f), _mm512_set1_ps(0x1p-100f)));
     };
-    auto lanes = [&](int64_t n) { return N - n >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (N - n)) - 1); };
+    auto lanes = [&](int64_t n) {
+      return N - n >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (N - n)) - 1);
+    };
     __m512 floors = _mm512_set1_ps(-INFINITY);  // the largest a - e: the best row's exact sum is at least this
     for (int64_t n = 0; n < N; n += 16) {
       __m512 a, e;
@@ -1779,8 +1793,7 @@ ffi::Error ScreenArgmax(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer t
     // row ties the best once its value rounds alike, so the floor drops by more than a bfloat16 step
     const float most = _mm512_reduce_max_ps(floors);
     const __m512 floor = _mm512_set1_ps(whole[m] ? -INFINITY : most - std::fabs(most) * 0x1p-6f - 0x1p-126f);
-    int64_t best = -1;
-    float value = 0.f;
+    RunningArgmax argmax;
     for (int64_t n = 0; n < N; n += 16) {
       __m512 a, e;
       const __mmask16 in = lanes(n);
@@ -1795,14 +1808,10 @@ ffi::Error ScreenArgmax(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer t
 #else
         RowsNK<1>(xf.data() + m * K, xi.data() + m * K, w + c * K, &v, K, 1, 0, 1);
 #endif
-        v = RoundToBfloat16(v);  // (NaN and infinities stay)
-        if (best < 0 || (!std::isnan(value) && (std::isnan(v) || v > value))) {
-          best = c;
-          value = v;
-        }
+        argmax.Offer(c, RoundToBfloat16(v));  // (NaN and infinities stay)
       }
     }
-    ids->typed_data()[m] = static_cast<int32_t>(std::max<int64_t>(best, 0));
+    ids->typed_data()[m] = argmax.Id();
   });
   return ffi::Error::Success();
 }
