@@ -123,8 +123,8 @@ def pair_products() -> bool:
 
 @functools.cache
 def int8_screen() -> bool:
-    """Whether the kernel multiplies int8 rows (the CPU has AVX512-VNNI), which a bfloat16 head's greedy
-    screen needs (`screen_argmax`)."""
+    """Whether the kernel multiplies int8 rows, which a bfloat16 head's greedy screen needs (`screen_argmax`):
+    x86 CPUs with AVX512-VNNI (vpdpbusd) or with AVX2 and FMA (vpmaddubsw, x in coarser steps)."""
     library = _library()
     return library is not None and bool(library.Gemma3Int8Screen())
 
@@ -252,7 +252,7 @@ def screen_argmax(x: jax.Array, table: jax.Array, screen: jax.Array, rows: jax.A
     reading the int8 ``screen`` (N, K) and its ``rows`` (4, N) (`gemma3.text.HeadScreen`) but for the few table
     rows that may hold the maximum."""
     if not int8_screen():
-        raise RuntimeError("the head's int8 screen needs the CPU kernel with AVX512-VNNI, which is unavailable here")
+        raise RuntimeError("the head's int8 screen needs the CPU kernel with AVX512-VNNI or AVX2, unavailable here")
     call = jax.ffi.ffi_call(SCREEN_ARGMAX_TARGET, jax.ShapeDtypeStruct((x.shape[0],), jnp.int32),
                             vmap_method="sequential")
     return call(x.astype(jnp.bfloat16), table, screen, rows)

@@ -369,7 +369,7 @@ def _screen_block(screen, rows, table, start, size):
 
 class HeadScreen(nnx.Module):
     """An int8 copy of a tied bfloat16 head, beside the table (`CausalLMMixin.screen_head`; the loader's default
-    where the CPU kernel has AVX512-VNNI): each row n as q[n] = round(w[n] / s[n]), s[n] = max |w[n]| / 127, and
+    where the CPU kernel has int8 products): each row n as q[n] = round(w[n] / s[n]), s[n] = max |w[n]| / 127, and
     rows (4, vocab): s, a bound on |w[n] - s[n] q[n]|, sum |q[n]|, sum q[n]. A greedy decode step reads the
     screen (half the head's bytes, most of gemma-3-270m's step) and sums from the table only the rows whose
     bound reaches the best (`cpu_kernels.screen_argmax`): the same tokens as the logits' argmax. A copy of the
@@ -591,14 +591,14 @@ class CausalLMMixin(PretrainedMixin):
     def screen_head(self) -> None:
         """Give the tied bfloat16 head an int8 screen (`HeadScreen`, built from the table; half its bytes more
         memory, never saved): greedy decode then reads the screen instead of the table (`greedy_tokens`), the
-        same tokens. Only where the CPU kernel runs it: bfloat16, tied, the CPU backend (AVX512-VNNI), one
-        device. The loader does this itself there (``from_pretrained(screen_head=None)``); call it again after
+        same tokens. Only where the CPU kernel runs it: bfloat16, tied, the CPU backend (AVX512-VNNI or AVX2),
+        one device. The loader does this itself there (``from_pretrained(screen_head=None)``); call it again after
         changing the embedding."""
         text = self.get_decoder()
         table = text.embed_tokens.embedding[...] if head_screens(self.config, text.dtype) else None
         if table is None or _on_several_devices(table):
             raise ValueError("screen_head needs a tied bfloat16 head on one device, on the CPU kernel with "
-                             "AVX512-VNNI")
+                             "int8 products (AVX512-VNNI or AVX2)")
         text.head_screen = HeadScreen.of(table)
 
     def greedy_without_logits(self) -> bool:

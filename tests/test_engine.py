@@ -335,7 +335,7 @@ def test_warm_up_compiles_every_prefill_and_image_counts_share_shapes(served_che
 @pytest.mark.parametrize("variant,dtype", [("base", "float32"), ("rope_scaled", "bfloat16")])
 def test_greedy_requests_without_logprobs_skip_the_logits_and_take_the_same_tokens(model, text_checkpoints, variant,
                                                                                    dtype):
-    """The loader's head on the CPU is split (float32) or screened (bfloat16, where the CPU has AVX512-VNNI): a
+    """The loader's head on the CPU is split (float32) or screened (bfloat16, where the CPU has int8 products): a
     call whose requests are all greedy and want no log-probabilities takes its argmax without the logits, the
     same tokens, with logprob 0; one that wants them gets the model's."""
     import jax.numpy as jnp

@@ -11,7 +11,7 @@ from safetensors.numpy import load_file
 from gemma3 import Gemma3ForCausalLM, cpu_kernels
 from tests.helpers import greedy_decode_hlo
 
-pytestmark = pytest.mark.skipif(not cpu_kernels.int8_screen(), reason="the int8 screen needs AVX512-VNNI")
+pytestmark = pytest.mark.skipif(not cpu_kernels.int8_screen(), reason="the int8 screen needs AVX512-VNNI or AVX2")
 
 
 @pytest.fixture(scope="module")

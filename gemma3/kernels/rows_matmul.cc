@@ -47,7 +47,11 @@
 #endif
 #endif
 #if defined(GEMMA3_AVX512) && defined(__AVX512VNNI__)
-#define GEMMA3_VNNI 1  // int8 products (vpdpbusd): the bfloat16 head's greedy screen (ScreenArgmax)
+#define GEMMA3_VNNI 1  // int8 products by vpdpbusd for the bfloat16 head's greedy screen
+#endif
+#if defined(GEMMA3_VNNI) || (defined(__AVX2__) && defined(__FMA__))
+#include <immintrin.h>
+#define GEMMA3_SCREEN 1  // the bfloat16 head's greedy screen (ScreenArgmax): vpdpbusd, else vpmaddubsw (AVX2)
 #endif
 
 namespace ffi = xla::ffi;
@@ -1656,16 +1660,19 @@ ffi::Error SplitArgmax(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   return ffi::Error::Success();
 }
 
-#ifdef GEMMA3_VNNI
+#ifdef GEMMA3_SCREEN
 // The tied LM head of a bfloat16 model with an int8 screen beside it (gemma3.text.HeadScreen): q[n] =
 // round(w[n] / s[n]), s[n] = max |w[n]| / 127, and per row rows[0..3][n] = s, r (at least max |w[n] - s q[n]|),
 // sum |q[n]|, sum q[n]. Why: a greedy bfloat16 decode step at batch 1 reads every weight once, and the head is
 // most of gemma-3-270m's (0.34 of 0.54 GB) and 30% of gemma-3-1b's; the screen is half its bytes, and only the
 // few rows whose bound reaches the best are then summed exactly from the table.
 //
-// Pass one, M rows (1..8) of x quantized per row (u = round(x / sx) + 128, as bytes, Kp = K rounded up to 64,
-// padded with 128) against int8 rows n0..n1: d[m, n] = sum_k u[m, k] q[n, k], exact in int32 (vpdpbusd: 64
-// products an instruction), W rows at a time (adjacent, the next W prefetched, as RowsNKDp).
+// Pass one, M rows (1..8) of x quantized per row (u = round(x / sx) + the offset 2^kScreenShift, as bytes, sx =
+// max |x[m]| / kScreenSteps; Kp = K rounded up to 64, padded with the offset) against int8 rows n0..n1: d[m, n] =
+// sum_k u[m, k] q[n, k], exact in int32, W rows at a time (adjacent, the next W prefetched, as RowsNKDp).
+#ifdef GEMMA3_VNNI
+// AVX512-VNNI: vpdpbusd sums 64 products an instruction into int32; x in 127 steps (u up to 255).
+constexpr int kScreenSteps = 127, kScreenShift = 7;
 constexpr int ScreenShared(int m) { return std::clamp(28 / (m + 1), 1, 4); }
 template <int M, int W = ScreenShared(M)>
 void ScreenRows(const uint8_t* u, int64_t Kp, const int8_t* q, int32_t* d, int64_t K, int64_t N, int64_t n0,
@@ -1700,16 +1707,72 @@ void ScreenRows(const uint8_t* u, int64_t Kp, const int8_t* q, int32_t* d, int64
   }
   if (n < n1) ScreenRows<M, 1>(u, Kp, q, d, K, N, n, n1);
 }
+#else
+// AVX2: vpmaddubsw sums two products into an int16 that saturates, so x keeps 64 steps (u up to 128: two
+// products stay within 2 x 128 x 127 = 32,512), and vpmaddwd sums pairs of those into int32: 32 products in
+// three instructions. The coarser x only widens each row's bound (more rows summed from the table). One weight
+// row at a time: on a Zen 3 (two threads), two to eight adjacent rows at a time read the screen at 7-10 GB/s,
+// one row at 15.6, a plain read's rate in the same minute.
+constexpr int kScreenSteps = 64, kScreenShift = 6;
+constexpr int ScreenShared(int) { return 1; }
+inline int32_t SumLanes(__m256i v) {
+  __m128i h = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  h = _mm_hadd_epi32(h, h);
+  return _mm_cvtsi128_si32(_mm_hadd_epi32(h, h));
+}
+template <int M, int W = ScreenShared(M)>
+void ScreenRows(const uint8_t* u, int64_t Kp, const int8_t* q, int32_t* d, int64_t K, int64_t N, int64_t n0,
+                int64_t n1) {
+  const int64_t k_main = K / 32 * 32;
+  const __m256i ones = _mm256_set1_epi16(1);
+  int64_t n = n0;
+  for (; n + W <= n1; n += W) {
+    const int8_t* __restrict row = q + n * K;
+    __m256i acc[M][W];
+    _Pragma("GCC unroll 8") for (int m = 0; m < M; ++m)
+      _Pragma("GCC unroll 4") for (int r = 0; r < W; ++r) acc[m][r] = _mm256_setzero_si256();
+    const bool ahead = n + 2 * W <= n1;
+    auto step = [&](int64_t k, int64_t width) {
+      __m256i wv[W];
+      _Pragma("GCC unroll 4") for (int r = 0; r < W; ++r) {
+        if (width == 32) {
+          wv[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + r * K + k));
+        } else {  // the row's last K % 32 values, zero beyond
+          alignas(32) int8_t part[32] = {};
+          std::memcpy(part, row + r * K + k, static_cast<size_t>(width));
+          wv[r] = _mm256_load_si256(reinterpret_cast<const __m256i*>(part));
+        }
+      }
+      _Pragma("GCC unroll 8") for (int m = 0; m < M; ++m) {
+        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(u + m * Kp + k));
+        _Pragma("GCC unroll 4") for (int r = 0; r < W; ++r)
+          acc[m][r] = _mm256_add_epi32(acc[m][r], _mm256_madd_epi16(_mm256_maddubs_epi16(xv, wv[r]), ones));
+      }
+    };
+    for (int64_t k = 0; k < k_main; k += 32) {
+      if (ahead && k % 64 == 0) {
+        _Pragma("GCC unroll 4") for (int r = W; r < 2 * W; ++r)
+          _mm_prefetch(reinterpret_cast<const char*>(row + r * K + k), _MM_HINT_T1);
+      }
+      step(k, 32);
+    }
+    if (k_main < K) step(k_main, K - k_main);
+    for (int m = 0; m < M; ++m)
+      for (int r = 0; r < W; ++r) d[m * N + n + r] = SumLanes(acc[m][r]);
+  }
+  if (n < n1) ScreenRows<M, 1>(u, Kp, q, d, K, N, n, n1);
+}
+#endif
 
 // ids[m] = argmax_n <x[m], w[n]> over the bfloat16 table w, each sum as a one-row product sums it, rounded to
 // bfloat16 as the model's logits are (the first on ties; a NaN counts as the largest, as jnp.argmax). Products
 // of more rows sum in another order on CPUs with AMX or without AVX512-BF16, so there a logit within a float32
 // rounding of a bfloat16 boundary may tie differently, as between the kernel's thread splits. Every row's
-// screen value a = sx s (d - 128 sum q) differs from <x, w[n]> by at most |x|_1 r + dx s sum |q| (dx: x's own
-// rounding), and the exact sum from it by its float32 rounding (under 4 (K + 16) 2^-24 |x|_1 max |w[n]|, slack
-// included): rows whose a + bound falls below the best a - bound cannot hold the maximum, and only the others are
-// summed from the table. A row of x that is not finite, or a screen row that is not (s NaN: a table row that was
-// not), is always summed.
+// screen value a = sx s (d - 2^kScreenShift sum q) differs from <x, w[n]> by at most |x|_1 r + dx s sum |q| (dx:
+// x's own rounding), and the exact sum from it by its float32 rounding (under 4 (K + 16) 2^-24 |x|_1 max |w[n]|,
+// slack included): rows whose a + bound falls below the best a - bound cannot hold the maximum, and only the
+// others are summed from the table. A row of x that is not finite, or a screen row that is not (s NaN: a table
+// row that was not), is always summed.
 ffi::Error ScreenArgmax(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer table, ffi::Buffer<ffi::S8> screen,
                         ffi::Buffer<ffi::F32> rows, ffi::Result<ffi::Buffer<ffi::S32>> ids) {
   const auto xd = x.dimensions(), td = table.dimensions(), sd = screen.dimensions(), rd = rows.dimensions();
@@ -1723,7 +1786,7 @@ ffi::Error ScreenArgmax(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer t
   const auto* w = static_cast<const uint16_t*>(table.untyped_data());
   const float* s = rows.typed_data();
   const float *r = s + N, *abs_q = s + 2 * N, *sum_q = s + 3 * N;
-  Lines<uint8_t> u(static_cast<size_t>(M * Kp), 128);
+  Lines<uint8_t> u(static_cast<size_t>(M * Kp), 1 << kScreenShift);
   std::vector<float> xf(static_cast<size_t>(M * K)), sx(M), dx(M), l1(M);
   std::vector<char> whole(M, 0);  // rows of x summed against every table row
   for (int64_t m = 0; m < M; ++m) {
@@ -1734,85 +1797,109 @@ ffi::Error ScreenArgmax(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer t
       sum += std::fabs(v);
       if (!std::isfinite(v)) whole[m] = 1;
     }
-    sx[m] = most > 0.f && !whole[m] ? most / 127.f : 1.f;
+    sx[m] = most > 0.f && !whole[m] ? most / kScreenSteps : 1.f;
     float off = 0.f;
     for (int64_t k = 0; k < K && !whole[m]; ++k) {  // (a row that is not finite is summed against every row)
-      const float v = xf[m * K + k], qv = std::clamp(std::nearbyint(v / sx[m]), -127.f, 127.f);
-      u[m * Kp + k] = static_cast<uint8_t>(static_cast<int>(qv) + 128);
+      const float steps = kScreenSteps, v = xf[m * K + k], qv = std::clamp(std::nearbyint(v / sx[m]), -steps, steps);
+      u[m * Kp + k] = static_cast<uint8_t>(static_cast<int>(qv) + (1 << kScreenShift));
       off = std::max(off, std::fabs(v - sx[m] * qv));
     }
     dx[m] = off + most * 0x1p-22f;  // the residual's own rounding
     l1[m] = sum * (1.f + static_cast<float>(K) * 0x1p-23f);
   }
-  const int64_t groups = (M + kMaxRows - 1) / kMaxRows;
+  const float slack = 4.0f * static_cast<float>(K + 16) * 0x1p-24f * 127.f;
   // kept between steps (fresh pages cost more than the pass itself); the caller's, so named by a pointer in
   // the parts (a thread_local named there is the pool thread's own)
   thread_local std::vector<int32_t> kept;
   kept.resize(static_cast<size_t>(M * N));
   int32_t* const d = kept.data();
-  const int64_t parts = ReadParts(pool, static_cast<size_t>(N) * K);
+  // rows n..n+8 (those below n1, the lanes `in`) against x's row m: each one's screen value a and its bound e
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  auto bounds = [&](int64_t m, int64_t n, int64_t n1, __m256i& in, __m256& a, __m256& e) {
+    in = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::min<int64_t>(n1 - n, 8))), lane);
+    const __m256 sv = _mm256_maskload_ps(s + n, in);
+    const __m256i offset = _mm256_slli_epi32(_mm256_cvttps_epi32(_mm256_maskload_ps(sum_q + n, in)), kScreenShift);
+    const __m256i dv = _mm256_sub_epi32(_mm256_maskload_epi32(d + m * N + n, in), offset);
+    a = _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(sx[m]), sv), _mm256_cvtepi32_ps(dv));
+    const __m256 rounding = _mm256_fmadd_ps(_mm256_set1_ps(slack), sv, _mm256_maskload_ps(r + n, in));
+    const __m256 rows_bound = _mm256_fmadd_ps(_mm256_set1_ps(l1[m]), rounding, _mm256_mul_ps(
+        _mm256_mul_ps(_mm256_set1_ps(dx[m]), sv), _mm256_maskload_ps(abs_q + n, in)));
+    const __m256 magnitude = _mm256_andnot_ps(_mm256_set1_ps(-0.f), a);
+    e = _mm256_fmadd_ps(rows_bound, _mm256_set1_ps(1.f + 0x1p-10f),
+                        _mm256_fmadd_ps(magnitude, _mm256_set1_ps(0x1p-20f), _mm256_set1_ps(0x1p-100f)));
+  };
+  // the largest a - e of rows n0..n1: the best row's exact sum is at least this (a NaN's is skipped)
+  auto floor_of = [&](int64_t m, int64_t n0, int64_t n1) {
+    __m256 floors = _mm256_set1_ps(-INFINITY), a, e;
+    __m256i in;
+    for (int64_t n = n0; n < n1; n += 8) {
+      bounds(m, n, n1, in, a, e);
+      floors = _mm256_blendv_ps(floors, _mm256_max_ps(_mm256_sub_ps(a, e), floors), _mm256_castsi256_ps(in));
+    }
+    __m128 half = _mm_max_ps(_mm256_castps256_ps128(floors), _mm256_extractf128_ps(floors, 1));
+    half = _mm_max_ps(half, _mm_movehl_ps(half, half));
+    return _mm_cvtss_f32(_mm_max_ss(half, _mm_movehdup_ps(half)));
+  };
+  // Each part screens its rows a chunk at a time and takes the chunk's floors while its sums are in cache,
+  // then (once every floor is known) sums its candidates: both passes split between the threads at any M.
+  constexpr int64_t kChunk = 2048;
+  const int64_t groups = (M + kMaxRows - 1) / kMaxRows, parts = ReadParts(pool, static_cast<size_t>(N) * K);
+  std::vector<float> floors(static_cast<size_t>(parts * M), -INFINITY);
   for (int64_t g = 0; g < groups; ++g)
     WithRows(std::min(kMaxRows, M - g * kMaxRows), [&](auto rows_) {
       const int64_t m0 = g * kMaxRows;
       RunParts(pool, parts, [&](int64_t i) {
-        ScreenRows<rows_()>(u.data() + m0 * Kp, Kp, screen.typed_data(), d + m0 * N, K, N,
-                            N * i / parts, N * (i + 1) / parts);
+        for (int64_t c = N * i / parts, end = N * (i + 1) / parts; c < end; c += kChunk) {
+          const int64_t c1 = std::min(end, c + kChunk);
+          ScreenRows<rows_()>(u.data() + m0 * Kp, Kp, screen.typed_data(), d + m0 * N, K, N, c, c1);
+          for (int64_t m = m0; m < m0 + rows_(); ++m)
+            floors[i * M + m] = std::max(floors[i * M + m], floor_of(m, c, c1));
+        }
       });
     });
-  const float slack = 4.0f * static_cast<float>(K + 16) * 0x1p-24f * 127.f;
+  // the logits are rounded to bfloat16 before the argmax (the model's product comes back in its dtype): a row
+  // ties the best once its value rounds alike, so the floor drops by more than a bfloat16 step
+  std::vector<float> limit(M);
+  for (int64_t m = 0; m < M; ++m) {
+    float most = -INFINITY;
+    for (int64_t i = 0; i < parts; ++i) most = std::max(most, floors[i * M + m]);
+    limit[m] = whole[m] ? -INFINITY : most - std::fabs(most) * 0x1p-6f - 0x1p-126f;
+  }
   // the exact sums, as a one-row product of this build sums them (MultiplyRows)
   std::vector<float> xi(UsesPairs<uint16_t>() ? 0 : static_cast<size_t>(M * K));
   for (int64_t m = 0; m < M && !UsesPairs<uint16_t>(); ++m)
     Interleave(xf.data() + m * K, xi.data() + m * K, K / 16 * 16);
-  RunParts(pool, M, [&](int64_t m) {
-    const int32_t* dm = d + m * N;
-    const __m512 sxv = _mm512_set1_ps(sx[m]), l1v = _mm512_set1_ps(l1[m]), dxv = _mm512_set1_ps(dx[m]);
-    // rows n..n+16 (those below N): each one's screen value a and its bound e
-    auto bounds = [&](int64_t n, __mmask16 in, __m512& a, __m512& e) {
-      const __m512 sv = _mm512_maskz_loadu_ps(in, s + n);
-      const __m512i offset = _mm512_slli_epi32(_mm512_cvttps_epi32(_mm512_maskz_loadu_ps(in, sum_q + n)), 7);
-      const __m512i dv = _mm512_sub_epi32(_mm512_maskz_loadu_epi32(in, dm + n), offset);
-      a = _mm512_mul_ps(_mm512_mul_ps(sxv, sv), _mm512_cvtepi32_ps(dv));
-      const __m512 rounding = _mm512_fmadd_ps(_mm512_set1_ps(slack), sv, _mm512_maskz_loadu_ps(in, r + n));
-      const __m512 rows_bound = _mm512_fmadd_ps(l1v, rounding, _mm512_mul_ps(_mm512_mul_ps(dxv, sv),
-                                                                            _mm512_maskz_loadu_ps(in, abs_q + n)));
-      e = _mm512_fmadd_ps(rows_bound, _mm512_set1_ps(1.f + 0x1p-10f),
-                          _mm512_fmadd_ps(_mm512_abs_ps(a), _mm512_set1_ps(0x1p-20f), _mm512_set1_ps(0x1p-100f)));
-    };
-    auto lanes = [&](int64_t n) {
-      return N - n >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (N - n)) - 1);
-    };
-    __m512 floors = _mm512_set1_ps(-INFINITY);  // the largest a - e: the best row's exact sum is at least this
-    for (int64_t n = 0; n < N; n += 16) {
-      __m512 a, e;
-      const __mmask16 in = lanes(n);
-      bounds(n, in, a, e);
-      floors = _mm512_mask_max_ps(floors, in, _mm512_sub_ps(a, e), floors);  // a NaN's is skipped
-    }
-    // the logits are rounded to bfloat16 before the argmax (the model's product comes back in its dtype): a
-    // row ties the best once its value rounds alike, so the floor drops by more than a bfloat16 step
-    const float most = _mm512_reduce_max_ps(floors);
-    const __m512 floor = _mm512_set1_ps(whole[m] ? -INFINITY : most - std::fabs(most) * 0x1p-6f - 0x1p-126f);
-    RunningArgmax argmax;
-    for (int64_t n = 0; n < N; n += 16) {
-      __m512 a, e;
-      const __mmask16 in = lanes(n);
-      bounds(n, in, a, e);
-      // rows whose a + e reaches the floor, NaN included (compared as jnp.argmax does)
-      for (unsigned left = _mm512_mask_cmp_ps_mask(in, _mm512_add_ps(a, e), floor, _CMP_NLT_UQ); left;
-           left &= left - 1) {
-        const int64_t c = n + __builtin_ctz(left);
-        float v;
+  std::vector<RunningArgmax> found(static_cast<size_t>(parts * M));  // each part's best, per row of x
+  RunParts(pool, parts, [&](int64_t i) {
+    const int64_t n1 = N * (i + 1) / parts;
+    for (int64_t m = 0; m < M; ++m) {
+      const __m256 floor = _mm256_set1_ps(limit[m]);
+      __m256 a, e;
+      __m256i in;
+      for (int64_t n = N * i / parts; n < n1; n += 8) {
+        bounds(m, n, n1, in, a, e);
+        // rows whose a + e reaches the floor, NaN included (compared as jnp.argmax does)
+        const __m256 reach = _mm256_and_ps(_mm256_cmp_ps(_mm256_add_ps(a, e), floor, _CMP_NLT_UQ),
+                                           _mm256_castsi256_ps(in));
+        for (unsigned left = _mm256_movemask_ps(reach); left; left &= left - 1) {
+          const int64_t c = n + __builtin_ctz(left);
+          float v;
 #ifdef GEMMA3_DPBF16
-        RowsNKDp<1, 1>(xs + m * K, w + c * K, &v, K, 1, 0, 1);
+          RowsNKDp<1, 1>(xs + m * K, w + c * K, &v, K, 1, 0, 1);
 #else
-        RowsNK<1>(xf.data() + m * K, xi.data() + m * K, w + c * K, &v, K, 1, 0, 1);
+          RowsNK<1>(xf.data() + m * K, xi.data() + m * K, w + c * K, &v, K, 1, 0, 1);
 #endif
-        argmax.Offer(c, RoundToBfloat16(v));  // (NaN and infinities stay)
+          found[i * M + m].Offer(c, RoundToBfloat16(v));  // (NaN and infinities stay)
+        }
       }
     }
-    ids->typed_data()[m] = argmax.Id();
   });
+  for (int64_t m = 0; m < M; ++m) {
+    RunningArgmax argmax;  // the parts' bests, offered in row order
+    for (int64_t i = 0; i < parts; ++i)
+      if (found[i * M + m].best >= 0) argmax.Offer(found[i * M + m].best, found[i * M + m].value);
+    ids->typed_data()[m] = argmax.Id();
+  }
   return ffi::Error::Success();
 }
 #endif
@@ -1882,9 +1969,9 @@ extern "C" int Gemma3PairProducts() {
 #endif
 }
 
-// Whether this build screens a bfloat16 head's greedy decode through int8 rows (AVX512-VNNI: ScreenArgmax).
+// Whether this build screens a bfloat16 head's greedy decode through int8 rows (AVX512-VNNI or AVX2: ScreenArgmax).
 extern "C" int Gemma3Int8Screen() {
-#ifdef GEMMA3_VNNI
+#ifdef GEMMA3_SCREEN
   return 1;
 #else
   return 0;
@@ -1970,7 +2057,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Gemma3SplitArgmax, SplitArgmax,
                                   .Arg<ffi::Buffer<ffi::U16>>()
                                   .Ret<ffi::Buffer<ffi::S32>>());
 
-#ifdef GEMMA3_VNNI
+#ifdef GEMMA3_SCREEN
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Gemma3ScreenArgmax, ScreenArgmax,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
