@@ -1567,8 +1567,14 @@ ffi::Error SplitProduct(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
 // Pass one of SplitArgmax, M rows (1..8) of x against the top plane (bfloat16 truncations t) of (N, K) weights,
 // rows n0..n1: a[m, n] = <x[m], t[n]>, and s[n] = <xm, |t[n]|> for xm = max over m of |x[m]|, which bounds what
 // the bottom halves add to any of the M rows (each adds less than 2^-7 of its top half's magnitude): one sum
-// more per weight row, whatever M. W rows at a time, as RowsNK.
+// more per weight row, whatever M. W rows at a time, as RowsNK, where the CPU has AVX-512; one at a time elsewhere:
+// on a Zen 3 (two threads, one row of x) four rows at a time read the 270m top plane at 9.5-10.9 GB/s, one row
+// at 13.3-13.8 (1b: 11.1 against 12.6).
+#ifdef GEMMA3_AVX512
 constexpr int TopShared(int m) { return std::clamp((kVectorRegisters - 8) / (m + 1), 1, 4); }
+#else
+constexpr int TopShared(int) { return 1; }
+#endif
 template <int M, int W = TopShared(M)>
 void TopRows(const float* x, const float* xm, const uint16_t* w, float* a, float* s, int64_t K, int64_t N, int64_t n0,
              int64_t n1) {
