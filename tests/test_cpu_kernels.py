@@ -212,6 +212,10 @@ def test_screen_argmax_is_the_argmax_of_the_bfloat16_logits(k, n):
     for m in (1, 2, 5, 8, 9, 17):  # past eight: a pass over the screen per eight rows
         x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
         np.testing.assert_array_equal(np.asarray(argmax(x, table, screen, rows)), _screened_argmax(x, table))
+    # the best row again first and last: the first wins, across the threads' parts too
+    best = int(_screened_argmax(x[:1], table)[0])
+    tied = jnp.concatenate([table[best:best + 1], table, table[best:best + 1]])
+    assert int(argmax(x[:1], tied, *_screen(tied))[0]) == 0
 
 
 def test_screen_argmax_decides_rows_the_screen_cannot_tell_apart():
