@@ -25,6 +25,11 @@ from gemma3.outputs import (
     Gemma3SequenceClassifierOutputWithPast,
 )
 
+MLP_CHUNK_ROWS = 256
+"""Prefill runs the MLP over at most this many rows at a time: its float32 gate, up and GeGLU temporaries
+then take 3 x 256 x intermediate_size x 4 bytes (gemma-3-1b: 21 MB) instead of that per row of the prompt
+(1b batch 8 x 128: 85 MB, most of the compiled prefill's 88 MB of temporaries; 19 MB with the parts), at
+the same speed (bench/RESULTS.md, session 25)."""
 _MASKED = float(jnp.finfo(jnp.float32).min)  # finite, so a fully masked row gives no NaN
 
 
@@ -104,6 +109,22 @@ class Gemma3MLP(nnx.Module):
         self.down_proj = _linear(config.intermediate_size, config.hidden_size, dtype, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        rows = math.prod(x.shape[:-1])
+        parts = -(-rows // MLP_CHUNK_ROWS)
+        if parts <= 1 or jax.default_backend() != "cpu":  # (GPUs: unmeasured; their memory is rarely the limit)
+            return self._geglu(x)
+        # a loop over equal parts (padded), each written over its own input rows: XLA schedules a Python
+        # loop's parts side by side, and a loop with an output buffer of its own keeps one per layer live
+        size = -(-rows // parts)
+        flat = jnp.pad(x.reshape(rows, x.shape[-1]), ((0, parts * size - rows), (0, 0)))
+
+        def part(i, buf):
+            y = self._geglu(jax.lax.dynamic_slice_in_dim(buf, i * size, size))
+            return jax.lax.dynamic_update_slice_in_dim(buf, y, i * size, 0)
+
+        return jax.lax.fori_loop(0, parts, part, flat)[:rows].reshape(x.shape)
+
+    def _geglu(self, x: jax.Array) -> jax.Array:
         return self.down_proj(jax.nn.gelu(self.gate_proj(x), approximate=True) * self.up_proj(x))
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from gemma3 import Gemma3ForCausalLM, Gemma3ForSequenceClassification
+from gemma3.text import MLP_CHUNK_ROWS
 from tests import make_checkpoints as mk
 from tests.helpers import max_error_on_mask
 
@@ -38,6 +39,22 @@ def test_greedy_continuation_matches_transformers_generate(variant, ours, text_c
     got = ours[variant].generate(ids, mask, max_new_tokens=20, eos_token_id=[])
     assert got.new_tokens.shape == (2, 20)
     np.testing.assert_array_equal(got.sequences, ref.numpy())
+
+
+def test_a_prefill_of_many_rows_runs_its_mlp_in_parts_and_matches_transformers(ours, text_checkpoints):
+    """More rows than MLP_CHUNK_ROWS (3 x 95: two parts, the second padded by a row) give transformers'
+    logits and greedy tokens."""
+    ids = np.random.default_rng(5).integers(3, mk.TEXT_BASE["vocab_size"], (3, 95))
+    rows = ids.size
+    assert MLP_CHUNK_ROWS < rows <= 2 * MLP_CHUNK_ROWS and rows % 2
+    hf = text_checkpoints["base"][1]
+    with torch.no_grad():
+        ref = hf(input_ids=torch.tensor(ids)).logits
+        ref_tokens = hf.generate(torch.tensor(ids), max_new_tokens=4, do_sample=False)
+    got = ours["base"](jnp.asarray(ids)).logits
+    assert max_error_on_mask(got, ref.numpy(), np.ones(ids.shape, bool)) <= 1e-4
+    np.testing.assert_array_equal(ours["base"].generate(ids, max_new_tokens=4, eos_token_id=[]).sequences,
+                                  ref_tokens.numpy())
 
 
 def test_left_padding_gives_the_unpadded_logits(ours, left_padded_batch):
