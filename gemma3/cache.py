@@ -19,6 +19,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from gemma3 import heap
 from gemma3.config import Gemma3TextConfig
 
 EMPTY = 2**30
@@ -59,9 +60,11 @@ class KVCache:
     def init(cls, config: Gemma3TextConfig, batch_size: int, max_length: int, dtype=jnp.float32) -> KVCache:
         ring = min(config.sliding_window or max_length, max_length)
         sizes = tuple(ring if config.is_sliding(i) else max_length for i in range(config.num_hidden_layers))
-        make = _maker(cls, sizes, batch_size, config.num_key_value_heads, config.head_dim, stored_dtype(dtype),
-                      max_length, ring)
-        return make()
+        dtype = stored_dtype(dtype)
+        per_entry = 2 * batch_size * config.num_key_value_heads * config.head_dim * dtype.itemsize
+        if sum(sizes) * per_entry >= heap.LARGE_BYTES:
+            heap.release()  # what earlier caches left in the heap goes back first (see heap.LARGE_BYTES)
+        return _maker(cls, sizes, batch_size, config.num_key_value_heads, config.head_dim, dtype, max_length, ring)()
 
 
 @functools.lru_cache(maxsize=64)

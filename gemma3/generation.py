@@ -234,12 +234,6 @@ def _knows_option(name: str, value) -> bool:
     return True
 
 
-RELEASE_AFTER_BYTES = 64 << 20
-"""A generate whose cache is at least this large hands the heap its buffers freed back to the OS at the
-end: glibc keeps it otherwise (gemma-3-1b float32 batch 8, a 110 MB cache: 105 MB), and the next call's
-peak starts from there. The trim takes about 10 ms there, next to a 17 s generate; below the
-threshold it would be a noticeable share of a short call (0.5 ms of the demo model's 8 ms)."""
-
 _precompiled: set = set()  # (program ids, shapes): ids, not the programs, so that none is kept alive
 
 
@@ -372,12 +366,13 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int = 32,
         cache = shard_cache(cache, mesh)
     logits, cache = prefill(state, padded, mask, positions, cache, extra)
     token = first(logits, seeds, temperature, top_k, top_p)
+    del logits  # (batch x vocabulary floats: 8 MB at gemma-3-1b batch 8, not kept through the loop)
     cache_bytes = sum(x.nbytes for x in jax.tree.leaves(cache))
     out, count, cache = loop(state, token, cache, seeds, temperature, top_k, top_p, stop_ids,
                              np.int32(max_new_tokens), np.int32(pad))
     new = np.asarray(out)[:, :max_new_tokens].astype(np.int64)
-    del cache, logits
-    if cache_bytes >= RELEASE_AFTER_BYTES:
+    del cache
+    if cache_bytes >= heap.LARGE_BYTES:  # (see there)
         heap.release()
     return GenerateOutput(sequences=np.concatenate([np.asarray(input_ids), new], axis=1), new_tokens=new,
                           num_new_tokens=np.asarray(count).astype(np.int64))
