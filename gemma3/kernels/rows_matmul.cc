@@ -837,15 +837,30 @@ struct LineAllocator {
 template <typename T>
 using Lines = std::vector<T, LineAllocator<T>>;
 
-// The same storage left unset, for scratch whose every element read is written first: zeroing a prefill
-// attention's per-block buffers was a tenth of a SigLIP attention's samples under perf.
-template <typename T>
-struct FreeLines {
-  void operator()(T* p) const { ::operator delete(p, std::align_val_t(64)); }
-};
-template <typename T>
-std::unique_ptr<T[], FreeLines<T>> Uninitialized(size_t n) {
-  return std::unique_ptr<T[], FreeLines<T>>(static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64))));
+// Scratch kept between calls: one buffer per site and thread, grown when a call needs more, never shrunk nor
+// cleared (the caller sets what it reads: zeroing a prefill attention's per-block buffers was a tenth of a
+// SigLIP attention's samples under perf; `Zeroed` where a call sums into it). Decode calls these products
+// every step, so a step allocates nothing: a buffer that glibc maps afresh (128 KB and up until its threshold
+// moves; 1 MB and up where MALLOC_MMAP_THRESHOLD_ fixes it) is zero-filled page by page by the OS, which cost
+// more than the screen's pass itself (ScreenArgmax's `kept`); a float32 batch-8 split head's scores alone are
+// 8 MB. A thread holds one call's scratch at a time: RunParts' caller spins for its parts, it never
+// runs another job's.
+enum ScratchSite { kProductX, kProductXi, kProductAcc, kAttendQ, kAttendScores, kAttendAcc, kSplitMost,
+                   kSplitTop, kSplitScale, kBlockX, kBlockScores, kBlockY };
+template <typename T, ScratchSite kSite>
+T* Scratch(size_t n) {
+  thread_local Lines<T> buffer;
+  if (buffer.size() < n) {
+    Lines<T>().swap(buffer);  // the old one goes first
+    buffer.resize(n);
+  }
+  return buffer.data();
+}
+template <typename T, ScratchSite kSite>
+T* Zeroed(size_t n) {
+  T* p = Scratch<T, kSite>(n);
+  std::fill_n(p, n, T{});
+  return p;
 }
 
 // Slice i of `of` of the next panel's source (rows of kPanelCols weights at ldw apart; none without it) to L2,
@@ -1104,31 +1119,30 @@ void MultiplyRows(ffi::ThreadPool& pool, int64_t parts, const T* x_in, const flo
     }
     // each part sums its own even block of weight rows into its own acc, added after
     const int64_t pairs = (K + 1) / 2;
-    std::vector<float> acc(static_cast<size_t>(parts) * M * N, 0.f);
+    float* const acc = Zeroed<float, kProductAcc>(static_cast<size_t>(parts) * M * N);
     RunParts(pool, parts, [&](int64_t i) {
-      RowsKNStream<M>(x_in, w, acc.data() + i * M * N, K, N, std::min(K, pairs * i / parts * 2),
+      RowsKNStream<M>(x_in, w, acc + i * M * N, K, N, std::min(K, pairs * i / parts * 2),
                       std::min(K, pairs * (i + 1) / parts * 2));
     });
-    AddParts(acc.data(), parts, M, N, y, kPairOrder, 32);
+    AddParts(acc, parts, M, N, y, kPairOrder, 32);
     return;
   }
 #endif
   if (w_is_nk) {
     if constexpr (std::is_same_v<T, uint16_t>) {
-      std::vector<float> xi(static_cast<size_t>(M) * K);
-      for (int m = 0; m < M; ++m) Interleave(x + m * K, xi.data() + m * K, K / 16 * 16);
-      RunParts(pool, parts,
-               [&](int64_t i) { RowsNK<M>(x, xi.data(), w, y, K, N, N * i / parts, N * (i + 1) / parts); });
+      float* const xi = Zeroed<float, kProductXi>(static_cast<size_t>(M) * K);
+      for (int m = 0; m < M; ++m) Interleave(x + m * K, xi + m * K, K / 16 * 16);
+      RunParts(pool, parts, [&](int64_t i) { RowsNK<M>(x, xi, w, y, K, N, N * i / parts, N * (i + 1) / parts); });
     } else {
       RunParts(pool, parts, [&](int64_t i) { RowsNK<M>(x, w, y, K, N, N * i / parts, N * (i + 1) / parts, K); });
     }
   } else if constexpr (std::is_same_v<T, float>) {
     // each part sums its own block of weight rows into its own acc, added after
-    std::vector<float> acc(static_cast<size_t>(parts) * M * N, 0.f);
+    float* const acc = Zeroed<float, kProductAcc>(static_cast<size_t>(parts) * M * N);
     RunParts(pool, parts, [&](int64_t i) {
-      RowsKNSum<M>(x, w, acc.data() + i * M * N, K, N, K * i / parts, K * (i + 1) / parts, N);
+      RowsKNSum<M>(x, w, acc + i * M * N, K, N, K * i / parts, K * (i + 1) / parts, N);
     });
-    AddParts(acc.data(), parts, M, N, y);
+    AddParts(acc, parts, M, N, y);
   } else if (M > 1) {  // column blocks of 8 per part
     const int64_t blocks = (N + 7) / 8;
     RunParts(pool, parts, [&](int64_t i) {
@@ -1136,10 +1150,9 @@ void MultiplyRows(ffi::ThreadPool& pool, int64_t parts, const T* x_in, const flo
     });
   } else {  // one bfloat16 row: each part sums its own block of weight rows into its own accumulator, added
             // after; the accumulators hold their first N / 16 * 16 columns in load16's lane order
-    std::vector<float> acc(static_cast<size_t>(parts) * N, 0.f);
-    RunParts(pool, parts,
-             [&](int64_t i) { RowKN(x, w, acc.data() + i * N, N, K * i / parts, K * (i + 1) / parts); });
-    AddParts(acc.data(), parts, 1, N, y, kOrder, 16);
+    float* const acc = Zeroed<float, kProductAcc>(static_cast<size_t>(parts) * N);
+    RunParts(pool, parts, [&](int64_t i) { RowKN(x, w, acc + i * N, N, K * i / parts, K * (i + 1) / parts); });
+    AddParts(acc, parts, 1, N, y, kOrder, 16);
   }
 }
 
@@ -1161,21 +1174,22 @@ void Multiply(ffi::ThreadPool& pool, const T* x_in, const T* w, float* y, int64_
   if constexpr (std::is_same_v<T, uint16_t>) {
     if (!w_is_nk && M >= kAmxRows && AmxReady()) {  // each part its own block of weight rows, summed after
       const int64_t Kp = (K + 31) / 32 * 32, Np = (N + 63) / 64 * 64, tiles = Kp / 32;
-      Lines<uint16_t> xp(static_cast<size_t>(M * Kp), 0);
-      for (int64_t m = 0; m < M; ++m) std::memcpy(xp.data() + m * Kp, x_in + m * K, K * sizeof(uint16_t));
-      Lines<float> acc(static_cast<size_t>(parts * M * Np), 0.f);
+      uint16_t* const xp = Zeroed<uint16_t, kProductXi>(static_cast<size_t>(M * Kp));
+      for (int64_t m = 0; m < M; ++m) std::memcpy(xp + m * Kp, x_in + m * K, K * sizeof(uint16_t));
+      float* const acc = Zeroed<float, kProductAcc>(static_cast<size_t>(parts * M * Np));
       RunParts(pool, parts, [&](int64_t i) {
-        RowsKNAmx(xp.data(), Kp, M, w, acc.data() + i * M * Np, K, N, std::min(K, tiles * i / parts * 32),
+        RowsKNAmx(xp, Kp, M, w, acc + i * M * Np, K, N, std::min(K, tiles * i / parts * 32),
                   std::min(K, tiles * (i + 1) / parts * 32));
       });
-      AddParts(acc.data(), parts, M, N, y, nullptr, 1, Np);
+      AddParts(acc, parts, M, N, y, nullptr, 1, Np);
       return;
     }
   }
 #endif
-  std::vector<float> x(UsesPairs<T>() ? 0 : static_cast<size_t>(M) * K);
-  for (size_t i = 0; i < x.size(); ++i) x[i] = widen(x_in[i]);
-  WithRows(M, [&](auto rows) { MultiplyRows<rows()>(pool, parts, x_in, x.data(), w, y, K, N, w_is_nk); });
+  const size_t widened = UsesPairs<T>() ? 0 : static_cast<size_t>(M) * K;
+  float* const x = Scratch<float, kProductX>(widened);
+  for (size_t i = 0; i < widened; ++i) x[i] = widen(x_in[i]);
+  WithRows(M, [&](auto rows) { MultiplyRows<rows()>(pool, parts, x_in, x, w, y, K, N, w_is_nk); });
 }
 
 // Attention in place over a cache's keys and values (or a prefill chunk's own), per (row, kv head): scores
@@ -1355,7 +1369,8 @@ void AttendRows(ffi::ThreadPool& pool, const AttentionShape& a, const Q* q, cons
   const bool big = static_cast<size_t>(units) * 2 * S * H * sizeof(T) >= (256 << 10);
   const int64_t splits = units < threads && big ? std::min<int64_t>((threads + units - 1) / units, S) : 1;
   const int64_t parts = units * splits;
-  std::vector<float> rows(static_cast<size_t>(units) * R * H), p(static_cast<size_t>(units) * R * S);
+  float* const rows = Scratch<float, kAttendQ>(static_cast<size_t>(units) * R * H);
+  float* const p = Zeroed<float, kAttendScores>(static_cast<size_t>(units) * R * S);
   for (int64_t u = 0; u < units; ++u)
     for (int64_t r = 0; r < R; ++r)
       for (int64_t h = 0; h < H; ++h) rows[(u * R + r) * H + h] = widen(q[a.q_row(u, r) + h]);
@@ -1368,16 +1383,15 @@ void AttendRows(ffi::ThreadPool& pool, const AttentionShape& a, const Q* q, cons
     });
   };
   each_part([&](auto m, int64_t, int64_t u, int64_t r, int64_t s0, int64_t s1) {
-    RowsNK<m()>(rows.data() + (u * R + r) * H, keys + a.base(u), p.data() + (u * R + r) * S, H, S, s0, s1, a.ld());
+    RowsNK<m()>(rows + (u * R + r) * H, keys + a.base(u), p + (u * R + r) * S, H, S, s0, s1, a.ld());
   });
   for (int64_t u = 0; u < units; ++u)
     for (int64_t r = 0; r < R; ++r)
-      SoftmaxRow(p.data() + (u * R + r) * S, visible ? visible + a.mask_row(u, r) : nullptr, S,
-                 std::is_same_v<T, uint16_t>, p.data() + (u * R + r) * S);
-  std::vector<float> acc(static_cast<size_t>(parts) * R * H, 0.f);
+      SoftmaxRow(p + (u * R + r) * S, visible ? visible + a.mask_row(u, r) : nullptr, S,
+                 std::is_same_v<T, uint16_t>, p + (u * R + r) * S);
+  float* const acc = Zeroed<float, kAttendAcc>(static_cast<size_t>(parts) * R * H);
   each_part([&](auto m, int64_t i, int64_t u, int64_t r, int64_t s0, int64_t s1) {
-    RowsKNSum<m()>(p.data() + (u * R + r) * S, values + a.base(u), acc.data() + (i * R + r) * H, S, H, s0, s1,
-                   a.ld());
+    RowsKNSum<m()>(p + (u * R + r) * S, values + a.base(u), acc + (i * R + r) * H, S, H, s0, s1, a.ld());
   });
   for (int64_t u = 0; u < units; ++u)
     for (int64_t r = 0; r < R; ++r) {
@@ -1448,22 +1462,22 @@ void AttendGemm(ffi::ThreadPool& pool, const AttentionShape& a, const In* q, con
     const auto [s0, s1] = SeenRange(a, visible, u, r0, rows);
     // every element the products read is written first: x's query rows (padded with zeros to Hp), then the
     // exponentials over [s0, s1); the scores and y are set on the first panel of their depth
-    auto x = Uninitialized<T>(static_cast<size_t>(rows) * std::max(Hp, S));
-    auto scores = Uninitialized<float>(static_cast<size_t>(rows) * S);
-    auto y = Uninitialized<float>(static_cast<size_t>(rows) * Hp);
+    T* const x = Scratch<T, kBlockX>(static_cast<size_t>(rows) * std::max(Hp, S));
+    float* const scores = Scratch<float, kBlockScores>(static_cast<size_t>(rows) * S);
+    float* const y = Scratch<float, kBlockY>(static_cast<size_t>(rows) * Hp);
     for (int64_t r = 0; r < rows; ++r) {
       const In* from = q + a.q_row(u, r0 + r);
-      T* to = x.get() + r * Hp;
+      T* to = x + r * Hp;
       if constexpr (std::is_same_v<T, In>) std::memcpy(to, from, sizeof(T) * H);
       else for (int64_t h = 0; h < H; ++h) to[h] = widen(from[h]);
       std::fill(to + H, to + Hp, T{});
     }
-    GemmPanels(x.get(), keys_t[u].data(), scores.get(), Hp, S, rows, s0, s1, 0, Hp);
+    GemmPanels(x, keys_t[u].data(), scores, Hp, S, rows, s0, s1, 0, Hp);
     float divisors[kMaxBlockRows];
     for (int64_t r = 0; r < rows; ++r)
-      divisors[r] = SoftmaxRow(scores.get() + r * S + s0, visible ? visible + a.mask_row(u, r0 + r) + s0 : nullptr,
-                               s1 - s0, kHalves, x.get() + r * S + s0, /*divide_later=*/kHalves);
-    GemmPanels(x.get(), vals[u].data(), y.get(), S, Hp, rows, 0, Hp, s0, s1);
+      divisors[r] = SoftmaxRow(scores + r * S + s0, visible ? visible + a.mask_row(u, r0 + r) + s0 : nullptr,
+                               s1 - s0, kHalves, x + r * S + s0, /*divide_later=*/kHalves);
+    GemmPanels(x, vals[u].data(), y, S, Hp, rows, 0, Hp, s0, s1);
     for (int64_t r = 0; r < rows; ++r) {
       float* o = out + a.q_row(u, r0 + r);
       for (int64_t h = 0; h < H; ++h) o[h] = y[r * Hp + h] / divisors[r];
@@ -1632,8 +1646,9 @@ ffi::Error SplitArgmax(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   const float* xs = x.typed_data();
   const uint16_t* top = planes.typed_data();
   const int64_t groups = (M + kMaxRows - 1) / kMaxRows;  // of eight rows, one pass over the top plane each
-  std::vector<float> xm(static_cast<size_t>(groups * K), 0.f), a(static_cast<size_t>(M * N)),
-      s(static_cast<size_t>(groups * N));
+  float* const xm = Zeroed<float, kSplitMost>(static_cast<size_t>(groups * K));
+  float* const a = Scratch<float, kSplitTop>(static_cast<size_t>(M * N));
+  float* const s = Scratch<float, kSplitScale>(static_cast<size_t>(groups * N));
   for (int64_t m = 0; m < M; ++m)
     for (int64_t k = 0; k < K; ++k) {
       float& most = xm[m / kMaxRows * K + k];
@@ -1644,15 +1659,15 @@ ffi::Error SplitArgmax(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
     WithRows(std::min(kMaxRows, M - g * kMaxRows), [&](auto rows) {
       const int64_t m0 = g * kMaxRows;
       RunParts(pool, parts, [&](int64_t i) {
-        TopRows<rows()>(xs + m0 * K, xm.data() + g * K, top, a.data() + m0 * N, s.data() + g * N, K, N,
+        TopRows<rows()>(xs + m0 * K, xm + g * K, top, a + m0 * N, s + g * N, K, N,
                         N * i / parts, N * (i + 1) / parts);
       });
     });
   const float slack = (0x1p-7f + 4.0f * static_cast<float>(K + 16) * 0x1p-24f) * (1.0f + 0x1p-10f);
   const SplitF32 w{top, N * K};
   RunParts(pool, M, [&](int64_t m) {
-    float* am = a.data() + m * N;  // each candidate's exact value is written over its a, once read
-    const float* sm = s.data() + m / kMaxRows * N;
+    float* am = a + m * N;  // each candidate's exact value is written over its a, once read
+    const float* sm = s + m / kMaxRows * N;
     float floor = -INFINITY;  // the largest a - bound: the best row's exact value is at least this
     for (int64_t n = 0; n < N; ++n) floor = std::max(floor, am[n] - slack * sm[n] - 0x1p-100f);
     RunningArgmax argmax;
