@@ -25,11 +25,13 @@ from gemma3.outputs import (
     Gemma3SequenceClassifierOutputWithPast,
 )
 
-MLP_CHUNK_ROWS = 256
-"""Prefill runs the MLP over at most this many rows at a time: its float32 gate, up and GeGLU temporaries
-then take 3 x 256 x intermediate_size x 4 bytes (gemma-3-1b: 21 MB) instead of that per row of the prompt
-(1b batch 8 x 128: 85 MB, most of the compiled prefill's 88 MB of temporaries; 19 MB with the parts), at
-the same speed (bench/RESULTS.md, session 25)."""
+MLP_PART_BYTES = 32 << 20
+"""Prefill runs the MLP over parts of the prompt's rows when its float32 gate, up and GeGLU outputs (12 bytes
+per row and intermediate unit) would take more than this, each part at most this: gemma-3-1b batch 8 x 128
+(1,024 rows) in 3 parts, its compiled prefill's temporaries 88 -> 26 MB (19 at 256-row parts), at the
+same speed; gemma-3-270m batch 8 (25 MB) in one, where 256-row parts made its float32 prefill 5-15% slower
+(bench/RESULTS.md, session 25)."""
+
 _MASKED = float(jnp.finfo(jnp.float32).min)  # finite, so a fully masked row gives no NaN
 
 
@@ -107,10 +109,11 @@ class Gemma3MLP(nnx.Module):
         self.gate_proj = _linear(config.hidden_size, config.intermediate_size, dtype, rngs, out_dtype=jnp.float32)
         self.up_proj = _linear(config.hidden_size, config.intermediate_size, dtype, rngs, out_dtype=jnp.float32)
         self.down_proj = _linear(config.intermediate_size, config.hidden_size, dtype, rngs)
+        self.intermediate_size = config.intermediate_size
 
     def __call__(self, x: jax.Array) -> jax.Array:
         rows = math.prod(x.shape[:-1])
-        parts = -(-rows // MLP_CHUNK_ROWS)
+        parts = -(-rows * 12 * self.intermediate_size // MLP_PART_BYTES)
         if parts <= 1 or jax.default_backend() != "cpu":  # (GPUs: unmeasured; their memory is rarely the limit)
             return self._geglu(x)
         # a loop over equal parts (padded), each written over its own input rows: XLA schedules a Python

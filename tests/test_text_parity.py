@@ -5,8 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from gemma3 import Gemma3ForCausalLM, Gemma3ForSequenceClassification
-from gemma3.text import MLP_CHUNK_ROWS
+from gemma3 import Gemma3ForCausalLM, Gemma3ForSequenceClassification, text
 from tests import make_checkpoints as mk
 from tests.helpers import max_error_on_mask
 
@@ -41,12 +40,12 @@ def test_greedy_continuation_matches_transformers_generate(variant, ours, text_c
     np.testing.assert_array_equal(got.sequences, ref.numpy())
 
 
-def test_a_prefill_of_many_rows_runs_its_mlp_in_parts_and_matches_transformers(ours, text_checkpoints):
-    """More rows than MLP_CHUNK_ROWS (3 x 95: two parts, the second padded by a row) give transformers'
-    logits and greedy tokens."""
+def test_a_prefill_of_many_rows_runs_its_mlp_in_parts_and_matches_transformers(ours, text_checkpoints, monkeypatch):
+    """A prompt whose MLP outputs exceed MLP_PART_BYTES (3 x 95 rows: two parts, the second padded by a row)
+    gives transformers' logits and greedy tokens."""
     ids = np.random.default_rng(5).integers(3, mk.TEXT_BASE["vocab_size"], (3, 95))
-    rows = ids.size
-    assert MLP_CHUNK_ROWS < rows <= 2 * MLP_CHUNK_ROWS and rows % 2
+    row_bytes = 12 * mk.TEXT_BASE["intermediate_size"]
+    monkeypatch.setattr(text, "MLP_PART_BYTES", 150 * row_bytes)  # this model's MLP is far under the default
     hf = text_checkpoints["base"][1]
     with torch.no_grad():
         ref = hf(input_ids=torch.tensor(ids)).logits
