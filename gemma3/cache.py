@@ -62,8 +62,7 @@ class KVCache:
         sizes = tuple(ring if config.is_sliding(i) else max_length for i in range(config.num_hidden_layers))
         dtype = stored_dtype(dtype)
         per_entry = 2 * batch_size * config.num_key_value_heads * config.head_dim * dtype.itemsize
-        if sum(sizes) * per_entry >= heap.LARGE_BYTES:
-            heap.release()  # what earlier caches left in the heap goes back first (see heap.LARGE_BYTES)
+        heap.release_for(sum(sizes) * per_entry)  # what earlier caches left in the heap goes back first
         return _maker(cls, sizes, batch_size, config.num_key_value_heads, config.head_dim, dtype, max_length, ring)()
 
 

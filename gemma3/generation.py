@@ -372,7 +372,6 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int = 32,
                              np.int32(max_new_tokens), np.int32(pad))
     new = np.asarray(out)[:, :max_new_tokens].astype(np.int64)
     del cache
-    if cache_bytes >= heap.LARGE_BYTES:  # (see there)
-        heap.release()
+    heap.release_for(cache_bytes)
     return GenerateOutput(sequences=np.concatenate([np.asarray(input_ids), new], axis=1), new_tokens=new,
                           num_new_tokens=np.asarray(count).astype(np.int64))

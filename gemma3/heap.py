@@ -49,6 +49,12 @@ def release() -> None:
         trim(0)
 
 
+def release_for(nbytes: int) -> None:
+    """``release`` when a cache of ``nbytes`` is made or freed and that is LARGE_BYTES or more."""
+    if nbytes >= LARGE_BYTES:
+        release()
+
+
 def _after(event: str, duration: float, **_) -> None:
     if event == COMPILE_EVENT:
         release()

@@ -109,11 +109,10 @@ class Gemma3MLP(nnx.Module):
         self.gate_proj = _linear(config.hidden_size, config.intermediate_size, dtype, rngs, out_dtype=jnp.float32)
         self.up_proj = _linear(config.hidden_size, config.intermediate_size, dtype, rngs, out_dtype=jnp.float32)
         self.down_proj = _linear(config.intermediate_size, config.hidden_size, dtype, rngs)
-        self.intermediate_size = config.intermediate_size
 
     def __call__(self, x: jax.Array) -> jax.Array:
         rows = math.prod(x.shape[:-1])
-        parts = -(-rows * 12 * self.intermediate_size // MLP_PART_BYTES)
+        parts = -(-rows * 12 * self.gate_proj.out_features // MLP_PART_BYTES)
         if parts <= 1 or jax.default_backend() != "cpu":  # (GPUs: unmeasured; their memory is rarely the limit)
             return self._geglu(x)
         # a loop over equal parts (padded), each written over its own input rows: XLA schedules a Python
