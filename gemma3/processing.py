@@ -156,14 +156,20 @@ class Gemma3ImageProcessor:
                 for y, x in itertools.product(range(0, crop_h * n_h, crop_h), range(0, crop_w * n_w, crop_w))]
 
     def _pixels(self, image: np.ndarray) -> np.ndarray:
-        if self.do_resize:
+        """HWC uint8 → CHW float32, transformers' operations in its order. The channels move first, so
+        that each channel's arithmetic runs over a contiguous plane (3x faster than over interleaved
+        pixels at 896 px, with the same values)."""
+        if self.do_resize and image.shape[:2] != (self.size["height"], self.size["width"]):
             size = (self.size["width"], self.size["height"])
             image = np.asarray(Image.fromarray(image).resize(size, resample=self.resample))
-        x = image.astype(np.float64) * self.rescale_factor if self.do_rescale else image
+        x = np.ascontiguousarray(np.moveaxis(image, -1, 0))
+        x = x.astype(np.float64) * self.rescale_factor if self.do_rescale else x
         x = x.astype(np.float32)
         if self.do_normalize:
-            x = (x - np.asarray(self.image_mean, np.float32)) / np.asarray(self.image_std, np.float32)
-        return np.moveaxis(x, -1, 0)
+            per_channel = (-1, 1, 1)
+            x = (x - np.reshape(np.asarray(self.image_mean, np.float32), per_channel)) / np.reshape(
+                np.asarray(self.image_std, np.float32), per_channel)
+        return x
 
     def __call__(self, images, do_pan_and_scan: bool | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
         """images: one or a list of PIL images, uint8 arrays (HWC) or encoded bytes. In pixel_values each

@@ -108,7 +108,7 @@ def test_batcher_compiles_no_weights_in(pair):
     path, _, _ = pair
     encoder = Gemma3ImageEncoder.from_pretrained(path)
     batcher = Batcher(encoder, max_batch=2)
-    lowered = batcher._run.lower(batcher._state, jax.ShapeDtypeStruct((1, 3, 42, 42), jnp.float32))
+    lowered = batcher._run.lower(batcher._weights, jax.ShapeDtypeStruct((1, 3, 42, 42), jnp.float32))
     n_weights = len(jax.tree.leaves(nnx.state(encoder)))
     assert len(jax.tree.leaves(lowered.args_info)) == n_weights + 1
     # a weight folded in would be a dense constant, printed as a hex blob
