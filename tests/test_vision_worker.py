@@ -65,7 +65,7 @@ def stored(keys, timeout=10.0) -> list[bytes]:
 
 def test_embeddings_are_cached_by_content(vision_worker, expected):
     """The tiny model's embeddings are small, so they also travel inline, hits and misses alike (the LM
-    worker skips Redis for them), and are written to Redis beside the reply."""
+    worker skips Redis for them), and are written to Redis after the reply."""
     _, target = vision_worker
     a, b = png(100 + np.random.default_rng().integers(1 << 30)), png(7)
     redis(lambda c: c.redis.delete(*[k.key for k in embed(target, [b]).embeddings]))

@@ -37,7 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     env_flag(p, "--cache-ttl", "GEMMA3_VISION_CACHE_TTL", 3600, "seconds an embedding stays cached", type=int)
     env_flag(p, "--inline-max-bytes", "GEMMA3_VISION_INLINE_MAX_BYTES", 1 << 20,
              "embeddings of at most this many bytes also travel inline (the LM worker skips Redis for them; a "
-             "miss is written to Redis beside the reply); larger ones by key alone (0: all by key)", type=int)
+             "miss is written to Redis after the reply); larger ones by key alone (0: all by key)", type=int)
     worker_security_flags(p, "GEMMA3_VISION")
     compilation_cache_flag(p)
     cpu_threads_flag(p, "GEMMA3_VISION")
