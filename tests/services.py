@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 
 import grpc
 
@@ -31,6 +32,16 @@ def cache_put(key: str, array, ttl_seconds: int = 120) -> None:
             await cache.close()
 
     asyncio.run(put())
+
+
+def landed(get, ok=lambda value: value is not None, timeout: float = 10.0):
+    """``get()`` once ``ok`` of it: a small (inline) embedding is written to Redis after the vision
+    worker's reply, so a test reads it, or its overwrite, when it has landed."""
+    deadline = time.monotonic() + timeout
+    while not ok(value := get()):
+        assert time.monotonic() < deadline, f"the Redis value did not land within {timeout} s: {value!r:.80}"
+        time.sleep(0.02)
+    return value
 
 
 def trace_file(target: str) -> str:

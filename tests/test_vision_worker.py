@@ -54,10 +54,14 @@ def inline(item) -> np.ndarray:
     return np.frombuffer(item.inline.data, np.float32).reshape(item.inline.shape)
 
 
-def stored(keys, timeout=10.0) -> list[bytes]:
-    """The Redis values of ``keys`` once all are there (a small embedding is written beside its reply)."""
+def stored(keys, timeout=10.0, usable=False) -> list[bytes]:
+    """The Redis values of ``keys`` once all are there (a small embedding is written after its reply) and,
+    when ``usable``, every one decodes (a corrupt one was overwritten)."""
+    def waiting(values) -> bool:
+        return None in values or (usable and any(decode(v) is None for v in values))
+
     deadline = time.monotonic() + timeout
-    while None in (values := redis(lambda c: c.get_many(keys))):
+    while waiting(values := redis(lambda c: c.get_many(keys))):
         assert time.monotonic() < deadline, f"not stored in Redis within {timeout} s: {keys}"
         time.sleep(0.02)
     return values
@@ -68,7 +72,9 @@ def test_embeddings_are_cached_by_content(vision_worker, expected):
     worker skips Redis for them), and are written to Redis after the reply."""
     _, target = vision_worker
     a, b = png(100 + np.random.default_rng().integers(1 << 30)), png(7)
-    redis(lambda c: c.redis.delete(*[k.key for k in embed(target, [b]).embeddings]))
+    key_b = embed(target, [b]).embeddings[0].key
+    stored([key_b])  # its write follows the reply: let it land before taking it out
+    redis(lambda c: c.redis.delete(key_b))
     first = embed(target, [a, b, a])
     assert [e.cache_hit for e in first.embeddings] == [False, False, False]
     assert first.embeddings[0].key == first.embeddings[2].key != first.embeddings[1].key
@@ -129,11 +135,11 @@ def test_a_poisoned_entry_is_recomputed(vision_worker, expected):
     _, target = vision_worker
     image = png(8)
     key = embed(target, [image]).embeddings[0].key
-    good = redis(lambda c: c.get_many([key]))[0]
+    (good,) = stored([key])
     redis(lambda c: c.redis.set(key, good[:-4] + b"\x00\x00\x00\x00"))  # checksum no longer matches
     reply = embed(target, [image]).embeddings[0]
     assert not reply.cache_hit
-    np.testing.assert_allclose(decode(redis(lambda c: c.get_many([key]))[0]), expected(image), atol=1e-5)
+    np.testing.assert_allclose(decode(stored([key], usable=True)[0]), expected(image), atol=1e-5)
     wrong_shape = np.zeros((1, 4, 4), np.float32)
     redis(lambda c: c.put(key, wrong_shape))  # well-formed but the wrong shape: a foreign entry
     assert not embed(target, [image]).embeddings[0].cache_hit
