@@ -57,14 +57,10 @@ def inline(item) -> np.ndarray:
 def stored(keys, timeout=10.0, usable=False) -> list[bytes]:
     """The Redis values of ``keys`` once all are there (a small embedding is written after its reply) and,
     when ``usable``, every one decodes (a corrupt one was overwritten)."""
-    def waiting(values) -> bool:
-        return None in values or (usable and any(decode(v) is None for v in values))
+    def there(values) -> bool:
+        return None not in values and not (usable and any(decode(v) is None for v in values))
 
-    deadline = time.monotonic() + timeout
-    while waiting(values := redis(lambda c: c.get_many(keys))):
-        assert time.monotonic() < deadline, f"not stored in Redis within {timeout} s: {keys}"
-        time.sleep(0.02)
-    return values
+    return services.landed(lambda: redis(lambda c: c.get_many(keys)), there, timeout)
 
 
 def test_embeddings_are_cached_by_content(vision_worker, expected):
