@@ -34,6 +34,10 @@
 
 #include "xla/ffi/api/ffi.h"
 
+#ifdef __AVX2__
+#include <immintrin.h>  // bfloat16 widening (Bfloat16Bits); AVX-512 and the screen need it too
+#endif
+
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #define GEMMA3_AVX512 1  // sixteen-lane float32 panels for the prefill GEMM
@@ -76,10 +80,23 @@ inline f8 load8(const float* p) {
   std::memcpy(&v, p, sizeof v);
   return v;
 }
-inline f8 load8(const uint16_t* p) {
+// Eight bfloat16 as the bits of eight float32 (each in the top half). On AVX2 one vpmovzxwd from memory and a
+// shift: GCC 12 lowers the portable conversion to two vpmovzxwd on halves, a shift of bytes and an insert,
+// which held one-row bfloat16 products of (K, N) weights at 10-15 GB/s a core on AVX2 builds.
+inline u32x8 Bfloat16Bits(const uint16_t* p) {
+#ifdef __AVX2__
+  const __m256i wide = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16);
+  u32x8 bits;
+  std::memcpy(&bits, &wide, sizeof bits);
+  return bits;
+#else
   u16x8 h;
   std::memcpy(&h, p, sizeof h);
-  u32x8 bits = __builtin_convertvector(h, u32x8) << 16;
+  return __builtin_convertvector(h, u32x8) << 16;
+#endif
+}
+inline f8 load8(const uint16_t* p) {
+  const u32x8 bits = Bfloat16Bits(p);
   f8 v;
   std::memcpy(&v, &bits, sizeof v);
   return v;
@@ -134,39 +151,8 @@ inline float sum8(f8 v) {
   return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
 }
 
-// One row, bfloat16 (K, N) weights where the CPU has no pair products, rows k0..k1: acc[:] += x[k] * w[k, :],
-// four weight rows per pass over acc (acc, N floats, stays in L1/L2 while the weights stream through once,
-// in order), sixteen columns at a time through load16, so acc holds the columns below N's last multiple of
-// 16 in load16's lane order (MultiplyRows puts them back in order), the rest as is.
-void RowKN(const float* x, const uint16_t* w, float* acc, int64_t N, int64_t k0, int64_t k1) {
-  const int64_t n_main = N / 16 * 16;
-  int64_t k = k0;
-  for (; k + 4 <= k1; k += 4) {
-    const uint16_t* __restrict w0 = w + k * N;
-    const float a0 = x[k], a1 = x[k + 1], a2 = x[k + 2], a3 = x[k + 3];
-    for (int64_t n = 0; n < n_main; n += 16) {
-      f8 lo[4], hi[4];
-      _Pragma("GCC unroll 4") for (int r = 0; r < 4; ++r) load16(w0 + r * N + n, lo[r], hi[r]);
-      store8(acc + n, load8(acc + n) + ((a0 * lo[0] + a1 * lo[1]) + (a2 * lo[2] + a3 * lo[3])));
-      store8(acc + n + 8, load8(acc + n + 8) + ((a0 * hi[0] + a1 * hi[1]) + (a2 * hi[2] + a3 * hi[3])));
-    }
-    for (int64_t n = n_main; n < N; ++n)
-      acc[n] += (a0 * widen(w0[n]) + a1 * widen(w0[N + n])) + (a2 * widen(w0[2 * N + n]) + a3 * widen(w0[3 * N + n]));
-  }
-  for (; k < k1; ++k) {
-    const uint16_t* __restrict w0 = w + k * N;
-    const float a0 = x[k];
-    for (int64_t n = 0; n < n_main; n += 16) {
-      f8 lo, hi;
-      load16(w0 + n, lo, hi);
-      store8(acc + n, load8(acc + n) + a0 * lo);
-      store8(acc + n + 8, load8(acc + n + 8) + a0 * hi);
-    }
-    for (int64_t n = n_main; n < N; ++n) acc[n] += a0 * widen(w0[n]);
-  }
-}
-
-// M rows (1..8) of float32 x against (K, N) weights (float32, or bfloat16 widened: attention's values),
+// M rows (1..8) of float32 x against (K, N) weights (float32, or bfloat16 widened: attention's values, and every
+// product of (K, N) bfloat16 weights where the CPU has no pair products),
 // weight rows k0..k1 at ldw apart, summed into acc (M x N) while the weights stream through once, in order,
 // R rows at a time (RowsKNStream's scheme, eight lanes). Column blocks walking down the weight rows read
 // 12-19 GB/s at 2-8 rows; this reads 25-30.
@@ -206,10 +192,6 @@ void RowsKNSum(const float* x, const T* w, float* acc, int64_t K, int64_t N, int
   }
 }
 
-// M rows (2..8), bfloat16 (K, N) weights where the CPU has no pair products, columns n0..n1 (n0 a multiple
-// of 8): the M x 8 outputs of a column block stay in registers while a block of kBlock weight rows passes;
-// each weight is widened once and used M times.
-constexpr int64_t kBlock = 32;
 constexpr int64_t kMaxRows = 8;
 // Weight rows of an (N, K) matrix that share each load of x (RowsNK, RowsNKDp): one sum register per input
 // row and weight row, half the vector registers (32 with AVX-512, 16 otherwise), at most four rows.
@@ -219,33 +201,6 @@ constexpr int kVectorRegisters = 32;
 constexpr int kVectorRegisters = 16;
 #endif
 constexpr int SharedRows(int m) { return std::clamp(kVectorRegisters / 2 / m, 1, 4); }
-template <int M, typename T>
-void RowsKN(const float* x, const T* w, float* y, int64_t K, int64_t N, int64_t n0, int64_t n1) {
-  const int64_t n_main = n0 + (n1 - n0) / 8 * 8;
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t n = n0; n < n1; ++n) y[m * N + n] = 0.f;
-  for (int64_t kb = 0; kb < K; kb += kBlock) {
-    const int64_t ke = std::min(K, kb + kBlock);
-    float xs[M][kBlock];
-    _Pragma("GCC unroll 8") for (int m = 0; m < M; ++m)
-      for (int64_t k = kb; k < ke; ++k) xs[m][k - kb] = x[m * K + k];
-    for (int64_t n = n0; n < n_main; n += 8) {
-      f8 acc[M];
-      _Pragma("GCC unroll 8") for (int m = 0; m < M; ++m) acc[m] = load8(y + m * N + n);
-      for (int64_t k = kb; k < ke; ++k) {
-        const f8 wv = load8(w + k * N + n);
-        _Pragma("GCC unroll 8") for (int m = 0; m < M; ++m) acc[m] += xs[m][k - kb] * wv;
-      }
-      _Pragma("GCC unroll 8") for (int m = 0; m < M; ++m) store8(y + m * N + n, acc[m]);
-    }
-    for (int64_t n = n_main; n < n1; ++n)
-      _Pragma("GCC unroll 8") for (int m = 0; m < M; ++m) {
-        float s = y[m * N + n];
-        for (int64_t k = kb; k < ke; ++k) s += xs[m][k - kb] * widen(w[k * N + n]);
-        y[m * N + n] = s;
-      }
-  }
-}
 
 // M rows (1..8), (N, K) weights (float32, or bfloat16 widened: attention's keys) at ldw apart, rows n0..n1:
 // y[m, n] = <x[m, :], w[n, :]>, W weight rows at a time (adjacent, so one stream; the next W prefetched)
@@ -1136,23 +1091,15 @@ void MultiplyRows(ffi::ThreadPool& pool, int64_t parts, const T* x_in, const flo
     } else {
       RunParts(pool, parts, [&](int64_t i) { RowsNK<M>(x, w, y, K, N, N * i / parts, N * (i + 1) / parts, K); });
     }
-  } else if constexpr (std::is_same_v<T, float>) {
-    // each part sums its own block of weight rows into its own acc, added after
+  } else {
+    // float32, or bfloat16 widened where the CPU has no pair products: each part sums its own block of weight
+    // rows into its own acc, added after (for bfloat16 at 1-8 rows on AVX2, 1.1-1.6x the column blocks and
+    // four-row passes this replaced: bench/RESULTS.md)
     float* const acc = Zeroed<float, kProductAcc>(static_cast<size_t>(parts) * M * N);
     RunParts(pool, parts, [&](int64_t i) {
       RowsKNSum<M>(x, w, acc + i * M * N, K, N, K * i / parts, K * (i + 1) / parts, N);
     });
     AddParts(acc, parts, M, N, y);
-  } else if (M > 1) {  // column blocks of 8 per part
-    const int64_t blocks = (N + 7) / 8;
-    RunParts(pool, parts, [&](int64_t i) {
-      RowsKN<M>(x, w, y, K, N, std::min(N, blocks * i / parts * 8), std::min(N, blocks * (i + 1) / parts * 8));
-    });
-  } else {  // one bfloat16 row: each part sums its own block of weight rows into its own accumulator, added
-            // after; the accumulators hold their first N / 16 * 16 columns in load16's lane order
-    float* const acc = Zeroed<float, kProductAcc>(static_cast<size_t>(parts) * N);
-    RunParts(pool, parts, [&](int64_t i) { RowKN(x, w, acc + i * N, N, K * i / parts, K * (i + 1) / parts); });
-    AddParts(acc, parts, 1, N, y, kOrder, 16);
   }
 }
 
@@ -1605,9 +1552,7 @@ void TopRows(const float* x, const float* xm, const uint16_t* w, float* a, float
       const f8 xmv = load8(xm + k);
       f8 tv[W];
       _Pragma("GCC unroll 4") for (int r = 0; r < W; ++r) {
-        u16x8 h;
-        std::memcpy(&h, row + r * K + k, sizeof h);
-        const u32x8 bits = __builtin_convertvector(h, u32x8) << 16, magnitude = bits & 0x7fffffffu;
+        const u32x8 bits = Bfloat16Bits(row + r * K + k), magnitude = bits & 0x7fffffffu;
         f8 ta;
         std::memcpy(&tv[r], &bits, sizeof tv[r]);
         std::memcpy(&ta, &magnitude, sizeof ta);
