@@ -391,7 +391,7 @@ async def run(args) -> dict:
                     await asyncio.sleep(0.002)
 
         outcomes, waves = [], 0
-        while "lm" not in killed_at and waves < 3:
+        while "lm" not in killed_at and waves < 5:
             waves += 1
             picks = [rng.choice(texts + images) for _ in range(args.fault_requests)]
             outcomes += await wave(target, tpls, picks, during=kill_lm, seed=6 + waves,
