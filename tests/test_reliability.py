@@ -25,7 +25,11 @@ def test_load_and_faults_lose_nothing(tmp_path):
         stdout, stderr = proc.communicate(timeout=TIMEOUT)
     except subprocess.TimeoutExpired:
         proc.terminate()  # the bench stops its stack on SIGTERM, so no worker outlives the test
-        stdout, stderr = proc.communicate(timeout=120)
+        try:
+            stdout, stderr = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            stdout, stderr = proc.communicate()
         steps = "\n".join(line for line in stderr.splitlines() if line.startswith("reliability:"))
         pytest.fail(f"bench/reliability.py did not finish in {TIMEOUT} s; its steps:\n{steps}\n{stderr[-5000:]}")
     assert out.exists(), stdout[-3000:] + stderr[-5000:]
