@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import sys
-
-import numpy as np
 
 from serving.logs import configure_logging
 from serving.settings import (
@@ -51,15 +48,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 async def main_async(args) -> None:
-    import jax.numpy as jnp
-
-    from gemma3 import Gemma3ImageEncoder
-    from gemma3.processing import Gemma3ImageProcessor
     from gemma3serve.v1 import vision_worker_pb2_grpc
     from serving.embedding_cache import EmbeddingCache
     from serving.security import redact_url
     from serving.server import Server
-    from vision_worker.service import Batcher, VisionWorkerService, namespace_for, weights_fingerprint
+    from vision_worker.service import VisionWorkerService, namespace_for
 
     server = Server([SERVICE], args.host, args.port, args.drain_seconds, credentials=args.server_credentials)
     cache = EmbeddingCache(args.redis_url, ttl_seconds=args.cache_ttl, secret=args.cache_secret,
@@ -69,22 +62,11 @@ async def main_async(args) -> None:
     vision_worker_pb2_grpc.add_VisionWorkerServicer_to_server(service, server.grpc)
 
     async def warm_up():
-        encoder = await asyncio.to_thread(Gemma3ImageEncoder.from_pretrained, args.model,
-                                          dtype=getattr(jnp, args.dtype))
-        fingerprint = await asyncio.to_thread(weights_fingerprint, args.model, encoder)
-        processor = Gemma3ImageProcessor.from_pretrained(args.model)
-        batcher = Batcher(encoder, args.max_batch, args.batch_wait_ms)
-        batcher.start()
-        c = encoder.config
-        size = c.vision_config.image_size
-        await batcher.embed(np.zeros((1, 3, size, size), np.float32))  # all sizes compiled; one image end to end
-        service.attach(processor, batcher, fingerprint, (c.mm_tokens_per_image, c.text_config.hidden_size))
+        fingerprint = await service.load(args.model, args.dtype, args.max_batch, args.batch_wait_ms)
         log.info("model ready", extra={"model": args.model, "fingerprint": fingerprint[:12]})
 
     async def on_stop():
-        if service.batcher is not None:
-            await service.batcher.stop()
-        await service.flush()
+        await service.stop()
         await service.cache.close()
 
     await server.serve(warm_up, on_stop)

@@ -16,6 +16,7 @@ in float32) go by key alone, off the gateway's wire.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 import os
@@ -179,6 +180,22 @@ class Batcher:
                 start += len(pixels)
 
 
+class BadImage(ValueError):
+    """An image that cannot be decoded or breaks a limit; ``index``: its place among the images sent."""
+
+    def __init__(self, index: int, reason: str):
+        super().__init__(f"image {index}: {reason}")
+        self.index, self.reason = index, reason
+
+
+@dataclasses.dataclass
+class Embedded:
+    key: str
+    embedding: np.ndarray  # (1 + crops, tokens, width) float32
+    cache_hit: bool
+    stored: bool  # in Redis, or being written there behind the reply
+
+
 class VisionWorkerService(vision_worker_pb2_grpc.VisionWorkerServicer):
     """Registered before the server starts; answers UNAVAILABLE until ``attach``."""
 
@@ -203,9 +220,26 @@ class VisionWorkerService(vision_worker_pb2_grpc.VisionWorkerServicer):
     async def EmbedImages(self, request, context):
         if self.batcher is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the vision model is still loading")
-        keys = [self._key(image, request.pan_and_scan) for image in request.images]
         replied = asyncio.get_running_loop().create_future()  # writes behind this reply wait for it
         context.add_done_callback(lambda _: replied.done() or replied.set_result(None))
+        try:
+            embedded = await self.embed(list(request.images), request.pan_and_scan, replied)
+        except BadImage as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        out = vision_worker_pb2.EmbedImagesResponse()
+        for e in embedded:
+            item = out.embeddings.add(key=e.key, cache_hit=e.cache_hit, num_crops=len(e.embedding) - 1)
+            if e.embedding.nbytes <= self.inline_max_bytes or not e.stored:
+                item.inline.CopyFrom(common_pb2.Tensor(dtype="float32", shape=list(e.embedding.shape),
+                                                       data=np.ascontiguousarray(e.embedding, np.float32).tobytes()))
+        return out
+
+    async def embed(self, images: list[bytes], pan_and_scan: bool, replied: asyncio.Future) -> list[Embedded]:
+        """The images' embeddings, in order: from Redis, or computed (each distinct image once, shared
+        with other requests that want it meanwhile) and stored. ``replied``: done once the caller no longer
+        waits for Redis writes (small embeddings are written behind it). Raises ``BadImage`` for the
+        first image that cannot be decoded or breaks a limit."""
+        keys = [self._key(image, pan_and_scan) for image in images]
         cache_up = True
         with tracer.start_as_current_span("vision_worker.cache_lookup", attributes={"images": len(keys)}) as span:
             try:
@@ -226,28 +260,28 @@ class VisionWorkerService(vision_worker_pb2_grpc.VisionWorkerServicer):
             if key not in work:
                 task = self._inflight.get(key)
                 if task is None:
-                    task = self._embed(key, request.images[i], request.pan_and_scan, cache_up, replied)
+                    task = self._embed(key, images[i], pan_and_scan, cache_up, replied)
                 else:
                     joined += 1
                 work[key] = task
             else:
                 joined += 1
         inflight_joins.add(joined)
-        computed, stored = {}, {}
+        computed = {}
         with tracer.start_as_current_span("vision_worker.forward",
                                           attributes={"images": len(work), "joined": joined}):
             for i in misses:  # in order, so the first undecodable image is the one named
                 try:  # (shielded: a request that goes away does not cancel what others wait for)
-                    computed[i], stored[i] = await asyncio.shield(work[keys[i]])
+                    computed[i] = await asyncio.shield(work[keys[i]])
                 except ValueError as e:
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"image {i}: {e}")
-        out = vision_worker_pb2.EmbedImagesResponse()
+                    raise BadImage(i, str(e)) from None
+        out = []
         for i, key in enumerate(keys):
-            emb = found[i] if found[i] is not None else computed[i]
-            item = out.embeddings.add(key=key, cache_hit=found[i] is not None, num_crops=len(emb) - 1)
-            if emb.nbytes <= self.inline_max_bytes or (i in computed and not stored[i]):
-                item.inline.CopyFrom(common_pb2.Tensor(dtype="float32", shape=list(emb.shape),
-                                                       data=np.ascontiguousarray(emb, np.float32).tobytes()))
+            if found[i] is not None:
+                out.append(Embedded(key, found[i], cache_hit=True, stored=True))
+            else:
+                embedding, stored = computed[i]
+                out.append(Embedded(key, embedding, cache_hit=False, stored=stored))
         return out
 
     def _embed(self, key: str, image: bytes, pan_and_scan: bool, store: bool, replied: asyncio.Future
@@ -313,6 +347,29 @@ class VisionWorkerService(vision_worker_pb2_grpc.VisionWorkerServicer):
         """Wait for the Redis writes under way (before the cache closes)."""
         if self._writes:
             await asyncio.wait(set(self._writes))
+
+    async def load(self, model: str, dtype: str, max_batch: int, wait_ms: float) -> str:
+        """Load the checkpoint's vision tower and projector, compile the tower's batch shapes, run one image
+        end to end, then serve with them; the weights' fingerprint."""
+        from gemma3 import Gemma3ImageEncoder
+        from gemma3.processing import Gemma3ImageProcessor
+
+        encoder = await asyncio.to_thread(Gemma3ImageEncoder.from_pretrained, model, dtype=getattr(jnp, dtype))
+        fingerprint = await asyncio.to_thread(weights_fingerprint, model, encoder)
+        processor = Gemma3ImageProcessor.from_pretrained(model)
+        batcher = Batcher(encoder, max_batch, wait_ms)
+        batcher.start()
+        c = encoder.config
+        size = c.vision_config.image_size
+        await batcher.embed(np.zeros((1, 3, size, size), np.float32))  # all sizes compiled; one image end to end
+        self.attach(processor, batcher, fingerprint, (c.mm_tokens_per_image, c.text_config.hidden_size))
+        return fingerprint
+
+    async def stop(self) -> None:
+        """Stop the batcher and let the writes under way land (the cache is closed by its owner)."""
+        if self.batcher is not None:
+            await self.batcher.stop()
+        await self.flush()
 
 
 def namespace_for(path: str) -> str:
