@@ -380,7 +380,8 @@ def start_stack(stack: Stack, model: str, args, max_length: int) -> str:
                                 num_slots=args.num_slots, max_length=max_length,
                                 startup_timeout=args.startup_timeout, host="127.0.0.1", port=0, tls_cert=None,
                                 tls_key=None, token_file=None, ca_cert=None, tls_server_name=None, tokens=[],
-                                compilation_cache_dir=os.environ.get("JAX_COMPILATION_CACHE_DIR", ""))
+                                compilation_cache_dir=os.environ.get("JAX_COMPILATION_CACHE_DIR", ""),
+                                vision_in_lm=args.vision_in_lm)
     # what bring_up does not pass as flags, the services read from their environment (Stack.start copies it)
     env = {"GEMMA3_LM_MAX_QUEUE": str(max(256, 2 * max(args.concurrencies, default=1))),
            "GEMMA3_GATEWAY_MAX_STREAMS_PER_CLIENT": "0",  # all the load comes from this one process
@@ -543,7 +544,8 @@ def ms(x) -> str:
 
 def tables(results: list[dict], args) -> str:
     lines = [f"max_new_tokens {args.max_new_tokens}, question words {args.prompt_words[0]}–{args.prompt_words[1]}, "
-             f"image share {args.image_share}, image pool {args.image_pool} per workload, dtype {args.dtype}. "
+             f"image share {args.image_share}, image pool {args.image_pool} per workload, dtype {args.dtype}, "
+             f"images embedded {'in the LM worker' if args.vision_in_lm else 'by the vision worker'}. "
              "Times in ms.", ""]
     for r in results:
         lines.append(f"**{r['model']}** ({r.get('num_slots', '?')} slots, max_length {r['max_length']}; capacity "
@@ -643,6 +645,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-length", type=int, default=0, help="LM context per request (sizes the KV cache; default: "
                    "the longest prompt + --max-new-tokens, rounded up to a power of two, at least 128)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--vision-in-lm", action="store_true", help="no vision worker: the LM worker embeds images "
+                   "(the launcher's --vision-in-lm)")
     p.add_argument("--library", action=argparse.BooleanOptionalAction, default=True,
                    help="end with requests paired with the library's generate")
     p.add_argument("--paired-requests", type=int, default=32, help="requests paired with the library's")

@@ -22,7 +22,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="gemma3-gateway", description=__doc__)
     server_flags(p, "GEMMA3_GATEWAY", 50051)
     env_flag(p, "--vision-target", "GEMMA3_VISION_TARGET", "127.0.0.1:50053",
-             "vision worker address (dns:///host:port balances over all replicas)")
+             "vision worker address (dns:///host:port balances over all replicas), or 'lm': image bytes go to the LM "
+             "workers, which embed them (started with --embed-images)")
     env_flag(p, "--lm-target", "GEMMA3_LM_TARGET", "127.0.0.1:50052", "LM worker address (dns:/// for replicas)")
     env_flag(p, "--max-images", "GEMMA3_GATEWAY_MAX_IMAGES", 8, "images per request", type=int)
     env_flag(p, "--max-image-bytes", "GEMMA3_GATEWAY_MAX_IMAGE_BYTES", 20 << 20, "bytes per image", type=int)
@@ -83,14 +84,17 @@ async def main_async(args) -> None:
         "worker_tls": args.worker_credentials is not None, "worker_client_cert": bool(args.worker_client_cert)})
     server = Server([SERVICE], args.host, args.port, args.drain_seconds, credentials=args.server_credentials,
                     interceptors=interceptors, max_request_bytes=args.max_request_bytes)
-    vision, lm = (channel(t, args.worker_credentials, args.worker_tls_server_name)
-                  for t in (args.vision_target, args.lm_target))
-    service = GatewayService(vision_worker_pb2_grpc.VisionWorkerStub(vision), lm_worker_pb2_grpc.LMWorkerStub(lm),
+    lm = channel(args.lm_target, args.worker_credentials, args.worker_tls_server_name)
+    vision = None if args.vision_target == "lm" else channel(args.vision_target, args.worker_credentials,
+                                                             args.worker_tls_server_name)
+    service = GatewayService(vision and vision_worker_pb2_grpc.VisionWorkerStub(vision),
+                             lm_worker_pb2_grpc.LMWorkerStub(lm),
                              Limits(args.max_images, args.max_image_bytes, args.max_streams_per_client))
     gateway_pb2_grpc.add_GatewayServicer_to_server(service, server.grpc)
 
     async def on_stop():
-        await vision.close()
+        if vision is not None:
+            await vision.close()
         await lm.close()
 
     await server.serve(on_stop=on_stop)

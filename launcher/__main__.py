@@ -52,6 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     env_flag(p, "--dtype", "GEMMA3_STACK_DTYPE", "float32", "both workers' dtype", choices=["float32", "bfloat16"])
     env_flag(p, "--num-slots", "GEMMA3_LM_NUM_SLOTS", 8, "LM decode slots", type=int)
     env_flag(p, "--max-length", "GEMMA3_LM_MAX_LENGTH", 1024, "LM context window per request", type=int)
+    env_flag(p, "--vision-in-lm", "GEMMA3_STACK_VISION_IN_LM", False, "no vision worker: the LM worker embeds "
+             "images itself (--embed-images), one hop fewer per image", type=bool)
     env_flag(p, "--startup-timeout", "GEMMA3_STACK_STARTUP_TIMEOUT", 900.0, "seconds each service may take to "
              "load and compile", type=float)
     env_flag(p, "--log-format", "GEMMA3_STACK_LOG_FORMAT", "text", "the services' log format",
@@ -229,18 +231,21 @@ def bring_up(stack: Stack, args) -> str:
     redis_env = {"REDIS_URL": redis_url, **({"REDIS_CA_CERT": args.redis_ca_cert} if args.redis_ca_cert else {})}
     with open(os.path.join(args.model, "config.json")) as f:
         multimodal = "vision_config" in json.load(f)
-    if multimodal:  # a text-only checkpoint gets no vision worker: image requests are then UNAVAILABLE
+    separate_vision = multimodal and not args.vision_in_lm
+    if separate_vision:  # a text-only checkpoint gets no vision worker: image requests are then UNAVAILABLE
         vision = stack.service("vision-worker", "vision_worker", vision_port, *common, env=redis_env)
+    embed = ["--embed-images"] if multimodal and args.vision_in_lm else []
     lm = stack.service("lm-worker", "lm_worker", lm_port, *common, "--num-slots", str(args.num_slots),
-                       "--max-length", str(args.max_length), env=redis_env)
-    if multimodal:
+                       "--max-length", str(args.max_length), *embed, env=redis_env)
+    if separate_vision:
         wait_healthy("vision-worker", f"127.0.0.1:{vision_port}", "gemma3serve.v1.VisionWorker", vision,
                      args.startup_timeout)
     wait_healthy("lm-worker", f"127.0.0.1:{lm_port}", "gemma3serve.v1.LMWorker", lm, args.startup_timeout)
 
     port = args.port or free_port()
     gateway = stack.service("gateway", "gateway", port, "--host", args.host,
-                            "--vision-target", f"127.0.0.1:{vision_port}", "--lm-target", f"127.0.0.1:{lm_port}",
+                            "--vision-target", "lm" if embed else f"127.0.0.1:{vision_port}",
+                            "--lm-target", f"127.0.0.1:{lm_port}",
                             *gateway_security_args(args))
     target = f"{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{port}"
     credentials, options = None, []

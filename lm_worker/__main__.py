@@ -59,6 +59,13 @@ def parse_args(argv=None) -> argparse.Namespace:
              type=int)
     env_flag(p, "--fsdp", "GEMMA3_LM_FSDP", 1, "mesh fsdp axis", type=int)
     env_flag(p, "--redis-url", "REDIS_URL", "redis://127.0.0.1:6379/0", "Redis holding the image embeddings")
+    env_flag(p, "--embed-images", "GEMMA3_LM_EMBED_IMAGES", False, "also load the vision tower and embed images "
+             "sent as bytes (a gateway with --vision-target lm sends them so), through the same Redis cache as the "
+             "vision worker: no vision worker and no hop to it; for one machine or a small model", type=bool)
+    env_flag(p, "--max-image-pixels", "GEMMA3_LM_MAX_IMAGE_PIXELS", 64_000_000, "with --embed-images: pixels per "
+             "image (width x height, read from the header before decoding)", type=int)
+    env_flag(p, "--cache-ttl", "GEMMA3_LM_CACHE_TTL", 3600, "with --embed-images: seconds an embedding made here "
+             "stays cached", type=int)
     env_flag(p, "--coordinator-address", "GEMMA3_LM_COORDINATOR_ADDRESS", None, "multi-host: host:port of "
              "process 0's JAX coordinator (unset: one process)")
     env_flag(p, "--num-processes", "GEMMA3_LM_NUM_PROCESSES", 1, "multi-host: processes in the group", type=int)
@@ -81,6 +88,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--process-id {args.process_id} is not in [0, {args.num_processes})")
         host, port = args.coordinator_address.rsplit(":", 1)
         args.group_address = f"{host}:{args.group_port or int(port) + 1}"
+        if args.embed_images:
+            p.error("--embed-images runs on one process: with --num-processes > 1, run a vision worker")
     check_worker_security(p, args, "GEMMA3_LM")
     return args
 
@@ -159,11 +168,17 @@ async def main_async(args) -> None:
     from serving.server import Server
 
     server = Server([SERVICE], args.host, args.port, args.drain_seconds, credentials=args.server_credentials)
-    cache = EmbeddingCache(args.redis_url, secret=args.cache_secret, ssl_ca_certs=args.redis_ca_cert)
+    cache = EmbeddingCache(args.redis_url, ttl_seconds=args.cache_ttl, secret=args.cache_secret,
+                           ssl_ca_certs=args.redis_ca_cert)
     log.info("embedding cache", extra={"redis": redact_url(args.redis_url), "signed": args.cache_secret is not None})
     service = LMWorkerService(cache, default_max_new_tokens=args.max_new_tokens,
                               max_new_tokens_limit=args.max_new_tokens_limit, max_prompt_tokens=args.max_prompt_tokens)
     lm_worker_pb2_grpc.add_LMWorkerServicer_to_server(service, server.grpc)
+    if args.embed_images:
+        from vision_worker.service import VisionWorkerService, namespace_for
+
+        # every image embedding goes to Redis behind the answer's admission: none travels on a wire
+        vision = VisionWorkerService(cache, namespace_for(args.model), args.max_image_pixels, inline_max_bytes=1 << 62)
 
     leader = None
 
@@ -195,6 +210,12 @@ async def main_async(args) -> None:
         runs = await asyncio.to_thread(engine.warm_up, prompts.bos_id, image, every_bucket)
         log.info("warmed up", extra={"buckets": list(engine.buckets if every_bucket else engine.buckets[:1]),
                                      "prompts": runs, "seconds": round(time.monotonic() - started, 1)})
+        if args.embed_images:
+            if prompts.embedding_shape is None:
+                raise RuntimeError(f"--embed-images needs a multimodal checkpoint; {args.model} is text-only")
+            fingerprint = await vision.load(args.model, args.dtype, max_batch=8, wait_ms=0.0)
+            service.vision = vision
+            log.info("vision tower ready", extra={"fingerprint": fingerprint[:12]})
         service.attach(engine, prompts)
         log.info("model ready", extra={"model": args.model, "slots": args.num_slots})
 
@@ -203,6 +224,8 @@ async def main_async(args) -> None:
             service.engine.stop()
         if leader is not None:
             leader.close()
+        if service.vision is not None:
+            await service.vision.stop()
         await service.cache.close()
 
     await server.serve(warm_up, on_stop)

@@ -23,6 +23,7 @@ from lm_worker.detokenize import StopMatcher, StreamDecoder
 from lm_worker.engine import Engine, EngineBroken, Finished, QueueFull, Request, Token
 from lm_worker.prompts import InvalidRequest
 from serving.embedding_cache import DTYPES, CacheUnavailable, EmbeddingCache
+from vision_worker.service import BadImage
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("lm_worker")
@@ -66,6 +67,7 @@ class LMWorkerService(lm_worker_pb2_grpc.LMWorkerServicer):
             self.default_max_new_tokens = min(default_max_new_tokens, max_new_tokens_limit)
         self.max_new_tokens_limit, self.max_prompt_tokens = max_new_tokens_limit, max_prompt_tokens
         self.stop_token_ids: frozenset[int] = frozenset()
+        self.vision = None  # a VisionWorkerService run in this process (--embed-images): embeds images sent as data
 
     def attach(self, engine: Engine, prompts) -> None:
         self.engine, self.prompts = engine, prompts
@@ -76,11 +78,28 @@ class LMWorkerService(lm_worker_pb2_grpc.LMWorkerServicer):
             "gemma3.lm.active_slots", [lambda _: [metrics.Observation(engine.num_slots - engine.free_slots)]],
             unit="{slot}", description="decode slots in use")
 
-    async def _image_features(self, images, context) -> np.ndarray | None:
-        """(total crops, tokens, width) for the request's images: Redis values fetched in one MGET."""
+    async def _embed_images(self, request, replied: asyncio.Future, context) -> dict:
+        """The images sent as bytes, embedded here (index -> ``Embedded``); Redis writes of new ones wait
+        for ``replied``."""
+        sent = [i for i, image in enumerate(request.images) if image.data]
+        if not sent:
+            return {}
+        if self.vision is None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                "this LM worker does not embed images (start it with --embed-images): send their "
+                                "embeddings, as a gateway with a vision worker does")
+        try:
+            embedded = await self.vision.embed([request.images[i].data for i in sent], request.pan_and_scan, replied)
+        except BadImage as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"image {sent[e.index]}: {e.reason}")
+        return dict(zip(sent, embedded))
+
+    async def _image_features(self, images, embedded: dict, context) -> np.ndarray | None:
+        """(total crops, tokens, width) for the request's images: ``embedded`` here, the rest inline or
+        Redis values fetched in one MGET."""
         if not images:
             return None
-        keys = [i.key for i in images if not i.HasField("inline")]
+        keys = [i.key for n, i in enumerate(images) if n not in embedded and not i.HasField("inline")]
         values = {}
         if keys:
             if self.cache is None:
@@ -91,8 +110,10 @@ class LMWorkerService(lm_worker_pb2_grpc.LMWorkerServicer):
                 await context.abort(grpc.StatusCode.UNAVAILABLE, f"the embedding cache is unreachable: {e}")
         width = self.prompts.embedding_shape
         out = []
-        for image in images:
-            if image.HasField("inline"):
+        for n, image in enumerate(images):
+            if n in embedded:
+                array = embedded[n].embedding
+            elif image.HasField("inline"):
                 t = image.inline
                 array = _tensor(t, width)
                 if array is None:
@@ -121,10 +142,17 @@ class LMWorkerService(lm_worker_pb2_grpc.LMWorkerServicer):
         request_id = request.request_id or uuid.uuid4().hex
         try:
             sampling = check_sampling(request.sampling, self.default_max_new_tokens)
-            crops = [i.num_crops for i in request.images]
             if self.max_new_tokens_limit and request.sampling.max_new_tokens > self.max_new_tokens_limit:
                 raise InvalidRequest(f"max_new_tokens is {request.sampling.max_new_tokens}, over this server's "
                                      f"limit of {self.max_new_tokens_limit}")
+        except InvalidRequest as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        replied = asyncio.get_running_loop().create_future()  # writes of embeddings made here wait for it:
+        context.add_done_callback(lambda _: replied.done() or replied.set_result(None))  # its admission or end
+        try:
+            embedded = await self._embed_images(request, replied, context)
+            crops = [len(embedded[n].embedding) - 1 if n in embedded else i.num_crops
+                     for n, i in enumerate(request.images)]
             ids, token_types = self.prompts.build(request, crops)
             if self.max_prompt_tokens and len(ids) > self.max_prompt_tokens:
                 raise InvalidRequest(f"the prompt has {len(ids)} tokens (images included), over this server's "
@@ -138,7 +166,7 @@ class LMWorkerService(lm_worker_pb2_grpc.LMWorkerServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         span = tracer.start_span("lm_worker.embeddings", attributes={"images": len(request.images)})
         try:
-            features = await self._image_features(request.images, context)
+            features = await self._image_features(request.images, embedded, context)
         finally:
             span.end()
         prefill_inputs = {}
@@ -168,6 +196,8 @@ class LMWorkerService(lm_worker_pb2_grpc.LMWorkerServicer):
             phase.end()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         log.debug("admitted", extra={"request_id": request_id, "prompt_tokens": len(ids)})
+        if not replied.done():
+            replied.set_result(None)
 
         text = StreamDecoder(self.prompts.tokenizer)
         stops = StopMatcher(list(request.sampling.stop))
@@ -217,6 +247,10 @@ class LMWorkerService(lm_worker_pb2_grpc.LMWorkerServicer):
                     chunk.usage.CopyFrom(common_pb2.Usage(
                         prompt_tokens=len(ids), completion_tokens=completion,
                         time_to_first_token_s=(first_token_at or time.monotonic()) - started))
+                    if embedded:  # else the gateway knows the keys and hits (its vision worker's)
+                        chunk.usage.image_cache_hits = sum(e.cache_hit for e in embedded.values())
+                        chunk.usage.image_embedding_keys.extend(
+                            embedded[n].key if n in embedded else i.key for n, i in enumerate(request.images))
                 if delta or token_ids or finished is not None:
                     yield chunk
         finally:

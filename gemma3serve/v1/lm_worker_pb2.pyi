@@ -8,28 +8,32 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ImageInput(_message.Message):
-    __slots__ = ("key", "inline", "num_crops")
+    __slots__ = ("key", "inline", "num_crops", "data")
     KEY_FIELD_NUMBER: _ClassVar[int]
     INLINE_FIELD_NUMBER: _ClassVar[int]
     NUM_CROPS_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
     key: str
     inline: _common_pb2.Tensor
     num_crops: int
-    def __init__(self, key: _Optional[str] = ..., inline: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., num_crops: _Optional[int] = ...) -> None: ...
+    data: bytes
+    def __init__(self, key: _Optional[str] = ..., inline: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., num_crops: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class LMGenerateRequest(_message.Message):
-    __slots__ = ("request_id", "chat", "raw", "images", "sampling")
+    __slots__ = ("request_id", "chat", "raw", "images", "sampling", "pan_and_scan")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     CHAT_FIELD_NUMBER: _ClassVar[int]
     RAW_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    PAN_AND_SCAN_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     chat: _common_pb2.Chat
     raw: _common_pb2.RawPrompt
     images: _containers.RepeatedCompositeFieldContainer[ImageInput]
     sampling: _common_pb2.SamplingParams
-    def __init__(self, request_id: _Optional[str] = ..., chat: _Optional[_Union[_common_pb2.Chat, _Mapping]] = ..., raw: _Optional[_Union[_common_pb2.RawPrompt, _Mapping]] = ..., images: _Optional[_Iterable[_Union[ImageInput, _Mapping]]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ...) -> None: ...
+    pan_and_scan: bool
+    def __init__(self, request_id: _Optional[str] = ..., chat: _Optional[_Union[_common_pb2.Chat, _Mapping]] = ..., raw: _Optional[_Union[_common_pb2.RawPrompt, _Mapping]] = ..., images: _Optional[_Iterable[_Union[ImageInput, _Mapping]]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., pan_and_scan: _Optional[bool] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
     __slots__ = ()

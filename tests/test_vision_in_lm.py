@@ -1,0 +1,95 @@
+"""Images embedded in the LM worker (``--embed-images``, the gateway's ``--vision-target lm``): the same
+answers, keys and cache as the stack with a vision worker, with one hop fewer."""
+
+import io
+
+import grpc
+import numpy as np
+import pytest
+from PIL import Image
+
+from gemma3serve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, lm_worker_pb2, lm_worker_pb2_grpc
+from tests import services
+from tests.test_stack import ask, image_request, library_answer
+
+
+@pytest.fixture(scope="module")
+def colocated(served_checkpoint):
+    """An LM worker that embeds images, and a gateway in front of it with no vision worker."""
+    with services.running("lm_worker", "gemma3serve.v1.LMWorker", "--model", served_checkpoint,
+                          "--dtype", "float32", "--num-slots", "4", "--max-length", "256",
+                          "--redis-url", services.REDIS_URL, "--embed-images", "--cache-ttl", "120") as (_, lm):
+        with services.running("gateway", "gemma3serve.v1.Gateway", "--lm-target", lm,
+                              "--vision-target", "lm") as (_, target):
+            yield target
+
+
+def png(seed: int, size=(40, 30)) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def fresh_png(size=(40, 30)) -> bytes:
+    return png(int(np.random.default_rng().integers(1 << 30)), size)
+
+
+def test_answers_equal_the_library_and_repeats_hit_the_cache(colocated, reference, served_checkpoint):
+    request = image_request([fresh_png(), fresh_png()])
+    first = ask(colocated, request)
+    assert list(first.token_ids) == library_answer(reference, served_checkpoint, request)
+    assert first.usage.image_cache_hits == 0 and len(first.usage.image_embedding_keys) == 2
+    second = services.landed(lambda: ask(colocated, request), ok=lambda r: r.usage.image_cache_hits == 2)
+    assert list(second.token_ids) == list(first.token_ids)
+    assert list(second.usage.image_embedding_keys) == list(first.usage.image_embedding_keys)
+    by_key = image_request([b"", b""])  # the embeddings again, by the keys the first answer reported
+    for part, key in zip(by_key.chat.turns[0].parts, first.usage.image_embedding_keys):
+        part.image.embedding_key = key
+    third = ask(colocated, by_key)
+    assert list(third.token_ids) == list(first.token_ids)
+    assert list(third.usage.image_embedding_keys) == list(first.usage.image_embedding_keys)
+
+
+def test_shares_keys_and_cache_with_the_vision_worker(colocated, stack):
+    """An image the vision worker embedded is a hit here, under the same key, with the same answer."""
+    request = image_request([fresh_png()])
+    split = ask(stack, request)
+    here = ask(colocated, request)
+    assert here.usage.image_cache_hits == 1
+    assert list(here.usage.image_embedding_keys) == list(split.usage.image_embedding_keys)
+    assert list(here.token_ids) == list(split.token_ids)
+
+
+def test_pan_and_scan_crops_answer_as_with_the_vision_worker(colocated, stack):
+    request = image_request([fresh_png(size=(1024, 300))], max_new_tokens=4)  # wide: pan-and-scan adds crops
+    request.pan_and_scan = True
+    here, split = ask(colocated, request), ask(stack, request)
+    assert here.usage.prompt_tokens == split.usage.prompt_tokens > ask(stack, image_request(
+        [fresh_png(size=(1024, 300))], max_new_tokens=4)).usage.prompt_tokens  # the crops' image tokens
+    assert list(here.token_ids) == list(split.token_ids)
+    assert list(here.usage.image_embedding_keys) == list(split.usage.image_embedding_keys)
+
+
+def test_a_bad_image_is_invalid_argument_and_the_worker_goes_on(colocated):
+    with pytest.raises(grpc.RpcError) as e:
+        ask(colocated, image_request([fresh_png(), b"not an image"]))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "image 1: cannot decode" in e.value.details()
+    assert ask(colocated, image_request([fresh_png()], max_new_tokens=2)).finish_reason
+
+
+def test_an_lm_worker_that_does_not_embed_refuses_image_bytes(lm_worker):
+    request = lm_worker_pb2.LMGenerateRequest(chat=services.chat("What is this?", images=1),
+                                              images=[lm_worker_pb2.ImageInput(data=png(3))],
+                                              sampling=common_pb2.SamplingParams(max_new_tokens=2))
+    with grpc.insecure_channel(lm_worker[1]) as channel, pytest.raises(grpc.RpcError) as e:
+        list(lm_worker_pb2_grpc.LMWorkerStub(channel).Generate(request, timeout=30))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "--embed-images" in e.value.details()
+
+
+def test_text_requests_are_unchanged(colocated, stack):
+    request = gateway_pb2.GenerateRequest(chat=services.chat("Name a colour."),
+                                          sampling=common_pb2.SamplingParams(max_new_tokens=6))
+    with grpc.insecure_channel(colocated) as channel:
+        here = gateway_pb2_grpc.GatewayStub(channel).GenerateComplete(request, timeout=60)
+    assert list(here.token_ids) == list(ask(stack, request).token_ids) and not here.usage.image_embedding_keys
