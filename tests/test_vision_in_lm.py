@@ -10,18 +10,25 @@ from PIL import Image
 
 from gemma3serve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, lm_worker_pb2, lm_worker_pb2_grpc
 from tests import services
+from tests.test_hostile_input import SPECIAL_IMAGES
 from tests.test_stack import ask, image_request, library_answer
 
 
 @pytest.fixture(scope="module")
-def colocated(served_checkpoint):
-    """An LM worker that embeds images, and a gateway in front of it with no vision worker."""
+def embedding_lm_worker(served_checkpoint):
+    """An LM worker that embeds images."""
     with services.running("lm_worker", "gemma3serve.v1.LMWorker", "--model", served_checkpoint,
                           "--dtype", "float32", "--num-slots", "4", "--max-length", "256",
-                          "--redis-url", services.REDIS_URL, "--embed-images", "--cache-ttl", "120") as (_, lm):
-        with services.running("gateway", "gemma3serve.v1.Gateway", "--lm-target", lm,
-                              "--vision-target", "lm") as (_, target):
-            yield target
+                          "--redis-url", services.REDIS_URL, "--embed-images", "--cache-ttl", "120") as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def colocated(embedding_lm_worker):
+    """A gateway in front of it, with no vision worker."""
+    with services.running("gateway", "gemma3serve.v1.Gateway", "--lm-target", embedding_lm_worker[1],
+                          "--vision-target", "lm") as (_, target):
+        yield target
 
 
 def png(seed: int, size=(40, 30)) -> bytes:
@@ -93,3 +100,22 @@ def test_text_requests_are_unchanged(colocated, stack):
     with grpc.insecure_channel(colocated) as channel:
         here = gateway_pb2_grpc.GatewayStub(channel).GenerateComplete(request, timeout=60)
     assert list(here.token_ids) == list(ask(stack, request).token_ids) and not here.usage.image_embedding_keys
+
+
+@pytest.mark.parametrize("name", sorted(SPECIAL_IMAGES))
+def test_each_strange_image_gets_an_answer_or_invalid_argument(colocated, name):
+    request = image_request([SPECIAL_IMAGES[name]], max_new_tokens=2)
+    if name.startswith("bomb"):
+        with pytest.raises(grpc.RpcError) as e:
+            ask(colocated, request)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "image 0" in e.value.details()
+    else:
+        assert ask(colocated, request).finish_reason
+
+
+def test_the_worker_ends_the_module_serving_with_every_slot_free(embedding_lm_worker, colocated):
+    proc, target = embedding_lm_worker
+    assert ask(colocated, image_request([fresh_png()], max_new_tokens=2)).finish_reason
+    with grpc.insecure_channel(target) as channel:
+        stats = lm_worker_pb2_grpc.LMWorkerStub(channel).GetStats(lm_worker_pb2.StatsRequest(), timeout=10)
+    assert proc.poll() is None and stats.active_slots == 0 and stats.queued == 0
