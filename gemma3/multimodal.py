@@ -194,7 +194,11 @@ class Gemma3ForConditionalGeneration(CausalLMMixin, nnx.Module):
 
 
 class _VisionHalf(nnx.Module):
-    def __init__(self, config: Gemma3Config, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, config: Gemma3Config, *, dtype, rngs: nnx.Rngs, of: Gemma3Model | None = None):
+        """New weights, or ``of`` a loaded model's own (shared, not copied)."""
+        if of is not None:
+            self.vision_tower, self.multi_modal_projector = of.vision_tower, of.multi_modal_projector
+            return
         self.vision_tower = SiglipVisionModel(config.vision_config, dtype=dtype, rngs=rngs)
         self.multi_modal_projector = Gemma3MultiModalProjector(config, dtype=dtype, rngs=rngs)
 
@@ -205,9 +209,12 @@ class Gemma3ImageEncoder(PretrainedMixin, nnx.Module):
 
     config_class = Gemma3Config
 
-    def __init__(self, config: Gemma3Config, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+    def __init__(self, config: Gemma3Config, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None,
+                 of: Gemma3Model | None = None):
+        """``of``: a loaded ``Gemma3Model`` whose tower and projector this encoder runs (no second copy:
+        an LM worker that embeds images itself)."""
         self.config = config
-        self.model = _VisionHalf(config, dtype=dtype, rngs=rngs or nnx.Rngs(0))
+        self.model = _VisionHalf(config, dtype=dtype, rngs=rngs or nnx.Rngs(0), of=of)
 
     @staticmethod
     def checkpoint_key(key: str) -> str | None:

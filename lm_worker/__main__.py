@@ -186,6 +186,8 @@ async def main_async(args) -> None:
         nonlocal leader
         model, mesh = await asyncio.to_thread(load, args)
         prompts = PromptBuilder.from_pretrained(args.model, model.config)
+        if args.embed_images and prompts.embedding_shape is None:
+            raise RuntimeError(f"--embed-images needs a multimodal checkpoint; {args.model} is text-only")
         program = DeviceProgram(model, args.num_slots, args.max_length, args.max_top_logprobs, mesh)
         if args.num_processes > 1:
             host, port = args.group_address.rsplit(":", 1)
@@ -211,9 +213,10 @@ async def main_async(args) -> None:
         log.info("warmed up", extra={"buckets": list(engine.buckets if every_bucket else engine.buckets[:1]),
                                      "prompts": runs, "seconds": round(time.monotonic() - started, 1)})
         if args.embed_images:
-            if prompts.embedding_shape is None:
-                raise RuntimeError(f"--embed-images needs a multimodal checkpoint; {args.model} is text-only")
-            fingerprint = await vision.load(args.model, args.dtype, max_batch=8, wait_ms=0.0)
+            from gemma3 import Gemma3ImageEncoder
+
+            encoder = Gemma3ImageEncoder(model.config, of=model.model)  # the model's own tower and projector
+            fingerprint = await vision.load(args.model, args.dtype, max_batch=8, wait_ms=0.0, encoder=encoder)
             service.vision = vision
             log.info("vision tower ready", extra={"fingerprint": fingerprint[:12]})
         service.attach(engine, prompts)

@@ -217,6 +217,11 @@ class Engine:
         return sum(s is None for s in self.slots)
 
     @property
+    def queue_full(self) -> bool:
+        """A submit now would raise QueueFull (checked before costly work, such as embedding images)."""
+        return self._pending.full()
+
+    @property
     def queued(self) -> int:
         return self._pending.qsize()
 

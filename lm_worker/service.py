@@ -84,14 +84,22 @@ class LMWorkerService(lm_worker_pb2_grpc.LMWorkerServicer):
         sent = [i for i, image in enumerate(request.images) if image.data]
         if not sent:
             return {}
+        if self.prompts.embedding_shape is None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "this model is text-only: it takes no images")
         if self.vision is None:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 "this LM worker does not embed images (start it with --embed-images): send their "
                                 "embeddings, as a gateway with a vision worker does")
+        if self.engine.queue_full:  # before the tower's work, which a full queue would waste
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"the admission queue is full ({self.engine.max_queue} requests waiting)")
         try:
             embedded = await self.vision.embed([request.images[i].data for i in sent], request.pan_and_scan, replied)
         except BadImage as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"image {sent[e.index]}: {e.reason}")
+        except Exception as e:  # the tower failed (e.g. out of device memory): this request, not the worker
+            log.exception("embedding images failed", extra={"request_id": request.request_id})
+            await context.abort(grpc.StatusCode.INTERNAL, f"embedding the images failed: {type(e).__name__}: {e}")
         return dict(zip(sent, embedded))
 
     async def _image_features(self, images, embedded: dict, context) -> np.ndarray | None:

@@ -58,12 +58,31 @@ def test_answers_equal_the_library_and_repeats_hit_the_cache(colocated, referenc
     assert list(third.usage.image_embedding_keys) == list(first.usage.image_embedding_keys)
 
 
+def forget(key: str) -> None:
+    """Delete an embedding from Redis once its write (behind the reply) has landed."""
+    import redis
+
+    with redis.Redis.from_url(services.REDIS_URL) as client:
+        services.landed(lambda: client.exists(key), ok=bool)
+        client.delete(key)
+
+
+def test_keys_and_bytes_mixed_in_one_request(colocated, reference, served_checkpoint):
+    known, new = fresh_png(), fresh_png()
+    key = ask(colocated, image_request([known], max_new_tokens=2)).usage.image_embedding_keys[0]
+    both = image_request([known, new])
+    mixed = image_request([b"", new])
+    mixed.chat.turns[0].parts[0].image.embedding_key = key
+    answer = services.landed(lambda: ask(colocated, mixed), ok=lambda r: r.usage.image_cache_hits == 1)
+    assert list(answer.token_ids) == library_answer(reference, served_checkpoint, both)
+    assert answer.usage.image_embedding_keys[0] == key and len(answer.usage.image_embedding_keys) == 2
+
+
 def test_shares_keys_and_cache_with_the_vision_worker(colocated, stack):
     """An image the vision worker embedded is a hit here, under the same key, with the same answer."""
     request = image_request([fresh_png()])
     split = ask(stack, request)
-    here = ask(colocated, request)
-    assert here.usage.image_cache_hits == 1
+    here = services.landed(lambda: ask(colocated, request), ok=lambda r: r.usage.image_cache_hits == 1)
     assert list(here.usage.image_embedding_keys) == list(split.usage.image_embedding_keys)
     assert list(here.token_ids) == list(split.token_ids)
 
@@ -71,7 +90,10 @@ def test_shares_keys_and_cache_with_the_vision_worker(colocated, stack):
 def test_pan_and_scan_crops_answer_as_with_the_vision_worker(colocated, stack):
     request = image_request([fresh_png(size=(1024, 300))], max_new_tokens=4)  # wide: pan-and-scan adds crops
     request.pan_and_scan = True
-    here, split = ask(colocated, request), ask(stack, request)
+    split = ask(stack, request)
+    forget(split.usage.image_embedding_keys[0])  # so that the LM worker embeds it anew
+    here = ask(colocated, request)
+    assert split.usage.image_cache_hits == here.usage.image_cache_hits == 0
     assert here.usage.prompt_tokens == split.usage.prompt_tokens > ask(stack, image_request(
         [fresh_png(size=(1024, 300))], max_new_tokens=4)).usage.prompt_tokens  # the crops' image tokens
     assert list(here.token_ids) == list(split.token_ids)

@@ -239,7 +239,10 @@ class VisionWorkerService(vision_worker_pb2_grpc.VisionWorkerServicer):
         with other requests that want it meanwhile) and stored. ``replied``: done once the caller no longer
         waits for Redis writes (small embeddings are written behind it). Raises ``BadImage`` for the
         first image that cannot be decoded or breaks a limit."""
-        keys = [self._key(image, pan_and_scan) for image in images]
+        if sum(map(len, images)) > 1 << 20:  # hashing large images (~1.5 ms a MB) off the event loop
+            keys = await asyncio.to_thread(lambda: [self._key(image, pan_and_scan) for image in images])
+        else:
+            keys = [self._key(image, pan_and_scan) for image in images]
         cache_up = True
         with tracer.start_as_current_span("vision_worker.cache_lookup", attributes={"images": len(keys)}) as span:
             try:
@@ -348,13 +351,15 @@ class VisionWorkerService(vision_worker_pb2_grpc.VisionWorkerServicer):
         if self._writes:
             await asyncio.wait(set(self._writes))
 
-    async def load(self, model: str, dtype: str, max_batch: int, wait_ms: float) -> str:
-        """Load the checkpoint's vision tower and projector, compile the tower's batch shapes, run one image
-        end to end, then serve with them; the weights' fingerprint."""
+    async def load(self, model: str, dtype: str, max_batch: int, wait_ms: float, encoder=None) -> str:
+        """Load the checkpoint's vision tower and projector (unless ``encoder`` holds them already),
+        compile the tower's batch shapes, run one image end to end, then serve with them; the weights'
+        fingerprint."""
         from gemma3 import Gemma3ImageEncoder
         from gemma3.processing import Gemma3ImageProcessor
 
-        encoder = await asyncio.to_thread(Gemma3ImageEncoder.from_pretrained, model, dtype=getattr(jnp, dtype))
+        if encoder is None:
+            encoder = await asyncio.to_thread(Gemma3ImageEncoder.from_pretrained, model, dtype=getattr(jnp, dtype))
         fingerprint = await asyncio.to_thread(weights_fingerprint, model, encoder)
         processor = Gemma3ImageProcessor.from_pretrained(model)
         batcher = Batcher(encoder, max_batch, wait_ms)
