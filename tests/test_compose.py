@@ -48,22 +48,24 @@ SPEC = load_compose()
 SERVICES = SPEC["services"]
 
 
-def interpolate(value) -> str:
-    """Compose's variable substitution with every variable unset: ``${X:-d}`` and ``${X-d}`` give d,
-    ``${X}`` gives "", ``$$`` is a literal $."""
+def interpolate(value, given: dict | None = None) -> str:
+    """Compose's variable substitution with the variables ``given`` (others unset): ``${X:-d}`` and
+    ``${X-d}`` give d, ``${X}`` gives "", ``$$`` is a literal $."""
     def sub(m):
         if m.group(0) == "$$":
             return "$"
+        if given and m.group(1) in given:
+            return given[m.group(1)]
         return m.group(3) or ""
 
     return re.sub(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(:?-([^}]*))?\}", sub, str(value))
 
 
-def environment(service: dict) -> dict[str, str]:
+def environment(service: dict, given: dict | None = None) -> dict[str, str]:
     env = service.get("environment") or {}
     if isinstance(env, list):
         env = dict(item.split("=", 1) if "=" in item else (item, "") for item in env)
-    return {k: interpolate("" if v is None else v) for k, v in env.items()}
+    return {k: interpolate("" if v is None else v, given) for k, v in env.items()}
 
 
 def command(service: dict) -> list[str]:
@@ -107,10 +109,11 @@ class RecordingEnviron(dict):
         return super().__contains__(key)
 
 
-def parsed_flags(name: str, monkeypatch):
-    """(args, variables looked up): the service's own flag parser run on the compose environment."""
+def parsed_flags(name: str, monkeypatch, given: dict | None = None):
+    """(args, variables looked up): the service's own flag parser run on the compose environment, with the
+    shell variables ``given`` to compose."""
     module = entry_module(name)
-    env = RecordingEnviron(environment(SERVICES[name]))
+    env = RecordingEnviron(environment(SERVICES[name], given))
     with monkeypatch.context() as m:
         m.setattr(os, "environ", env)
         args = module.parse_args([])
@@ -257,6 +260,15 @@ def test_gateway_targets_name_the_workers_and_their_ports(monkeypatch):
     gpu = SERVICES["lm-worker-gpu"]
     assert "lm-worker" in gpu["networks"]["default"]["aliases"]
     assert parsed_flags("lm-worker-gpu", monkeypatch)[0].port == port_of(args.lm_target)
+
+
+def test_the_lm_worker_can_embed_images_instead_of_a_vision_worker(monkeypatch):
+    """README: GEMMA3_LM_EMBED_IMAGES=1 GEMMA3_VISION_TARGET=lm docker compose up --scale vision-worker=0."""
+    given = {"GEMMA3_LM_EMBED_IMAGES": "1", "GEMMA3_VISION_TARGET": "lm"}
+    for worker in ("lm-worker", "lm-worker-gpu"):
+        assert parsed_flags(worker, monkeypatch, given)[0].embed_images
+        assert not parsed_flags(worker, monkeypatch)[0].embed_images  # the default: a vision worker embeds
+    assert parsed_flags("gateway", monkeypatch, given)[0].vision_target == "lm"
 
 
 def probe_script() -> str:
