@@ -1,7 +1,8 @@
 """Load and faults through the whole stack, with nothing lost: ``python bench/reliability.py [--requests 200]``.
 
 Starts its own stack on loopback (a private redis-server, one vision worker, two LM workers behind one
-gateway balancing round robin; the demo model unless ``--model``), then runs, in order:
+gateway balancing round robin; the demo model unless ``--model``; with ``--vision-in-lm`` no vision worker:
+the LM workers embed images, and step 4 is skipped), then runs, in order:
 
 1. solo: each request template alone, greedy: the answer every later copy of it must get;
 2. load: ``--requests`` concurrent streams of those templates with Redis emptied first (misses and hits
@@ -87,9 +88,10 @@ def templates(n_images: int, max_new_tokens: int) -> list[Template]:
 class Cluster:
     """The stack's processes, each of which can be killed and started again on its own port."""
 
-    def __init__(self, model: str, num_slots: int, max_queue: int, startup_timeout: float):
+    def __init__(self, model: str, num_slots: int, max_queue: int, startup_timeout: float, vision_in_lm: bool = False):
         self.stack = Stack("text")
         self.model, self.num_slots, self.max_queue, self.timeout = model, num_slots, max_queue, startup_timeout
+        self.vision_in_lm = vision_in_lm  # no vision worker: the LM workers embed images
         self.redis_port, self.vision_port = free_port(), free_port()
         self.lm_ports = [free_port(), free_port()]
         self.gateway_port = free_port()
@@ -111,23 +113,25 @@ class Cluster:
         self.procs[f"lm-worker-{i}"] = self.stack.service(
             f"lm-worker-{i}", "lm_worker", self.lm_ports[i], "--model", self.model, "--dtype", "float32",
             "--redis-url", self.redis_url, "--num-slots", str(self.num_slots), "--max-queue", str(self.max_queue),
-            "--max-length", "256", "--log-level", "WARNING")
+            "--max-length", "256", "--log-level", "WARNING", *(["--embed-images"] if self.vision_in_lm else []))
 
     def wait(self, name: str, port: int, service: str) -> None:
         wait_healthy(name, f"127.0.0.1:{port}", service, self.procs[name], self.timeout)
 
     def up(self) -> None:
         self.start_redis()
-        self.start_vision()
+        if not self.vision_in_lm:
+            self.start_vision()
         for i in range(2):
             self.start_lm(i)
-        self.wait("vision-worker", self.vision_port, VISION_SERVICE)
+        if not self.vision_in_lm:
+            self.wait("vision-worker", self.vision_port, VISION_SERVICE)
         for i, port in enumerate(self.lm_ports):
             self.wait(f"lm-worker-{i}", port, LM_SERVICE)
         lm_targets = "ipv4:" + ",".join(f"127.0.0.1:{p}" for p in self.lm_ports)
         self.procs["gateway"] = self.stack.service(
             "gateway", "gateway", self.gateway_port, "--lm-target", lm_targets,
-            "--vision-target", f"127.0.0.1:{self.vision_port}", "--log-level", "WARNING",
+            "--vision-target", "lm" if self.vision_in_lm else f"127.0.0.1:{self.vision_port}", "--log-level", "WARNING",
             "--max-streams-per-client", "0")  # all the load comes from this one process
         self.wait("gateway", self.gateway_port, GATEWAY_SERVICE)
 
@@ -272,7 +276,7 @@ async def slots_free(cluster: Cluster, lms: list[int], within: float = 15.0) -> 
 
 
 async def run(args) -> dict:
-    cluster = Cluster(args.model, args.num_slots, args.max_queue, args.startup_timeout)
+    cluster = Cluster(args.model, args.num_slots, args.max_queue, args.startup_timeout, args.vision_in_lm)
     checks: dict[str, bool] = {}
     notes: dict[str, object] = {}
     phases = []
@@ -298,7 +302,7 @@ async def run(args) -> dict:
         await wave(target, tpls, [rng.randrange(len(tpls)) for _ in range(args.requests // 2)],
                    cancel_share=0.2, deadline_share=0.1, seed=1)
         await slots_free(cluster, [0, 1])
-        workers = ["vision-worker", "lm-worker-0", "lm-worker-1", "gateway"]
+        workers = [w for w in cluster.procs if w != "redis"]
         baseline = {w: cluster.rss_mb(w) for w in workers}
 
         # 2. load: misses and hits, client cancels and short deadlines.
@@ -340,39 +344,40 @@ async def run(args) -> dict:
         record(phases, "redis restarted", first + again)
         checks["redis back: a repeated image is a cache hit"] = again[0].status == "OK" and again[0].cache_hits == 1
 
-        # 4. the vision worker killed during a wave, then restarted.
-        progress("vision fault")
+        # 4. the vision worker killed during a wave, then restarted (none to kill when the LM workers embed).
         killed_at = {}
+        if not cluster.vision_in_lm:
+            progress("vision fault")
 
-        async def kill_vision(_done):
-            await asyncio.sleep(0.3)
-            killed_at["t"] = time.monotonic()
-            cluster.kill("vision-worker")
+            async def kill_vision(_done):
+                await asyncio.sleep(0.3)
+                killed_at["t"] = time.monotonic()
+                cluster.kill("vision-worker")
 
-        cluster.flush_redis()
-        picks = [rng.choice(images + texts) for _ in range(args.fault_requests)]
-        outcomes = await wave(target, tpls, picks, during=kill_vision, seed=5, hang_seconds=args.hang_seconds)
-        after_kill = await wave(target, tpls, [images[1]] * 4 + texts[:4], seed=6)
-        outcomes += after_kill
-        record(phases, "vision killed", outcomes)
-        image_fail = [o for o in after_kill if tpls[o.template].has_image]
-        checks["vision down: image requests UNAVAILABLE within 5 s"] = all(
-            o.status == "UNAVAILABLE" and o.seconds < 5 for o in image_fail)
-        checks["vision down: text requests unaffected"] = all(
-            o.status == "OK" for o in outcomes if not tpls[o.template].has_image)
-        checks["vision down: every request ended OK or UNAVAILABLE"] = all(
-            o.status in ("OK", "UNAVAILABLE") for o in outcomes)
-        checks["vision down: answers unchanged"] = not mismatches(outcomes, solo)
-        cluster.start_vision()
-        cluster.wait("vision-worker", cluster.vision_port, VISION_SERVICE)
-        restarted = time.monotonic()
-        while True:
-            (o,) = await wave(target, tpls, [images[1]])
-            if o.status == "OK" or time.monotonic() - restarted > 30:
-                break
-            await asyncio.sleep(0.2)
-        notes["vision back: seconds until the gateway used it again"] = round(time.monotonic() - restarted, 2)
-        checks["vision back: image requests succeed again"] = o.status == "OK" and o.tokens == solo[images[1]]
+            cluster.flush_redis()
+            picks = [rng.choice(images + texts) for _ in range(args.fault_requests)]
+            outcomes = await wave(target, tpls, picks, during=kill_vision, seed=5, hang_seconds=args.hang_seconds)
+            after_kill = await wave(target, tpls, [images[1]] * 4 + texts[:4], seed=6)
+            outcomes += after_kill
+            record(phases, "vision killed", outcomes)
+            image_fail = [o for o in after_kill if tpls[o.template].has_image]
+            checks["vision down: image requests UNAVAILABLE within 5 s"] = all(
+                o.status == "UNAVAILABLE" and o.seconds < 5 for o in image_fail)
+            checks["vision down: text requests unaffected"] = all(
+                o.status == "OK" for o in outcomes if not tpls[o.template].has_image)
+            checks["vision down: every request ended OK or UNAVAILABLE"] = all(
+                o.status in ("OK", "UNAVAILABLE") for o in outcomes)
+            checks["vision down: answers unchanged"] = not mismatches(outcomes, solo)
+            cluster.start_vision()
+            cluster.wait("vision-worker", cluster.vision_port, VISION_SERVICE)
+            restarted = time.monotonic()
+            while True:
+                (o,) = await wave(target, tpls, [images[1]])
+                if o.status == "OK" or time.monotonic() - restarted > 30:
+                    break
+                await asyncio.sleep(0.2)
+            notes["vision back: seconds until the gateway used it again"] = round(time.monotonic() - restarted, 2)
+            checks["vision back: image requests succeed again"] = o.status == "OK" and o.tokens == solo[images[1]]
 
         # 5. one LM worker killed mid-stream; the other keeps serving. The kill waits until that worker is
         # decoding; a wave that ends before it was seen busy (short answers on a fast CPU) is sent again.
@@ -441,6 +446,8 @@ def main(argv=None) -> int:
     p.add_argument("--hang-seconds", type=float, default=120.0, help="a stream silent for longer is lost")
     p.add_argument("--startup-timeout", type=float, default=600.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vision-in-lm", action="store_true", help="no vision worker: the LM workers embed images "
+                   "(--embed-images); the vision worker's fault is skipped")
     p.add_argument("--json", help="also write the figures and checks here")
     args = p.parse_args(argv)
     # SIGTERM (a test's timeout) as Ctrl-C: the run's tasks are cancelled and its finally stops the stack

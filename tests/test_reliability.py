@@ -1,7 +1,8 @@
 """Load and faults through the whole stack on the demo model (bench/reliability.py, run as users run it):
 200 concurrent streams with cancels and short deadlines, then Redis, the vision worker and one LM worker
 killed under load. Nothing may be lost, no answer may differ from the same request's answer alone,
-every slot comes back and the workers' memory returns to its baseline."""
+every slot comes back and the workers' memory returns to its baseline. Twice: with a vision worker, and
+with the LM workers embedding images (no vision worker to kill)."""
 
 import json
 import os
@@ -15,11 +16,12 @@ from tests.services import ROOT
 TIMEOUT = 600  # seconds; the run takes about 40 on a 2-core machine
 
 
-def test_load_and_faults_lose_nothing(tmp_path):
+@pytest.mark.parametrize("layout", [[], ["--vision-in-lm"]], ids=["vision worker", "vision in the LM workers"])
+def test_load_and_faults_lose_nothing(tmp_path, layout):
     out = tmp_path / "reliability.json"
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device per worker, as deployed
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "bench", "reliability.py"), "--requests", "200",
-                             "--fault-requests", "48", "--hang-seconds", "60", "--json", str(out)],
+                             "--fault-requests", "48", "--hang-seconds", "60", "--json", str(out), *layout],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     try:
         stdout, stderr = proc.communicate(timeout=TIMEOUT)
