@@ -4,6 +4,9 @@ The asyncio front never touches the device: it builds the prompt, fetches image 
 Redis in one round trip, hands a Request to the engine thread and relays its events, detokenized
 and cut at stop strings. A client that goes away or runs out of time cancels its request, which
 frees the decode slot at the engine's next step.
+
+With ``--embed-images`` it also takes images as bytes and embeds them with the vision worker's own code
+(``VisionWorkerService.embed``: the same cache and keys; the tower runs in its batcher's threads).
 """
 
 from __future__ import annotations
