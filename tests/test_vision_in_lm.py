@@ -1,17 +1,15 @@
 """Images embedded in the LM worker (``--embed-images``, the gateway's ``--vision-target lm``): the same
 answers, keys and cache as the stack with a vision worker, with one hop fewer."""
 
-import io
-
 import grpc
 import numpy as np
 import pytest
-from PIL import Image
 
 from gemma3serve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, lm_worker_pb2, lm_worker_pb2_grpc
 from tests import services
 from tests.test_hostile_input import SPECIAL_IMAGES
 from tests.test_stack import ask, image_request, library_answer
+from tests.test_vision_worker import png
 
 
 @pytest.fixture(scope="module")
@@ -29,13 +27,6 @@ def colocated(embedding_lm_worker):
     with services.running("gateway", "gemma3serve.v1.Gateway", "--lm-target", embedding_lm_worker[1],
                           "--vision-target", "lm") as (_, target):
         yield target
-
-
-def png(seed: int, size=(40, 30)) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, "PNG")
-    return buf.getvalue()
 
 
 def fresh_png(size=(40, 30)) -> bytes:
