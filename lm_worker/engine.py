@@ -197,7 +197,7 @@ class Engine:
         try:
             self._pending.put_nowait(request)
         except queue.Full:
-            raise QueueFull(f"the admission queue is full ({self.max_queue} requests waiting)") from None
+            raise self._queue_full() from None
         self._wake.set()
         return request
 
@@ -216,10 +216,13 @@ class Engine:
     def free_slots(self) -> int:
         return sum(s is None for s in self.slots)
 
-    @property
-    def queue_full(self) -> bool:
-        """A submit now would raise QueueFull (checked before costly work, such as embedding images)."""
-        return self._pending.full()
+    def check_room(self) -> None:
+        """Raise QueueFull where a submit now would (checked before costly work, such as embedding images)."""
+        if self._pending.full():
+            raise self._queue_full()
+
+    def _queue_full(self) -> QueueFull:
+        return QueueFull(f"the admission queue is full ({self.max_queue} requests waiting)")
 
     @property
     def queued(self) -> int:

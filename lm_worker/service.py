@@ -93,9 +93,10 @@ class LMWorkerService(lm_worker_pb2_grpc.LMWorkerServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 "this LM worker does not embed images (start it with --embed-images): send their "
                                 "embeddings, as a gateway with a vision worker does")
-        if self.engine.queue_full:  # before the tower's work, which a full queue would waste
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                f"the admission queue is full ({self.engine.max_queue} requests waiting)")
+        try:
+            self.engine.check_room()  # before the tower's work, which a full queue would waste
+        except QueueFull as e:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         try:
             embedded = await self.vision.embed([request.images[i].data for i in sent], request.pan_and_scan, replied)
         except BadImage as e:
