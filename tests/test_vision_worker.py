@@ -16,6 +16,7 @@ from gemma3.processing import Gemma3ImageProcessor
 from gemma3serve.v1 import vision_worker_pb2, vision_worker_pb2_grpc
 from serving.embedding_cache import EmbeddingCache, decode
 from tests import services
+from vision_worker.service import INLINE_IMAGE_BYTES
 
 
 def png(seed: int, size=(40, 30)) -> bytes:
@@ -82,6 +83,18 @@ def test_embeddings_are_cached_by_content(vision_worker, expected):
     assert [e.cache_hit for e in again.embeddings] == [True, True]
     for item, image in zip(again.embeddings, [b, a]):
         np.testing.assert_allclose(inline(item), expected(image), atol=1e-5)
+
+
+def test_a_lone_small_miss_is_embedded_as_in_a_batch(vision_worker, expected):
+    """A request alone in the worker with one small new image, which the worker embeds on its event loop
+    (no thread hops), gets the reference embedding, inline and in Redis, as requests in a batch do."""
+    _, target = vision_worker
+    image = png(300 + np.random.default_rng().integers(1 << 30))
+    assert len(image) <= INLINE_IMAGE_BYTES
+    miss = embed(target, [image]).embeddings[0]
+    assert not miss.cache_hit
+    np.testing.assert_allclose(inline(miss), expected(image), atol=1e-5)
+    np.testing.assert_allclose(decode(stored([miss.key])[0]), expected(image), atol=1e-5)
 
 
 def test_embeddings_over_the_inline_limit_go_by_key_stored_before_the_reply(served_checkpoint, expected):

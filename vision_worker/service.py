@@ -1,7 +1,8 @@
 """The VisionWorker gRPC service: image bytes to projected image embeddings, cached in Redis by content.
 
-Cache hits answer at once. Misses are decoded and preprocessed with Pillow in a thread, embedded by
-a micro-batcher that runs concurrent requests' images through the vision tower together, stored
+Cache hits answer at once. Misses are decoded and preprocessed with Pillow in a thread (the process's
+only request does it on the event loop when the image is small and the tower quick: no thread hops),
+embedded by a micro-batcher that runs concurrent requests' images through the vision tower together, stored
 with a TTL, and returned by key; when Redis cannot be reached the embedding travels inline and the
 request still succeeds. An image already being embedded for another request (or twice in one) is
 embedded once: the later ones wait for that work.
@@ -19,6 +20,7 @@ import asyncio
 import dataclasses
 import hashlib
 import logging
+import math
 import os
 import threading
 import time
@@ -91,6 +93,7 @@ class Batcher:
         self._task: asyncio.Task | None = None
         self._tower = threading.Lock()  # one batch at a time through the tower
         self._waiting = 0  # calls of ``embed`` whose images are not yet through the tower
+        self.lone_seconds = math.inf  # the last one-image call's time in the tower (load() runs the first)
 
     def compile(self, shape: tuple[int, ...]) -> jax.stages.Compiled:
         """The executable for float32 pixels of this (batch, C, H, W) shape, compiled once."""
@@ -147,7 +150,10 @@ class Batcher:
         # (NumPy pixels go in as they are: the call's own transfer is cheaper than a device_put before it,
         # 0.1 of a demo tower's 0.9 ms, 0.5 of 2.4 after idle)
         out = np.asarray(run(self._weights, padded), np.float32)[:n]
-        forward_time.record(time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        if size == 1:
+            self.lone_seconds = seconds
+        forward_time.record(seconds)
         batch_images.record(n)
         return out
 
@@ -180,6 +186,13 @@ class Batcher:
                 start += len(pixels)
 
 
+INLINE_IMAGE_BYTES = 64 << 10
+"""The largest encoded image that a lone request may preprocess on the event loop (a few ms to decode)."""
+INLINE_TOWER_SECONDS = 0.02
+"""The longest one-image tower call (``Batcher.lone_seconds``) that a lone request may run on the event
+loop: what a new request arriving meanwhile could wait."""
+
+
 class BadImage(ValueError):
     """An image that cannot be decoded or breaks a limit; ``index``: its place among the images sent."""
 
@@ -208,6 +221,7 @@ class VisionWorkerService(vision_worker_pb2_grpc.VisionWorkerServicer):
         self.shape: tuple[int, int] | None = None
         self._inflight: dict[str, asyncio.Task] = {}  # key -> the embedding under way (shared by requests)
         self._writes: set[asyncio.Task] = set()  # Redis writes of inline embeddings (referenced until done)
+        self._calls = 0  # EmbedImages calls in progress
 
     def attach(self, processor, batcher: Batcher, fingerprint: str, shape: tuple[int, int]) -> None:
         self.processor, self.batcher, self.fingerprint, self.shape = processor, batcher, fingerprint, shape
@@ -222,8 +236,10 @@ class VisionWorkerService(vision_worker_pb2_grpc.VisionWorkerServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the vision model is still loading")
         replied = asyncio.get_running_loop().create_future()  # writes behind this reply wait for it
         context.add_done_callback(lambda _: replied.done() or replied.set_result(None))
+        self._calls += 1
+        context.add_done_callback(lambda _: setattr(self, "_calls", self._calls - 1))
         try:
-            embedded = await self.embed(list(request.images), request.pan_and_scan, replied)
+            embedded = await self.embed(list(request.images), request.pan_and_scan, replied, alone=self._calls == 1)
         except BadImage as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         out = vision_worker_pb2.EmbedImagesResponse()
@@ -234,11 +250,13 @@ class VisionWorkerService(vision_worker_pb2_grpc.VisionWorkerServicer):
                                                        data=np.ascontiguousarray(e.embedding, np.float32).tobytes()))
         return out
 
-    async def embed(self, images: list[bytes], pan_and_scan: bool, replied: asyncio.Future) -> list[Embedded]:
+    async def embed(self, images: list[bytes], pan_and_scan: bool, replied: asyncio.Future,
+                    alone: bool = False) -> list[Embedded]:
         """The images' embeddings, in order: from Redis, or computed (each distinct image once, shared
         with other requests that want it meanwhile) and stored. ``replied``: done once the caller no longer
-        waits for Redis writes (small embeddings are written behind it). Raises ``BadImage`` for the
-        first image that cannot be decoded or breaks a limit."""
+        waits for Redis writes (small embeddings are written behind it). ``alone``: the caller is the only
+        request in this process, so a lone small miss may be computed on the event loop (``_embed``).
+        Raises ``BadImage`` for the first image that cannot be decoded or breaks a limit."""
         if sum(map(len, images)) > 1 << 20:  # hashing large images (~1.5 ms a MB) off the event loop
             keys = await asyncio.to_thread(lambda: [self._key(image, pan_and_scan) for image in images])
         else:
@@ -258,12 +276,15 @@ class VisionWorkerService(vision_worker_pb2_grpc.VisionWorkerServicer):
         cache_hits.add(len(keys) - len(misses))
         cache_misses.add(len(misses))
         work, joined = {}, 0
+        on_loop = (alone and not pan_and_scan and len({keys[i] for i in misses}) == 1
+                   and len(images[misses[0]]) <= INLINE_IMAGE_BYTES
+                   and self.batcher.lone_seconds <= INLINE_TOWER_SECONDS)
         for i in misses:  # one embedding per distinct image, shared with requests that want it too
             key = keys[i]
             if key not in work:
                 task = self._inflight.get(key)
                 if task is None:
-                    task = self._embed(key, images[i], pan_and_scan, cache_up, replied)
+                    task = self._embed(key, images[i], pan_and_scan, cache_up, replied, on_loop)
                 else:
                     joined += 1
                 work[key] = task
@@ -287,12 +308,16 @@ class VisionWorkerService(vision_worker_pb2_grpc.VisionWorkerServicer):
                 out.append(Embedded(key, embedding, cache_hit=False, stored=stored))
         return out
 
-    def _embed(self, key: str, image: bytes, pan_and_scan: bool, store: bool, replied: asyncio.Future
-               ) -> asyncio.Task:
+    def _embed(self, key: str, image: bytes, pan_and_scan: bool, store: bool, replied: asyncio.Future,
+               on_loop: bool = False) -> asyncio.Task:
         """Start embedding one image (preprocess, the batched tower, then Redis when ``store``), listed
         under its key until done (and stored); the task's result is (embedding, stored in Redis or being
         written there while it travels inline). ``replied``: done when the request that started it has
-        ended (an inline embedding's write waits for it)."""
+        ended (an inline embedding's write waits for it). ``on_loop``: preprocess and run the tower here, on
+        the event loop, rather than in a worker thread: for the process's only request, with a small image
+        and a quick tower (``INLINE_TOWER_SECONDS``), the two thread hops cost more than the loop's pause
+        (on a 2-vCPU VM a hop to a thread that idled cost ~0.5-1.5 ms, a demo-model image's whole
+        preprocessing and tower ~2-4)."""
 
         def prepare() -> tuple[np.ndarray, np.ndarray | None]:
             batch = self.processor([image], do_pan_and_scan=pan_and_scan, max_pixels=self.max_pixels)
@@ -303,7 +328,7 @@ class VisionWorkerService(vision_worker_pb2_grpc.VisionWorkerServicer):
 
         async def run():
             nonlocal behind
-            pixels, embedding = await asyncio.to_thread(prepare)
+            pixels, embedding = prepare() if on_loop else await asyncio.to_thread(prepare)
             if embedding is None:
                 embedding = await self.batcher.embed(pixels)
             if store and embedding.nbytes <= self.inline_max_bytes:
