@@ -180,7 +180,7 @@ def applies(lhs: jax.Array, rhs: jax.Array, dimension_numbers) -> bool:
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
 def _product(x: jax.Array, w: jax.Array, w_layout: int) -> jax.Array:
     n = w.shape[1 - w_layout]
-    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32), vmap_method="sequential")
+    call = _ffi_call(TARGET, (x.shape[0], n), jnp.float32)
     gemm = x.shape[0] >= FLOAT32_GEMM_ROWS and x.dtype == jnp.bfloat16 and float32_gemm()
     return call(x, w, w_layout=np.int64(w_layout), float32_gemm=np.int64(gemm))
 
@@ -225,7 +225,7 @@ def attention(q: jax.Array, keys: jax.Array, values: jax.Array, visible: jax.Arr
     read). Returns (B, T, N, H) float32. XLA's CPU dots copied a decode step's keys and values transposed
     every layer, and widened a bfloat16 prefill's to float32 (kernels/rows_matmul.cc). It has no derivative:
     models call it through `gemma3.text.kernel_attention`, whose derivatives are XLA's."""
-    call = jax.ffi.ffi_call(ATTENTION_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32), vmap_method="sequential")
+    call = _ffi_call(ATTENTION_TARGET, q.shape, jnp.float32)
     rows = q.shape[1] * q.shape[2] // keys.shape[2]  # a (row, kv head) pair's query rows
     gemm = rows >= FLOAT32_GEMM_ROWS and q.dtype == jnp.bfloat16 and float32_gemm()
     all_visible = visible is None
@@ -237,13 +237,13 @@ def split_product(x: jax.Array, planes: jax.Array) -> jax.Array:
     """x (M, K) float32 times the float32 (N, K) matrix that ``planes`` (2, N, K) uint16 holds as its top and
     bottom halves (`gemma3.text.SplitFloat32Embed`), transposed: (M, N) float32, summed as the kernel sums a
     float32 matrix's rows. Any M: past eight rows, eight at a time over blocks of the planes that stay in L2."""
-    return _split_call(SPLIT_PRODUCT_TARGET, (x.shape[0], planes.shape[1]), jnp.float32)(x, planes)
+    return _ffi_call(SPLIT_PRODUCT_TARGET, (x.shape[0], planes.shape[1]), jnp.float32)(x, planes)
 
 
 def split_argmax(x: jax.Array, planes: jax.Array) -> jax.Array:
     """The argmax over n of `split_product` (M,) int32, exact (the first on ties, NaN largest, as jnp.argmax),
     reading the top plane alone but for the few rows that may hold the maximum (kernels/rows_matmul.cc)."""
-    return _split_call(SPLIT_ARGMAX_TARGET, (x.shape[0],), jnp.int32)(x, planes)
+    return _ffi_call(SPLIT_ARGMAX_TARGET, (x.shape[0],), jnp.int32)(x, planes)
 
 
 def screen_argmax(x: jax.Array, table: jax.Array, screen: jax.Array, rows: jax.Array) -> jax.Array:
@@ -253,12 +253,11 @@ def screen_argmax(x: jax.Array, table: jax.Array, screen: jax.Array, rows: jax.A
     rows that may hold the maximum."""
     if not int8_screen():
         raise RuntimeError("the head's int8 screen needs the CPU kernel with AVX512-VNNI or AVX2, unavailable here")
-    call = jax.ffi.ffi_call(SCREEN_ARGMAX_TARGET, jax.ShapeDtypeStruct((x.shape[0],), jnp.int32),
-                            vmap_method="sequential")
-    return call(x.astype(jnp.bfloat16), table, screen, rows)
+    return _ffi_call(SCREEN_ARGMAX_TARGET, (x.shape[0],), jnp.int32)(x.astype(jnp.bfloat16), table, screen, rows)
 
 
-def _split_call(target: str, shape: tuple, dtype):
+def _ffi_call(target: str, shape: tuple, dtype):
+    """A call of one of the kernel's targets, registered first (a caller may come before any `applies`)."""
     if not available():  # (which registers the targets)
-        raise RuntimeError("the split head needs the CPU kernel, which is unavailable here")
+        raise RuntimeError(f"{target} needs the CPU kernel, which is unavailable here")
     return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(shape, dtype), vmap_method="sequential")
