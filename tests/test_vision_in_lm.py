@@ -1,6 +1,9 @@
 """Images embedded in the LM worker (``--embed-images``, the gateway's ``--vision-target lm``): the same
 answers, keys and cache as the stack with a vision worker, with one hop fewer."""
 
+import concurrent.futures
+import threading
+
 import grpc
 import numpy as np
 import pytest
@@ -132,3 +135,50 @@ def test_the_worker_ends_the_module_serving_with_every_slot_free(embedding_lm_wo
     with grpc.insecure_channel(target) as channel:
         stats = lm_worker_pb2_grpc.LMWorkerStub(channel).GetStats(lm_worker_pb2.StatsRequest(), timeout=10)
     assert proc.poll() is None and stats.active_slots == 0 and stats.queued == 0
+
+
+def test_a_full_queue_refuses_image_requests_and_loses_none(served_checkpoint):
+    """One slot and a queue of one, kept full by text clients: image requests sent as bytes are answered or
+    refused with RESOURCE_EXHAUSTED and the queue's message, none is lost, and the worker ends with its slot
+    free."""
+    with services.running("lm_worker", "gemma3serve.v1.LMWorker", "--model", served_checkpoint,
+                          "--dtype", "float32", "--num-slots", "1", "--max-queue", "1", "--max-length", "256",
+                          "--redis-url", services.REDIS_URL, "--embed-images") as (_, target), \
+            grpc.insecure_channel(target) as channel:
+        stub = lm_worker_pb2_grpc.LMWorkerStub(channel)
+        full = threading.Event()
+
+        def outcome(request):
+            try:
+                list(stub.Generate(request, timeout=60))
+                return "ok"
+            except grpc.RpcError as e:
+                return e.code(), e.details()
+
+        def keep_full():
+            text = lm_worker_pb2.LMGenerateRequest(chat=services.chat("Keep the queue full."),
+                                                   sampling=common_pb2.SamplingParams(max_new_tokens=200))
+            while not full.is_set():
+                outcome(text)
+
+        def image_request_for(image: bytes):
+            return lm_worker_pb2.LMGenerateRequest(chat=services.chat("What is in this image?", images=1),
+                                                   images=[lm_worker_pb2.ImageInput(data=image)],
+                                                   sampling=common_pb2.SamplingParams(max_new_tokens=2))
+
+        refusal = (grpc.StatusCode.RESOURCE_EXHAUSTED, "the admission queue is full (1 requests waiting)")
+        outcomes = []
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            clients = [pool.submit(keep_full) for _ in range(5)]
+            for _ in range(200):
+                outcomes.append(outcome(image_request_for(fresh_png())))
+                if refusal in outcomes:
+                    break
+            full.set()
+            for client in clients:
+                client.result()
+        assert refusal in outcomes and all(o in ("ok", refusal) for o in outcomes), outcomes[-3:]
+        assert outcome(image_request_for(fresh_png())) == "ok"  # the worker goes on, its queue free again
+        stats = services.landed(lambda: stub.GetStats(lm_worker_pb2.StatsRequest(), timeout=10),
+                                ok=lambda s: s.active_slots == 0 and s.queued == 0)
+        assert stats.active_slots == 0 and stats.queued == 0
