@@ -26,7 +26,7 @@ from lm_worker.detokenize import StopMatcher, StreamDecoder
 from lm_worker.engine import Engine, EngineBroken, Finished, QueueFull, Request, Token
 from lm_worker.prompts import InvalidRequest
 from serving.embedding_cache import DTYPES, CacheUnavailable, EmbeddingCache
-from vision_worker.service import BadImage
+from vision_worker.service import BadImage, call_ended
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("lm_worker")
@@ -164,8 +164,7 @@ class LMWorkerService(lm_worker_pb2_grpc.LMWorkerServicer):
         # Redis writes of embeddings made here wait for the answer's end, so they take no time from its prefill and
         # decode (a demo-model miss answered 0.5 ms sooner than with writes at its admission); until a write lands,
         # requests here for that image share the embedding in memory
-        replied = asyncio.get_running_loop().create_future()
-        context.add_done_callback(lambda _: replied.set_result(None))
+        replied = call_ended(context)
         self._calls += 1
         context.add_done_callback(lambda _: setattr(self, "_calls", self._calls - 1))
         try:

@@ -193,6 +193,13 @@ INLINE_TOWER_SECONDS = 0.02
 loop: what a new request arriving meanwhile could wait."""
 
 
+def call_ended(context) -> asyncio.Future:
+    """A future done when this gRPC call ends: the ``replied`` that Redis writes behind its answer wait for."""
+    ended = asyncio.get_running_loop().create_future()
+    context.add_done_callback(lambda _: ended.done() or ended.set_result(None))
+    return ended
+
+
 class BadImage(ValueError):
     """An image that cannot be decoded or breaks a limit; ``index``: its place among the images sent."""
 
@@ -234,8 +241,7 @@ class VisionWorkerService(vision_worker_pb2_grpc.VisionWorkerServicer):
     async def EmbedImages(self, request, context):
         if self.batcher is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the vision model is still loading")
-        replied = asyncio.get_running_loop().create_future()  # writes behind this reply wait for it
-        context.add_done_callback(lambda _: replied.done() or replied.set_result(None))
+        replied = call_ended(context)
         self._calls += 1
         context.add_done_callback(lambda _: setattr(self, "_calls", self._calls - 1))
         try:
