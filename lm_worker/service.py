@@ -161,9 +161,8 @@ class LMWorkerService(lm_worker_pb2_grpc.LMWorkerServicer):
                                      f"limit of {self.max_new_tokens_limit}")
         except InvalidRequest as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        # Redis writes of embeddings made here wait for the answer's end, so they take no time from its prefill and
-        # decode (a demo-model miss answered 0.5 ms sooner than with writes at its admission); until a write lands,
-        # requests here for that image share the embedding in memory
+        # Redis writes of embeddings made here wait for the answer's admission (or end): not its end alone, though
+        # that cut ~0.5 ms of a demo-model miss, since another LM worker then missed a repeat sent right after it
         replied = call_ended(context)
         self._calls += 1
         context.add_done_callback(lambda _: setattr(self, "_calls", self._calls - 1))
@@ -214,6 +213,8 @@ class LMWorkerService(lm_worker_pb2_grpc.LMWorkerServicer):
             phase.end()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         log.debug("admitted", extra={"request_id": request_id, "prompt_tokens": len(ids)})
+        if not replied.done():
+            replied.set_result(None)
 
         text = StreamDecoder(self.prompts.tokenizer)
         stops = StopMatcher(list(request.sampling.stop))
