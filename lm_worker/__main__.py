@@ -177,7 +177,7 @@ async def main_async(args) -> None:
     if args.embed_images:
         from vision_worker.service import VisionWorkerService, namespace_for
 
-        # every image embedding goes to Redis behind the answer's admission: none travels on a wire
+        # every image embedding goes to Redis behind the answer's first token: none travels on a wire
         vision = VisionWorkerService(cache, namespace_for(args.model), args.max_image_pixels, inline_max_bytes=1 << 62)
 
     leader = None

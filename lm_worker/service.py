@@ -161,8 +161,9 @@ class LMWorkerService(lm_worker_pb2_grpc.LMWorkerServicer):
                                      f"limit of {self.max_new_tokens_limit}")
         except InvalidRequest as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        # Redis writes of embeddings made here wait for the answer's admission (or end): not its end alone, though
-        # that cut ~0.5 ms of a demo-model miss, since another LM worker then missed a repeat sent right after it
+        # Redis writes of embeddings made here start with the answer's first token (or its end, when it fails first),
+        # away from its prefill, and its last message waits for them: a repeat sent after the answer hits the cache
+        # in any LM worker (one sent at once to another worker missed when the writes went on after the answer)
         replied = call_ended(context)
         self._calls += 1
         context.add_done_callback(lambda _: setattr(self, "_calls", self._calls - 1))
@@ -213,8 +214,6 @@ class LMWorkerService(lm_worker_pb2_grpc.LMWorkerServicer):
             phase.end()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         log.debug("admitted", extra={"request_id": request_id, "prompt_tokens": len(ids)})
-        if not replied.done():
-            replied.set_result(None)
 
         text = StreamDecoder(self.prompts.tokenizer)
         stops = StopMatcher(list(request.sampling.stop))
@@ -231,6 +230,8 @@ class LMWorkerService(lm_worker_pb2_grpc.LMWorkerServicer):
                         completion += 1
                         if first_token_at is None:
                             first_token_at = time.monotonic()
+                            if not replied.done():
+                                replied.set_result(None)
                             phase.end()
                             phase = tracer.start_span("lm_worker.decode")
                         token_ids.append(event.token_id)
@@ -260,6 +261,11 @@ class LMWorkerService(lm_worker_pb2_grpc.LMWorkerServicer):
                 chunk = common_pb2.GenerateResponse(request_id=request_id, text=delta, token_ids=token_ids,
                                                     logprobs=logprobs)
                 if finished is not None:
+                    if not replied.done():
+                        replied.set_result(None)
+                    writes = [e.write for e in embedded.values() if e.write is not None and not e.write.done()]
+                    if writes:  # (shielded: they outlive this call when it is cancelled meanwhile)
+                        await asyncio.wait([asyncio.shield(w) for w in writes])
                     chunk.finish_reason = FINISH[finished.reason]
                     chunk.usage.CopyFrom(common_pb2.Usage(
                         prompt_tokens=len(ids), completion_tokens=completion,

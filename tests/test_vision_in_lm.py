@@ -61,6 +61,21 @@ def forget(key: str) -> None:
         client.delete(key)
 
 
+@pytest.mark.parametrize("max_new_tokens", [1, 8])
+def test_a_new_embedding_is_in_redis_when_the_answer_ends(colocated, max_new_tokens):
+    """Its write goes on behind the answer's first token, and the last message waits for it: a repeat sent
+    at once hits the cache in any LM worker. Redis holds writes back for a while (``CLIENT PAUSE ... WRITE``:
+    reads go on), so an answer that ended before its write landed would find the key missing."""
+    import redis
+
+    ask(colocated, image_request([fresh_png()], max_new_tokens=1))  # warm: the answer below takes milliseconds
+    with redis.Redis.from_url(services.REDIS_URL) as client:
+        client.execute_command("CLIENT", "PAUSE", 300, "WRITE")  # (under the services' 1 s Redis timeout)
+        answer = ask(colocated, image_request([fresh_png()], max_new_tokens=max_new_tokens))
+        assert answer.usage.image_cache_hits == 0 and len(answer.token_ids) <= max_new_tokens
+        assert client.exists(answer.usage.image_embedding_keys[0])
+
+
 def test_keys_and_bytes_mixed_in_one_request(colocated, reference, served_checkpoint):
     known, new = fresh_png(), fresh_png()
     key = ask(colocated, image_request([known], max_new_tokens=2)).usage.image_embedding_keys[0]

@@ -214,6 +214,7 @@ class Embedded:
     embedding: np.ndarray  # (1 + crops, tokens, width) float32
     cache_hit: bool
     stored: bool  # in Redis, or being written there behind the reply
+    write: asyncio.Future | None = None  # that write behind the reply, until it lands (else None)
 
 
 class VisionWorkerService(vision_worker_pb2_grpc.VisionWorkerServicer):
@@ -227,7 +228,7 @@ class VisionWorkerService(vision_worker_pb2_grpc.VisionWorkerServicer):
         self.fingerprint = ""
         self.shape: tuple[int, int] | None = None
         self._inflight: dict[str, asyncio.Task] = {}  # key -> the embedding under way (shared by requests)
-        self._writes: set[asyncio.Task] = set()  # Redis writes of inline embeddings (referenced until done)
+        self._writing: dict[str, asyncio.Task] = {}  # key -> its Redis write behind a reply, until it lands
         self._calls = 0  # EmbedImages calls in progress
 
     def attach(self, processor, batcher: Batcher, fingerprint: str, shape: tuple[int, int]) -> None:
@@ -311,7 +312,7 @@ class VisionWorkerService(vision_worker_pb2_grpc.VisionWorkerServicer):
                 out.append(Embedded(key, found[i], cache_hit=True, stored=True))
             else:
                 embedding, stored = computed[i]
-                out.append(Embedded(key, embedding, cache_hit=False, stored=stored))
+                out.append(Embedded(key, embedding, cache_hit=False, stored=stored, write=self._writing.get(key)))
         return out
 
     def _embed(self, key: str, image: bytes, pan_and_scan: bool, store: bool, replied: asyncio.Future,
@@ -362,8 +363,9 @@ class VisionWorkerService(vision_worker_pb2_grpc.VisionWorkerServicer):
     def _write_behind(self, key: str, embedding: np.ndarray, replied: asyncio.Future) -> None:
         """Store an inline embedding in Redis once ``replied``, without holding up the reply; the key stays
         listed as under way until it lands, so a request whose lookup missed meanwhile shares this
-        embedding. (Started at once, the write's first step ran ahead of the reply in the event loop's
-        queue: 0.3 ms of a demo-model miss's 4 in the worker.)"""
+        embedding, and ``Embedded.write`` lets a caller wait for it. (Started at once, the write's first
+        step ran ahead of the reply in the event loop's queue: 0.3 ms of a demo-model miss's 4 in the
+        worker.)"""
         async def write():
             try:
                 await replied
@@ -372,15 +374,14 @@ class VisionWorkerService(vision_worker_pb2_grpc.VisionWorkerServicer):
                 log.warning("cache unreachable, an inline embedding was not stored", extra={"error": str(e)})
             finally:
                 self._inflight.pop(key, None)
+                self._writing.pop(key, None)
 
-        task = asyncio.ensure_future(write())
-        self._writes.add(task)
-        task.add_done_callback(self._writes.discard)
+        self._writing[key] = asyncio.ensure_future(write())
 
     async def flush(self) -> None:
         """Wait for the Redis writes under way (before the cache closes)."""
-        if self._writes:
-            await asyncio.wait(set(self._writes))
+        if self._writing:
+            await asyncio.wait(set(self._writing.values()))
 
     async def load(self, model: str, dtype: str, max_batch: int, wait_ms: float, encoder=None) -> str:
         """Load the checkpoint's vision tower and projector (unless ``encoder`` holds them already),
