@@ -301,8 +301,9 @@ class Engine:
             extra["token_type_ids"] = types
         if "image_features" in extra:  # padded to a power of two of images (crops), so that few shapes
             features = extra["image_features"]  # compile; the image tokens take the real ones, in order
-            if image_bucket(len(features)) > len(features):
-                extra["image_features"] = np.zeros((image_bucket(len(features)), *features.shape[1:]), np.float32)
+            images = image_bucket(len(features))
+            if images > len(features):
+                extra["image_features"] = np.zeros((images, *features.shape[1:]), np.float32)
                 extra["image_features"][:len(features)] = features
         picked = self.device.prefill(np.int32(slot), ids, np.int32(n), extra, *_sampling(request),
                                      np.bool_(request.top_logprobs > 0))

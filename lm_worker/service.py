@@ -261,7 +261,7 @@ class LMWorkerService(lm_worker_pb2_grpc.LMWorkerServicer):
                 chunk = common_pb2.GenerateResponse(request_id=request_id, text=delta, token_ids=token_ids,
                                                     logprobs=logprobs)
                 if finished is not None:
-                    if not replied.done():
+                    if not replied.done():  # (an end with no token: else the wait below would never end)
                         replied.set_result(None)
                     writes = [e.write for e in embedded.values() if e.write is not None and not e.write.done()]
                     if writes:  # (shielded: they outlive this call when it is cancelled meanwhile)
