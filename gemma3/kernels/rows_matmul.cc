@@ -979,6 +979,17 @@ void GemmPanels(const T* x, const T* panels, float* y, int64_t K, int64_t N, int
     }
 }
 
+// How many parts the GEMM's panels are cut into, claimed as threads come free: several a thread where they
+// can be (one core of an Intel Xeon ran AMX tiles at 300 GFLOP/s while the other ran 700, a neighbour's load,
+// and halves left the fast one waiting), but equal parts of two panels or more. On a Zen 4 the 1b products of
+// N = 1152 (18 panels) ran at 315-358 GFLOP/s in 4, 8 or 12 uneven parts against 367-405 in 2 or 6 equal
+// ones; parts of one panel each lost 10-15% at 128-342 rows, each waiting to read its first panel's weights.
+int64_t GemmParts(int64_t panels, int64_t threads) {
+  for (int64_t each : {3, 4, 5, 6, 7, 8, 2, 1})
+    if (panels % (each * threads) == 0 && panels / (each * threads) >= 2) return each * threads;
+  return std::min<int64_t>(panels, 4 * threads);
+}
+
 // Runs parts 0..parts-1 of a job on the calling thread and on XLA's intra-op pool. Whoever comes first
 // claims the next part, so the caller never waits for a task that has not started (the pool may be busy,
 // or the caller may be one of its threads); it waits only for parts another thread is running.
@@ -1888,9 +1899,7 @@ ffi::Error RowsMatmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
     if (nk || x.element_type() != ffi::DataType::BF16)
       return ffi::Error::InvalidArgument("rows_matmul: more than 8 rows only for bfloat16 (K, N) products");
     const int64_t panels = (N + kPanelCols - 1) / kPanelCols;
-    // four parts a thread, claimed as threads come free: one core of this session's Xeon ran AMX tiles at
-    // 300 GFLOP/s while the other ran 700 (a neighbour's load), and halves left the fast one waiting
-    const int64_t parts = std::min<int64_t>(panels, 4 * std::max<int64_t>(1, pool.num_threads()));
+    const int64_t parts = GemmParts(panels, std::max<int64_t>(1, pool.num_threads()));
     auto gemm = [&](const auto* xs, const auto* ws) {
       RunParts(pool, parts, [&](int64_t i) { GemmDp(xs, ws, out, M, K, N, panels * i / parts, panels * (i + 1) / parts); });
     };
