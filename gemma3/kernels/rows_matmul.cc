@@ -983,7 +983,7 @@ void GemmPanels(const T* x, const T* panels, float* y, int64_t K, int64_t N, int
 // can be (one core of an Intel Xeon ran AMX tiles at 300 GFLOP/s while the other ran 700, a neighbour's load,
 // and halves left the fast one waiting), but equal parts of two panels or more. On a Zen 4 the 1b products of
 // N = 1152 (18 panels) ran at 315-358 GFLOP/s in 4, 8 or 12 uneven parts against 367-405 in 2 or 6 equal
-// ones; parts of one panel each lost 10-15% at 128-342 rows, each waiting to read its first panel's weights.
+// ones; parts of one panel each lost 7-24% at 128-342 rows, each waiting to read its first panel's weights.
 int64_t GemmParts(int64_t panels, int64_t threads) {
   for (int64_t each : {3, 4, 5, 6, 7, 8, 2, 1})
     if (panels % (each * threads) == 0 && panels / (each * threads) >= 2) return each * threads;
