@@ -92,17 +92,16 @@ class EasyDeLWorker:
             self.jax.block_until_ready(self._prefill(self.state, self.ids, self._fresh_cache(self.state, self.ids)))
         return {"cold_generate_s": dt}
 
-    def repeat(self, prefill_reps, step_loop=False):
-        prefill_s = float("inf")
+    def prefill(self):
         with self.mesh:
-            for _ in range(prefill_reps):
-                kwargs = self.jax.block_until_ready(self._fresh_cache(self.state, self.ids))
-                t0 = time.perf_counter()
-                out = self.jax.block_until_ready(self._prefill(self.state, self.ids, kwargs))
-                prefill_s = min(prefill_s, time.perf_counter() - t0)
-                del out, kwargs
+            kwargs = self.jax.block_until_ready(self._fresh_cache(self.state, self.ids))
+            t0 = time.perf_counter()
+            out = self.jax.block_until_ready(self._prefill(self.state, self.ids, kwargs))
+            return time.perf_counter() - t0, out
+
+    def repeat(self, step_loop=False):
         gen_s, new = self.generate()
-        return {"prefill_s": prefill_s, "generate_s": gen_s, "tokens": new.tolist()}
+        return {"generate_s": gen_s, "tokens": new.tolist()}
 
 
 def check_rope(config, ckpt) -> None:

@@ -22,9 +22,11 @@ What it does:
    per configuration: VmHWM), loads the checkpoint, warms up, then runs the workers one after the other,
    repeat by repeat, rotating who goes first (the machine may be shared: each ratio compares runs measured
    side by side). Each repeat times, on the same random prompt (B x prompt_len tokens, greedy, no stop token):
-     * prefill: one forward of the prompt filling a fresh cache, what each library's ``generate`` runs first:
-       ours, the jitted prefill of ``gemma3.generation._compiled`` (last-position logits only; the cache is
-       allocated before the timer starts); transformers, ``model(..., use_cache=True, logits_to_keep=1)``;
+     * prefill, ``--prefill-reps`` times a library, the libraries taking turns one prefill at a time (a noisy
+       minute of a shared host then falls on every library alike): one forward of the prompt filling a fresh
+       cache, what each library's ``generate`` runs first: ours, the jitted prefill of
+       ``gemma3.generation._compiled`` (last-position logits only; the cache is allocated before the timer
+       starts); transformers, ``model(..., use_cache=True, logits_to_keep=1)``;
        EasyDeL, its generate's first step jitted alone (cache allocated before the timer), which computes the
        LM head for EVERY prompt position, as its generate does (see bench/easydel_worker.py);
      * generate: the whole ``generate`` call (prefill + new_tokens - 1 decode steps); EasyDeL's is its traced
@@ -55,6 +57,7 @@ import numpy as np
 from harness import Worker, fmt, log, report, serve  # bench/: this script's directory, first on sys.path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SETTLE_S = 1.0  # the pause before each timed call (see run_config)
 
 SHAPES = {
     # https://huggingface.co/google/gemma-3-270m/blob/main/config.json (weights replaced by random ones)
@@ -231,22 +234,21 @@ class OursWorker:
         self.jax.block_until_ready(kw)
         return state, prefill, decode, first, kw
 
-    def repeat(self, prefill_reps, step_loop=False):
+    def prefill(self):
+        state, prefill, decode, first, kw = self._fresh()
+        t0 = time.perf_counter()
+        logits, cache = prefill(state, self.jids, kw["attention_mask"], kw["position_ids"], kw["past_key_values"], {})
+        logits.block_until_ready()
+        return time.perf_counter() - t0, (logits, cache, state, decode, first)
+
+    def repeat(self, step_loop=False):
         jnp, np_ = self.jnp, np
         b = self.batch
-        seeds, zero_f = jnp.zeros((b,), jnp.uint32), jnp.zeros((b,), jnp.float32)
-        top_k, top_p = jnp.zeros((b,), jnp.int32), jnp.ones((b,), jnp.float32)
-        prefill_s = float("inf")
-        for _ in range(prefill_reps):
-            logits = cache = None  # the last repeat's cache goes before the next is made (transformers' `del out`)
-            state, prefill, decode, first, kw = self._fresh()
-            t0 = time.perf_counter()
-            logits, cache = prefill(state, self.jids, kw["attention_mask"], kw["position_ids"],
-                                    kw["past_key_values"], {})
-            logits.block_until_ready()
-            prefill_s = min(prefill_s, time.perf_counter() - t0)
-        out = {"prefill_s": prefill_s}
-        if step_loop:  # the bare decode loop, continuing from the last prefill (host sync per token, as generate)
+        out = {}
+        if step_loop:  # the bare decode loop, continuing from a prefill (host sync per token, as generate)
+            seeds, zero_f = jnp.zeros((b,), jnp.uint32), jnp.zeros((b,), jnp.float32)
+            top_k, top_p = jnp.zeros((b,), jnp.int32), jnp.ones((b,), jnp.float32)
+            _, (logits, cache, state, decode, first) = self.prefill()
             token = first(logits, seeds, zero_f, top_k, top_p)
             np_.asarray(token)
             t0 = time.perf_counter()
@@ -254,7 +256,7 @@ class OursWorker:
                 token, cache = decode(state, token, cache, seeds, jnp.int32(i + 1), zero_f, top_k, top_p)
                 np_.asarray(token)
             out["step_loop_s"] = time.perf_counter() - t0
-        del logits, cache
+            del logits, cache
         out["generate_s"], new = self.generate()
         out["tokens"] = new.tolist()
         return out
@@ -293,16 +295,15 @@ class HFWorker:
         dt, _ = self.generate()
         return {"cold_generate_s": dt}
 
-    def repeat(self, prefill_reps, step_loop=False):
-        prefill_s = float("inf")
+    def prefill(self):
         with self.torch.inference_mode():
-            for _ in range(prefill_reps):
-                t0 = time.perf_counter()
-                out = self.model(input_ids=self.ids, attention_mask=self.mask, use_cache=True, logits_to_keep=1)
-                prefill_s = min(prefill_s, time.perf_counter() - t0)
-                del out
+            t0 = time.perf_counter()
+            out = self.model(input_ids=self.ids, attention_mask=self.mask, use_cache=True, logits_to_keep=1)
+            return time.perf_counter() - t0, out
+
+    def repeat(self, step_loop=False):
         gen_s, new = self.generate()
-        return {"prefill_s": prefill_s, "generate_s": gen_s, "tokens": new.tolist()}
+        return {"generate_s": gen_s, "tokens": new.tolist()}
 
 
 def worker_class(lib: str):
@@ -314,7 +315,8 @@ def worker_class(lib: str):
 
 
 def worker_main(lib: str) -> None:
-    serve(worker_class(lib), {"cold": lambda w, _: w.cold(), "repeat": lambda w, msg: w.repeat(**msg)})
+    serve(worker_class(lib), {"cold": lambda w, _: w.cold(), "prefill": lambda w, _: {"prefill_s": w.prefill()[0]},
+                              "repeat": lambda w, msg: w.repeat(**msg)})
 
 
 # ------------------------------------------------------------------------------------------ the benchmark
@@ -334,8 +336,20 @@ def run_config(ckpt, shape, dtype, batch, args, logdir) -> dict:
             log(f"  {shape} {dtype} B={batch} {lib}: first generate {res[lib]['cold_generate_s']:.2f}s")
         for r in range(args.repeats):
             k = r % len(libs)
-            for lib in libs[k:] + libs[:k]:  # rotate who goes first
-                rep = workers[lib].call("repeat", prefill_reps=args.prefill_reps, step_loop=args.step_loop)
+            order = libs[k:] + libs[:k]  # rotate who goes first
+            # the prefills one library after the other, round by round, so that a noisy minute of a shared
+            # host falls on every library's timings alike; then each library's generate. Each timed call
+            # starts after a pause: EasyDeL's process used ~0.3 s of CPU in the 3 s after a 1b prefill had
+            # returned (none once it had been idle 0.5 s), inside the next library's timing
+            prefills = {lib: [] for lib in libs}
+            for _ in range(args.prefill_reps):
+                for lib in order:
+                    time.sleep(SETTLE_S)
+                    prefills[lib].append(workers[lib].call("prefill")["prefill_s"])
+            for lib in order:
+                time.sleep(SETTLE_S)
+                rep = workers[lib].call("repeat", step_loop=args.step_loop)
+                rep["prefill_s"], rep["prefill_each_s"] = min(prefills[lib]), prefills[lib]
                 rep["loadavg_1m"] = os.getloadavg()[0]  # our worker alone accounts for ~its thread count
                 res[lib]["repeats"].append(rep)
                 extra = f", step loop {rep['step_loop_s']:.2f}s" if "step_loop_s" in rep else ""
@@ -470,7 +484,8 @@ def main(argv=None) -> None:
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=2, help="timed repeats per library (best is reported)")
-    p.add_argument("--prefill-reps", type=int, default=2, help="prefill timings inside each repeat")
+    p.add_argument("--prefill-reps", type=int, default=2,
+                   help="prefill timings of each library per repeat, the libraries taking turns")
     p.add_argument("--step-loop", action="store_true",
                    help="also time ours' bare jitted decode loop (cross-check of generate - prefill; slower)")
     p.add_argument("--peers", default="transformers,easydel",
