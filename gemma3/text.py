@@ -141,8 +141,9 @@ def rope_tables(positions: jax.Array, head_dim: int, base: float, factor: float,
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     """x: (B, T, heads, H); cos/sin: (B, T, H)."""
     half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+    x1, x2 = x[..., :half], x[..., half:]
+    c, s = cos[:, :, None, :half], sin[:, :, None, :half]
+    return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
 
 
 @jax.tree_util.register_dataclass
