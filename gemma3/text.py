@@ -131,18 +131,19 @@ class Gemma3MLP(nnx.Module):
 
 
 def rope_tables(positions: jax.Array, head_dim: int, base: float, factor: float, dtype) -> tuple[jax.Array, jax.Array]:
-    """cos and sin (B, T, head_dim) for the rotate-half convention; linear scaling divides inv_freq."""
+    """cos and sin (B, T, head_dim // 2) for the rotate-half convention, whose two halves turn by the same
+    angles (transformers' tables repeat them); linear scaling divides inv_freq."""
     inv_freq = 1.0 / (base ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)) / factor
     freqs = positions.astype(jnp.float32)[..., None] * inv_freq
-    emb = jnp.concatenate([freqs, freqs], axis=-1)
-    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+    return jnp.cos(freqs).astype(dtype), jnp.sin(freqs).astype(dtype)
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """x: (B, T, heads, H); cos/sin: (B, T, H)."""
+    """x: (B, T, heads, H); cos/sin: (B, T, H // 2). Each half rotated apart and the two joined once: the
+    same values as ``x * cos + rotate_half(x) * sin``, without writing out the rotated copy first."""
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
-    c, s = cos[:, :, None, :half], sin[:, :, None, :half]
+    c, s = cos[:, :, None, :], sin[:, :, None, :]
     return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
 
 
