@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from gemma3 import Gemma3ForCausalLM, cpu_kernels
-from lm_worker.engine import Engine, Finished, QueueFull, Request, Token
+from lm_worker.engine import Engine, Finished, QueueFull, Request, Token, buckets_for
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +53,19 @@ def test_concurrent_requests_equal_their_solo_runs(model, engine):
         assert finish == Finished("length")
         assert tokens == _alone(model, r), f"request {r.id}"
     assert engine.free_slots == 3
+
+
+@pytest.mark.parametrize("max_length", [16, 100, 256, 1024, 8192])
+def test_prompt_buckets_pad_to_at_most_one_and_a_half_times_the_prompt(max_length):
+    """Powers of two and 1.5 times each above 32: a 65-token prompt prefills 96 rows, not 128."""
+    buckets = buckets_for(max_length)
+    assert buckets[-1] == max_length and list(buckets) == sorted(set(buckets))
+    assert all(b % 16 == 0 for b in buckets[:-1])
+    for n in range(1, max_length + 1):
+        bucket = next(b for b in buckets if b >= n)
+        assert bucket <= max(32, 1.5 * n), (n, bucket)
+    if max_length >= 128:
+        assert next(b for b in buckets if b >= 65) == 96
 
 
 def test_stop_tokens_finish_early(model, engine):
