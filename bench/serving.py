@@ -55,10 +55,11 @@ more requests (a fresh pool of ``--paired-image-pool`` images: misses, then hits
 bracketed by the library's ``generate`` of the same request just before and just after it (timed from the
 encoded image: decoding, preprocessing and the vision tower included, as the service does them on a cache
 miss). Per request, the library's mean time ÷ the service's E2E is the service's tokens/s ÷ the library's;
-reported: the median (and range) over text requests, image requests that hit the cache and those that
-missed it. Pairing each request with itself, in the same seconds, leaves out the prompts' spread and this
-machine's drift, which moved a comparison of the two sides' medians, measured minutes apart, from 0.6x to
-1.3x between runs of the demo model (bench/RESULTS.md).
+reported: the median over text requests, image requests that hit the cache and those that missed it, with a
+95% bootstrap interval of that median (how far a median of this many noisy pairs can be trusted: a demo
+request's ratio spreads ±20%) and the range. Pairing each request with itself, in the same seconds, leaves
+out the prompts' spread and this machine's drift, which moved a comparison of the two sides' medians,
+measured minutes apart, from 0.6x to 1.3x between runs of the demo model (bench/RESULTS.md).
 
 Prints Markdown tables; ``--json`` writes every measurement; ``--plot`` (default ``bench/serving.png``)
 draws throughput and p99 TTFT against concurrency for each model.
@@ -520,10 +521,18 @@ def run_model(name: str, args) -> dict:
     return result
 
 
+def median_interval(values, level: float = 0.95, resamples: int = 4000, seed: int = 0) -> tuple[float, float]:
+    """A percentile-bootstrap interval of the median of ``values`` (the requests resampled with replacement)."""
+    v = np.asarray(values, float)
+    medians = np.median(v[np.random.default_rng(seed).integers(0, len(v), (resamples, len(v)))], axis=1)
+    lo, hi = np.quantile(medians, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
 def library_ratio(result: dict) -> dict | None:
     """Per paired request: the library's mean time ÷ the service's E2E (equal token counts: the service's
-    tokens/s ÷ the library's); per group (text, image hit, image miss): median, range, count, and the two
-    sides' median tokens/s."""
+    tokens/s ÷ the library's); per group (text, image hit, image miss): median, its 95% interval, range,
+    count, and the two sides' median tokens/s."""
     groups: dict[str, list[tuple[float, float, float]]] = {}
     for r in result.get("paired", []):
         if r["status"] != "OK" or r["finish"] != FINISH_LENGTH:
@@ -531,7 +540,8 @@ def library_ratio(result: dict) -> dict | None:
         group = r["kind"] if r["kind"] == "text" else "image, cache hit" if r["cache_hits"] else "image, cache miss"
         library_s = float(np.mean(r["library_s"]))
         groups.setdefault(group, []).append((library_s / r["e2e"], r["tokens"] / library_s, r["tokens"] / r["e2e"]))
-    return {g: {"median": float(np.median([x[0] for x in v])), "min": min(x[0] for x in v),
+    return {g: {"median": float(np.median([x[0] for x in v])), "ci95": median_interval([x[0] for x in v]),
+                "min": min(x[0] for x in v),
                 "max": max(x[0] for x in v), "requests": len(v), "library_tok_s": float(np.median([x[1] for x in v])),
                 "service_tok_s": float(np.median([x[2] for x in v]))}
             for g, v in sorted(groups.items(), key=lambda kv: kv[0] != "text")} or None
@@ -566,9 +576,11 @@ def tables(results: list[dict], args) -> str:
         if r.get("ratio"):
             lines.append("")
         for group, x in (r.get("ratio") or {}).items():
+            lo, hi = x["ci95"]
             lines.append(f"- service ÷ library, paired requests, {group} ({x['requests']}): **{x['median']:.2f}×** "
-                         f"median ({x['min']:.2f}–{x['max']:.2f}); tokens/s per request (median): library generate "
-                         f"{x['library_tok_s']:.1f} (batch 1, prefill included), service {x['service_tok_s']:.1f}")
+                         f"median (95% interval {lo:.2f}–{hi:.2f}; range {x['min']:.2f}–{x['max']:.2f}); tokens/s "
+                         f"per request (median): library generate {x['library_tok_s']:.1f} (batch 1, prefill "
+                         f"included), service {x['service_tok_s']:.1f}")
         for w in r["workloads"]:
             if w["failed"] or w["details"]:
                 lines.append(f"- {w['workload']}: failed {w['failed']} {w['details']}")
