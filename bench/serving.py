@@ -540,11 +540,13 @@ def library_ratio(result: dict) -> dict | None:
         group = r["kind"] if r["kind"] == "text" else "image, cache hit" if r["cache_hits"] else "image, cache miss"
         library_s = float(np.mean(r["library_s"]))
         groups.setdefault(group, []).append((library_s / r["e2e"], r["tokens"] / library_s, r["tokens"] / r["e2e"]))
-    return {g: {"median": float(np.median([x[0] for x in v])), "ci95": median_interval([x[0] for x in v]),
-                "min": min(x[0] for x in v),
-                "max": max(x[0] for x in v), "requests": len(v), "library_tok_s": float(np.median([x[1] for x in v])),
-                "service_tok_s": float(np.median([x[2] for x in v]))}
-            for g, v in sorted(groups.items(), key=lambda kv: kv[0] != "text")} or None
+    out = {}
+    for g, v in sorted(groups.items(), key=lambda kv: kv[0] != "text"):
+        ratios, library_tok_s, service_tok_s = (np.asarray(column) for column in zip(*v))
+        out[g] = {"median": float(np.median(ratios)), "ci95": median_interval(ratios), "min": float(ratios.min()),
+                  "max": float(ratios.max()), "requests": len(v), "library_tok_s": float(np.median(library_tok_s)),
+                  "service_tok_s": float(np.median(service_tok_s))}
+    return out or None
 
 
 # ---------------------------------------------------------------------------------------- report
