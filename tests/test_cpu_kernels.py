@@ -60,9 +60,9 @@ def test_prefill_sized_products_match_float64_in_bfloat16(k, n, bf16_gemm):
     """More than 8 rows: tiles of 6 rows and their rest (1 to 5), panels of 64 columns (16 without AVX-512)
     and their rest, 256 weight rows at a time and an odd last one; past a block of rows (600, 1030: blocks of
     510 rows as pairs, 252 as float32, 128 in AMX tiles) a depth slice of every panel at a time, then the
-    blocks over them (in AMX tiles at every row count, that slice packed weight row by weight row); as pairs,
-    and from FLOAT32_GEMM_ROWS rows on as float32 FMAs when asked (every row count where the CPU has no
-    pairs)."""
+    blocks over them (in AMX tiles also at 128 rows or fewer, that slice then packed weight row by weight row);
+    as pairs, and from FLOAT32_GEMM_ROWS rows on as float32 FMAs when asked (every row count where the CPU has
+    no pairs)."""
     rng = np.random.default_rng(k + n)
     w = jnp.asarray(rng.standard_normal((k, n)), jnp.bfloat16)
     product = jax.jit(lambda x, w: cpu_kernels.rows_matmul(x, w, KN))
