@@ -801,7 +801,8 @@ using Lines = std::vector<T, LineAllocator<T>>;
 // 8 MB. A thread holds one call's scratch at a time: RunParts' caller spins for its parts, it never
 // runs another job's.
 enum ScratchSite { kProductX, kProductXi, kProductAcc, kAttendQ, kAttendScores, kAttendAcc, kSplitMost,
-                   kSplitTop, kSplitScale, kBlockX, kBlockScores, kBlockY, kGemmPanels };
+                   kSplitTop, kSplitScale, kBlockX, kBlockScores, kBlockY, kGemmPanels,
+                   kGemmDepthSums };
 template <typename T, ScratchSite kSite>
 T* Scratch(size_t n) {
   thread_local Lines<T> buffer;
@@ -940,27 +941,29 @@ void PackRows(const S* w, T* panels, int64_t N, int64_t p0, int64_t p1, int64_t 
            std::min(kPanelCols, N - p * kPanelCols), k, std::min(k + 2, k1));
 }
 
-// Panels p0..p1 (kPanelCols columns each) of y = x w for all M rows; T: what the panels hold, S: the weights.
-// Up to BlockRows rows (unless PacksByRows), each panel is packed and multiplied in turn, the next one's weights
-// prefetched. More rows read every panel's slice of x from memory (1024 rows, a 1b prefill of batch 8, ran 0.8x
-// of XLA's float32 GEMM in eight-lane panels): then a depth slice of every panel of the part is packed first,
-// and blocks of rows pass over them all.
+// Panels p0..p1 (kPanelCols columns each) of y = x w for all M rows, over weight rows ka..kb (kb < 0: K; y is set,
+// not added to); T: what the panels hold, S: the weights. Up to BlockRows rows (unless PacksByRows), each panel is
+// packed and multiplied in turn, the next one's weights prefetched. More rows read every panel's slice of x from
+// memory (1024 rows, a 1b prefill of batch 8, ran 0.8x of XLA's float32 GEMM in eight-lane panels): then a depth
+// slice of every panel of the part is packed first, and blocks of rows pass over them all.
 template <typename T, typename S>
-void GemmDp(const T* x, const S* w, float* y, int64_t M, int64_t K, int64_t N, int64_t p0, int64_t p1) {
+void GemmDp(const T* x, const S* w, float* y, int64_t M, int64_t K, int64_t N, int64_t p0, int64_t p1,
+            int64_t ka = 0, int64_t kb = -1) {
+  if (kb < 0) kb = K;
   constexpr int64_t kPanel = kPanelDepth * kPanelCols;
   const bool by_rows = PacksByRows<T>(M);
   if (M <= BlockRows<T>() && !by_rows) {
     Lines<T> panel(static_cast<size_t>(kPanel));
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t n = p * kPanelCols, cols = std::min(kPanelCols, N - n);
-      for (int64_t k0 = 0; k0 < K; k0 += kPanelDepth) {
-        const int64_t k1 = std::min(K, k0 + kPanelDepth);
+      for (int64_t k0 = ka; k0 < kb; k0 += kPanelDepth) {
+        const int64_t k1 = std::min(kb, k0 + kPanelDepth);
         Pack(w, panel.data(), N, n, cols, k0, k1);
         // the block packed next: the next rows of this panel, else the first of the next panel
-        const bool down = k1 < K;
-        const S* ahead = down ? w + k1 * N + n : p + 1 < p1 ? w + n + kPanelCols : nullptr;
-        const int64_t rows = down ? std::min(K, k1 + kPanelDepth) - k1 : std::min(K, kPanelDepth);
-        TilesDp(x, K, k0, k1 - k0, panel.data(), y, N, n, cols, 0, M, k0 == 0, ahead, rows, N);
+        const bool down = k1 < kb;
+        const S* ahead = down ? w + k1 * N + n : p + 1 < p1 ? w + ka * N + n + kPanelCols : nullptr;
+        const int64_t rows = down ? std::min(kb, k1 + kPanelDepth) - k1 : std::min(kb - ka, kPanelDepth);
+        TilesDp(x, K, k0, k1 - k0, panel.data(), y, N, n, cols, 0, M, k0 == ka, ahead, rows, N);
       }
     }
     return;
@@ -968,8 +971,8 @@ void GemmDp(const T* x, const S* w, float* y, int64_t M, int64_t K, int64_t N, i
   const size_t size = static_cast<size_t>((p1 - p0) * kPanel);
   Lines<T> owned(by_rows ? 0 : size);
   T* const panels = by_rows ? Scratch<T, kGemmPanels>(size) : owned.data();
-  for (int64_t k0 = 0; k0 < K; k0 += kPanelDepth) {
-    const int64_t k1 = std::min(K, k0 + kPanelDepth);
+  for (int64_t k0 = ka; k0 < kb; k0 += kPanelDepth) {
+    const int64_t k1 = std::min(kb, k0 + kPanelDepth);
     if (by_rows)
       PackRows(w, panels, N, p0, p1, k0, k1);
     else
@@ -978,8 +981,21 @@ void GemmDp(const T* x, const S* w, float* y, int64_t M, int64_t K, int64_t N, i
     for (int64_t m0 = 0; m0 < M; m0 += BlockRows<T>())
       for (int64_t p = p0; p < p1; ++p)
         TilesDp(x, K, k0, k1 - k0, panels + (p - p0) * kPanel, y, N, p * kPanelCols,
-                std::min(kPanelCols, N - p * kPanelCols), m0, std::min(M, m0 + BlockRows<T>()), k0 == 0);
+                std::min(kPanelCols, N - p * kPanelCols), m0, std::min(M, m0 + BlockRows<T>()), k0 == ka);
   }
+}
+
+// How many parts a GEMM of M rows splits its weight rows (depth) into, each summed into its own sums and added
+// after; 1: it splits the panels (columns) instead (GemmParts). Where PacksByRows, packing reads the weights from
+// memory without arithmetic beside it, so a part's runs along the weight rows set its speed: a narrow product
+// (1b's down projection, N = 1152) cut in parts of three panels read 384 bytes a row, and one thread's share
+// took 2.99 ms with its weights out of the caches where half the depth over all the columns, one stream, took
+// 1.98 (session 37, an Intel Xeon; q and o projections 10-14% less). Wider products (the gate's 6912 columns)
+// lost that way: their sums no longer stay near at hand.
+template <typename T>
+int64_t DepthParts(int64_t M, int64_t K, int64_t N, int64_t threads) {
+  if (threads < 2 || !PacksByRows<T>(M) || N * static_cast<int64_t>(sizeof(uint16_t)) / threads >= 2048) return 1;
+  return K / threads >= kPanelDepth ? threads : 1;
 }
 
 // Every panel of a (K, N) matrix packed once, for products that many row blocks share (attention's keys and
@@ -1929,9 +1945,21 @@ ffi::Error RowsMatmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
   if (M > kMaxRows) {  // the GEMM: bfloat16, (K, N) weights (XLA's float32 GEMM is as fast as ours)
     if (nk || x.element_type() != ffi::DataType::BF16)
       return ffi::Error::InvalidArgument("rows_matmul: more than 8 rows only for bfloat16 (K, N) products");
-    const int64_t panels = (N + kPanelCols - 1) / kPanelCols;
-    const int64_t parts = GemmParts(panels, std::max<int64_t>(1, pool.num_threads()));
+    const int64_t panels = (N + kPanelCols - 1) / kPanelCols, threads = std::max<int64_t>(1, pool.num_threads());
+    const int64_t parts = GemmParts(panels, threads);
     auto gemm = [&](const auto* xs, const auto* ws) {
+      using T = std::remove_cv_t<std::remove_pointer_t<decltype(xs)>>;
+      const int64_t depth_parts = DepthParts<T>(M, K, N, threads);
+      if (depth_parts > 1) {  // part 0 sums into out, the others into sums of their own, added after
+        float* const sums = Scratch<float, kGemmDepthSums>(static_cast<size_t>((depth_parts - 1) * M * N));
+        RunParts(pool, depth_parts, [&](int64_t i) {
+          GemmDp(xs, ws, i ? sums + (i - 1) * M * N : out, M, K, N, 0, panels, K * i / depth_parts / 32 * 32,
+                 i + 1 < depth_parts ? K * (i + 1) / depth_parts / 32 * 32 : K);
+        });
+        for (int64_t i = 1; i < depth_parts; ++i)
+          for (int64_t j = 0; j < M * N; ++j) out[j] += sums[(i - 1) * M * N + j];
+        return;
+      }
       RunParts(pool, parts, [&](int64_t i) { GemmDp(xs, ws, out, M, K, N, panels * i / parts, panels * (i + 1) / parts); });
     };
     const auto* xs = static_cast<const uint16_t*>(x.untyped_data());
