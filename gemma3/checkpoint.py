@@ -235,7 +235,8 @@ def _adopts_host_arrays(sharding: SingleDeviceSharding, dtype: np.dtype) -> bool
 
 
 def load_pretrained(cls, path, dtype=np.float32, mesh: Mesh | None = None, progress: bool | None = None,
-                    config=None, split_head: bool | None = None, screen_head: bool | None = None):
+                    config=None, split_head: bool | None = None, screen_head: bool | None = None,
+                    keep_panels: bool | None = None):
     """Build ``cls`` from a checkpoint directory without materialising random weights.
 
     The model is created abstractly (``nnx.eval_shape``); each parameter is then read from its
@@ -244,9 +245,11 @@ def load_pretrained(cls, path, dtype=np.float32, mesh: Mesh | None = None, progr
     are renamed by ``cls.checkpoint_key`` (default: the text-model layouts). ``split_head``: keep a tied
     float32 head as `gemma3.text.SplitFloat32Embed` (None: wherever it can, without a mesh), written straight
     into its planes. ``screen_head``: give a tied bfloat16 head an int8 screen for greedy decode
-    (`gemma3.text.HeadScreen`; None: wherever it can, without a mesh).
+    (`gemma3.text.HeadScreen`; None: wherever it can, without a mesh). ``keep_panels``: keep the text decoder's
+    layer weights as the CPU kernel's panels (`keep_panels` of the causal-LM classes; None: wherever it can,
+    without a mesh).
     """
-    from gemma3.text import head_screens, head_splits
+    from gemma3.text import head_screens, head_splits, panels_kept
 
     path = os.fspath(path)
     config = config if config is not None else cls.config_class.from_pretrained(path)
@@ -254,6 +257,8 @@ def load_pretrained(cls, path, dtype=np.float32, mesh: Mesh | None = None, progr
         split_head = mesh is None and hasattr(cls, "split_head") and head_splits(config, dtype)
     if screen_head is None:
         screen_head = mesh is None and hasattr(cls, "screen_head") and head_screens(config, dtype)
+    if keep_panels is None:
+        keep_panels = mesh is None and hasattr(cls, "keep_panels") and panels_kept(dtype)
 
     def build():
         model = cls(config, dtype=dtype, rngs=nnx.Rngs(0))
@@ -331,6 +336,9 @@ def load_pretrained(cls, path, dtype=np.float32, mesh: Mesh | None = None, progr
     model = nnx.merge(graphdef, state)
     if screen_head:  # built from the loaded table (it is no checkpoint tensor)
         model.screen_head()
+    if keep_panels:
+        model.keep_panels()
+        heap.release()  # the weights as they were, freed
     return model
 
 
@@ -355,6 +363,10 @@ def save_pretrained(model, path, architecture: str | None = None) -> None:
             from gemma3.text import SplitFloat32Embed
 
             value = SplitFloat32Embed.join(value)
+        if str(p[-1]) == "kernel" and value.ndim == 3:  # kept as the CPU kernel's panels
+            from gemma3.cpu_kernels import from_panels
+
+            value = from_panels(value)
         a = np.asarray(jax.device_get(value))
         tensors[name] = np.ascontiguousarray(a.T if transposed else a)
     save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})

@@ -6,7 +6,8 @@ does not reach (float32 layer products at 60-75% of the kernel's speed, bfloat16
 bench/RESULTS.md). `kernels/rows_matmul.cc` streams the weights once across XLA's own intra-op threads.
 At prefill sizes XLA's bfloat16 GEMM reached 0.6-0.9x of oneDNN's; the kernel's packed GEMM (bfloat16
 pair products where the CPU has AVX512-BF16, in AMX tiles where it has AMX-BF16, float32 FMAs on widened
-panels elsewhere) matches oneDNN there.
+panels elsewhere) matches oneDNN there. Where AMX tiles multiply, bfloat16 layer weights can be kept as the
+GEMM's panels (`to_panels`, `kept_matmul`), so that no product packs them on every call.
 It is compiled on first use with the machine's compiler and `-march=native`, cached by source, compiler
 and CPU, and registered as an XLA FFI target; without a compiler (or with ``GEMMA3_CPU_KERNELS=0``)
 products fall back to XLA's dot. ``GEMMA3_KERNEL_FLAGS`` adds compiler flags (``-mno-avx512bf16``,
@@ -40,6 +41,8 @@ ATTENTION_TARGET = "gemma3_attention"
 SPLIT_PRODUCT_TARGET = "gemma3_split_product"
 SPLIT_ARGMAX_TARGET = "gemma3_split_argmax"
 SCREEN_ARGMAX_TARGET = "gemma3_screen_argmax"
+KEPT_TARGET = "gemma3_kept_matmul"
+PANEL_COLUMNS = 64  # kernels/rows_matmul.cc's kPanelCols with AVX-512
 SOURCE = Path(__file__).with_name("kernels") / "rows_matmul.cc"
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 
@@ -99,6 +102,7 @@ def _library() -> ctypes.CDLL | None:
                                     platform="cpu")
         jax.ffi.register_ffi_target(SPLIT_ARGMAX_TARGET, jax.ffi.pycapsule(library.Gemma3SplitArgmax),
                                     platform="cpu")
+        jax.ffi.register_ffi_target(KEPT_TARGET, jax.ffi.pycapsule(library.Gemma3KeptMatmul), platform="cpu")
         if library.Gemma3Int8Screen():
             jax.ffi.register_ffi_target(SCREEN_ARGMAX_TARGET, jax.ffi.pycapsule(library.Gemma3ScreenArgmax),
                                         platform="cpu")
@@ -156,6 +160,56 @@ def float32_gemm() -> bool:
         choice = "pairs" if _library().Gemma3PairsOutpaceFloat32() else "float32"
         log.info("bfloat16 prefill products as %s (timed on this CPU)", choice)
     return choice == "float32"
+
+
+def keeps_panels() -> bool:
+    """Whether bfloat16 layer weights are worth keeping as the GEMM's pair panels (`to_panels`): where AMX tiles
+    multiply, packing them from memory took 40-56% of a 128-row product, and the tiles read kept panels at any row
+    count (bench/RESULTS.md, session 37). ``GEMMA3_KEEP_PANELS=0`` keeps them as they are."""
+    return amx_tiles() and os.environ.get("GEMMA3_KEEP_PANELS", "1").lower() not in ("0", "false", "off", "no")
+
+
+def panels_fit(w: jax.Array) -> bool:
+    """Whether (in, out) weights ``w`` can be kept as panels: bfloat16, 2-D, an even depth and whole panels."""
+    return w.ndim == 2 and w.dtype == jnp.bfloat16 and w.shape[0] % 2 == 0 and w.shape[1] % PANEL_COLUMNS == 0
+
+
+def to_panels(w: jax.Array) -> jax.Array:
+    """(K, N) weights as panels (N / 64, K / 2, 128): panel p, pair row q holds (w[2q, n], w[2q + 1, n]) for its
+    64 columns n in turn, each panel's whole depth in one run (what the GEMM packs on every call otherwise)."""
+    k, n = w.shape
+    return w.reshape(k // 2, 2, n // PANEL_COLUMNS, PANEL_COLUMNS).transpose(2, 0, 3, 1).reshape(
+        n // PANEL_COLUMNS, k // 2, 2 * PANEL_COLUMNS)
+
+
+def from_panels(kept: jax.Array) -> jax.Array:
+    """The (K, N) weights of `to_panels`' panels."""
+    p, q, _ = kept.shape
+    return kept.reshape(p, q, PANEL_COLUMNS, 2).transpose(1, 3, 0, 2).reshape(2 * q, p * PANEL_COLUMNS)
+
+
+@jax.custom_jvp
+def _kept_product(x: jax.Array, kept: jax.Array) -> jax.Array:
+    if not amx_tiles():  # without the kernel or its AMX tiles (GEMMA3_CPU_KERNELS=0, GEMMA3_AMX=0): XLA's dot
+        return jax.lax.dot_general(x, from_panels(kept), (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    return _ffi_call(KEPT_TARGET, (x.shape[0], kept.shape[0] * PANEL_COLUMNS), jnp.float32)(x, kept)
+
+
+@_kept_product.defjvp
+def _kept_product_jvp(primals, tangents):
+    """Derivatives through XLA's dot on the weights unpacked (a reshape and transpose)."""
+    x, kept = primals
+    dx, dkept = tangents
+    dims = (((1,), (0,)), ((), ()))
+    tangent = (jax.lax.dot_general(dx, from_panels(kept), dims, preferred_element_type=jnp.float32)
+               + jax.lax.dot_general(x, from_panels(dkept), dims, preferred_element_type=jnp.float32))
+    return _kept_product(x, kept), tangent
+
+
+def kept_matmul(lhs: jax.Array, kept: jax.Array, out_dtype=None) -> jax.Array:
+    """``lhs @ w`` for w kept as `to_panels`, summed in float32, in ``out_dtype`` (lhs's)."""
+    out = _kept_product(lhs.reshape(-1, lhs.shape[-1]).astype(kept.dtype), kept)
+    return out.reshape(*lhs.shape[:-1], out.shape[-1]).astype(out_dtype or lhs.dtype)
 
 
 def applies(lhs: jax.Array, rhs: jax.Array, dimension_numbers) -> bool:

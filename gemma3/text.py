@@ -53,6 +53,8 @@ def accumulating_dot_general(lhs, rhs, dimension_numbers, precision=None, prefer
     bfloat16 product is padded to two, XLA's fast path (on an H200 XLA runs one row as a slow reduction;
     bench/RESULTS.md has the measurements). Float32 operands are otherwise multiplied as before."""
     out_dtype = preferred_element_type or lhs.dtype
+    if rhs.ndim == 3:  # (in, out) weights kept as the CPU kernel's panels (`CausalLMMixin.keep_panels`)
+        return cpu_kernels.kept_matmul(lhs, rhs, out_dtype)
     if cpu_kernels.applies(lhs, rhs, dimension_numbers):
         return cpu_kernels.rows_matmul(lhs, rhs, dimension_numbers, out_dtype)
     if lhs.dtype == jnp.float32 and rhs.dtype == jnp.float32:
@@ -551,6 +553,15 @@ def head_screens(config, dtype) -> bool:
             and jax.default_backend() == "cpu" and cpu_kernels.int8_screen())
 
 
+def panels_kept(dtype) -> bool:
+    """Whether a model in ``dtype`` keeps its decoder's layer weights as the CPU kernel's panels
+    (`CausalLMMixin.keep_panels`): bfloat16, on the CPU backend where the kernel's AMX tiles multiply."""
+    return jnp.dtype(dtype) == jnp.bfloat16 and jax.default_backend() == "cpu" and cpu_kernels.keeps_panels()
+
+
+_to_panels = jax.jit(cpu_kernels.to_panels)
+
+
 def head_splits(config, dtype) -> bool:
     """Whether a model of ``config`` in ``dtype`` can keep its head split (`CausalLMMixin.split_head`): tied,
     float32, and on the CPU backend with the kernel."""
@@ -563,13 +574,13 @@ class PretrainedMixin:
 
     @classmethod
     def from_pretrained(cls, path, dtype=jnp.float32, mesh=None, progress=None, config=None, split_head=None,
-                        screen_head=None):
+                        screen_head=None, keep_panels=None):
         """Load a Hugging Face checkpoint directory, each tensor straight onto its devices (``split_head``,
-        ``screen_head``: see `gemma3.checkpoint.load_pretrained`)."""
+        ``screen_head``, ``keep_panels``: see `gemma3.checkpoint.load_pretrained`)."""
         from gemma3.checkpoint import load_pretrained
 
         return load_pretrained(cls, path, dtype=dtype, mesh=mesh, progress=progress, config=config,
-                               split_head=split_head, screen_head=screen_head)
+                               split_head=split_head, screen_head=screen_head, keep_panels=keep_panels)
 
     def save_pretrained(self, path) -> None:
         """Write config.json and model.safetensors in the layout transformers 5.x writes."""
@@ -625,6 +636,29 @@ class CausalLMMixin(PretrainedMixin):
             raise ValueError("screen_head needs a tied bfloat16 head on one device, on the CPU kernel with "
                              "int8 products (AVX512-VNNI or AVX2)")
         text.head_screen = HeadScreen.of(table)
+
+    def _decoder_linears(self) -> list[nnx.Linear]:
+        return [m for _, m in nnx.iter_graph(self.get_decoder()) if isinstance(m, nnx.Linear)]
+
+    def keeps_panels(self) -> bool:
+        """Whether the decoder's layer weights are kept as the CPU kernel's panels (see `keep_panels`)."""
+        return any(linear.kernel[...].ndim == 3 for linear in self._decoder_linears())
+
+    def keep_panels(self) -> None:
+        """Keep the text decoder's bfloat16 layer weights as the CPU kernel's pair panels, in place
+        (`cpu_kernels.to_panels`; the same bytes): the same products, but no call packs them any more. With AMX
+        tiles packing took 40-56% of a 128-row product, and kept panels read 1.3-1.8x faster at a batch's 8
+        rows (bench/RESULTS.md, session 37). Only on one device, where `cpu_kernels.keeps_panels`; the loader
+        does this itself there (``from_pretrained(keep_panels=None)``), and `save_pretrained` writes the weights
+        back as they were. Derivatives go through XLA on the weights unpacked."""
+        if not panels_kept(self.get_decoder().dtype):
+            raise ValueError("keep_panels needs bfloat16 weights on the CPU kernel with AMX tiles")
+        for linear in self._decoder_linears():
+            w = linear.kernel[...]
+            if cpu_kernels.panels_fit(w):
+                if _on_several_devices(w):
+                    raise ValueError("keep_panels needs the weights on one device")
+                linear.kernel.set_value(_to_panels(w))
 
     def greedy_without_logits(self) -> bool:
         """Whether `greedy_tokens` takes the argmax without computing the logits (a split or screened head)."""

@@ -1992,6 +1992,91 @@ ffi::Error RowsMatmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
   }
 }
 
+#ifdef GEMMA3_AMX
+// One row against kept panels p0..p1 (KeptPanels), three panels at a time: a part's panels lie end to end, one
+// stream, which one thread read at 12-13 GB/s where the (K, N) loops read several rows at once (14-15); three
+// streams matched them with both threads reading (26-27 GB/s on an Intel Xeon, session 37). vdpbf16ps, four
+// sums (64 columns) a panel, x's pair broadcast once for the three.
+template <int S>
+void KeptRow(const uint16_t* x, const uint16_t* kept, float* y, int64_t K2, int64_t N, int64_t p0, int64_t p1) {
+  const int64_t stride = K2 * 2 * kPanelCols, span = (p1 - p0) / S;
+  const uint32_t* xp = reinterpret_cast<const uint32_t*>(x);
+  for (int64_t i = 0; i < span; ++i) {
+    const uint16_t* b[S];
+    __m512 acc[S][4];
+    for (int s = 0; s < S; ++s) {
+      b[s] = kept + (p0 + s * span + i) * stride;
+      for (int j = 0; j < 4; ++j) acc[s][j] = _mm512_setzero_ps();
+    }
+    for (int64_t q = 0; q < K2; ++q) {
+      const __m512i xb = _mm512_set1_epi32(static_cast<int>(xp[q]));
+      for (int s = 0; s < S; ++s) {
+        const uint16_t* r = b[s] + q * 2 * kPanelCols;
+        for (int j = 0; j < 4; ++j)
+          acc[s][j] = _mm512_dpbf16_ps(acc[s][j], (__m512bh)_mm512_loadu_si512(r + 32 * j), (__m512bh)xb);
+      }
+    }
+    for (int s = 0; s < S; ++s)
+      for (int j = 0; j < 4; ++j) _mm512_storeu_ps(y + (p0 + s * span + i) * kPanelCols + 16 * j, acc[s][j]);
+  }
+  if (S > 1 && p0 + S * span < p1) KeptRow<1>(x, kept, y, K2, N, p0 + S * span, p1);
+}
+#endif
+
+// y (M x N) = x (M x K) w, with w kept as pair panels (cpu_kernels.to_panels): kept[p, q, 2c + j] = w[2q + j,
+// 64p + c], each panel's whole depth in one run. Nothing is packed at any row count: a 1b prefill's products packed
+// their weights from memory for 40-56% of their time with AMX tiles (session 37). One row: KeptRow; up to 16
+// rows: AMX tiles a whole panel at a time (TilesDp: TileAmxWide), which read 13 GB/s a thread at every row count
+// where RowsKNAmx, packing as it goes, read 8-10; more: the GEMM's depth blocks and blocks of rows, as GemmDp.
+// K even (a pair a row of the panels); only where AMX tiles multiply.
+ffi::Error KeptMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> kept,
+                      ffi::Result<ffi::Buffer<ffi::F32>> y) {
+  auto xd = x.dimensions();
+  auto kd = kept.dimensions();
+  if (xd.size() != 2 || kd.size() != 3 || kd[2] != 2 * kPanelCols)
+    return ffi::Error::InvalidArgument("kept_matmul: x must be 2-D and the panels (P, K/2, 128)");
+  const int64_t M = xd[0], K = xd[1], P = kd[0], K2 = kd[1], N = P * kPanelCols;
+  if (K % 2 || K2 * 2 != K) return ffi::Error::InvalidArgument("kept_matmul: the panels' depth must be K / 2");
+  auto yd = y->dimensions();
+  if (yd.size() != 2 || yd[0] != M || yd[1] != N)
+    return ffi::Error::InvalidArgument("kept_matmul: output shape must be (rows, 64 x panels)");
+#ifdef GEMMA3_AMX
+  if (!AmxReady()) return ffi::Error::InvalidArgument("kept_matmul: needs AMX tiles");
+  const auto* xs = reinterpret_cast<const uint16_t*>(x.typed_data());
+  const auto* ks = reinterpret_cast<const uint16_t*>(kept.typed_data());
+  float* out = y->typed_data();
+  const int64_t stride = K2 * 2 * kPanelCols, threads = std::max<int64_t>(1, pool.num_threads());
+  if (M <= 16) {
+    const int64_t parts = std::min(P, ReadParts(pool, static_cast<size_t>(K) * N * sizeof(uint16_t)));
+    RunParts(pool, parts, [&](int64_t i) {
+      const int64_t p0 = P * i / parts, p1 = P * (i + 1) / parts;
+      if (M == 1) {
+        KeptRow<3>(xs, ks, out, K2, N, p0, p1);
+        return;
+      }
+      for (int64_t p = p0; p < p1; ++p)
+        TilesDp(xs, K, 0, K, ks + p * stride, out, N, p * kPanelCols, kPanelCols, 0, M, true);
+    });
+    return ffi::Error::Success();
+  }
+  const int64_t parts = GemmParts(P, threads);
+  RunParts(pool, parts, [&](int64_t i) {
+    const int64_t p0 = P * i / parts, p1 = P * (i + 1) / parts;
+    for (int64_t k0 = 0; k0 < K; k0 += kPanelDepth) {
+      const int64_t k1 = std::min(K, k0 + kPanelDepth);
+      for (int64_t m0 = 0; m0 < M; m0 += BlockRows<uint16_t>())
+        for (int64_t p = p0; p < p1; ++p)
+          TilesDp(xs, K, k0, k1 - k0, ks + p * stride + k0 / 2 * 2 * kPanelCols, out, N, p * kPanelCols, kPanelCols,
+                  m0, std::min(M, m0 + BlockRows<uint16_t>()), k0 == 0);
+    }
+  });
+  return ffi::Error::Success();
+#else
+  (void)pool;
+  return ffi::Error::InvalidArgument("kept_matmul: this build has no AMX tiles");
+#endif
+}
+
 }  // namespace
 
 // Whether this build multiplies bfloat16 pairs (AVX512-BF16), and so takes products of any row count.
@@ -2065,6 +2150,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Gemma3RowsMatmul, RowsMatmul,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("w_layout")
                                   .Attr<int64_t>("float32_gemm"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Gemma3KeptMatmul, KeptMatmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Gemma3Attention, Attention,
                               ffi::Ffi::Bind()
