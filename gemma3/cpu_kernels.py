@@ -176,7 +176,8 @@ def panels_fit(w: jax.Array) -> bool:
 
 def to_panels(w: jax.Array) -> jax.Array:
     """(K, N) weights as panels (N / 64, K / 2, 128): panel p, pair row q holds (w[2q, n], w[2q + 1, n]) for its
-    64 columns n in turn, each panel's whole depth in one run (what the GEMM packs on every call otherwise)."""
+    64 columns n in turn, each panel's whole depth in one run (what the GEMM packs on every call otherwise).
+    A jax or numpy array (then a view until copied)."""
     k, n = w.shape
     return w.reshape(k // 2, 2, n // PANEL_COLUMNS, PANEL_COLUMNS).transpose(2, 0, 3, 1).reshape(
         n // PANEL_COLUMNS, k // 2, 2 * PANEL_COLUMNS)

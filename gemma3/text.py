@@ -559,9 +559,6 @@ def panels_kept(dtype) -> bool:
     return jnp.dtype(dtype) == jnp.bfloat16 and jax.default_backend() == "cpu" and cpu_kernels.keeps_panels()
 
 
-_to_panels = jax.jit(cpu_kernels.to_panels)
-
-
 def head_splits(config, dtype) -> bool:
     """Whether a model of ``config`` in ``dtype`` can keep its head split (`CausalLMMixin.split_head`): tied,
     float32, and on the CPU backend with the kernel."""
@@ -658,7 +655,11 @@ class CausalLMMixin(PretrainedMixin):
             if cpu_kernels.panels_fit(w):
                 if _on_several_devices(w):
                     raise ValueError("keep_panels needs the weights on one device")
-                linear.kernel.set_value(_to_panels(w))
+                # on the host, as the loader placed them: a jitted transpose would compile a program per shape,
+                # each kept for the rest of the process
+                kept = np.ascontiguousarray(cpu_kernels.to_panels(np.asarray(jax.device_get(w))))
+                linear.kernel.set_value(jax.device_put(kept, next(iter(w.devices()))))
+                del w
 
     def greedy_without_logits(self) -> bool:
         """Whether `greedy_tokens` takes the argmax without computing the logits (a split or screened head)."""
