@@ -2037,6 +2037,7 @@ ffi::Error KeptMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffe
     return ffi::Error::InvalidArgument("kept_matmul: x must be 2-D and the panels (P, K/2, 128)");
   const int64_t M = xd[0], K = xd[1], P = kd[0], K2 = kd[1], N = P * kPanelCols;
   if (K % 2 || K2 * 2 != K) return ffi::Error::InvalidArgument("kept_matmul: the panels' depth must be K / 2");
+  if (M < 1) return ffi::Error::InvalidArgument("kept_matmul: x must have rows");
   auto yd = y->dimensions();
   if (yd.size() != 2 || yd[0] != M || yd[1] != N)
     return ffi::Error::InvalidArgument("kept_matmul: output shape must be (rows, 64 x panels)");
