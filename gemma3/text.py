@@ -657,9 +657,8 @@ class CausalLMMixin(PretrainedMixin):
                     raise ValueError("keep_panels needs the weights on one device")
                 # on the host, as the loader placed them: a jitted transpose would compile a program per shape,
                 # each kept for the rest of the process
-                kept = np.ascontiguousarray(cpu_kernels.to_panels(np.asarray(jax.device_get(w))))
+                kept = np.ascontiguousarray(cpu_kernels.to_panels(jax.device_get(w)))
                 linear.kernel.set_value(jax.device_put(kept, next(iter(w.devices()))))
-                del w
 
     def greedy_without_logits(self) -> bool:
         """Whether `greedy_tokens` takes the argmax without computing the logits (a split or screened head)."""

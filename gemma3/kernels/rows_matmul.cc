@@ -1993,7 +1993,7 @@ ffi::Error RowsMatmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
 }
 
 #ifdef GEMMA3_AMX
-// One row against kept panels p0..p1 (KeptPanels), three panels at a time: a part's panels lie end to end, one
+// One row against kept panels p0..p1 (cpu_kernels.to_panels), three panels at a time: a part's panels lie end to end, one
 // stream, which one thread read at 12-13 GB/s where the (K, N) loops read several rows at once (14-15); three
 // streams matched them with both threads reading (26-27 GB/s on an Intel Xeon, session 37). vdpbf16ps, four
 // sums (64 columns) a panel, x's pair broadcast once for the three.
