@@ -467,11 +467,13 @@ class DeviceProgram:
         self.max_burst = max_burst
         self._prefill, self._insert, self._decode, init = _compile(graphdef, treedef, num_slots, max_length,
                                                                    max_top_logprobs, max_burst, mesh)
-        shardings = None
         if mesh is not None:  # the cache laid out by the cache rules, as a multi-host group needs
             from gemma3.sharding import cache_sharding
 
             shardings = cache_sharding(jax.eval_shape(init, self.weights), mesh)
+        else:  # committed to the weights' device, as decode's outputs are: jit keys its programs on that too, and
+            # an uncommitted fresh cache compiled the first bucket's decode twice (5 s for gemma-3-270m on a CPU)
+            shardings = jax.sharding.SingleDeviceSharding(next(iter(self.weights[0].devices())))
         self._init = jax.jit(init, out_shardings=shardings)
         self.reset()
         self._fetched_at = 0.0  # when the last fetch returned (the device's previous call had ended)

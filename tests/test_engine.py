@@ -143,6 +143,14 @@ def test_burst_length_follows_the_measured_step_time(model):
     assert eng.device.step_seconds[1] < 0.01 and eng.device.steps_within(active, 0.02) > 1
 
 
+def test_the_engine_compiles_each_decode_bucket_once(model):
+    """Its fresh cache is committed to the weights' device as decode's outputs are: jit keys programs on that,
+    and an uncommitted one compiled the first bucket twice (seconds at start) and timed that compile as its step."""
+    eng = Engine(model, num_slots=3, max_length=48, prefill_buckets=(8, 16, 48))
+    assert eng.device._decode._cache_size() == len(eng.device.buckets) == 3
+    assert max(eng.device.step_seconds.values()) < 0.5
+
+
 def test_a_stopped_request_decoded_a_call_ahead_costs_nothing(model):
     """The loop dispatches each call before it hands out the one before, so a request that stops has
     already decoded in the next call: those tokens are dropped, and a request that takes its slot starts
