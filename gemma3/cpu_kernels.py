@@ -42,6 +42,7 @@ SPLIT_PRODUCT_TARGET = "gemma3_split_product"
 SPLIT_ARGMAX_TARGET = "gemma3_split_argmax"
 SCREEN_ARGMAX_TARGET = "gemma3_screen_argmax"
 KEPT_TARGET = "gemma3_kept_matmul"
+YIELD_TARGET = "gemma3_yield_flag"
 PANEL_COLUMNS = 64  # kernels/rows_matmul.cc's kPanelCols with AVX-512
 SOURCE = Path(__file__).with_name("kernels") / "rows_matmul.cc"
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
@@ -103,6 +104,7 @@ def _library() -> ctypes.CDLL | None:
         jax.ffi.register_ffi_target(SPLIT_ARGMAX_TARGET, jax.ffi.pycapsule(library.Gemma3SplitArgmax),
                                     platform="cpu")
         jax.ffi.register_ffi_target(KEPT_TARGET, jax.ffi.pycapsule(library.Gemma3KeptMatmul), platform="cpu")
+        jax.ffi.register_ffi_target(YIELD_TARGET, jax.ffi.pycapsule(library.Gemma3YieldFlag), platform="cpu")
         if library.Gemma3Int8Screen():
             jax.ffi.register_ffi_target(SCREEN_ARGMAX_TARGET, jax.ffi.pycapsule(library.Gemma3ScreenArgmax),
                                         platform="cpu")
@@ -309,6 +311,23 @@ def screen_argmax(x: jax.Array, table: jax.Array, screen: jax.Array, rows: jax.A
     if not int8_screen():
         raise RuntimeError("the head's int8 screen needs the CPU kernel with AVX512-VNNI or AVX2, unavailable here")
     return _ffi_call(SCREEN_ARGMAX_TARGET, (x.shape[0],), jnp.int32)(x.astype(jnp.bfloat16), table, screen, rows)
+
+
+def yield_flag(flag: jax.Array, step: jax.Array) -> jax.Array:
+    """Whether flag ``flag`` (0 to 63: a value of the program, so one program serves every engine) is set
+    when a program reads it at ``step`` (int32 scalars; the result nonzero: set). The step, which the kernel
+    does not read, ties each read to its iteration, so that XLA neither hoists one out of a loop nor merges
+    two (a call with a side effect would not be either, but jax then dispatches the program in Python:
+    6 ms a call). CPU only."""
+    if not available():
+        raise RuntimeError("the CPU kernel is unavailable: no yield flags")
+    return jax.ffi.ffi_call(YIELD_TARGET, jax.ShapeDtypeStruct((), jnp.int32))(jnp.asarray(flag, jnp.int32),
+                                                                              jnp.asarray(step, jnp.int32))
+
+
+def set_yield(flag: int, on: bool) -> None:
+    """Set or clear flag ``flag`` from any thread, running programs included (see `yield_flag`)."""
+    _library().gemma3_set_yield(ctypes.c_int32(flag), ctypes.c_int32(int(on)))
 
 
 def _ffi_call(target: str, shape: tuple, dtype):

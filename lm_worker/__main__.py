@@ -45,9 +45,11 @@ def parse_args(argv=None) -> argparse.Namespace:
              "ask (0: what the context has left)", type=int)
     env_flag(p, "--max-prompt-tokens", "GEMMA3_LM_MAX_PROMPT_TOKENS", 0, "most prompt tokens, image tokens included "
              "(0: the context less one)", type=int)
-    env_flag(p, "--decode-burst-ms", "GEMMA3_LM_DECODE_BURST_MS", 20.0, "longest a device call may decode for "
-             "when no request waits for a slot: a small model's step costs less than a call's host overhead, so "
-             "it decodes several tokens per call (0: one token per call)", type=float)
+    env_flag(p, "--decode-burst-ms", "GEMMA3_LM_DECODE_BURST_MS", None, "longest a device call may decode for "
+             "when no request waits for a slot, so the longest tokens wait to stream: a step can cost less than a "
+             "call's host overhead, so it decodes several tokens per call (0: one token per call; default 80 where "
+             "a request that comes meanwhile ends the call after the step under way (the CPU kernel, no mesh), else "
+             "20)", type=float)
     env_flag(p, "--warm-up", "GEMMA3_LM_WARM_UP", "smallest", "before serving, compile the prefill of the smallest "
              "text bucket only ('smallest': a fast start; a longer prompt compiles its bucket on first use), or of "
              "every prompt-length bucket, text and one image ('all', as JetStream does: no request waits for XLA; "

@@ -33,9 +33,22 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from gemma3 import cache as kv
+from gemma3 import cpu_kernels
 from gemma3.generation import loop_compiler_options, sample_tokens, step_keys
 
 log = logging.getLogger(__name__)
+
+BURST_MS = 80.0
+"""How long one decode call may run by default where a request that comes meanwhile ends it after the step under
+way (a yield flag: the CPU kernel, no mesh); tokens then stream at least every 80 ms or every step. Each call costs
+a fixed host overhead (for gemma-3-270m on a 2-core CPU, 1.2 ms of dispatch and 0.5 of fetch) that the decode
+threads lose to: at 80 ms rather than 20 that model's service went from 0.92x to 0.98x the library's tokens/s at
+concurrency 1 in bfloat16 (four steps a call, not one), 0.91x to 0.93x in float32 (two), and from 128 to 142
+tok/s at 4 clients, with the same time to first token under Poisson arrivals (bench/RESULTS.md)."""
+SHORT_BURST_MS = 20.0
+"""The default elsewhere: there a request that comes during a burst waits for its end to be prefilled."""
+
+_yield_flags = itertools.count()
 
 
 class QueueFull(Exception):
@@ -167,16 +180,19 @@ class Engine:
 
     def __init__(self, model, *, num_slots: int = 8, max_length: int = 1024, max_queue: int = 64,
                  prefill_buckets: tuple[int, ...] | None = None, max_top_logprobs: int = 5, mesh=None,
-                 program: DeviceProgram | None = None, burst_ms: float = 20.0):
+                 program: DeviceProgram | None = None, burst_ms: float | None = None):
         """``mesh``: the model's mesh (its cache is sharded to match); ``program``: the device side to
         drive, by default a DeviceProgram of ``model`` (a multi-host leader passes one that also sends
         each call to its followers). ``burst_ms``: how long one device call may decode for (0: one
-        token per call); see ``_burst``."""
+        token per call; by default BURST_MS, or SHORT_BURST_MS where a call cannot end early); see ``_burst``."""
         self.model, self.num_slots, self.max_length, self.max_queue = model, num_slots, max_length, max_queue
         self.max_top_logprobs = max_top_logprobs
-        self.burst_seconds = burst_ms / 1000
         self.buckets = prefill_buckets or buckets_for(max_length)
         self.device = program or DeviceProgram(model, num_slots, max_length, max_top_logprobs, mesh)
+        self._yield_flag = getattr(self.device, "yield_flag", None)
+        if burst_ms is None:
+            burst_ms = SHORT_BURST_MS if self._yield_flag is None else BURST_MS
+        self.burst_seconds = burst_ms / 1000
         self.broken: str | None = None  # why the engine can no longer serve (a multi-host group lost a process)
         self._admitting: Request | None = None  # the request being prefilled
         self.slots: list[_Slot | None] = [None] * num_slots
@@ -203,6 +219,8 @@ class Engine:
             self._pending.put_nowait(request)
         except queue.Full:
             raise self._queue_full() from None
+        if self._yield_flag is not None and None in self.slots:  # a slot is free: the burst under way ends early
+            cpu_kernels.set_yield(self._yield_flag, True)
         self._wake.set()
         return request
 
@@ -347,8 +365,14 @@ class Engine:
         engine lets the device run several steps in one call, as many as fit in ``burst_seconds``
         (by each bucket's measured step time). A burst never outlives a request's max_new_tokens
         (``left``: the fewest any active slot may still take), and the device ends it at a stop token,
-        so a finished slot is free as soon as with single steps."""
-        if self.burst_seconds <= 0 or (None in self.slots and not self._pending.empty()):
+        so a finished slot is free as soon as with single steps. Where the program has a yield flag, a
+        request submitted while a slot is free sets it and the device ends the burst after the step
+        under way, so a long burst does not hold back its prefill either."""
+        if self.burst_seconds <= 0:
+            return 1
+        if self._yield_flag is not None:  # (cleared first: a request that comes after this sets it again)
+            cpu_kernels.set_yield(self._yield_flag, False)
+        if None in self.slots and not self._pending.empty():
             return 1
         return max(1, min(self.device.steps_within(active, self.burst_seconds), left))
 
@@ -465,8 +489,13 @@ class DeviceProgram:
         # Variables in Python (a quarter of a millisecond per call for a small model).
         self.weights, treedef = jax.tree.flatten(state)
         self.max_burst = max_burst
+        # A decode burst ends after the step under way once this flag is set (Engine.submit). Not with a mesh:
+        # every device (and every process of a group) must run the same steps.
+        self.yield_flag = next(_yield_flags) % 64 if (
+            mesh is None and jax.default_backend() == "cpu" and cpu_kernels.available()) else None
         self._prefill, self._insert, self._decode, init = _compile(graphdef, treedef, num_slots, max_length,
-                                                                   max_top_logprobs, max_burst, mesh)
+                                                                   max_top_logprobs, max_burst, mesh,
+                                                                   self.yield_flag is not None)
         if mesh is not None:  # the cache laid out by the cache rules, as a multi-host group needs
             from gemma3.sharding import cache_sharding
 
@@ -534,7 +563,7 @@ class DeviceProgram:
         active, seeds, temperature, top_k, top_p, stop_ids = per_slot
         picked, self.cache, self.tokens, self.steps = self._decode(
             self.weights, self.cache, self.tokens, self.steps, active, seeds, temperature, top_k, top_p, stop_ids,
-            limit, wants_top, greedy_only)
+            limit, wants_top, greedy_only, np.int32(self.yield_flag or 0))
         return rows, time.perf_counter(), picked
 
     def _fetch_now(self, pending) -> list[np.ndarray]:
@@ -574,11 +603,13 @@ def pick(logits, keys, temperature, top_k, top_p, n_top: int, wants_top):
 
 
 @functools.lru_cache(maxsize=8)
-def _compile(graphdef, treedef, num_slots: int, max_length: int, n_top: int, max_burst: int, mesh=None):
+def _compile(graphdef, treedef, num_slots: int, max_length: int, n_top: int, max_burst: int, mesh=None,
+             yields: bool = False):
     """Jitted prefill (one request, bucketed), slot insertion and batched decode bursts (cache donated),
     and the cache's creation (jitted by DeviceProgram, with the mesh's layout). The weights come as
     ``treedef``'s leaves. With a mesh the picks are replicated, so every process of a multi-host group
-    can read them."""
+    can read them. ``yields``: a burst also ends after any step that finds decode's ``flag`` set (the first
+    step always runs; cpu_kernels.yield_flag; a program shared by every engine of the model's shapes)."""
     replicated = (lambda tree: tree) if mesh is None else (
         lambda tree: jax.lax.with_sharding_constraint(tree, NamedSharding(mesh, PartitionSpec())))
 
@@ -610,7 +641,7 @@ def _compile(graphdef, treedef, num_slots: int, max_length: int, n_top: int, max
         return cache, tokens.at[slot].set(token[0]), steps.at[slot].set(1)
 
     def decode(weights, cache, last_tokens, step_counts, active, seeds, temperature, top_k, top_p, stop_ids, limit,
-               wants_top, greedy_only):
+               wants_top, greedy_only, flag):
         """Up to ``limit`` steps of the cache's first len(active) slots (the rest are left as they are),
         in one while_loop; it ends early after a step in which an active slot drew one of its stop_ids.
         Each active slot starts from its last token and step count, and leaves its new ones."""
@@ -640,8 +671,12 @@ def _compile(graphdef, treedef, num_slots: int, max_length: int, n_top: int, max
 
         picks = (jnp.zeros((max_burst, rows), jnp.int32), jnp.zeros((max_burst, rows), jnp.float32),
                  jnp.zeros((max_burst, rows, k), jnp.int32), jnp.zeros((max_burst, rows, k), jnp.float32))
+        def go_on(c):
+            i, more = c[0], (c[0] < limit) & ~c[4]
+            return more & ((i == 0) | (cpu_kernels.yield_flag(flag, i) == 0)) if yields else more
+
         carry = (jnp.int32(0), tokens, cache, picks, jnp.bool_(False))
-        count, last, cache, picks, _ = jax.lax.while_loop(lambda c: (c[0] < limit) & ~c[4], body, carry)
+        count, last, cache, picks, _ = jax.lax.while_loop(go_on, body, carry)
         last_tokens = last_tokens.at[:rows].set(jnp.where(active, last, tokens))
         step_counts = step_counts.at[:rows].add(jnp.where(active, count, 0))
         return replicated((*picks, count)), cache, last_tokens, step_counts

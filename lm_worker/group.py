@@ -197,6 +197,8 @@ class Leader:
 class GroupProgram:
     """A DeviceProgram whose every call is first sent to the group's followers."""
 
+    yield_flag = None  # (every process runs a burst's steps in lockstep: none may end it early)
+
     def __init__(self, program, leader: Leader):
         self.program, self.leader = program, leader
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from gemma3 import Gemma3ForCausalLM, cpu_kernels
-from lm_worker.engine import Engine, Finished, QueueFull, Request, Token, buckets_for
+from lm_worker.engine import BURST_MS, Engine, Finished, QueueFull, Request, Token, buckets_for
 
 
 @pytest.fixture(scope="module")
@@ -149,6 +149,47 @@ def test_the_engine_compiles_each_decode_bucket_once(model):
     eng = Engine(model, num_slots=3, max_length=48, prefill_buckets=(8, 16, 48))
     assert eng.device._decode._cache_size() == len(eng.device.buckets) == 3
     assert max(eng.device.step_seconds.values()) < 0.5
+    assert eng.burst_seconds == BURST_MS / 1000  # (the default where a waiting request ends a burst early)
+
+
+def _flag_set(flag: int) -> bool:
+    import jax
+
+    return bool(jax.jit(lambda: cpu_kernels.yield_flag(flag, 0))())
+
+
+def test_a_set_yield_flag_ends_a_burst_after_its_first_step(model):
+    """A request that comes while a slot is free sets the engine's yield flag; a decode call that finds it set
+    ends after the step under way (the first step always runs), and the tokens stay the request's own."""
+    eng = Engine(model, num_slots=2, max_length=48, prefill_buckets=(8, 16, 48), burst_ms=1e6)  # driven here
+    flag = eng.device.yield_flag
+    assert flag is not None and eng.device.max_burst == 16
+    long_ = eng.submit(Request(prompt_ids=[2, 40, 41, 42], max_new_tokens=40))
+    assert _flag_set(flag)  # a slot was free
+    eng._admit()
+    eng._step()  # nobody waits: the flag is cleared and a burst of 16 steps dispatched
+    assert not _flag_set(flag) and eng._inflight.limit == 16
+    eng._drain()
+    assert len(_events(long_)) == 17
+
+    cpu_kernels.set_yield(flag, True)  # as a submit during the next call would
+    active = np.array([True, False])
+    args = (np.zeros(2, np.uint32), np.zeros(2, np.float32), np.zeros(2, np.int32), np.ones(2, np.float32),
+            np.stack([eng.slots[0].stop_ids, eng.slots[0].stop_ids]))
+    picked = eng.device.fetch(eng.device.decode(active, *args, np.int32(8), np.bool_(False), np.bool_(True)))
+    assert int(picked[-1]) == 1  # one step of the 8
+    cpu_kernels.set_yield(flag, False)
+    rest = eng.device.fetch(eng.device.decode(active, *args, np.int32(8), np.bool_(False), np.bool_(True)))
+    assert int(rest[-1]) == 8
+    ours = [int(picked[0][0, 0])] + rest[0][:8, 0].tolist()
+    assert ours == _alone(model, long_)[17:26]
+
+    full = Engine(model, num_slots=1, max_length=48, prefill_buckets=(8, 16, 48), burst_ms=1e6)
+    full.submit(Request(prompt_ids=[2, 3], max_new_tokens=4))
+    full._admit()
+    full._step()  # (clears the flag)
+    full.submit(Request(prompt_ids=[2, 3], max_new_tokens=4))
+    assert not _flag_set(full.device.yield_flag)  # no free slot: the burst may run on
 
 
 def test_a_stopped_request_decoded_a_call_ahead_costs_nothing(model):
@@ -293,7 +334,7 @@ def test_decode_updates_the_cache_in_place(model, rows):
     cache, tokens, steps = jax.jit(init)(weights)
     host = (jnp.ones(rows, bool), jnp.zeros(rows, jnp.uint32), jnp.zeros(rows, jnp.float32), jnp.zeros(rows, jnp.int32),
             jnp.ones(rows, jnp.float32), jnp.full((rows, 8), -1, jnp.int32), jnp.int32(16), jnp.bool_(False),
-            jnp.bool_(False))
+            jnp.bool_(False), jnp.int32(0))
     hlo = decode.lower(weights, cache, tokens, steps, *host).compile().as_text()
     shapes = {f"{x.dtype.name.replace('float', 'f').replace('int', 's')}[{','.join(map(str, x.shape))}]"
               for x in jax.tree.leaves(cache) if x.ndim >= 2}

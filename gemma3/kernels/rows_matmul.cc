@@ -2143,6 +2143,31 @@ extern "C" int Gemma3PairsOutpaceFloat32() {
 #endif
 }
 
+// Yield flags: the LM engine decodes a burst of steps in one device call, and a request that comes meanwhile sets its
+// engine's flag (gemma3_set_yield, from Python) so that the burst ends after the step under way, not after the last
+// one (the host cannot reach into a running XLA program otherwise). The decode loop reads the flag each step through
+// Gemma3YieldFlag, which takes the step's index (unread) so that XLA neither hoists nor merges the reads: a call marked
+// as having side effects took jax off its C++ dispatch path (6 ms a call, session 38).
+constexpr int kYieldFlags = 64;
+std::atomic<int32_t> g_yield[kYieldFlags];
+
+extern "C" void gemma3_set_yield(int32_t flag, int32_t value) {
+  g_yield[static_cast<uint32_t>(flag) % kYieldFlags].store(value, std::memory_order_relaxed);
+}
+
+ffi::Error YieldFlag(ffi::Buffer<ffi::S32> flag, ffi::Buffer<ffi::S32> step, ffi::Result<ffi::Buffer<ffi::S32>> out) {
+  (void)step;
+  const uint32_t which = static_cast<uint32_t>(flag.typed_data()[0]) % kYieldFlags;
+  out->typed_data()[0] = g_yield[which].load(std::memory_order_relaxed);
+  return ffi::Error::Success();
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Gemma3YieldFlag, YieldFlag,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>());
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Gemma3RowsMatmul, RowsMatmul,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
