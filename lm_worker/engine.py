@@ -40,7 +40,8 @@ log = logging.getLogger(__name__)
 
 BURST_MS = 80.0
 """How long one decode call may run by default where a request that comes meanwhile ends it after the step under
-way (a yield flag: the CPU kernel, no mesh); tokens then stream at least every 80 ms or every step. Each call costs
+way, once SHORT_BURST_MS have run (a yield flag: the CPU kernel, no mesh); tokens then stream at least every 80
+ms or every step. Each call costs
 a fixed host overhead (for gemma-3-270m on a 2-core CPU, 1.2 ms of dispatch and 0.5 of fetch) that the decode
 threads lose to: at 80 ms rather than 20 that model's service went from 0.92x to 0.98x the library's tokens/s at
 concurrency 1 in bfloat16 (four steps a call, not one), 0.91x to 0.93x in float32 (two), and from 128 to 142
@@ -359,22 +360,25 @@ class Engine:
                 raise RuntimeError(f"warming up the prefill of {len(r.prompt_ids)} tokens failed: {finish.detail}")
         return len(runs)
 
-    def _burst(self, active: np.ndarray, left: int) -> int:
-        """Decode steps for the next device call. One call costs a fixed host overhead (dispatch, the
-        fetch, this loop) that rivals a small model's whole step, so when nobody waits for a slot the
-        engine lets the device run several steps in one call, as many as fit in ``burst_seconds``
-        (by each bucket's measured step time). A burst never outlives a request's max_new_tokens
-        (``left``: the fewest any active slot may still take), and the device ends it at a stop token,
-        so a finished slot is free as soon as with single steps. Where the program has a yield flag, a
-        request submitted while a slot is free sets it and the device ends the burst after the step
-        under way, so a long burst does not hold back its prefill either."""
+    def _burst(self, active: np.ndarray, left: int) -> tuple[int, int]:
+        """Decode steps for the next device call, and how many of them run whatever its yield flag says.
+        One call costs a fixed host overhead (dispatch, the fetch, this loop) that rivals a small model's
+        whole step, so when nobody waits for a slot the engine lets the device run several steps in one
+        call, as many as fit in ``burst_seconds`` (by each bucket's measured step time). A burst never
+        outlives a request's max_new_tokens (``left``: the fewest any active slot may still take), and
+        the device ends it at a stop token, so a finished slot is free as soon as with single steps.
+        Where the program has a yield flag, a request submitted while a slot is free sets it and the
+        device ends the burst after the step under way, once SHORT_BURST_MS have run: a long burst does
+        not hold back its prefill, and a short one is not cut (at 4 clients, cutting the demo model's
+        3 ms bursts on every arrival cost more calls than the waits it saved)."""
         if self.burst_seconds <= 0:
-            return 1
+            return 1, 1
         if self._yield_flag is not None:  # (cleared first: a request that comes after this sets it again)
             cpu_kernels.set_yield(self._yield_flag, False)
         if None in self.slots and not self._pending.empty():
-            return 1
-        return max(1, min(self.device.steps_within(active, self.burst_seconds), left))
+            return 1, 1
+        limit = max(1, min(self.device.steps_within(active, self.burst_seconds), left))
+        return limit, min(limit, self.device.steps_within(active, SHORT_BURST_MS / 1000))
 
     def _step(self) -> None:
         """Dispatch the next decode call (when a slot has tokens to go), then hand out the tokens of the
@@ -412,9 +416,9 @@ class Engine:
         # every active row greedy and wanting no log-probabilities: the argmax without the logits
         greedy_only = np.bool_(all(s is None or (s.sampling[0] == 0 and not s.request.logprobs
                                                  and s.request.top_logprobs == 0) for s in rows))
-        limit = self._burst(active, min(s.request.max_new_tokens - s.scheduled for s in rows if s is not None))
+        limit, firm = self._burst(active, min(s.request.max_new_tokens - s.scheduled for s in rows if s is not None))
         pending = self.device.decode(active, seed, temperature, top_k, top_p, stop_ids, np.int32(limit), wants_top,
-                                     greedy_only)
+                                     greedy_only, np.int32(firm))
         for s in rows:
             if s is not None:
                 s.scheduled += limit
@@ -537,13 +541,14 @@ class DeviceProgram:
         measured step time (at start, then a moving average over the calls)."""
         return max(1, min(self.max_burst, int(seconds / max(self.step_seconds[self.rows(active)], 1e-6))))
 
-    def decode(self, active, seeds, temperature, top_k, top_p, stop_ids, limit, wants_top, greedy_only):
+    def decode(self, active, seeds, temperature, top_k, top_p, stop_ids, limit, wants_top, greedy_only, firm=1):
         """Dispatch up to ``limit`` steps of the active slots, each from its last token, fewer when an
-        active slot draws one of its ``stop_ids``; returns at once, with what ``fetch`` takes. ``greedy_only``
+        active slot draws one of its ``stop_ids`` or, after ``firm`` steps, the yield flag is set (see
+        ``yield_flag``); returns at once, with what ``fetch`` takes. ``greedy_only``
         (every active slot greedy, none wanting log-probabilities): the argmax alone, where the model takes it
         without the logits (`CausalLMMixin.greedy_without_logits`), with log-probabilities 0."""
         return self._dispatch(self.rows(active), active, seeds, temperature, top_k, top_p, stop_ids, limit, wants_top,
-                              greedy_only)
+                              greedy_only, firm)
 
     def fetch(self, pending) -> list[np.ndarray]:
         """A dispatched call's picks, in one host transfer: tokens and logprobs (max_burst, rows), the
@@ -558,12 +563,13 @@ class DeviceProgram:
         self.step_seconds[rows] += 0.25 * (per_step - self.step_seconds[rows])
         return picked
 
-    def _dispatch(self, rows, active, seeds, temperature, top_k, top_p, stop_ids, limit, wants_top, greedy_only):
+    def _dispatch(self, rows, active, seeds, temperature, top_k, top_p, stop_ids, limit, wants_top, greedy_only,
+                  firm=1):
         per_slot = (x[:rows] for x in (active, seeds, temperature, top_k, top_p, stop_ids))
         active, seeds, temperature, top_k, top_p, stop_ids = per_slot
         picked, self.cache, self.tokens, self.steps = self._decode(
             self.weights, self.cache, self.tokens, self.steps, active, seeds, temperature, top_k, top_p, stop_ids,
-            limit, wants_top, greedy_only, np.int32(self.yield_flag or 0))
+            limit, wants_top, greedy_only, np.int32(self.yield_flag or 0), np.int32(firm))
         return rows, time.perf_counter(), picked
 
     def _fetch_now(self, pending) -> list[np.ndarray]:
@@ -608,8 +614,8 @@ def _compile(graphdef, treedef, num_slots: int, max_length: int, n_top: int, max
     """Jitted prefill (one request, bucketed), slot insertion and batched decode bursts (cache donated),
     and the cache's creation (jitted by DeviceProgram, with the mesh's layout). The weights come as
     ``treedef``'s leaves. With a mesh the picks are replicated, so every process of a multi-host group
-    can read them. ``yields``: a burst also ends after any step that finds decode's ``flag`` set (the first
-    step always runs; cpu_kernels.yield_flag; a program shared by every engine of the model's shapes)."""
+    can read them. ``yields``: a burst also ends after any step past its first ``firm`` ones that finds
+    decode's ``flag`` set (cpu_kernels.yield_flag; one program serves every engine of the model's shapes)."""
     replicated = (lambda tree: tree) if mesh is None else (
         lambda tree: jax.lax.with_sharding_constraint(tree, NamedSharding(mesh, PartitionSpec())))
 
@@ -641,7 +647,7 @@ def _compile(graphdef, treedef, num_slots: int, max_length: int, n_top: int, max
         return cache, tokens.at[slot].set(token[0]), steps.at[slot].set(1)
 
     def decode(weights, cache, last_tokens, step_counts, active, seeds, temperature, top_k, top_p, stop_ids, limit,
-               wants_top, greedy_only, flag):
+               wants_top, greedy_only, flag, firm):
         """Up to ``limit`` steps of the cache's first len(active) slots (the rest are left as they are),
         in one while_loop; it ends early after a step in which an active slot drew one of its stop_ids.
         Each active slot starts from its last token and step count, and leaves its new ones."""
@@ -673,7 +679,7 @@ def _compile(graphdef, treedef, num_slots: int, max_length: int, n_top: int, max
                  jnp.zeros((max_burst, rows, k), jnp.int32), jnp.zeros((max_burst, rows, k), jnp.float32))
         def go_on(c):
             i, more = c[0], (c[0] < limit) & ~c[4]
-            return more & ((i == 0) | (cpu_kernels.yield_flag(flag, i) == 0)) if yields else more
+            return more & ((i < firm) | (cpu_kernels.yield_flag(flag, i) == 0)) if yields else more
 
         carry = (jnp.int32(0), tokens, cache, picks, jnp.bool_(False))
         count, last, cache, picks, _ = jax.lax.while_loop(go_on, body, carry)

@@ -158,9 +158,9 @@ def _flag_set(flag: int) -> bool:
     return bool(jax.jit(lambda: cpu_kernels.yield_flag(flag, 0))())
 
 
-def test_a_set_yield_flag_ends_a_burst_after_its_first_step(model):
+def test_a_set_yield_flag_ends_a_burst_after_its_firm_steps(model):
     """A request that comes while a slot is free sets the engine's yield flag; a decode call that finds it set
-    ends after the step under way (the first step always runs), and the tokens stay the request's own."""
+    ends after the step under way (its first, firm, steps always run), and the tokens stay the request's own."""
     eng = Engine(model, num_slots=2, max_length=48, prefill_buckets=(8, 16, 48), burst_ms=1e6)  # driven here
     flag = eng.device.yield_flag
     assert flag is not None and eng.device.max_burst == 16
@@ -178,11 +178,14 @@ def test_a_set_yield_flag_ends_a_burst_after_its_first_step(model):
             np.stack([eng.slots[0].stop_ids, eng.slots[0].stop_ids]))
     picked = eng.device.fetch(eng.device.decode(active, *args, np.int32(8), np.bool_(False), np.bool_(True)))
     assert int(picked[-1]) == 1  # one step of the 8
+    firm = eng.device.fetch(eng.device.decode(active, *args, np.int32(8), np.bool_(False), np.bool_(True),
+                                              np.int32(3)))
+    assert int(firm[-1]) == 3  # the steps of a short burst run whatever the flag says
     cpu_kernels.set_yield(flag, False)
     rest = eng.device.fetch(eng.device.decode(active, *args, np.int32(8), np.bool_(False), np.bool_(True)))
     assert int(rest[-1]) == 8
-    ours = [int(picked[0][0, 0])] + rest[0][:8, 0].tolist()
-    assert ours == _alone(model, long_)[17:26]
+    ours = [int(picked[0][0, 0])] + firm[0][:3, 0].tolist() + rest[0][:8, 0].tolist()
+    assert ours == _alone(model, long_)[17:29]
 
     full = Engine(model, num_slots=1, max_length=48, prefill_buckets=(8, 16, 48), burst_ms=1e6)
     full.submit(Request(prompt_ids=[2, 3], max_new_tokens=4))
@@ -334,7 +337,7 @@ def test_decode_updates_the_cache_in_place(model, rows):
     cache, tokens, steps = jax.jit(init)(weights)
     host = (jnp.ones(rows, bool), jnp.zeros(rows, jnp.uint32), jnp.zeros(rows, jnp.float32), jnp.zeros(rows, jnp.int32),
             jnp.ones(rows, jnp.float32), jnp.full((rows, 8), -1, jnp.int32), jnp.int32(16), jnp.bool_(False),
-            jnp.bool_(False), jnp.int32(0))
+            jnp.bool_(False), jnp.int32(0), jnp.int32(1))
     hlo = decode.lower(weights, cache, tokens, steps, *host).compile().as_text()
     shapes = {f"{x.dtype.name.replace('float', 'f').replace('int', 's')}[{','.join(map(str, x.shape))}]"
               for x in jax.tree.leaves(cache) if x.ndim >= 2}
