@@ -317,8 +317,8 @@ def yield_flag(flag: jax.Array, step: jax.Array) -> jax.Array:
     """Whether flag ``flag`` (0 to 63: a value of the program, so one program serves every engine) is set
     when a program reads it at ``step`` (int32 scalars; the result nonzero: set). The step, which the kernel
     does not read, ties each read to its iteration, so that XLA neither hoists one out of a loop nor merges
-    two (a call with a side effect would not be either, but jax then dispatches the program in Python:
-    6 ms a call). CPU only."""
+    two (marking the call as having a side effect would do that too, but jax then dispatches the program
+    in Python: 6 ms a call). CPU only."""
     if not available():
         raise RuntimeError("the CPU kernel is unavailable: no yield flags")
     return jax.ffi.ffi_call(YIELD_TARGET, jax.ShapeDtypeStruct((), jnp.int32))(jnp.asarray(flag, jnp.int32),

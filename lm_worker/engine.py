@@ -40,12 +40,12 @@ log = logging.getLogger(__name__)
 
 BURST_MS = 80.0
 """How long one decode call may run by default where a request that comes meanwhile ends it after the step under
-way, once SHORT_BURST_MS have run (a yield flag: the CPU kernel, no mesh); tokens then stream at least every 80
-ms or every step. Each call costs
-a fixed host overhead (for gemma-3-270m on a 2-core CPU, 1.2 ms of dispatch and 0.5 of fetch) that the decode
-threads lose to: at 80 ms rather than 20 that model's service went from 0.92x to 0.98x the library's tokens/s at
-concurrency 1 in bfloat16 (four steps a call, not one), 0.91x to 0.93x in float32 (two), and from 128 to 142
-tok/s at 4 clients, with the same time to first token under Poisson arrivals (bench/RESULTS.md)."""
+way, once SHORT_BURST_MS have run (a yield flag: the CPU kernel, no mesh); tokens then stream at least every
+80 ms or every step. Each call costs a fixed host overhead (for gemma-3-270m on a 2-core CPU, 1.2 ms of dispatch
+and 0.5 of fetch) that the decode threads lose to: at 80 ms rather than 20 that model's service went from 0.92x
+to 0.98x the library's tokens/s at concurrency 1 in bfloat16 (four steps a call, not one), 0.91x to 0.93x in
+float32 (two), and from 128 to 142 tok/s at 4 clients, with the same time to first token under Poisson
+arrivals (bench/RESULTS.md)."""
 SHORT_BURST_MS = 20.0
 """The default elsewhere: there a request that comes during a burst waits for its end to be prefilled."""
 
@@ -493,8 +493,8 @@ class DeviceProgram:
         # Variables in Python (a quarter of a millisecond per call for a small model).
         self.weights, treedef = jax.tree.flatten(state)
         self.max_burst = max_burst
-        # A decode burst ends after the step under way once this flag is set (Engine.submit). Not with a mesh:
-        # every device (and every process of a group) must run the same steps.
+        # A decode burst ends after the step under way once this flag is set (Engine.submit) and its firm steps
+        # have run. Not with a mesh: every device (and every process of a group) must run the same steps.
         self.yield_flag = next(_yield_flags) % 64 if (
             mesh is None and jax.default_backend() == "cpu" and cpu_kernels.available()) else None
         self._prefill, self._insert, self._decode, init = _compile(graphdef, treedef, num_slots, max_length,
