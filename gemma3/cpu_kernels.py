@@ -44,6 +44,7 @@ SCREEN_ARGMAX_TARGET = "gemma3_screen_argmax"
 KEPT_TARGET = "gemma3_kept_matmul"
 YIELD_TARGET = "gemma3_yield_flag"
 PANEL_COLUMNS = 64  # kernels/rows_matmul.cc's kPanelCols with AVX-512
+YIELD_FLAGS = 64  # kernels/rows_matmul.cc's kYieldFlags
 SOURCE = Path(__file__).with_name("kernels") / "rows_matmul.cc"
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 
@@ -314,15 +315,12 @@ def screen_argmax(x: jax.Array, table: jax.Array, screen: jax.Array, rows: jax.A
 
 
 def yield_flag(flag: jax.Array, step: jax.Array) -> jax.Array:
-    """Whether flag ``flag`` (0 to 63: a value of the program, so one program serves every engine) is set
+    """Whether flag ``flag`` (below YIELD_FLAGS: a value of the program, so one program serves every engine) is set
     when a program reads it at ``step`` (int32 scalars; the result nonzero: set). The step, which the kernel
     does not read, ties each read to its iteration, so that XLA neither hoists one out of a loop nor merges
     two (marking the call as having a side effect would do that too, but jax then dispatches the program
     in Python: 6 ms a call). CPU only."""
-    if not available():
-        raise RuntimeError("the CPU kernel is unavailable: no yield flags")
-    return jax.ffi.ffi_call(YIELD_TARGET, jax.ShapeDtypeStruct((), jnp.int32))(jnp.asarray(flag, jnp.int32),
-                                                                              jnp.asarray(step, jnp.int32))
+    return _ffi_call(YIELD_TARGET, (), jnp.int32)(jnp.asarray(flag, jnp.int32), jnp.asarray(step, jnp.int32))
 
 
 def set_yield(flag: int, on: bool) -> None:

@@ -190,7 +190,7 @@ class Engine:
         self.max_top_logprobs = max_top_logprobs
         self.buckets = prefill_buckets or buckets_for(max_length)
         self.device = program or DeviceProgram(model, num_slots, max_length, max_top_logprobs, mesh)
-        self._yield_flag = getattr(self.device, "yield_flag", None)
+        self._yield_flag = self.device.yield_flag
         if burst_ms is None:
             burst_ms = SHORT_BURST_MS if self._yield_flag is None else BURST_MS
         self.burst_seconds = burst_ms / 1000
@@ -495,7 +495,7 @@ class DeviceProgram:
         self.max_burst = max_burst
         # A decode burst ends after the step under way once this flag is set (Engine.submit) and its firm steps
         # have run. Not with a mesh: every device (and every process of a group) must run the same steps.
-        self.yield_flag = next(_yield_flags) % 64 if (
+        self.yield_flag = next(_yield_flags) % cpu_kernels.YIELD_FLAGS if (
             mesh is None and jax.default_backend() == "cpu" and cpu_kernels.available()) else None
         self._prefill, self._insert, self._decode, init = _compile(graphdef, treedef, num_slots, max_length,
                                                                    max_top_logprobs, max_burst, mesh,
