@@ -6,8 +6,9 @@ does not reach (float32 layer products at 60-75% of the kernel's speed, bfloat16
 bench/RESULTS.md). `kernels/rows_matmul.cc` streams the weights once across XLA's own intra-op threads.
 At prefill sizes XLA's bfloat16 GEMM reached 0.6-0.9x of oneDNN's; the kernel's packed GEMM (bfloat16
 pair products where the CPU has AVX512-BF16, in AMX tiles where it has AMX-BF16, float32 FMAs on widened
-panels elsewhere) matches oneDNN there. Where AMX tiles multiply, bfloat16 layer weights can be kept as the
-GEMM's panels (`to_panels`, `kept_matmul`), so that no product packs them on every call.
+panels elsewhere) matches oneDNN there. Where that GEMM multiplies pairs (AMX tiles, or vdpbf16ps on
+Zen 4 and 5), bfloat16 layer weights can be kept as its panels (`to_panels`, `kept_matmul`), so that no
+product packs them on every call.
 It is compiled on first use with the machine's compiler and `-march=native`, cached by source, compiler
 and CPU, and registered as an XLA FFI target; without a compiler (or with ``GEMMA3_CPU_KERNELS=0``)
 products fall back to XLA's dot. ``GEMMA3_KERNEL_FLAGS`` adds compiler flags (``-mno-avx512bf16``,
@@ -166,10 +167,13 @@ def float32_gemm() -> bool:
 
 
 def keeps_panels() -> bool:
-    """Whether bfloat16 layer weights are worth keeping as the GEMM's pair panels (`to_panels`): where AMX tiles
-    multiply, packing them from memory took 40-56% of a 128-row product, and the tiles read kept panels at any row
-    count (bench/RESULTS.md, session 37). ``GEMMA3_KEEP_PANELS=0`` keeps them as they are."""
-    return amx_tiles() and os.environ.get("GEMMA3_KEEP_PANELS", "1").lower() not in ("0", "false", "off", "no")
+    """Whether bfloat16 layer weights are worth keeping as the GEMM's pair panels (`to_panels`): where its products
+    multiply pairs (AMX tiles, or vdpbf16ps where that outpaces float32 FMAs: Zen 4 and 5). With AMX tiles, packing
+    them from memory took 40-56% of a 128-row product, and the tiles read kept panels at any row count; on a Zen 4
+    kept panels ran prefill products 3-14% faster and a batch's 8-row products up to 1.7x, one row as fast
+    (bench/RESULTS.md, sessions 37 and 39). ``GEMMA3_KEEP_PANELS=0`` keeps them as they are."""
+    return (pair_products() and not float32_gemm()
+            and os.environ.get("GEMMA3_KEEP_PANELS", "1").lower() not in ("0", "false", "off", "no"))
 
 
 def panels_fit(w: jax.Array) -> bool:
@@ -194,7 +198,7 @@ def from_panels(kept: jax.Array) -> jax.Array:
 
 @jax.custom_jvp
 def _kept_product(x: jax.Array, kept: jax.Array) -> jax.Array:
-    if not amx_tiles():  # without the kernel or its AMX tiles (GEMMA3_CPU_KERNELS=0, GEMMA3_AMX=0): XLA's dot
+    if not pair_products():  # without the kernel or its pair products (GEMMA3_CPU_KERNELS=0): XLA's dot
         return jax.lax.dot_general(x, from_panels(kept), (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
     return _ffi_call(KEPT_TARGET, (x.shape[0], kept.shape[0] * PANEL_COLUMNS), jnp.float32)(x, kept)
 

@@ -555,7 +555,8 @@ def head_screens(config, dtype) -> bool:
 
 def panels_kept(dtype) -> bool:
     """Whether a model in ``dtype`` keeps its decoder's layer weights as the CPU kernel's panels
-    (`CausalLMMixin.keep_panels`): bfloat16, on the CPU backend where the kernel's AMX tiles multiply."""
+    (`CausalLMMixin.keep_panels`): bfloat16, on the CPU backend where the kernel's GEMM multiplies pairs
+    (`cpu_kernels.keeps_panels`)."""
     return jnp.dtype(dtype) == jnp.bfloat16 and jax.default_backend() == "cpu" and cpu_kernels.keeps_panels()
 
 
@@ -645,11 +646,13 @@ class CausalLMMixin(PretrainedMixin):
         """Keep the text decoder's bfloat16 layer weights as the CPU kernel's pair panels, in place
         (`cpu_kernels.to_panels`; the same bytes): the same products, but no call packs them any more. With AMX
         tiles packing took 40-56% of a 128-row product, and kept panels read 1.3-1.8x faster at a batch's 8
-        rows (bench/RESULTS.md, session 37). Only on one device, where `cpu_kernels.keeps_panels`; the loader
-        does this itself there (``from_pretrained(keep_panels=None)``), and `save_pretrained` writes the weights
-        back as they were. Derivatives go through XLA on the weights unpacked."""
+        rows (bench/RESULTS.md, session 37); on a Zen 4, 3-14% faster at 128 rows and up to 1.7x at 8 (session
+        39). Only on one device, where `cpu_kernels.keeps_panels`; the loader does this itself there
+        (``from_pretrained(keep_panels=None)``), and `save_pretrained` writes the weights back as they were.
+        Derivatives go through XLA on the weights unpacked."""
         if not panels_kept(self.get_decoder().dtype):
-            raise ValueError("keep_panels needs bfloat16 weights on the CPU kernel with AMX tiles")
+            raise ValueError("keep_panels needs bfloat16 weights on a CPU kernel whose GEMM multiplies bfloat16 pairs "
+                             "(AMX tiles or AVX512-BF16)")
         for linear in self._decoder_linears():
             w = linear.kernel[...]
             if cpu_kernels.panels_fit(w):

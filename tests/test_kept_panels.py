@@ -1,6 +1,7 @@
 """bfloat16 layer weights kept as the CPU kernel's pair panels (`cpu_kernels.to_panels`, `keep_panels` of the
 causal-LM classes): the same products at every row count, derivatives through the unpacked weights, the loader
-keeping them where AMX tiles multiply, and the checkpoint written back as it was."""
+keeping them where the kernel's GEMM multiplies pairs (AMX tiles, AVX512-BF16), and the checkpoint written back as
+it was."""
 
 import jax
 import jax.numpy as jnp
@@ -11,21 +12,22 @@ from safetensors.numpy import load_file
 from gemma3 import Gemma3ForCausalLM, cpu_kernels
 from tests import make_checkpoints as mk
 
-amx = pytest.mark.skipif(not cpu_kernels.keeps_panels(), reason="weights are kept as panels only where AMX tiles "
-                         "multiply (Intel Sapphire Rapids and later)")
+kept = pytest.mark.skipif(not cpu_kernels.keeps_panels(), reason="weights are kept as panels only where the GEMM "
+                          "multiplies bfloat16 pairs (AMX tiles, or AVX512-BF16 where it outpaces float32 FMAs)")
 
 
 @pytest.mark.parametrize("k,n", [(64, 64), (1030, 192), (640, 128)])
 def test_kept_products_match_float64_at_every_row_count(k, n):
-    """One row (three panels at a time, and the rest), 2-16 rows (a tile a panel), more (depth blocks of 256,
-    blocks of 128 rows); without AMX tiles, XLA's dot on the weights unpacked."""
+    """One row (three panels at a time, and the rest), 2-16 rows (a tile a panel), more (AMX: depth blocks of 256,
+    blocks of 128 rows; AVX512-BF16: a panel at a time up to 510 rows, then depth blocks); without pair products,
+    XLA's dot on the weights unpacked."""
     rng = np.random.default_rng(k + n)
     w = jnp.asarray(rng.standard_normal((k, n)), jnp.bfloat16)
     kept = cpu_kernels.to_panels(w)
     assert kept.shape == (n // 64, k // 2, 128)
     np.testing.assert_array_equal(np.asarray(cpu_kernels.from_panels(kept)), np.asarray(w))
     product = jax.jit(lambda x, kept: cpu_kernels.kept_matmul(x, kept, jnp.float32))
-    for rows in (1, 2, 5, 8, 9, 16, 17, 37, 130, 300):
+    for rows in (1, 2, 5, 8, 9, 16, 17, 37, 130, 300, 530):
         x = jnp.asarray(rng.standard_normal((rows, k)), jnp.bfloat16)
         want = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
         got = np.asarray(product(x, kept), np.float64)
@@ -59,7 +61,7 @@ def panel_checkpoint(tmp_path_factory):
     return path
 
 
-@amx
+@kept
 def test_the_loader_keeps_panels_and_the_model_answers_as_before(panel_checkpoint, left_padded_batch, tmp_path):
     kept = Gemma3ForCausalLM.from_pretrained(panel_checkpoint, dtype=jnp.bfloat16)
     plain = Gemma3ForCausalLM.from_pretrained(panel_checkpoint, dtype=jnp.bfloat16, keep_panels=False)
@@ -71,7 +73,7 @@ def test_the_loader_keeps_panels_and_the_model_answers_as_before(panel_checkpoin
     ours, theirs = kept(ids, attention_mask=mask).logits, plain(ids, attention_mask=mask).logits
     np.testing.assert_allclose(np.asarray(ours, np.float32), np.asarray(theirs, np.float32), rtol=0.05,
                                atol=0.05 * float(jnp.abs(theirs.astype(jnp.float32)).max()))
-    for batch in (ids[:1], ids):  # one row decodes three panels at a time; two rows in AMX tiles
+    for batch in (ids[:1], ids):  # one row decodes three panels at a time; two rows in tiles
         args = dict(max_new_tokens=8, eos_token_id=[], attention_mask=mask[:len(batch)])
         np.testing.assert_array_equal(kept.generate(batch, **args).sequences, plain.generate(batch, **args).sequences)
     kept.save_pretrained(tmp_path / "kept")
@@ -85,5 +87,5 @@ def test_the_loader_keeps_panels_and_the_model_answers_as_before(panel_checkpoin
 def test_keep_panels_is_refused_where_the_kernel_would_not_run_it(panel_checkpoint):
     f32 = Gemma3ForCausalLM.from_pretrained(panel_checkpoint, dtype=jnp.float32)
     assert not f32.keeps_panels()
-    with pytest.raises(ValueError, match="AMX"):
+    with pytest.raises(ValueError, match="pairs"):
         f32.keep_panels()

@@ -1992,7 +1992,7 @@ ffi::Error RowsMatmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
   }
 }
 
-#ifdef GEMMA3_AMX
+#ifdef GEMMA3_DPBF16
 // One row against kept panels p0..p1 (cpu_kernels.to_panels), three panels at a time: a part's panels lie end to end, one
 // stream, which one thread read at 12-13 GB/s where the (K, N) loops read several rows at once (14-15); three
 // streams matched them with both threads reading (26-27 GB/s on an Intel Xeon, session 37). vdpbf16ps, four
@@ -2027,8 +2027,9 @@ void KeptRow(const uint16_t* x, const uint16_t* kept, float* y, int64_t K2, int6
 // 64p + c], each panel's whole depth in one run. Nothing is packed at any row count: a 1b prefill's products packed
 // their weights from memory for 40-56% of their time with AMX tiles (session 37). One row: KeptRow; up to 16
 // rows: AMX tiles a whole panel at a time (TilesDp: TileAmxWide), which read 13 GB/s a thread at every row count
-// where RowsKNAmx, packing as it goes, read 8-10; more: the GEMM's depth blocks and blocks of rows, as GemmDp.
-// K even (a pair a row of the panels); only where AMX tiles multiply.
+// where RowsKNAmx, packing as it goes, read 8-10; without AMX (Zen 4 and 5), the pair tiles (TileDp) a depth block
+// of a panel at a time, so the rows after a tile's first six find it in L1; more rows: the GEMM's depth blocks and
+// blocks of rows, as GemmDp. K even (a pair a row of the panels); only where the CPU multiplies pairs.
 ffi::Error KeptMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> kept,
                       ffi::Result<ffi::Buffer<ffi::F32>> y) {
   auto xd = x.dimensions();
@@ -2041,14 +2042,18 @@ ffi::Error KeptMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffe
   auto yd = y->dimensions();
   if (yd.size() != 2 || yd[0] != M || yd[1] != N)
     return ffi::Error::InvalidArgument("kept_matmul: output shape must be (rows, 64 x panels)");
-#ifdef GEMMA3_AMX
-  if (!AmxReady()) return ffi::Error::InvalidArgument("kept_matmul: needs AMX tiles");
+#ifdef GEMMA3_DPBF16
   const auto* xs = reinterpret_cast<const uint16_t*>(x.typed_data());
   const auto* ks = reinterpret_cast<const uint16_t*>(kept.typed_data());
   float* out = y->typed_data();
   const int64_t stride = K2 * 2 * kPanelCols, threads = std::max<int64_t>(1, pool.num_threads());
-  if (M <= 16) {
-    const int64_t parts = std::min(P, ReadParts(pool, static_cast<size_t>(K) * N * sizeof(uint16_t)));
+  bool amx = false;
+#ifdef GEMMA3_AMX
+  amx = AmxReady();
+#endif
+  if (M <= 16 || (!amx && M <= BlockRows<uint16_t>())) {
+    const int64_t parts = M <= 16 ? std::min(P, ReadParts(pool, static_cast<size_t>(K) * N * sizeof(uint16_t)))
+                                  : GemmParts(P, threads);
     RunParts(pool, parts, [&](int64_t i) {
       const int64_t p0 = P * i / parts, p1 = P * (i + 1) / parts;
       if (M == 1) {
@@ -2056,7 +2061,9 @@ ffi::Error KeptMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffe
         return;
       }
       for (int64_t p = p0; p < p1; ++p)
-        TilesDp(xs, K, 0, K, ks + p * stride, out, N, p * kPanelCols, kPanelCols, 0, M, true);
+        for (int64_t k0 = 0; k0 < K; k0 += amx ? K : kPanelDepth)
+          TilesDp(xs, K, k0, amx ? K : std::min(kPanelDepth, K - k0), ks + p * stride + k0 * kPanelCols, out, N,
+                  p * kPanelCols, kPanelCols, 0, M, k0 == 0);
     });
     return ffi::Error::Success();
   }
@@ -2074,7 +2081,7 @@ ffi::Error KeptMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffe
   return ffi::Error::Success();
 #else
   (void)pool;
-  return ffi::Error::InvalidArgument("kept_matmul: this build has no AMX tiles");
+  return ffi::Error::InvalidArgument("kept_matmul: this build has no bfloat16 pair products");
 #endif
 }
 
