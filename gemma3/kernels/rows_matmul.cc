@@ -1697,7 +1697,9 @@ ffi::Error SplitArgmax(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
 #ifdef GEMMA3_VNNI
 // AVX512-VNNI: vpdpbusd sums 64 products an instruction into int32; x in 127 steps (u up to 255).
 constexpr int kScreenSteps = 127, kScreenShift = 7;
-constexpr int ScreenShared(int m) { return std::clamp(28 / (m + 1), 1, 4); }
+// W rows share x's loads while M x W sums, W rows and x's slice fit 24 of the 32 registers: with 28 (W = 4 at six
+// rows, 3 at eight) the sums spilled, and a Zen 4 screened 1b's head 20-25% slower at 6-8 rows (session 39).
+constexpr int ScreenShared(int m) { return std::clamp(24 / (m + 1), 1, 4); }
 template <int M, int W = ScreenShared(M)>
 void ScreenRows(const uint8_t* u, int64_t Kp, const int8_t* q, int32_t* d, int64_t K, int64_t N, int64_t n0,
                 int64_t n1) {
