@@ -12,8 +12,8 @@ from safetensors.numpy import load_file
 from gemma3 import Gemma3ForCausalLM, cpu_kernels
 from tests import make_checkpoints as mk
 
-kept = pytest.mark.skipif(not cpu_kernels.keeps_panels(), reason="weights are kept as panels only where the GEMM "
-                          "multiplies bfloat16 pairs (AMX tiles, or AVX512-BF16 where it outpaces float32 FMAs)")
+kept_here = pytest.mark.skipif(not cpu_kernels.keeps_panels(), reason="weights are kept as panels only where the "
+                               "GEMM multiplies bfloat16 pairs (AMX tiles, or AVX512-BF16 that outpaces float32 FMAs)")
 
 
 @pytest.mark.parametrize("k,n", [(64, 64), (1030, 192), (640, 128)])
@@ -61,7 +61,7 @@ def panel_checkpoint(tmp_path_factory):
     return path
 
 
-@kept
+@kept_here
 def test_the_loader_keeps_panels_and_the_model_answers_as_before(panel_checkpoint, left_padded_batch, tmp_path):
     kept = Gemma3ForCausalLM.from_pretrained(panel_checkpoint, dtype=jnp.bfloat16)
     plain = Gemma3ForCausalLM.from_pretrained(panel_checkpoint, dtype=jnp.bfloat16, keep_panels=False)
