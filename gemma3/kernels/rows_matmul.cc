@@ -2053,6 +2053,7 @@ ffi::Error KeptMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffe
 #ifdef GEMMA3_AMX
   amx = AmxReady();
 #endif
+  const int64_t depth = amx ? K : kPanelDepth;  // of a panel at a time, below: AMX tiles take its whole depth
   if (M <= 16 || (!amx && M <= BlockRows<uint16_t>())) {
     const int64_t parts = M <= 16 ? std::min(P, ReadParts(pool, static_cast<size_t>(K) * N * sizeof(uint16_t)))
                                   : GemmParts(P, threads);
@@ -2063,9 +2064,9 @@ ffi::Error KeptMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffe
         return;
       }
       for (int64_t p = p0; p < p1; ++p)
-        for (int64_t k0 = 0; k0 < K; k0 += amx ? K : kPanelDepth)
-          TilesDp(xs, K, k0, amx ? K : std::min(kPanelDepth, K - k0), ks + p * stride + k0 * kPanelCols, out, N,
-                  p * kPanelCols, kPanelCols, 0, M, k0 == 0);
+        for (int64_t k0 = 0; k0 < K; k0 += depth)  // (k0 even: its pair row k0 / 2 starts k0 x kPanelCols in)
+          TilesDp(xs, K, k0, std::min(depth, K - k0), ks + p * stride + k0 * kPanelCols, out, N, p * kPanelCols,
+                  kPanelCols, 0, M, k0 == 0);
     });
     return ffi::Error::Success();
   }
@@ -2076,7 +2077,7 @@ ffi::Error KeptMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffe
       const int64_t k1 = std::min(K, k0 + kPanelDepth);
       for (int64_t m0 = 0; m0 < M; m0 += BlockRows<uint16_t>())
         for (int64_t p = p0; p < p1; ++p)
-          TilesDp(xs, K, k0, k1 - k0, ks + p * stride + k0 / 2 * 2 * kPanelCols, out, N, p * kPanelCols, kPanelCols,
+          TilesDp(xs, K, k0, k1 - k0, ks + p * stride + k0 * kPanelCols, out, N, p * kPanelCols, kPanelCols,
                   m0, std::min(M, m0 + BlockRows<uint16_t>()), k0 == 0);
     }
   });
