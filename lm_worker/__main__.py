@@ -50,6 +50,9 @@ def parse_args(argv=None) -> argparse.Namespace:
              "call's host overhead, so it decodes several tokens per call (0: one token per call; default 80 where "
              "a request that comes meanwhile ends the call after the step under way (the CPU kernel, no mesh), else "
              "20)", type=float)
+    env_flag(p, "--prefill-chunk", "GEMMA3_LM_PREFILL_CHUNK", 512, "most prompt tokens one prefill call takes: a "
+             "longer prompt prefills a chunk at a time, between the running requests' decode calls, so they never "
+             "wait for more than a chunk's prefill (0: whole prompts; at least an image's tokens)", type=int)
     env_flag(p, "--warm-up", "GEMMA3_LM_WARM_UP", "smallest", "before serving, compile the prefill of the smallest "
              "text bucket only ('smallest': a fast start; a longer prompt compiles its bucket on first use), or of "
              "every prompt-length bucket, text and one image ('all', as JetStream does: no request waits for XLA; "
@@ -197,7 +200,8 @@ async def main_async(args) -> None:
             await asyncio.to_thread(leader.accept)
             program = GroupProgram(program, leader)
         engine = Engine(model, num_slots=args.num_slots, max_length=args.max_length, max_queue=args.max_queue,
-                        max_top_logprobs=args.max_top_logprobs, program=program, burst_ms=args.decode_burst_ms)
+                        max_top_logprobs=args.max_top_logprobs, program=program, burst_ms=args.decode_burst_ms,
+                        prefill_chunk=args.prefill_chunk)
         if leader is not None:
             loop = asyncio.get_running_loop()
 
@@ -212,7 +216,7 @@ async def main_async(args) -> None:
             model.config.image_token_index, *prompts.embedding_shape)
         started = time.monotonic()
         runs = await asyncio.to_thread(engine.warm_up, prompts.bos_id, image, every_bucket)
-        log.info("warmed up", extra={"buckets": list(engine.buckets if every_bucket else engine.buckets[:1]),
+        log.info("warmed up", extra={"buckets": engine.chunk_buckets if every_bucket else engine.chunk_buckets[:1],
                                      "prompts": runs, "seconds": round(time.monotonic() - started, 1)})
         if args.embed_images:
             from gemma3 import Gemma3ImageEncoder

@@ -2,7 +2,10 @@
 
 Like JetStream's orchestrator, reduced to its core: requests wait in a bounded queue; each is
 prefilled alone (padded to a length bucket, so a few shapes compile once), its first token sampled,
-and its cache row inserted into a free slot of the batched decode cache. Every step decodes the
+and its cache row inserted into a free slot of the batched decode cache. A prompt longer than
+``prefill_chunk`` tokens prefills a chunk at a time, one chunk between decode calls while other slots
+decode, so a long prompt never stalls the running streams for more than a chunk's prefill (and its
+activations are a chunk's, not the prompt's). Every step decodes the
 active slots together (several steps per device call while nobody waits for a slot: ``_burst``);
 finished, cancelled or expired requests give their slot back at once. Tokens leave through each
 request's own queue, so detokenization and the network never block the decode loop.
@@ -48,6 +51,11 @@ float32 (two), and from 128 to 142 tok/s at 4 clients, with the same time to fir
 arrivals (bench/RESULTS.md)."""
 SHORT_BURST_MS = 20.0
 """The default elsewhere: there a request that comes during a burst waits for its end to be prefilled."""
+
+PREFILL_CHUNK = 512
+"""Tokens a prompt prefills per device call by default (``Engine(prefill_chunk=...)``, the LM worker's
+--prefill-chunk): the longest the running streams wait for a new prompt is one chunk's prefill (on a
+2-core CPU, ~0.3 s for gemma-3-270m), and a chunk's rows still fill the products' tiles."""
 
 _yield_flags = itertools.count()
 
@@ -157,6 +165,37 @@ class _Call:
     limit: int
 
 
+@dataclasses.dataclass(eq=False)
+class _Prefill:
+    """A request being prefilled, a chunk per device call: the slot it will take and where each chunk ends."""
+    request: Request
+    slot: int
+    ends: list[int]
+    done: int = 0  # chunks prefilled
+
+
+def prompt_chunks(n: int, chunk: int, image_tokens: np.ndarray | None = None) -> list[int]:
+    """Where each prefill chunk of an ``n``-token prompt ends (the last at ``n``): every ``chunk`` tokens
+    (0: one chunk), but never inside an image, whose tokens attend to each other both ways and so must
+    be prefilled together: a boundary that would cut a run of ``image_tokens`` (bool, per token) moves
+    back to the run's start, or past its end where the run starts the chunk (a run longer than a chunk)."""
+    ends, start = [], 0
+    while chunk and n - start > chunk:
+        end = start + chunk
+        if image_tokens is not None and image_tokens[end - 1] and image_tokens[end]:
+            first = end - 1
+            while first > start and image_tokens[first - 1]:
+                first -= 1
+            if first > start:
+                end = first
+            else:
+                while end < n and image_tokens[end]:
+                    end += 1
+        ends.append(end)
+        start = end
+    return ends + [n] if start < n else ends
+
+
 def image_bucket(n: int) -> int:
     """The images (crops) a prefill runs with for ``n``: the next power of two."""
     return 1 << max(0, (n - 1).bit_length())
@@ -181,14 +220,22 @@ class Engine:
 
     def __init__(self, model, *, num_slots: int = 8, max_length: int = 1024, max_queue: int = 64,
                  prefill_buckets: tuple[int, ...] | None = None, max_top_logprobs: int = 5, mesh=None,
-                 program: DeviceProgram | None = None, burst_ms: float | None = None):
+                 program: DeviceProgram | None = None, burst_ms: float | None = None,
+                 prefill_chunk: int = PREFILL_CHUNK):
         """``mesh``: the model's mesh (its cache is sharded to match); ``program``: the device side to
         drive, by default a DeviceProgram of ``model`` (a multi-host leader passes one that also sends
         each call to its followers). ``burst_ms``: how long one device call may decode for (0: one
-        token per call; by default BURST_MS, or SHORT_BURST_MS where a call cannot end early); see ``_burst``."""
+        token per call; by default BURST_MS, or SHORT_BURST_MS where a call cannot end early); see ``_burst``.
+        ``prefill_chunk``: the most prompt tokens one prefill call takes (0: a whole prompt; at least an
+        image's tokens, which a chunk never splits)."""
         self.model, self.num_slots, self.max_length, self.max_queue = model, num_slots, max_length, max_queue
         self.max_top_logprobs = max_top_logprobs
         self.buckets = prefill_buckets or buckets_for(max_length)
+        image_tokens = getattr(model.config, "mm_tokens_per_image", 0)
+        if prefill_chunk < 0 or 0 < prefill_chunk < image_tokens:
+            raise ValueError(f"prefill_chunk must be 0 (whole prompts) or at least an image's {image_tokens} tokens, "
+                             f"got {prefill_chunk}")
+        self.prefill_chunk = prefill_chunk if prefill_chunk < max_length else 0
         self.device = program or DeviceProgram(model, num_slots, max_length, max_top_logprobs, mesh)
         self._yield_flag = self.device.yield_flag
         if burst_ms is None:
@@ -196,6 +243,7 @@ class Engine:
         self.burst_seconds = burst_ms / 1000
         self.broken: str | None = None  # why the engine can no longer serve (a multi-host group lost a process)
         self._admitting: Request | None = None  # the request being prefilled
+        self._partial: _Prefill | None = None  # a prompt prefilled a chunk at a time, some chunks in
         self.slots: list[_Slot | None] = [None] * num_slots
         self._inflight: _Call | None = None  # the decode call dispatched and not yet handed out
         self._pending: queue.Queue[Request] = queue.Queue(maxsize=max_queue)
@@ -279,81 +327,149 @@ class Engine:
                 self._wake.wait(timeout=0.1)
                 self._wake.clear()
         self._inflight = None
+        partial, self._partial = self._partial, None
+        if partial is not None and not self.broken:
+            self.finished["cancelled"] += 1
+            partial.request.put(Finished("cancelled", "the engine is shutting down"))
         for i, slot in enumerate(self.slots):
             if slot is not None and not self.broken:
                 self._finish(i, Finished("cancelled", "the engine is shutting down"))
 
     def _admit(self) -> None:
-        """Prefill waiting requests into free slots; while slots decode, one per step (no starvation)."""
+        """Prefill waiting requests into free slots; while slots decode, one prefill call per step (no
+        starvation): a whole prompt, or the next chunk of a long one."""
         busy = any(s is not None for s in self.slots)
-        while None in self.slots:
-            try:
-                request = self._pending.get_nowait()
-            except queue.Empty:
-                return
-            if request.cancelled or request.expired(time.monotonic()):
-                reason = "cancelled" if request.cancelled else "deadline"
-                self.finished[reason] += 1
-                request.put(Finished(reason))
-                continue
-            self._admitting = request  # (fail_all reaches it while its prefill is stuck)
-            try:
-                self._prefill_into(self.slots.index(None), request)
-            except Exception as e:  # a bad request must not take the engine down
-                if self.broken:
-                    request.put(Finished("unavailable", self.broken))
+        while self._partial is not None or None in self.slots:
+            if self._partial is None:
+                try:
+                    request = self._pending.get_nowait()
+                except queue.Empty:
                     return
-                log.exception("prefill failed for request %s", request.id)
-                self.finished["error"] += 1
-                request.put(Finished("error", str(e)))
-            finally:
-                self._admitting = None
+                if self._ended(request):
+                    continue
+                inputs = request.prefill_inputs
+                types = inputs.get("token_type_ids")  # (images are found by their types: without, one chunk)
+                chunk = 0 if types is None and "image_features" in inputs else self.prefill_chunk
+                ends = prompt_chunks(len(request.prompt_ids), chunk, None if types is None else np.asarray(types) == 1)
+                self._partial = _Prefill(request, self.slots.index(None), ends)
+            self._prefill_chunk(self._partial)
             if busy:
                 return
 
-    def _prefill_into(self, slot: int, request: Request) -> None:
-        n = len(request.prompt_ids)
+    def _ended(self, request: Request) -> bool:
+        """End a request that was cancelled or expired before it took a slot."""
+        if not (request.cancelled or request.expired(time.monotonic())):
+            return False
+        reason = "cancelled" if request.cancelled else "deadline"
+        self.finished[reason] += 1
+        request.put(Finished(reason))
+        return True
+
+    def _prefill_chunk(self, partial: _Prefill) -> None:
+        """The next chunk of ``partial``'s prompt; after its last, the request takes its slot and its first token."""
+        request = partial.request
+        if partial.done and self._ended(request):
+            self._partial = None
+            return
+        self._admitting = request  # (fail_all reaches it while its prefill is stuck)
+        try:
+            last = partial.done + 1 == len(partial.ends)
+            if last and self._inflight is not None:  # its tokens go out now, not after the prefill the host
+                self._collect(next_call=None)  # waits for (the chunks before are only dispatched)
+                if self._partial is not partial:  # (the call failed, and its cache reset ended this prompt too)
+                    return
+            picked = self._run_chunk(partial, last)
+            partial.done += 1
+            if last:
+                self._partial = None
+                self.slots[partial.slot] = _Slot(request)
+                token, logprob, top_ids, top_logprobs = (x[0].tolist() for x in picked)
+                self._emit(partial.slot, token, logprob, top_ids, top_logprobs, time.monotonic())
+        except Exception as e:  # a bad request must not take the engine down
+            self._partial = None
+            if self.broken:
+                request.put(Finished("unavailable", self.broken))
+                return
+            log.exception("prefill failed for request %s", request.id)
+            self.finished["error"] += 1
+            request.put(Finished("error", str(e)))
+        finally:
+            self._admitting = None
+
+    def _run_chunk(self, partial: _Prefill, last: bool):
+        """Prefill tokens ends[done - 1]..ends[done] of the prompt (padded to a bucket) on the device: into a
+        new cache row for the first chunk, else the row the chunks before left; the last chunk samples the
+        first token and inserts the row into the slot (its picks are returned)."""
+        request, fresh = partial.request, np.bool_(partial.done == 0)
+        start, end = partial.ends[partial.done - 1] if partial.done else 0, partial.ends[partial.done]
+        n = end - start
         bucket = next(b for b in self.buckets if b >= n)
         ids = np.zeros((1, bucket), np.int32)
-        ids[0, :n] = request.prompt_ids
+        ids[0, :n] = request.prompt_ids[start:end]
         # (zeros and a slice, not np.pad: its Python costs ~0.2 ms when cold, as after an idle moment)
-        extra = {k: np.asarray(v, np.float32 if k == "image_features" else np.int32)
-                 for k, v in request.prefill_inputs.items()}
-        if "token_type_ids" in extra:
-            types = np.zeros((1, bucket), np.int32)
-            types[0, :n] = extra["token_type_ids"]
-            extra["token_type_ids"] = types
-        if "image_features" in extra:  # padded to a power of two of images (crops), so that few shapes
-            features = extra["image_features"]  # compile; the image tokens take the real ones, in order
+        extra, features, inputs = {}, None, request.prefill_inputs
+        if "token_type_ids" in inputs:
+            kinds = np.asarray(inputs["token_type_ids"], np.int32)
+            if kinds[start:end].any():  # the chunk's own images, in order (a chunk holds whole images); a chunk
+                types = np.zeros((1, bucket), np.int32)  # without any runs the text programs
+                types[0, :n] = kinds[start:end]
+                extra["token_type_ids"] = types
+                if "image_features" in inputs:
+                    per_image = np.shape(inputs["image_features"])[1]
+                    first, count = (kinds[:start] == 1).sum() // per_image, (kinds[start:end] == 1).sum() // per_image
+                    features = np.asarray(inputs["image_features"][first:first + count], np.float32)
+        elif "image_features" in inputs:  # (images found without their types: one chunk, see _admit)
+            features = np.asarray(inputs["image_features"], np.float32)
+        if features is not None:  # padded to a power of two of images (crops), so that few shapes compile;
+            extra["image_features"] = features  # the image tokens take the real ones, in order
             images = image_bucket(len(features))
             if images > len(features):
                 extra["image_features"] = np.zeros((images, *features.shape[1:]), np.float32)
                 extra["image_features"][:len(features)] = features
-        picked = self.device.prefill(np.int32(slot), ids, np.int32(n), extra, *_sampling(request),
-                                     np.bool_(request.top_logprobs > 0))
-        self.slots[slot] = _Slot(request)
-        token, logprob, top_ids, top_logprobs = (x[0].tolist() for x in picked)
-        self._emit(slot, token, logprob, top_ids, top_logprobs, time.monotonic())
+        if not last:
+            self.device.extend(ids, np.int32(n), extra, fresh)
+            return None
+        return self.device.prefill(np.int32(partial.slot), ids, np.int32(n), extra, *_sampling(request),
+                                   np.bool_(request.top_logprobs > 0), fresh)
+
+    @property
+    def chunk_buckets(self) -> list[int]:
+        """The prefill buckets a prompt's chunks take (a longer one only for a run of images past a chunk)."""
+        last = next(b for b in self.buckets if b >= self.prefill_chunk) if self.prefill_chunk else self.buckets[-1]
+        return [b for b in self.buckets if b <= last]
 
     def warm_up(self, token_id: int, image: tuple[int, int, int] | None = None, every_bucket: bool = True) -> int:
         """Compile before serving, as JetStream does, so that no request waits for XLA: a prompt of
-        ``token_id`` at the shortest length of each prefill bucket (of the smallest only, without
-        ``every_bucket``), the first one also decoding a token; and with ``image`` (image token id, tokens
-        per image, feature width) one holding an image in each bucket with room for it. Runs on the
-        started engine; returns the requests it ran."""
-        runs, shorter = [], 0
+        ``token_id`` at the shortest length of each prefill bucket a chunk may take (of the smallest only,
+        without ``every_bucket``), the first one also decoding a token; and with ``image`` (image token id,
+        tokens per image, feature width) one holding an image in each bucket with room for it. Where
+        prompts prefill in chunks, each of those also as the last chunk of a longer prompt (one chunk
+        before it), and prompts of two chunks and a token, with an image in the first chunk or the
+        second. Runs on the started engine; returns the requests it ran."""
+        runs, shorter, chunk = [], 0, self.prefill_chunk
         image_id, tokens, width = image or (None, 0, 0)
-        for b in self.buckets if every_bucket else self.buckets[:1]:
+
+        def prompt(lead: int, n: int, with_image: bool = False) -> Request:
+            """``lead`` text tokens (a chunk's), then ``n`` tokens, an image from the second of them."""
+            types = np.zeros(lead + n, np.int32)
+            if with_image:
+                types[lead + 1:lead + 1 + tokens] = 1
+            inputs = {"image_features": np.zeros((1, tokens, width), np.float32), "token_type_ids": types}
+            return Request(prompt_ids=np.where(types == 1, image_id, token_id).tolist(),
+                           max_new_tokens=1 if runs else 2, prefill_inputs=inputs if with_image else {})
+
+        for b in self.chunk_buckets if every_bucket else self.chunk_buckets[:1]:
             n, shorter = shorter + 1, b
-            if n < self.max_length:
-                runs.append(Request(prompt_ids=[token_id] * n, max_new_tokens=1 if runs else 2))
-            if image is not None:
-                m = max(n, tokens + 1)
-                if m <= b and m < self.max_length:
-                    types = np.array([0] + [1] * tokens + [0] * (m - tokens - 1), np.int32)
-                    runs.append(Request(prompt_ids=np.where(types == 1, image_id, token_id).tolist(), max_new_tokens=1,
-                                        prefill_inputs={"image_features": np.zeros((1, tokens, width), np.float32),
-                                                        "token_type_ids": types}))
+            m = max(n, tokens + 1)
+            for lead in (0, chunk) if chunk and every_bucket else (0,):
+                if lead + n < self.max_length:
+                    runs.append(prompt(lead, n))
+                if image is not None and m <= b and lead + m < self.max_length:
+                    runs.append(prompt(lead, m, with_image=True))
+        if chunk and every_bucket and 2 * chunk + 1 < self.max_length:  # chunks before the last, an image in
+            runs.append(prompt(0, 2 * chunk + 1))  # the first or in one after it
+            if image is not None and chunk > tokens + 1:
+                runs += [prompt(0, 2 * chunk + 1, with_image=True), prompt(chunk, chunk + 1, with_image=True)]
         for r in runs:
             finish = list(self.submit(r).stream())[-1]
             if finish.reason != "length":
@@ -375,7 +491,7 @@ class Engine:
             return 1, 1
         if self._yield_flag is not None:  # (cleared first: a request that comes after this sets it again)
             cpu_kernels.set_yield(self._yield_flag, False)
-        if None in self.slots and not self._pending.empty():
+        if self._partial is not None or (None in self.slots and not self._pending.empty()):
             return 1, 1
         limit = max(1, min(self.device.steps_within(active, self.burst_seconds), left))
         return limit, min(limit, self.device.steps_within(active, SHORT_BURST_MS / 1000))
@@ -451,6 +567,10 @@ class Engine:
             return
         log.exception("decode step failed; failing the active requests")
         self.device.reset()
+        partial, self._partial = self._partial, None  # (its chunks' row went with the reset)
+        if partial is not None:
+            self.finished["error"] += 1
+            partial.request.put(Finished("error", f"decode failed: {e}"))
         for i, slot in enumerate(self.slots):
             if slot is not None:
                 self._finish(i, Finished("error", f"decode failed: {e}"))
@@ -497,9 +617,10 @@ class DeviceProgram:
         # have run. Not with a mesh: every device (and every process of a group) must run the same steps.
         self.yield_flag = next(_yield_flags) % cpu_kernels.YIELD_FLAGS if (
             mesh is None and jax.default_backend() == "cpu" and cpu_kernels.available()) else None
-        self._prefill, self._insert, self._decode, init = _compile(graphdef, treedef, num_slots, max_length,
-                                                                   max_top_logprobs, max_burst, mesh,
-                                                                   self.yield_flag is not None)
+        self._prefill, self._extend, self._insert, self._decode, init = _compile(
+            graphdef, treedef, num_slots, max_length, max_top_logprobs, max_burst, mesh, self.yield_flag is not None)
+        self._row = None  # the cache row of a prompt prefilled a chunk at a time, its last chunk not yet in
+        self._behind_chunk = False  # a chunk was dispatched since the last decode call
         if mesh is not None:  # the cache laid out by the cache rules, as a multi-host group needs
             from gemma3.sharding import cache_sharding
 
@@ -525,11 +646,21 @@ class DeviceProgram:
             self._fetch_now(self._dispatch(rows, *idle))
             self.step_seconds[rows] = time.perf_counter() - started
 
-    def prefill(self, slot, ids, length, extra, temperature, top_k, top_p, seed, wants_top) -> list[np.ndarray]:
-        """Prefill one request (ids: (1, bucket)) into decode slot ``slot``; its first token's picks."""
-        picked, row = self._prefill(self.weights, ids, length, extra, temperature, top_k, top_p, seed, wants_top)
+    def prefill(self, slot, ids, length, extra, temperature, top_k, top_p, seed, wants_top,
+                fresh=True) -> list[np.ndarray]:
+        """Prefill one request (ids: (1, bucket), the first ``length`` real) into decode slot ``slot``; its
+        first token's picks. ``fresh``: the whole prompt, else its last chunk after those ``extend`` took."""
+        row, self._row = None if fresh else self._continued(), None
+        picked, row = self._prefill(self.weights, row, ids, length, extra, temperature, top_k, top_p, seed,
+                                    wants_top)
         self.cache, self.tokens, self.steps = self._insert(self.cache, self.tokens, self.steps, row, picked[0], slot)
         return [np.asarray(x) for x in picked]
+
+    def extend(self, ids, length, extra, fresh) -> None:
+        """Prefill a chunk of a prompt before its last (its first when ``fresh``) into the row the next chunk
+        continues; nothing is sampled (the LM head runs on the last chunk only)."""
+        self._row = self._extend(self.weights, None if fresh else self._continued(), ids, length, extra)
+        self._behind_chunk = True  # (the next decode call waits for it on the device)
 
     def rows(self, active: np.ndarray) -> int:
         """The decode bucket for these active slots."""
@@ -550,6 +681,11 @@ class DeviceProgram:
         return self._dispatch(self.rows(active), active, seeds, temperature, top_k, top_p, stop_ids, limit, wants_top,
                               greedy_only, firm)
 
+    def _continued(self):
+        if self._row is None:
+            raise RuntimeError("no prompt chunks to continue (the cache was reset)")
+        return self._row
+
     def fetch(self, pending) -> list[np.ndarray]:
         """A dispatched call's picks, in one host transfer: tokens and logprobs (max_burst, rows), the
         alternatives (max_burst, rows, n) (filled when ``wants_top``), and the steps run."""
@@ -558,9 +694,11 @@ class DeviceProgram:
         picked = self._fetch_now(pending)
         # Follow the step time as it is now (the start-up figure may have been taken while other processes
         # compiled): a moving average of seconds per step, each call timed from when the device could
-        # start it (its dispatch, or the end of the call before it) to its fetch.
-        per_step = (self._fetched_at - max(dispatched_at, previous)) / max(int(picked[-1]), 1)
-        self.step_seconds[rows] += 0.25 * (per_step - self.step_seconds[rows])
+        # start it (its dispatch, or the end of the call before it) to its fetch; not a call that waited
+        # behind a prompt's chunk (dispatched_at None).
+        if dispatched_at is not None:
+            per_step = (self._fetched_at - max(dispatched_at, previous)) / max(int(picked[-1]), 1)
+            self.step_seconds[rows] += 0.25 * (per_step - self.step_seconds[rows])
         return picked
 
     def _dispatch(self, rows, active, seeds, temperature, top_k, top_p, stop_ids, limit, wants_top, greedy_only,
@@ -570,7 +708,8 @@ class DeviceProgram:
         picked, self.cache, self.tokens, self.steps = self._decode(
             self.weights, self.cache, self.tokens, self.steps, active, seeds, temperature, top_k, top_p, stop_ids,
             limit, wants_top, greedy_only, np.int32(self.yield_flag or 0), np.int32(firm))
-        return rows, time.perf_counter(), picked
+        behind, self._behind_chunk = self._behind_chunk, False
+        return rows, None if behind else time.perf_counter(), picked
 
     def _fetch_now(self, pending) -> list[np.ndarray]:
         out = [np.asarray(x) for x in jax.device_get(pending[2])]
@@ -580,6 +719,7 @@ class DeviceProgram:
     def reset(self) -> None:
         """A fresh cache, tokens and step counts (after a failed call, whose cache was donated)."""
         self.cache, self.tokens, self.steps = self._init(self.weights)
+        self._row = None
 
 
 def _sampling(r: Request):
@@ -611,7 +751,8 @@ def pick(logits, keys, temperature, top_k, top_p, n_top: int, wants_top):
 @functools.lru_cache(maxsize=8)
 def _compile(graphdef, treedef, num_slots: int, max_length: int, n_top: int, max_burst: int, mesh=None,
              yields: bool = False):
-    """Jitted prefill (one request, bucketed), slot insertion and batched decode bursts (cache donated),
+    """Jitted prefill (one request, bucketed: a whole prompt or its last chunk), the chunks before a prompt's
+    last (``extend``), slot insertion and batched decode bursts (cache donated),
     and the cache's creation (jitted by DeviceProgram, with the mesh's layout). The weights come as
     ``treedef``'s leaves. With a mesh the picks are replicated, so every process of a multi-host group
     can read them. ``yields``: a burst also ends after any step past its first ``firm`` ones that finds
@@ -628,17 +769,27 @@ def _compile(graphdef, treedef, num_slots: int, max_length: int, n_top: int, max
         return model_of(weights).init_cache(num_slots, max_length), jnp.zeros(num_slots, jnp.int32), \
             jnp.ones(num_slots, jnp.int32)
 
-    def prefill(weights, ids, length, extra, temperature, top_k, top_p, seed, wants_top):
+    def forward(weights, row, ids, length, extra):
+        """A prompt's chunk ``ids`` (the first ``length`` real) into the cache ``row`` (None: a new one):
+        the chunk's hidden states and the row."""
         model = model_of(weights)
         valid = jnp.arange(ids.shape[1])[None, :] < length
-        cache = kv.emptied(model.init_cache(1, max_length))
+        cache = kv.emptied(model.init_cache(1, max_length)) if row is None else row
         out = model.model(input_ids=ids, attention_mask=valid, past_key_values=cache, **extra)
-        last = out.last_hidden_state[:, length - 1]
+        return out.last_hidden_state, out.past_key_values
+
+    def extend(weights, row, ids, length, extra):
+        return forward(weights, row, ids, length, extra)[1]
+
+    def prefill(weights, row, ids, length, extra, temperature, top_k, top_p, seed, wants_top):
+        model = model_of(weights)
+        hidden, cache = forward(weights, row, ids, length, extra)
+        last = hidden[:, length - 1]
         logits = model.apply_lm_head(last)
         seeds = jnp.asarray(seed, jnp.uint32)[None]
         picked = pick(logits, step_keys(seeds, jnp.int32(0)), jnp.asarray(temperature, jnp.float32)[None],
                       jnp.asarray(top_k, jnp.int32)[None], jnp.asarray(top_p, jnp.float32)[None], n_top, wants_top)
-        return replicated(picked), out.past_key_values
+        return replicated(picked), cache
 
     def insert(cache, tokens, steps, row, token, slot):
         """A prefilled request into ``slot``: its cache row, its first token, and step 1 next."""
@@ -687,5 +838,6 @@ def _compile(graphdef, treedef, num_slots: int, max_length: int, n_top: int, max
         step_counts = step_counts.at[:rows].add(jnp.where(active, count, 0))
         return replicated((*picks, count)), cache, last_tokens, step_counts
 
-    return (jax.jit(prefill), jax.jit(insert, donate_argnums=(0, 1, 2)),
+    return (jax.jit(prefill, donate_argnums=(1,)), jax.jit(extend, donate_argnums=(1,)),
+            jax.jit(insert, donate_argnums=(0, 1, 2)),
             jax.jit(decode, donate_argnums=(1, 2, 3), compiler_options=loop_compiler_options()), init)

@@ -1,9 +1,10 @@
 """A multi-host LM worker: N JAX processes (``jax.distributed``) run one model on one global mesh.
 
 Process 0, the leader, hosts the gRPC front and the engine's scheduler. Each call the engine makes on
-the device (prefill into a slot, a decode step, a cache reset) is first sent to every follower over
-a plain TCP connection, with all of its host inputs, then run; the followers run the same call, so
-every process executes the same compiled programs in the same order and their collectives meet.
+the device (prefill into a slot, a prompt's chunk before its last, a decode step, a cache reset) is
+first sent to every follower over a plain TCP connection, with all of its host inputs, then run; the
+followers run the same call, so every process executes the same compiled programs in the same order
+and their collectives meet.
 
 Failure: followers send a heartbeat every ``HEARTBEAT_S``; a follower whose connection breaks or
 whose heartbeat stops for ``timeout`` seconds makes the leader call ``on_failure`` (the worker then
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 0.5
 DTYPES = {"float32", "int32", "uint32", "bool"}
-CALLS = {"prefill", "decode", "reset", "stop"}
+CALLS = {"prefill", "extend", "decode", "reset", "stop"}
 
 
 def initialize(coordinator: str, num_processes: int, process_id: int) -> None:
@@ -206,6 +207,10 @@ class GroupProgram:
         self.leader.send("prefill", args)
         return self._run(self.program.prefill, args)
 
+    def extend(self, *args):
+        self.leader.send("extend", args)
+        return self._run(self.program.extend, args)
+
     def decode(self, *args):
         self.leader.send("decode", args)
         return self._run(self.program.decode, args)
@@ -263,7 +268,7 @@ def follow(program, leader_address: str, process_id: int, connect_timeout: float
     threading.Thread(target=heartbeat, name="group-heartbeat", daemon=True).start()
     log.info("following the leader", extra={"leader": leader_address})
     on_connected()
-    calls = {"prefill": program.prefill, "decode": program.decode, "reset": program.reset}
+    calls = {"prefill": program.prefill, "extend": program.extend, "decode": program.decode, "reset": program.reset}
     try:
         while True:
             call, args = receive(sock)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from gemma3 import Gemma3ForCausalLM, cpu_kernels
-from lm_worker.engine import BURST_MS, Engine, Finished, QueueFull, Request, Token, buckets_for
+from lm_worker.engine import BURST_MS, Engine, Finished, QueueFull, Request, Token, buckets_for, prompt_chunks
 
 
 @pytest.fixture(scope="module")
@@ -333,7 +333,7 @@ def test_decode_updates_the_cache_in_place(model, rows):
 
     graphdef, state = nnx.split(model)
     weights, treedef = jax.tree.flatten(state)
-    _, _, decode, init = _compile(graphdef, treedef, 3, 48, 2, 16)
+    *_, decode, init = _compile(graphdef, treedef, 3, 48, 2, 16)
     cache, tokens, steps = jax.jit(init)(weights)
     host = (jnp.ones(rows, bool), jnp.zeros(rows, jnp.uint32), jnp.zeros(rows, jnp.float32), jnp.zeros(rows, jnp.int32),
             jnp.ones(rows, jnp.float32), jnp.full((rows, 8), -1, jnp.int32), jnp.int32(16), jnp.bool_(False),
@@ -423,3 +423,193 @@ def test_greedy_requests_without_logprobs_skip_the_logits_and_take_the_same_toke
         assert all(t.logprob == 0.0 for t in runs[False][1:])
     # (a random bfloat16 model's peaked logits can give a token log-probability 0 exactly)
     assert all(t.logprob < 0.0 if dtype == "float32" else t.logprob <= 0.0 for t in runs[True])
+
+
+def test_prompt_chunks_end_every_chunk_tokens_but_never_inside_an_image():
+    assert prompt_chunks(10, 0) == [10]
+    assert prompt_chunks(10, 4) == [4, 8, 10]
+    assert prompt_chunks(8, 4) == [4, 8]
+    image = np.zeros(12, bool)
+    image[3:7] = True  # tokens 3-6: the boundary at 4 moves back to 3
+    assert prompt_chunks(12, 4, image) == [3, 7, 11, 12]
+    image = np.zeros(9, bool)
+    image[:6] = True  # a run longer than a chunk, starting it: past its end
+    assert prompt_chunks(9, 4, image) == [6, 9]
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        n, chunk = int(rng.integers(1, 80)), int(rng.integers(4, 12))
+        image = np.zeros(n, bool)
+        for start in rng.integers(0, n, 3):
+            image[start:start + int(rng.integers(1, 4))] = True  # runs of at most 3 tokens, some adjacent
+        ends = prompt_chunks(n, chunk, image)
+        starts = [0] + ends[:-1]
+        assert ends[-1] == n and all(s < e for s, e in zip(starts, ends))
+        assert not any(image[e - 1] and image[e] for e in ends[:-1]), (ends, image.nonzero())
+        assert all(e - s <= chunk or image[s] for s, e in zip(starts, ends))
+
+
+def _recording(eng: Engine) -> list[str]:
+    """The names of the engine's device calls, in order (the real program runs each)."""
+    calls = []
+    for name in ("extend", "prefill", "decode"):
+        call = getattr(eng.device, name)
+        setattr(eng.device, name, lambda *a, call=call, name=name: (calls.append(name), call(*a))[1])
+    return calls
+
+
+def test_chunked_prefills_take_the_tokens_of_whole_ones(model):
+    """Prompts longer than a chunk (8 tokens, past the test model's 5-token sliding window, so its rings wrap
+    within and between chunks) get exactly their solo tokens, sampled or greedy, with the log-probabilities
+    of a whole prompt's prefill."""
+    whole = Engine(model, num_slots=3, max_length=48, prefill_buckets=(8, 16, 48), prefill_chunk=0).start()
+    eng = Engine(model, num_slots=3, max_length=48, prefill_buckets=(8, 16, 48), prefill_chunk=8).start()
+    calls = _recording(eng)
+    try:
+        rng = np.random.default_rng(1)
+        for i, n in enumerate([30, 9, 17, 3, 24, 16]):
+            sampled = i % 2 == 1
+            prompt = [2] + rng.integers(3, 160, n).tolist()
+            runs = []
+            for e in (eng, whole):
+                r = e.submit(Request(prompt_ids=prompt, max_new_tokens=6, seed=i, temperature=20.0 if sampled else 0.0,
+                                     top_k=40 if sampled else 0))
+                events = list(r.stream(timeout=60))
+                assert events[-1] == Finished("length")
+                runs.append(events[:-1])
+            assert [t.token_id for t in runs[0]] == [t.token_id for t in runs[1]] == _alone(model, r), n + 1
+            np.testing.assert_allclose([t.logprob for t in runs[0]], [t.logprob for t in runs[1]], atol=1e-4)
+        assert calls.count("extend") == 3 + 1 + 2 + 0 + 3 + 2  # 31 tokens in four chunks, 10 in two, ...
+    finally:
+        eng.stop()
+        whole.stop()
+
+
+def test_a_long_prompt_prefills_a_chunk_between_the_running_requests_decode_calls(model):
+    """Driven call by call: while a request decodes, a prompt of four chunks takes one prefill call per decode
+    call, so the running request keeps streaming; both get their solo tokens."""
+    eng = Engine(model, num_slots=2, max_length=48, prefill_buckets=(8, 16, 48), prefill_chunk=8, burst_ms=0)
+    calls = _recording(eng)
+    running = eng.submit(Request(prompt_ids=[2, 5, 6], max_new_tokens=12))
+    eng._admit()
+    long = eng.submit(Request(prompt_ids=[2] + list(range(40, 70)), max_new_tokens=4))
+    while eng.free_slots < 2 or eng._inflight is not None:
+        eng._admit()
+        eng._step()
+    assert calls[:9] == ["prefill", "extend", "decode", "extend", "decode", "extend", "decode", "prefill", "decode"]
+    assert _collect(running) == (_alone(model, running), Finished("length"))
+    assert _collect(long) == (_alone(model, long), Finished("length"))
+
+
+@pytest.mark.parametrize("end", ["cancel", "deadline"])
+def test_a_request_ended_between_its_chunks_frees_its_slot(model, end):
+    eng = Engine(model, num_slots=2, max_length=48, prefill_buckets=(8, 16, 48), prefill_chunk=8, burst_ms=0)
+    calls = _recording(eng)
+    running = eng.submit(Request(prompt_ids=[2, 5, 6], max_new_tokens=6))
+    eng._admit()
+    long = eng.submit(Request(prompt_ids=[2] + list(range(40, 70)), max_new_tokens=4))
+    eng._admit()
+    eng._step()
+    assert calls == ["prefill", "extend", "decode"]
+    if end == "cancel":
+        long.cancel()
+    else:
+        long.deadline = time.monotonic() - 1
+    eng._admit()
+    assert _collect(long) == ([], Finished("cancelled" if end == "cancel" else "deadline"))
+    assert eng._partial is None and eng.free_slots == 1 and calls.count("extend") == 1
+    while eng.free_slots < 2 or eng._inflight is not None:
+        eng._step()
+    assert _collect(running) == (_alone(model, running), Finished("length"))
+    after = eng.submit(Request(prompt_ids=[2] + list(range(50, 70)), max_new_tokens=3))  # a fresh row, not the old
+    eng._admit()
+    while eng.free_slots < 2 or eng._inflight is not None:
+        eng._step()
+    assert _collect(after) == (_alone(model, after), Finished("length"))
+
+
+def test_chunks_keep_images_whole_and_warm_up_compiles_every_chunk_program(served_checkpoint):
+    """A multimodal model prefilling 16-token chunks (an image is 9 tokens, which attend to each other both
+    ways): images at a chunk's boundary, two adjacent (one run of 18 tokens, longer than a chunk) and images in
+    later chunks take the tokens of whole-prompt prefills; after warm_up, none of these compiles a program
+    (one image a chunk; more images in one chunk are padded to a power of two, and compile once)."""
+    from gemma3 import Gemma3ForConditionalGeneration
+
+    model = Gemma3ForConditionalGeneration.from_pretrained(served_checkpoint)
+    c = model.config
+    tokens, width, image_id = c.mm_tokens_per_image, c.text_config.hidden_size, c.image_token_index
+    rng = np.random.default_rng(3)
+
+    def prompt(parts) -> Request:
+        """parts: text lengths (int) and image runs (a tuple of images)"""
+        ids, types, images = [2], [0], 0
+        for part in parts:
+            if isinstance(part, tuple):
+                ids += [image_id] * tokens * len(part)
+                types += [1] * tokens * len(part)
+                images += len(part)
+            else:
+                ids += rng.integers(3, 100, part).tolist()
+                types += [0] * part
+        features = rng.normal(0, 1, (images, tokens, width)).astype(np.float32)
+        return Request(prompt_ids=ids, max_new_tokens=4,
+                       prefill_inputs={"image_features": features, "token_type_ids": np.array(types, np.int32)})
+
+    requests = [prompt(p) for p in ([10, (1,), 12], [40, (1,), 3], [3, (1, 1), 20], [20, (1,), 5, (1,), 8],
+                                    [30], [5, (1,)])]
+    def answers(engine: Engine) -> list:
+        try:
+            return [_collect(engine.submit(Request(prompt_ids=r.prompt_ids, max_new_tokens=4,
+                                                   prefill_inputs=r.prefill_inputs))) for r in requests]
+        finally:
+            engine.stop()
+
+    shapes = (16, 32, 48, 64, 96)
+    want = answers(Engine(model, num_slots=2, max_length=96, prefill_buckets=shapes, prefill_chunk=0).start())
+    eng = Engine(model, num_slots=2, max_length=96, prefill_buckets=shapes, prefill_chunk=16).start()
+    assert eng.chunk_buckets == [16]
+    assert eng.warm_up(2, (image_id, tokens, width)) == 2 + 2 + 3
+    programs = eng.device._prefill, eng.device._extend  # (shared with the first engine, which compiled its own)
+    compiled = [p._cache_size() for p in programs]
+    assert answers(eng) == want and {f for _, f in want} == {Finished("length")}
+    # two adjacent images, one run longer than a chunk: a chunk of 32 holding two images' features
+    assert [p._cache_size() - n for p, n in zip(programs, compiled)] == [0, 1]
+
+
+def test_the_lm_worker_prefills_in_the_engines_chunks_by_default(monkeypatch, reference):
+    from lm_worker.__main__ import parse_args
+    from lm_worker.engine import PREFILL_CHUNK
+
+    assert parse_args(["--model", "m"]).prefill_chunk == PREFILL_CHUNK
+    monkeypatch.setenv("GEMMA3_LM_PREFILL_CHUNK", "0")
+    assert parse_args(["--model", "m"]).prefill_chunk == 0
+    with pytest.raises(ValueError, match="at least an image's 9 tokens, got 8"):  # (a chunk never splits an image)
+        Engine(reference[0], prefill_chunk=8)
+
+
+def test_a_failed_decode_call_also_ends_a_prompt_between_its_chunks(model):
+    """A decode call that fails resets the device's cache (it was donated): the prompt whose first chunks it
+    held ends with an error too (never continued from a fresh row), and the engine serves on."""
+    eng = Engine(model, num_slots=2, max_length=48, prefill_buckets=(8, 16, 48), prefill_chunk=8, burst_ms=0)
+    running = eng.submit(Request(prompt_ids=[2, 5, 6], max_new_tokens=12))
+    eng._admit()
+    eng._step()
+    long = eng.submit(Request(prompt_ids=[2] + list(range(40, 70)), max_new_tokens=4))
+    eng._admit()
+    assert eng._partial is not None and eng._partial.done == 1
+    fetch = eng.device.fetch
+
+    def failing(pending):  # (a fault of the device call, injected once)
+        eng.device.fetch = fetch
+        raise RuntimeError("injected device failure")
+
+    eng.device.fetch = failing
+    eng._step()
+    for r in (running, long):
+        finish = [e for e in r.stream(timeout=5) if isinstance(e, Finished)]
+        assert finish[0].reason == "error" and "injected device failure" in finish[0].detail
+    assert eng._partial is None and eng.free_slots == 2
+    after = eng.submit(Request(prompt_ids=[2] + list(range(50, 70)), max_new_tokens=3))
+    while after.events.empty() or eng.free_slots < 2 or eng._inflight is not None:
+        eng._admit()
+        eng._step()
+    assert _collect(after) == (_alone(model, after), Finished("length"))

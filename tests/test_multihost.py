@@ -56,7 +56,8 @@ def running_group(checkpoint: str, log_dir, *extra: str):
 
 @pytest.fixture(scope="module")
 def group(served_checkpoint, tmp_path_factory):
-    with running_group(served_checkpoint, tmp_path_factory.mktemp("multihost")) as running:
+    # (prompts in chunks of 16 tokens: the group's processes run each chunk's call alike)
+    with running_group(served_checkpoint, tmp_path_factory.mktemp("multihost"), "--prefill-chunk", "16") as running:
         yield running
 
 
