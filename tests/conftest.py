@@ -72,9 +72,10 @@ def reference(served_checkpoint):
 
 @pytest.fixture(scope="session")
 def lm_worker(served_checkpoint):
+    """Longer prompts prefill in chunks of 64 tokens here, as the default's 512 do at a real context."""
     with services.running("lm_worker", "gemma3serve.v1.LMWorker", "--model", served_checkpoint,
                           "--dtype", "float32", "--num-slots", "4", "--max-length", "256", "--max-queue", "32",
-                          "--redis-url", services.REDIS_URL, "--warm-up", "all",
+                          "--redis-url", services.REDIS_URL, "--warm-up", "all", "--prefill-chunk", "64",
                           env={"JAX_LOG_COMPILES": "1"}) as (proc, target):  # (its log names every compile)
         yield proc, target
 

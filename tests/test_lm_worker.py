@@ -142,9 +142,9 @@ def test_cancel_and_deadline_free_the_slots(lm_worker, reference):
 
 
 def test_no_request_waits_for_a_compile(lm_worker, reference):
-    """The worker compiled the prefill of every length bucket, text and one image (--warm-up all),
-    before it answered SERVING: prompts of any length, with an image or none, compile nothing (its
-    log names every compile: JAX_LOG_COMPILES)."""
+    """The worker compiled the prefill of every length bucket, text and one image (--warm-up all), as a
+    whole prompt and as a later chunk of one (--prefill-chunk 64), before it answered SERVING: prompts
+    of any length, with an image or none, compile nothing (its log names every compile: JAX_LOG_COMPILES)."""
     import os
     import tempfile
 
@@ -162,10 +162,10 @@ def test_no_request_waits_for_a_compile(lm_worker, reference):
     inline = common_pb2.Tensor(dtype="float32", shape=list(features.shape), data=features.tobytes())
     sampling = common_pb2.SamplingParams(max_new_tokens=3)
     requests = [lm_worker_pb2.LMGenerateRequest(raw=common_pb2.RawPrompt(text="a " * n), sampling=sampling)
-                for n in (2, 20, 40, 90)]
+                for n in (2, 20, 40, 90, 110)]
     requests += [lm_worker_pb2.LMGenerateRequest(chat=chat("Where is the square?" + " And?" * n, images=1),
                                                  sampling=sampling, images=[lm_worker_pb2.ImageInput(inline=inline)])
-                 for n in (0, 30)]
+                 for n in (0, 30, 45)]
     before = compiles()
     for request in requests:
         done = _stream(target, request)[-1]
