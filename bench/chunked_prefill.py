@@ -10,7 +10,8 @@ loaded model (bench/model.py's random checkpoint), in turns, ``--rounds`` times:
   device calls, and each later chunk attends to the cache the earlier ones wrote);
 * **under load**: ``--streams`` requests stream tokens (greedy, short prompts), then the long prompt comes.
   Its time to first token, and the running streams' longest wait between two of their tokens while it
-  prefills (the stall chunking bounds), with the tokens each stream got meanwhile.
+  prefills (the stall chunking bounds), with the tokens each stream got meanwhile; and the time to first
+  token of a short prompt that comes 50 ms after the long one (which may go between its chunks).
 
 Medians over the rounds. Run it alone (the machine is shared and noisy: only ratios within one run count);
 the findings go to bench/RESULTS.md.
@@ -70,7 +71,12 @@ def under_load(engine, prompt: list[int], streams: int, vocab: int) -> dict:
     while min(len(s) for s in stamps) < 8:  # all decoding, past their first bursts
         time.sleep(0.01)
     start = time.perf_counter()
-    ttft = first_token_seconds(engine, prompt)
+    long_stamps: list[float] = []
+    long = timed_tokens(engine.submit(Request(prompt_ids=prompt, max_new_tokens=1, logprobs=False)), long_stamps)
+    time.sleep(0.05)  # a short request comes while the long one prefills
+    short = first_token_seconds(engine, rng.integers(3, vocab, 16).tolist())
+    long.join()
+    ttft = long_stamps[0] - start
     end = start + ttft
     while min(s[-1] for s in stamps) < end:  # each stream's first token after the prefill ends its wait
         time.sleep(0.01)
@@ -80,7 +86,7 @@ def under_load(engine, prompt: list[int], streams: int, vocab: int) -> dict:
         t.join()
     waits = [b - a for s in stamps for a, b in zip(s, s[1:]) if b > start and a < end]
     during = statistics.mean(sum(start < t < end for t in s) for s in stamps)
-    return {"ttft": ttft, "longest_wait": max(waits), "tokens_during": during}
+    return {"ttft": ttft, "longest_wait": max(waits), "tokens_during": during, "short_ttft": short}
 
 
 def main(argv=None) -> None:
@@ -129,11 +135,12 @@ def main(argv=None) -> None:
 
     print(f"{args.shape}, {args.dtype}, prompt of {args.prompt} tokens, {args.streams} streams decoding, "
           f"medians of {args.rounds} rounds (ms)\n")
-    print("| prefill_chunk | alone: TTFT | under load: TTFT | streams' longest wait | tokens a stream got meanwhile |")
-    print("|---|---:|---:|---:|---:|")
+    print("| prefill_chunk | alone: TTFT | under load: TTFT | streams' longest wait | tokens a stream got meanwhile "
+          "| a short prompt's TTFT meanwhile |")
+    print("|---|---:|---:|---:|---:|---:|")
     for c in chunks:
         print(f"| {c or 'whole prompt'} | {med(c, 'alone'):.0f} | {med(c, 'ttft'):.0f} | "
-              f"{med(c, 'longest_wait'):.0f} | {med(c, 'tokens_during', 1):.1f} |")
+              f"{med(c, 'longest_wait'):.0f} | {med(c, 'tokens_during', 1):.1f} | {med(c, 'short_ttft'):.0f} |")
 
 
 if __name__ == "__main__":

@@ -244,6 +244,7 @@ class Engine:
         self.broken: str | None = None  # why the engine can no longer serve (a multi-host group lost a process)
         self._admitting: Request | None = None  # the request being prefilled
         self._partial: _Prefill | None = None  # a prompt prefilled a chunk at a time, some chunks in
+        self._overtook = False  # a short prompt went ahead of the partial one's last chunk (`_overtake`)
         self.slots: list[_Slot | None] = [None] * num_slots
         self._inflight: _Call | None = None  # the decode call dispatched and not yet handed out
         self._pending: queue.Queue[Request] = queue.Queue(maxsize=max_queue)
@@ -337,7 +338,8 @@ class Engine:
 
     def _admit(self) -> None:
         """Prefill waiting requests into free slots; while slots decode, one prefill call per step (no
-        starvation): a whole prompt, or the next chunk of a long one."""
+        starvation): a whole prompt, or the next chunk of a long one, or every other time between two of
+        its chunks a waiting prompt of one chunk (`_overtake`)."""
         busy = any(s is not None for s in self.slots)
         while self._partial is not None or None in self.slots:
             if self._partial is None:
@@ -347,14 +349,38 @@ class Engine:
                     return
                 if self._ended(request):
                     continue
-                inputs = request.prefill_inputs
-                types = inputs.get("token_type_ids")  # (images are found by their types: without, one chunk)
-                chunk = 0 if types is None and "image_features" in inputs else self.prefill_chunk
-                ends = prompt_chunks(len(request.prompt_ids), chunk, None if types is None else np.asarray(types) == 1)
-                self._partial = _Prefill(request, self.slots.index(None), ends)
+                self._partial = _Prefill(request, self.slots.index(None), self._chunks(request))
+            elif self._overtake():
+                if busy:
+                    return
+                continue
             self._prefill_chunk(self._partial)
             if busy:
                 return
+
+    def _chunks(self, request: Request) -> list[int]:
+        inputs = request.prefill_inputs
+        types = inputs.get("token_type_ids")  # (images are found by their types: without, one chunk)
+        chunk = 0 if types is None and "image_features" in inputs else self.prefill_chunk
+        return prompt_chunks(len(request.prompt_ids), chunk, None if types is None else np.asarray(types) == 1)
+
+    def _overtake(self) -> bool:
+        """Between two chunks of a long prompt, every other time, the waiting request at the head of the queue
+        is prefilled into another free slot if its prompt is one chunk: a short request does not wait for
+        the whole of a long one's prefill (nor a long one for a stream of short ones)."""
+        free = [i for i, s in enumerate(self.slots) if s is None and i != self._partial.slot]
+        if self._overtook or not free:
+            self._overtook = False
+            return False
+        with self._pending.mutex:  # (the head only if it is short; fail_all may take from the queue meanwhile)
+            waiting = self._pending.queue
+            request = waiting.popleft() if waiting and len(self._chunks(waiting[0])) == 1 else None
+        if request is None:
+            return False
+        self._overtook = True
+        if not self._ended(request):
+            self._prefill_chunk(_Prefill(request, free[0], [len(request.prompt_ids)]))
+        return True
 
     def _ended(self, request: Request) -> bool:
         """End a request that was cancelled or expired before it took a slot."""
@@ -369,24 +395,24 @@ class Engine:
         """The next chunk of ``partial``'s prompt; after its last, the request takes its slot and its first token."""
         request = partial.request
         if partial.done and self._ended(request):
-            self._partial = None
+            self._release(partial)
             return
         self._admitting = request  # (fail_all reaches it while its prefill is stuck)
         try:
             last = partial.done + 1 == len(partial.ends)
             if last and self._inflight is not None:  # its tokens go out now, not after the prefill the host
                 self._collect(next_call=None)  # waits for (the chunks before are only dispatched)
-                if self._partial is not partial:  # (the call failed, and its cache reset ended this prompt too)
-                    return
+                if partial.done and self._partial is not partial:  # (the call failed, and its cache reset
+                    return  # ended this prompt, whose chunks it held)
             picked = self._run_chunk(partial, last)
             partial.done += 1
             if last:
-                self._partial = None
+                self._release(partial)
                 self.slots[partial.slot] = _Slot(request)
                 token, logprob, top_ids, top_logprobs = (x[0].tolist() for x in picked)
                 self._emit(partial.slot, token, logprob, top_ids, top_logprobs, time.monotonic())
         except Exception as e:  # a bad request must not take the engine down
-            self._partial = None
+            self._release(partial)
             if self.broken:
                 request.put(Finished("unavailable", self.broken))
                 return
@@ -395,6 +421,11 @@ class Engine:
             request.put(Finished("error", str(e)))
         finally:
             self._admitting = None
+
+    def _release(self, partial: _Prefill) -> None:
+        """``partial`` is no longer prefilled a chunk at a time (done, failed or ended)."""
+        if self._partial is partial:
+            self._partial = None
 
     def _run_chunk(self, partial: _Prefill, last: bool):
         """Prefill tokens ends[done - 1]..ends[done] of the prompt (padded to a bucket) on the device: into a
@@ -650,7 +681,9 @@ class DeviceProgram:
                 fresh=True) -> list[np.ndarray]:
         """Prefill one request (ids: (1, bucket), the first ``length`` real) into decode slot ``slot``; its
         first token's picks. ``fresh``: the whole prompt, else its last chunk after those ``extend`` took."""
-        row, self._row = None if fresh else self._continued(), None
+        row = None
+        if not fresh:  # (a whole prompt leaves the row of another one's chunks alone: it may go between them)
+            row, self._row = self._continued(), None
         picked, row = self._prefill(self.weights, row, ids, length, extra, temperature, top_k, top_p, seed,
                                     wants_top)
         self.cache, self.tokens, self.steps = self._insert(self.cache, self.tokens, self.steps, row, picked[0], slot)

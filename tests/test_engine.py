@@ -613,3 +613,23 @@ def test_a_failed_decode_call_also_ends_a_prompt_between_its_chunks(model):
         eng._admit()
         eng._step()
     assert _collect(after) == (_alone(model, after), Finished("length"))
+
+
+def test_a_short_prompt_goes_ahead_of_a_long_ones_next_chunk(model):
+    """Between two chunks of a long prompt, a waiting prompt of one chunk is prefilled into another free slot
+    (every other turn: two short ones do not hold the long one back twice in a row); all get their solo tokens."""
+    eng = Engine(model, num_slots=4, max_length=48, prefill_buckets=(8, 16, 48), prefill_chunk=8, burst_ms=0)
+    calls = _recording(eng)
+    running = eng.submit(Request(prompt_ids=[2, 5, 6], max_new_tokens=14))
+    eng._admit()
+    long = eng.submit(Request(prompt_ids=[2] + list(range(40, 70)), max_new_tokens=4))
+    eng._admit()
+    eng._step()
+    shorts = [eng.submit(Request(prompt_ids=[2, 9 + i, 10], max_new_tokens=3)) for i in range(2)]
+    while eng.free_slots < 4 or eng._inflight is not None:
+        eng._admit()
+        eng._step()
+    assert calls[:11] == ["prefill", "extend", "decode", "prefill", "decode", "extend", "decode", "prefill", "decode",
+                          "extend", "decode"]
+    for r in (running, long, *shorts):
+        assert _collect(r) == (_alone(model, r), Finished("length"))
