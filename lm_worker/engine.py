@@ -5,10 +5,10 @@ prefilled alone (padded to a length bucket, so a few shapes compile once), its f
 and its cache row inserted into a free slot of the batched decode cache. A prompt longer than
 ``prefill_chunk`` tokens prefills a chunk at a time, one chunk between decode calls while other slots
 decode, so a long prompt never stalls the running streams for more than a chunk's prefill (and its
-activations are a chunk's, not the prompt's). Every step decodes the
-active slots together (several steps per device call while nobody waits for a slot: ``_burst``);
-finished, cancelled or expired requests give their slot back at once. Tokens leave through each
-request's own queue, so detokenization and the network never block the decode loop.
+activations are a chunk's, not the prompt's). Every step decodes the active slots together (several
+steps per device call while nobody waits for a slot: ``_burst``); finished, cancelled or expired
+requests give their slot back at once. Tokens leave through each request's own queue, so
+detokenization and the network never block the decode loop.
 
 The host runs one device call ahead: it dispatches the next decode call before it fetches and hands
 out the tokens of the one before (``_step``), so the device never waits for the host's share of a call
@@ -244,7 +244,7 @@ class Engine:
         self.broken: str | None = None  # why the engine can no longer serve (a multi-host group lost a process)
         self._admitting: Request | None = None  # the request being prefilled
         self._partial: _Prefill | None = None  # a prompt prefilled a chunk at a time, some chunks in
-        self._overtook = False  # a short prompt went ahead of the partial one's last chunk (`_overtake`)
+        self._overtook = False  # a short prompt went ahead of the partial one's next chunk (`_overtake`)
         self.slots: list[_Slot | None] = [None] * num_slots
         self._inflight: _Call | None = None  # the decode call dispatched and not yet handed out
         self._pending: queue.Queue[Request] = queue.Queue(maxsize=max_queue)
@@ -311,9 +311,11 @@ class Engine:
                 self._pending.get_nowait().put(Finished("unavailable", reason))
             except queue.Empty:
                 break
-        admitting = self._admitting
+        admitting, partial = self._admitting, self._partial
         if admitting is not None:
             admitting.put(Finished("unavailable", reason))
+        if partial is not None and partial.request is not admitting:  # (between two of its chunks)
+            partial.request.put(Finished("unavailable", reason))
         for slot in list(self.slots):
             if slot is not None and slot.request is not admitting:
                 slot.request.put(Finished("unavailable", reason))

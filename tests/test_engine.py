@@ -633,3 +633,16 @@ def test_a_short_prompt_goes_ahead_of_a_long_ones_next_chunk(model):
                           "extend", "decode"]
     for r in (running, long, *shorts):
         assert _collect(r) == (_alone(model, r), Finished("length"))
+
+
+def test_a_lost_group_ends_a_prompt_between_its_chunks_too(model):
+    eng = Engine(model, num_slots=2, max_length=48, prefill_buckets=(8, 16, 48), prefill_chunk=8, burst_ms=0)
+    running = eng.submit(Request(prompt_ids=[2, 5, 6], max_new_tokens=12))
+    eng._admit()
+    long = eng.submit(Request(prompt_ids=[2] + list(range(40, 70)), max_new_tokens=4))
+    eng._admit()
+    assert eng._partial is not None and eng._partial.done == 1
+    eng.fail_all("a process of the group is gone")
+    for r in (running, long):
+        assert [e for e in r.stream(timeout=5) if isinstance(e, Finished)][0] == Finished(
+            "unavailable", "a process of the group is gone")
