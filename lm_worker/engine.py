@@ -55,7 +55,8 @@ SHORT_BURST_MS = 20.0
 PREFILL_CHUNK = 512
 """Tokens a prompt prefills per device call by default (``Engine(prefill_chunk=...)``, the LM worker's
 --prefill-chunk): the longest the running streams wait for a new prompt is one chunk's prefill (on a
-2-core CPU, ~0.3 s for gemma-3-270m), and a chunk's rows still fill the products' tiles."""
+2-core CPU, ~0.4 s for gemma-3-270m; a run of adjacent images longer than a chunk is prefilled in one),
+and a chunk's rows still fill the products' tiles."""
 
 _yield_flags = itertools.count()
 
@@ -105,11 +106,18 @@ class Request:
     id: int = dataclasses.field(default_factory=lambda: next(_ids))
     events: queue.SimpleQueue = dataclasses.field(default_factory=queue.SimpleQueue)
     _cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
+    _ended: bool = False  # a Finished was queued: nothing more is (fail_all, from another thread, may race)
+    _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
 
     def put(self, event, notify: bool = True) -> None:
-        """Queue an event; ``notify=False`` leaves the wake-up to the caller (one per decode call: in the
-        gRPC service a notify is a cross-thread wake of the event loop, a system call)."""
-        self.events.put(event)
+        """Queue an event, none after the first Finished; ``notify=False`` leaves the wake-up to the caller
+        (one per decode call: in the gRPC service a notify is a cross-thread wake of the event loop, a
+        system call)."""
+        with self._lock:
+            if self._ended:
+                return
+            self._ended = isinstance(event, Finished)
+            self.events.put(event)
         if notify and self.notify is not None:
             self.notify()
 
@@ -243,7 +251,7 @@ class Engine:
         self.burst_seconds = burst_ms / 1000
         self.broken: str | None = None  # why the engine can no longer serve (a multi-host group lost a process)
         self._admitting: Request | None = None  # the request being prefilled
-        self._partial: _Prefill | None = None  # a prompt prefilled a chunk at a time, some chunks in
+        self._partial: _Prefill | None = None  # the prompt being prefilled, a long one over several calls
         self._overtook = False  # a short prompt went ahead of the partial one's next chunk (`_overtake`)
         self.slots: list[_Slot | None] = [None] * num_slots
         self._inflight: _Call | None = None  # the decode call dispatched and not yet handed out
@@ -262,6 +270,9 @@ class Engine:
             raise ValueError("the prompt is empty")
         if not 0 <= request.top_logprobs <= self.max_top_logprobs:
             raise ValueError(f"top_logprobs must be between 0 and {self.max_top_logprobs}, got {request.top_logprobs}")
+        types = request.prefill_inputs.get("token_type_ids")
+        if types is not None and np.size(types) != n:
+            raise ValueError(f"token_type_ids holds {np.size(types)} types for a prompt of {n} tokens")
         if n + request.max_new_tokens > self.max_length:
             raise ValueError(f"prompt ({n} tokens) + max_new_tokens ({request.max_new_tokens}) exceeds the "
                              f"context of {self.max_length} tokens")
@@ -287,7 +298,8 @@ class Engine:
 
     @property
     def free_slots(self) -> int:
-        return sum(s is None for s in self.slots)
+        """Slots no request holds, nor one being prefilled (whose slot is kept for it)."""
+        return sum(s is None for s in self.slots) - (self._partial is not None)
 
     def check_room(self) -> None:
         """Raise QueueFull where a submit now would (checked before costly work, such as embedding images)."""
@@ -330,8 +342,9 @@ class Engine:
                 self._wake.wait(timeout=0.1)
                 self._wake.clear()
         self._inflight = None
-        partial, self._partial = self._partial, None
+        partial = self._partial
         if partial is not None and not self.broken:
+            self._release(partial)
             self.finished["cancelled"] += 1
             partial.request.put(Finished("cancelled", "the engine is shutting down"))
         for i, slot in enumerate(self.slots):
@@ -343,7 +356,7 @@ class Engine:
         starvation): a whole prompt, or the next chunk of a long one, or every other time between two of
         its chunks a waiting prompt of one chunk (`_overtake`)."""
         busy = any(s is not None for s in self.slots)
-        while self._partial is not None or None in self.slots:
+        while not self.broken and (self._partial is not None or None in self.slots):
             if self._partial is None:
                 try:
                     request = self._pending.get_nowait()
@@ -364,7 +377,8 @@ class Engine:
         inputs = request.prefill_inputs
         types = inputs.get("token_type_ids")  # (images are found by their types: without, one chunk)
         chunk = 0 if types is None and "image_features" in inputs else self.prefill_chunk
-        return prompt_chunks(len(request.prompt_ids), chunk, None if types is None else np.asarray(types) == 1)
+        return prompt_chunks(len(request.prompt_ids), chunk,
+                             None if types is None else np.asarray(types).reshape(-1) == 1)
 
     def _overtake(self) -> bool:
         """Between two chunks of a long prompt, every other time, the waiting request at the head of the queue
@@ -425,9 +439,12 @@ class Engine:
             self._admitting = None
 
     def _release(self, partial: _Prefill) -> None:
-        """``partial`` is no longer prefilled a chunk at a time (done, failed or ended)."""
+        """``partial`` is no longer prefilled a chunk at a time (done, failed or ended): its row, if any
+        is left (not taken by its last chunk), is dropped at once, not kept until the next long prompt."""
         if self._partial is partial:
             self._partial = None
+            if partial.done and partial.done < len(partial.ends) and not self.broken:
+                self.device.drop_row()
 
     def _run_chunk(self, partial: _Prefill, last: bool):
         """Prefill tokens ends[done - 1]..ends[done] of the prompt (padded to a bucket) on the device: into a
@@ -435,14 +452,14 @@ class Engine:
         first token and inserts the row into the slot (its picks are returned)."""
         request, fresh = partial.request, np.bool_(partial.done == 0)
         start, end = partial.ends[partial.done - 1] if partial.done else 0, partial.ends[partial.done]
-        n = end - start
-        bucket = next(b for b in self.buckets if b >= n)
+        n = end - start  # (a chunk before the last pads to a whole chunk's bucket: one shape, shorter or not)
+        bucket = next(b for b in self.buckets if b >= (n if last else max(n, self.prefill_chunk)))
         ids = np.zeros((1, bucket), np.int32)
         ids[0, :n] = request.prompt_ids[start:end]
         # (zeros and a slice, not np.pad: its Python costs ~0.2 ms when cold, as after an idle moment)
         extra, features, inputs = {}, None, request.prefill_inputs
         if "token_type_ids" in inputs:
-            kinds = np.asarray(inputs["token_type_ids"], np.int32)
+            kinds = np.asarray(inputs["token_type_ids"], np.int32).reshape(-1)
             if kinds[start:end].any():  # the chunk's own images, in order (a chunk holds whole images); a chunk
                 types = np.zeros((1, bucket), np.int32)  # without any runs the text programs
                 types[0, :n] = kinds[start:end]
@@ -477,8 +494,9 @@ class Engine:
         without ``every_bucket``), the first one also decoding a token; and with ``image`` (image token id,
         tokens per image, feature width) one holding an image in each bucket with room for it. Where
         prompts prefill in chunks, each of those also as the last chunk of a longer prompt (one chunk
-        before it), and prompts of two chunks and a token, with an image in the first chunk or the
-        second. Runs on the started engine; returns the requests it ran."""
+        before it), and prompts whose chunks before the last hold text, an image, or an image after a
+        chunk of text (chunks before the last pad to one bucket). Runs on the started engine; returns the
+        requests it ran."""
         runs, shorter, chunk = [], 0, self.prefill_chunk
         image_id, tokens, width = image or (None, 0, 0)
 
@@ -499,10 +517,12 @@ class Engine:
                     runs.append(prompt(lead, n))
                 if image is not None and m <= b and lead + m < self.max_length:
                     runs.append(prompt(lead, m, with_image=True))
-        if chunk and every_bucket and 2 * chunk + 1 < self.max_length:  # chunks before the last, an image in
-            runs.append(prompt(0, 2 * chunk + 1))  # the first or in one after it
-            if image is not None and chunk > tokens + 1:
-                runs += [prompt(0, 2 * chunk + 1, with_image=True), prompt(chunk, chunk + 1, with_image=True)]
+        if chunk and every_bucket:  # chunks before the last: text, an image in the first, and one across the
+            lead = chunk - tokens // 2 - 1  # first boundary (which moves back to it: the image in the second)
+            more = [prompt(0, 2 * chunk + 1)]
+            if image is not None and tokens < chunk:
+                more += [prompt(0, chunk + 1, with_image=True), prompt(lead, chunk + 2, with_image=True)]
+            runs += [r for r in more if len(r.prompt_ids) < self.max_length]
         for r in runs:
             finish = list(self.submit(r).stream())[-1]
             if finish.reason != "length":
@@ -600,8 +620,9 @@ class Engine:
             return
         log.exception("decode step failed; failing the active requests")
         self.device.reset()
-        partial, self._partial = self._partial, None  # (its chunks' row went with the reset)
-        if partial is not None:
+        partial = self._partial
+        if partial is not None and partial.done:  # its first chunks' row went with the reset (one that has
+            self._partial = None  # none yet is prefilled as if nothing happened)
             self.finished["error"] += 1
             partial.request.put(Finished("error", f"decode failed: {e}"))
         for i, slot in enumerate(self.slots):
@@ -715,6 +736,10 @@ class DeviceProgram:
         without the logits (`CausalLMMixin.greedy_without_logits`), with log-probabilities 0."""
         return self._dispatch(self.rows(active), active, seeds, temperature, top_k, top_p, stop_ids, limit, wants_top,
                               greedy_only, firm)
+
+    def drop_row(self) -> None:
+        """Forget the row of a prompt whose last chunk will not come (cancelled, expired or failed)."""
+        self._row = None
 
     def _continued(self):
         if self._row is None:

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 0.5
 DTYPES = {"float32", "int32", "uint32", "bool"}
-CALLS = {"prefill", "extend", "decode", "reset", "stop"}
+CALLS = {"prefill", "extend", "drop_row", "decode", "reset", "stop"}
 
 
 def initialize(coordinator: str, num_processes: int, process_id: int) -> None:
@@ -211,6 +211,10 @@ class GroupProgram:
         self.leader.send("extend", args)
         return self._run(self.program.extend, args)
 
+    def drop_row(self):
+        self.leader.send("drop_row")
+        self.program.drop_row()
+
     def decode(self, *args):
         self.leader.send("decode", args)
         return self._run(self.program.decode, args)
@@ -268,7 +272,8 @@ def follow(program, leader_address: str, process_id: int, connect_timeout: float
     threading.Thread(target=heartbeat, name="group-heartbeat", daemon=True).start()
     log.info("following the leader", extra={"leader": leader_address})
     on_connected()
-    calls = {"prefill": program.prefill, "extend": program.extend, "decode": program.decode, "reset": program.reset}
+    calls = {"prefill": program.prefill, "extend": program.extend, "drop_row": program.drop_row,
+             "decode": program.decode, "reset": program.reset}
     try:
         while True:
             call, args = receive(sock)

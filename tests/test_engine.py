@@ -517,6 +517,7 @@ def test_a_request_ended_between_its_chunks_frees_its_slot(model, end):
     eng._admit()
     assert _collect(long) == ([], Finished("cancelled" if end == "cancel" else "deadline"))
     assert eng._partial is None and eng.free_slots == 1 and calls.count("extend") == 1
+    assert eng.device._row is None  # (its first chunk's cache row is not kept until the next long prompt)
     while eng.free_slots < 2 or eng._inflight is not None:
         eng._step()
     assert _collect(running) == (_alone(model, running), Finished("length"))
@@ -646,3 +647,41 @@ def test_a_lost_group_ends_a_prompt_between_its_chunks_too(model):
     for r in (running, long):
         assert [e for e in r.stream(timeout=5) if isinstance(e, Finished)][0] == Finished(
             "unavailable", "a process of the group is gone")
+
+
+def test_a_failed_decode_call_before_a_short_prompts_prefill_spares_it(model):
+    """The call in flight is handed out before a prompt's (last) prefill: when that fails, the decoding
+    requests end with an error, and the prompt, which held no cache row yet, is prefilled on the fresh cache
+    and answers in full, with exactly one Finished."""
+    eng = Engine(model, num_slots=2, max_length=48, prefill_buckets=(8, 16, 48), prefill_chunk=8, burst_ms=0)
+    running = eng.submit(Request(prompt_ids=[2, 5, 6], max_new_tokens=12))
+    eng._admit()
+    eng._step()
+    short = eng.submit(Request(prompt_ids=[2, 7, 8, 9], max_new_tokens=3))
+    fetch = eng.device.fetch
+
+    def failing(pending):  # (a fault of the device call, injected once)
+        eng.device.fetch = fetch
+        raise RuntimeError("injected device failure")
+
+    eng.device.fetch = failing
+    eng._admit()
+    while eng.free_slots < 2 or eng._inflight is not None:
+        eng._step()
+    assert [e.reason for e in running.stream(timeout=5) if isinstance(e, Finished)] == ["error"]
+    assert _collect(short) == (_alone(model, short), Finished("length"))
+    assert short.events.empty()
+
+
+def test_a_request_gets_one_finished_whoever_ends_it():
+    r = Request(prompt_ids=[2])
+    r.put(Token(5))
+    r.put(Finished("unavailable", "gone"))
+    r.put(Finished("error", "later"))
+    r.put(Token(6))
+    assert list(r.stream(timeout=1)) == [Token(5), Finished("unavailable", "gone")] and r.events.empty()
+
+
+def test_token_types_must_match_the_prompt(engine):
+    with pytest.raises(ValueError, match="token_type_ids holds 2 types for a prompt of 3 tokens"):
+        engine.submit(Request(prompt_ids=[2, 3, 4], prefill_inputs={"token_type_ids": np.zeros(2, np.int32)}))

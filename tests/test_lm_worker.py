@@ -166,6 +166,10 @@ def test_no_request_waits_for_a_compile(lm_worker, reference):
     requests += [lm_worker_pb2.LMGenerateRequest(chat=chat("Where is the square?" + " And?" * n, images=1),
                                                  sampling=sampling, images=[lm_worker_pb2.ImageInput(inline=inline)])
                  for n in (0, 30, 45)]
+    # an image after a system prompt: in a later chunk, or across a chunk's boundary (which moves back to it)
+    requests += [lm_worker_pb2.LMGenerateRequest(chat=chat("Where?", images=1, system="a " * n), sampling=sampling,
+                                                 images=[lm_worker_pb2.ImageInput(inline=inline)])
+                 for n in range(20, 36, 3)]
     before = compiles()
     for request in requests:
         done = _stream(target, request)[-1]
