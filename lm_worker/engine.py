@@ -55,8 +55,8 @@ SHORT_BURST_MS = 20.0
 PREFILL_CHUNK = 512
 """Tokens a prompt prefills per device call by default (``Engine(prefill_chunk=...)``, the LM worker's
 --prefill-chunk): the longest the running streams wait for a new prompt is one chunk's prefill (on a
-2-core CPU, ~0.4 s for gemma-3-270m; a run of adjacent images longer than a chunk is prefilled in one),
-and a chunk's rows still fill the products' tiles."""
+2-core CPU, ~0.4 s for gemma-3-270m, ~2 s for gemma-3-1b; a run of adjacent images longer than a chunk
+is prefilled in one), and a chunk's rows still fill the products' tiles."""
 
 _yield_flags = itertools.count()
 

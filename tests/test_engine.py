@@ -484,14 +484,24 @@ def test_chunked_prefills_take_the_tokens_of_whole_ones(model):
         whole.stop()
 
 
+def _long_behind_a_running_one(model, slots: int = 2, running_tokens: int = 12):
+    """An engine driven call by call (chunks of 8 tokens, one token a call): a request decoding, then a
+    31-token prompt admitted, its first chunk and a decode call in: (engine, its device calls, running, long)."""
+    eng = Engine(model, num_slots=slots, max_length=48, prefill_buckets=(8, 16, 48), prefill_chunk=8, burst_ms=0)
+    calls = _recording(eng)
+    running = eng.submit(Request(prompt_ids=[2, 5, 6], max_new_tokens=running_tokens))
+    eng._admit()
+    long = eng.submit(Request(prompt_ids=[2] + list(range(40, 70)), max_new_tokens=4))
+    eng._admit()
+    eng._step()
+    assert calls == ["prefill", "extend", "decode"] and eng._partial.done == 1
+    return eng, calls, running, long
+
+
 def test_a_long_prompt_prefills_a_chunk_between_the_running_requests_decode_calls(model):
     """Driven call by call: while a request decodes, a prompt of four chunks takes one prefill call per decode
     call, so the running request keeps streaming; both get their solo tokens."""
-    eng = Engine(model, num_slots=2, max_length=48, prefill_buckets=(8, 16, 48), prefill_chunk=8, burst_ms=0)
-    calls = _recording(eng)
-    running = eng.submit(Request(prompt_ids=[2, 5, 6], max_new_tokens=12))
-    eng._admit()
-    long = eng.submit(Request(prompt_ids=[2] + list(range(40, 70)), max_new_tokens=4))
+    eng, calls, running, long = _long_behind_a_running_one(model)
     while eng.free_slots < 2 or eng._inflight is not None:
         eng._admit()
         eng._step()
@@ -502,14 +512,7 @@ def test_a_long_prompt_prefills_a_chunk_between_the_running_requests_decode_call
 
 @pytest.mark.parametrize("end", ["cancel", "deadline"])
 def test_a_request_ended_between_its_chunks_frees_its_slot(model, end):
-    eng = Engine(model, num_slots=2, max_length=48, prefill_buckets=(8, 16, 48), prefill_chunk=8, burst_ms=0)
-    calls = _recording(eng)
-    running = eng.submit(Request(prompt_ids=[2, 5, 6], max_new_tokens=6))
-    eng._admit()
-    long = eng.submit(Request(prompt_ids=[2] + list(range(40, 70)), max_new_tokens=4))
-    eng._admit()
-    eng._step()
-    assert calls == ["prefill", "extend", "decode"]
+    eng, calls, running, long = _long_behind_a_running_one(model, running_tokens=6)
     if end == "cancel":
         long.cancel()
     else:
@@ -587,23 +590,22 @@ def test_the_lm_worker_prefills_in_the_engines_chunks_by_default(monkeypatch, re
         Engine(reference[0], prefill_chunk=8)
 
 
-def test_a_failed_decode_call_also_ends_a_prompt_between_its_chunks(model):
-    """A decode call that fails resets the device's cache (it was donated): the prompt whose first chunks it
-    held ends with an error too (never continued from a fresh row), and the engine serves on."""
-    eng = Engine(model, num_slots=2, max_length=48, prefill_buckets=(8, 16, 48), prefill_chunk=8, burst_ms=0)
-    running = eng.submit(Request(prompt_ids=[2, 5, 6], max_new_tokens=12))
-    eng._admit()
-    eng._step()
-    long = eng.submit(Request(prompt_ids=[2] + list(range(40, 70)), max_new_tokens=4))
-    eng._admit()
-    assert eng._partial is not None and eng._partial.done == 1
+def _fail_next_fetch(eng: Engine) -> None:
+    """The next decode call's fetch raises (a fault of the device call, injected once)."""
     fetch = eng.device.fetch
 
-    def failing(pending):  # (a fault of the device call, injected once)
+    def failing(pending):
         eng.device.fetch = fetch
         raise RuntimeError("injected device failure")
 
     eng.device.fetch = failing
+
+
+def test_a_failed_decode_call_also_ends_a_prompt_between_its_chunks(model):
+    """A decode call that fails resets the device's cache (it was donated): the prompt whose first chunks it
+    held ends with an error too (never continued from a fresh row), and the engine serves on."""
+    eng, _, running, long = _long_behind_a_running_one(model)
+    _fail_next_fetch(eng)
     eng._step()
     for r in (running, long):
         finish = [e for e in r.stream(timeout=5) if isinstance(e, Finished)]
@@ -619,13 +621,7 @@ def test_a_failed_decode_call_also_ends_a_prompt_between_its_chunks(model):
 def test_a_short_prompt_goes_ahead_of_a_long_ones_next_chunk(model):
     """Between two chunks of a long prompt, a waiting prompt of one chunk is prefilled into another free slot
     (every other turn: two short ones do not hold the long one back twice in a row); all get their solo tokens."""
-    eng = Engine(model, num_slots=4, max_length=48, prefill_buckets=(8, 16, 48), prefill_chunk=8, burst_ms=0)
-    calls = _recording(eng)
-    running = eng.submit(Request(prompt_ids=[2, 5, 6], max_new_tokens=14))
-    eng._admit()
-    long = eng.submit(Request(prompt_ids=[2] + list(range(40, 70)), max_new_tokens=4))
-    eng._admit()
-    eng._step()
+    eng, calls, running, long = _long_behind_a_running_one(model, slots=4, running_tokens=14)
     shorts = [eng.submit(Request(prompt_ids=[2, 9 + i, 10], max_new_tokens=3)) for i in range(2)]
     while eng.free_slots < 4 or eng._inflight is not None:
         eng._admit()
@@ -637,12 +633,7 @@ def test_a_short_prompt_goes_ahead_of_a_long_ones_next_chunk(model):
 
 
 def test_a_lost_group_ends_a_prompt_between_its_chunks_too(model):
-    eng = Engine(model, num_slots=2, max_length=48, prefill_buckets=(8, 16, 48), prefill_chunk=8, burst_ms=0)
-    running = eng.submit(Request(prompt_ids=[2, 5, 6], max_new_tokens=12))
-    eng._admit()
-    long = eng.submit(Request(prompt_ids=[2] + list(range(40, 70)), max_new_tokens=4))
-    eng._admit()
-    assert eng._partial is not None and eng._partial.done == 1
+    eng, _, running, long = _long_behind_a_running_one(model)
     eng.fail_all("a process of the group is gone")
     for r in (running, long):
         assert [e for e in r.stream(timeout=5) if isinstance(e, Finished)][0] == Finished(
@@ -658,13 +649,7 @@ def test_a_failed_decode_call_before_a_short_prompts_prefill_spares_it(model):
     eng._admit()
     eng._step()
     short = eng.submit(Request(prompt_ids=[2, 7, 8, 9], max_new_tokens=3))
-    fetch = eng.device.fetch
-
-    def failing(pending):  # (a fault of the device call, injected once)
-        eng.device.fetch = fetch
-        raise RuntimeError("injected device failure")
-
-    eng.device.fetch = failing
+    _fail_next_fetch(eng)
     eng._admit()
     while eng.free_slots < 2 or eng._inflight is not None:
         eng._step()
