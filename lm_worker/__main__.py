@@ -55,8 +55,9 @@ def parse_args(argv=None) -> argparse.Namespace:
              "wait for more than a chunk's prefill (0: whole prompts; at least an image's tokens)", type=int)
     env_flag(p, "--warm-up", "GEMMA3_LM_WARM_UP", "smallest", "before serving, compile the prefill of the smallest "
              "text bucket only ('smallest': a fast start; a longer prompt compiles its bucket on first use), or of "
-             "every prompt-length bucket, text and one image ('all', as JetStream does: no request waits for XLA; "
-             "minutes on a CPU at a long max-length, once: the compilation cache keeps them)",
+             "every prompt-length bucket a chunk takes, text and one image, whole and as a later chunk ('all', as "
+             "JetStream does: no request waits for XLA; minutes on a CPU at a long max-length, once: the "
+             "compilation cache keeps them)",
              choices=["smallest", "all"])
     env_flag(p, "--max-top-logprobs", "GEMMA3_LM_MAX_TOP_LOGPROBS", 5, "most alternatives a request may ask "
              "logprobs for", type=int)

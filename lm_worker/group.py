@@ -1,10 +1,10 @@
 """A multi-host LM worker: N JAX processes (``jax.distributed``) run one model on one global mesh.
 
 Process 0, the leader, hosts the gRPC front and the engine's scheduler. Each call the engine makes on
-the device (prefill into a slot, a prompt's chunk before its last, a decode step, a cache reset) is
-first sent to every follower over a plain TCP connection, with all of its host inputs, then run; the
-followers run the same call, so every process executes the same compiled programs in the same order
-and their collectives meet.
+the device (prefill into a slot, a prompt's chunk before its last or the dropping of its row, a decode
+step, a cache reset) is first sent to every follower over a plain TCP connection, with all of its host
+inputs, then run; the followers run the same call, so every process executes the same compiled
+programs in the same order and their collectives meet.
 
 Failure: followers send a heartbeat every ``HEARTBEAT_S``; a follower whose connection breaks or
 whose heartbeat stops for ``timeout`` seconds makes the leader call ``on_failure`` (the worker then
