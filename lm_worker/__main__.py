@@ -53,11 +53,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     env_flag(p, "--prefill-chunk", "GEMMA3_LM_PREFILL_CHUNK", 512, "most prompt tokens one prefill call takes: a "
              "longer prompt prefills a chunk at a time, between the running requests' decode calls, so they never "
              "wait for more than a chunk's prefill (0: whole prompts; at least an image's tokens)", type=int)
+    env_flag(p, "--prefix-cache", "GEMMA3_LM_PREFIX_CACHE", 4, "prompts whose cache rows are kept on the device "
+             "so that a later prompt that begins alike (a shared system prompt, a conversation's earlier turns, "
+             "the same prompt again) prefills only the rest; each as large as one slot's cache (0: none)", type=int)
     env_flag(p, "--warm-up", "GEMMA3_LM_WARM_UP", "smallest", "before serving, compile the prefill of the smallest "
              "text bucket only ('smallest': a fast start; a longer prompt compiles its bucket on first use), or of "
-             "every prompt-length bucket a chunk takes, text and one image, whole and as a later chunk ('all', as "
-             "JetStream does: no request waits for XLA; minutes on a CPU at a long max-length, once: the "
-             "compilation cache keeps them)",
+             "every prompt-length bucket a chunk takes, text and one image, whole and as a later chunk or after a "
+             "kept prefix ('all', as JetStream does: no request waits for XLA; minutes on a CPU at a long "
+             "max-length, once: the compilation cache keeps them)",
              choices=["smallest", "all"])
     env_flag(p, "--max-top-logprobs", "GEMMA3_LM_MAX_TOP_LOGPROBS", 5, "most alternatives a request may ask "
              "logprobs for", type=int)
@@ -202,7 +205,7 @@ async def main_async(args) -> None:
             program = GroupProgram(program, leader)
         engine = Engine(model, num_slots=args.num_slots, max_length=args.max_length, max_queue=args.max_queue,
                         max_top_logprobs=args.max_top_logprobs, program=program, burst_ms=args.decode_burst_ms,
-                        prefill_chunk=args.prefill_chunk)
+                        prefill_chunk=args.prefill_chunk, prefix_rows=args.prefix_cache)
         if leader is not None:
             loop = asyncio.get_running_loop()
 

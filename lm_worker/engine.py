@@ -38,6 +38,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from gemma3 import cache as kv
 from gemma3 import cpu_kernels
 from gemma3.generation import loop_compiler_options, sample_tokens, step_keys
+from lm_worker.prefixes import MIN_REUSE, PrefixStore, prompt_keys
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,11 @@ float32 (two), and from 128 to 142 tok/s at 4 clients, with the same time to fir
 arrivals (bench/RESULTS.md)."""
 SHORT_BURST_MS = 20.0
 """The default elsewhere: there a request that comes during a burst waits for its end to be prefilled."""
+
+PREFIX_ROWS = 4
+"""Prompts whose cache rows the engine keeps by default for later prompts that begin alike (`lm_worker.prefixes`;
+``Engine(prefix_rows=...)``, the LM worker's --prefix-cache): each as large as one slot's cache (gemma-3-1b at
+max-length 1024 in bfloat16: 16 MB; gemma-3-4b at 8192: 300 MB)."""
 
 PREFILL_CHUNK = 512
 """Tokens a prompt prefills per device call by default (``Engine(prefill_chunk=...)``, the LM worker's
@@ -104,10 +110,14 @@ class Request:
     deadline: float | None = None  # time.monotonic() after which the request is dropped
     notify: Callable[[], None] | None = None  # called (on the engine thread) after each new event
     id: int = dataclasses.field(default_factory=lambda: next(_ids))
+    cached_tokens: int = 0  # set by the engine before the first token: prompt tokens reused from a kept prefix
     events: queue.SimpleQueue = dataclasses.field(default_factory=queue.SimpleQueue)
     _cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
     _ended: bool = False  # a Finished was queued: nothing more is (fail_all, from another thread, may race)
     _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+    _keys: np.ndarray | None = None  # the prompt as prefixes.prompt_keys (None: no prefix caching for it)
+    _reuse: bool = True  # it may start from a kept prefix
+    _keep: bool = True  # its cache row is kept for later prompts
 
     def put(self, event, notify: bool = True) -> None:
         """Queue an event, none after the first Finished; ``notify=False`` leaves the wake-up to the caller
@@ -173,13 +183,21 @@ class _Call:
     limit: int
 
 
+NEW_ROW, CONTINUED_ROW = -1, -2
+"""Where a prefill call's cache row comes from: a new one, or the one the prompt's chunks before left; a handle
+of 0 or more names a row the device keeps (a prefix: `prefixes.PrefixStore`), copied and cut to ``start`` tokens."""
+
+
 @dataclasses.dataclass(eq=False)
 class _Prefill:
-    """A request being prefilled, a chunk per device call: the slot it will take and where each chunk ends."""
+    """A request being prefilled, a chunk per device call: the slot it will take, where each chunk ends, and
+    the kept row (``source``) its first ``start`` tokens come from."""
     request: Request
     slot: int
     ends: list[int]
     done: int = 0  # chunks prefilled
+    start: int = 0
+    source: int = NEW_ROW
 
 
 def prompt_chunks(n: int, chunk: int, image_tokens: np.ndarray | None = None) -> list[int]:
@@ -229,13 +247,14 @@ class Engine:
     def __init__(self, model, *, num_slots: int = 8, max_length: int = 1024, max_queue: int = 64,
                  prefill_buckets: tuple[int, ...] | None = None, max_top_logprobs: int = 5, mesh=None,
                  program: DeviceProgram | None = None, burst_ms: float | None = None,
-                 prefill_chunk: int = PREFILL_CHUNK):
+                 prefill_chunk: int = PREFILL_CHUNK, prefix_rows: int = PREFIX_ROWS):
         """``mesh``: the model's mesh (its cache is sharded to match); ``program``: the device side to
         drive, by default a DeviceProgram of ``model`` (a multi-host leader passes one that also sends
         each call to its followers). ``burst_ms``: how long one device call may decode for (0: one
         token per call; by default BURST_MS, or SHORT_BURST_MS where a call cannot end early); see ``_burst``.
         ``prefill_chunk``: the most prompt tokens one prefill call takes (0: a whole prompt; at least an
-        image's tokens, which a chunk never splits)."""
+        image's tokens, which a chunk never splits). ``prefix_rows``: prompts whose cache rows are kept for
+        later prompts that begin alike (0: none; `lm_worker.prefixes`)."""
         self.model, self.num_slots, self.max_length, self.max_queue = model, num_slots, max_length, max_queue
         self.max_top_logprobs = max_top_logprobs
         self.buckets = prefill_buckets or buckets_for(max_length)
@@ -244,6 +263,9 @@ class Engine:
             raise ValueError(f"prefill_chunk must be 0 (whole prompts) or at least an image's {image_tokens} tokens, "
                              f"got {prefill_chunk}")
         self.prefill_chunk = prefill_chunk if prefill_chunk < max_length else 0
+        text = getattr(model.config, "text_config", model.config)
+        ring = min(getattr(text, "sliding_window", None) or max_length, max_length)
+        self.prefixes = PrefixStore(prefix_rows, ring) if prefix_rows else None
         self.device = program or DeviceProgram(model, num_slots, max_length, max_top_logprobs, mesh)
         self._yield_flag = self.device.yield_flag
         if burst_ms is None:
@@ -276,6 +298,9 @@ class Engine:
         if n + request.max_new_tokens > self.max_length:
             raise ValueError(f"prompt ({n} tokens) + max_new_tokens ({request.max_new_tokens}) exceeds the "
                              f"context of {self.max_length} tokens")
+        if self.prefixes is not None and (request._reuse or request._keep):  # (here, off the engine thread:
+            inputs = request.prefill_inputs  # an image's digest reads its features)
+            request._keys = prompt_keys(request.prompt_ids, types, inputs.get("image_features"))
         try:
             self._pending.put_nowait(request)
         except queue.Full:
@@ -364,7 +389,7 @@ class Engine:
                     return
                 if self._ended(request):
                     continue
-                self._partial = _Prefill(request, self.slots.index(None), self._chunks(request))
+                self._partial = self._plan(request, self.slots.index(None))
             elif self._overtake():
                 if busy:
                     return
@@ -373,29 +398,42 @@ class Engine:
             if busy:
                 return
 
-    def _chunks(self, request: Request) -> list[int]:
+    def _plan(self, request: Request, slot: int, touch: bool = True) -> _Prefill:
+        """``request``'s prefill into ``slot``: from the kept row that provides most of its prompt, if any,
+        then the rest in chunks (``touch``: the row counts as used)."""
+        source, start = NEW_ROW, 0
+        if self.prefixes is not None and request._reuse and request._keys is not None:
+            source, start = self.prefixes.match(request._keys, touch)
+            source = NEW_ROW if source < 0 else source
+        request.cached_tokens = start
+        return _Prefill(request, slot, self._chunks(request, start), start=start, source=source)
+
+    def _chunks(self, request: Request, start: int = 0) -> list[int]:
+        """Where the prefill chunks of ``request``'s prompt from token ``start`` on end."""
         inputs = request.prefill_inputs
         types = inputs.get("token_type_ids")  # (images are found by their types: without, one chunk)
         chunk = 0 if types is None and "image_features" in inputs else self.prefill_chunk
-        return prompt_chunks(len(request.prompt_ids), chunk,
-                             None if types is None else np.asarray(types).reshape(-1) == 1)
+        ends = prompt_chunks(len(request.prompt_ids) - start, chunk,
+                             None if types is None else np.asarray(types).reshape(-1)[start:] == 1)
+        return [start + end for end in ends]
 
     def _overtake(self) -> bool:
         """Between two chunks of a long prompt, every other time, the waiting request at the head of the queue
-        is prefilled into another free slot if its prompt is one chunk: a short request does not wait for
-        the whole of a long one's prefill (nor a long one for a stream of short ones)."""
+        is prefilled into another free slot if what it has to prefill is one chunk (after a kept prefix): a
+        short request does not wait for the whole of a long one's prefill (nor a long one for a stream of
+        short ones)."""
         free = [i for i, s in enumerate(self.slots) if s is None and i != self._partial.slot]
         if self._overtook or not free:
             self._overtook = False
             return False
         with self._pending.mutex:  # (the head only if it is short; fail_all may take from the queue meanwhile)
             waiting = self._pending.queue
-            request = waiting.popleft() if waiting and len(self._chunks(waiting[0])) == 1 else None
+            request = waiting.popleft() if waiting and len(self._plan(waiting[0], free[0], False).ends) == 1 else None
         if request is None:
             return False
         self._overtook = True
         if not self._ended(request):
-            self._prefill_chunk(_Prefill(request, free[0], [len(request.prompt_ids)]))
+            self._prefill_chunk(self._plan(request, free[0]))
         return True
 
     def _ended(self, request: Request) -> bool:
@@ -448,10 +486,12 @@ class Engine:
 
     def _run_chunk(self, partial: _Prefill, last: bool):
         """Prefill tokens ends[done - 1]..ends[done] of the prompt (padded to a bucket) on the device: into a
-        new cache row for the first chunk, else the row the chunks before left; the last chunk samples the
-        first token and inserts the row into the slot (its picks are returned)."""
-        request, fresh = partial.request, np.bool_(partial.done == 0)
-        start, end = partial.ends[partial.done - 1] if partial.done else 0, partial.ends[partial.done]
+        new cache row or a copy of the kept prefix for the first chunk, else the row the chunks before left;
+        the last chunk samples the first token and inserts the row into the slot (its picks are returned),
+        and the device keeps the row for later prompts that begin alike."""
+        request = partial.request
+        source = np.int32(partial.source if partial.done == 0 else CONTINUED_ROW)
+        start, end = partial.ends[partial.done - 1] if partial.done else partial.start, partial.ends[partial.done]
         n = end - start  # (a chunk before the last pads to a whole chunk's bucket: one shape, shorter or not)
         bucket = next(b for b in self.buckets if b >= (n if last else max(n, self.prefill_chunk)))
         ids = np.zeros((1, bucket), np.int32)
@@ -477,10 +517,24 @@ class Engine:
                 extra["image_features"] = np.zeros((images, *features.shape[1:]), np.float32)
                 extra["image_features"][:len(features)] = features
         if not last:
-            self.device.extend(ids, np.int32(n), extra, fresh)
+            self.device.extend(ids, np.int32(n), extra, source, np.int32(partial.start))
             return None
-        return self.device.prefill(np.int32(partial.slot), ids, np.int32(n), extra, *_sampling(request),
-                                   np.bool_(request.top_logprobs > 0), fresh)
+        keep, evicted = -1, []
+        if self.prefixes is not None and request._keep and request._keys is not None:
+            keep, evicted = self.prefixes.add(request._keys)
+        try:
+            picked = self.device.prefill(np.int32(partial.slot), ids, np.int32(n), extra, *_sampling(request),
+                                         np.bool_(request.top_logprobs > 0), source, np.int32(partial.start),
+                                         np.int32(keep))
+        except Exception:
+            if keep >= 0:
+                self.prefixes.remove(keep)
+                evicted.append(keep)  # (a group's followers may have kept it)
+            raise
+        finally:
+            for handle in evicted if not self.broken else ():  # (after: the prefill may have started from one)
+                self.device.forget(np.int32(handle))
+        return picked
 
     @property
     def chunk_buckets(self) -> list[int]:
@@ -495,8 +549,10 @@ class Engine:
         tokens per image, feature width) one holding an image in each bucket with room for it. Where
         prompts prefill in chunks, each of those also as the last chunk of a longer prompt (one chunk
         before it), and prompts whose chunks before the last hold text, an image, or an image after a
-        chunk of text (chunks before the last pad to one bucket). Runs on the started engine; returns the
-        requests it ran."""
+        chunk of text (chunks before the last pad to one bucket). With a prefix store, prompts that start
+        from a kept one (where prompts are not chunked, in each bucket: those programs take a row too); its
+        row stays in the store, the others are neither matched nor kept. Runs on the started engine;
+        returns the requests it ran."""
         runs, shorter, chunk = [], 0, self.prefill_chunk
         image_id, tokens, width = image or (None, 0, 0)
 
@@ -522,6 +578,19 @@ class Engine:
             more = [prompt(0, 2 * chunk + 1)]
             if image is not None and tokens < chunk:
                 more += [prompt(0, chunk + 1, with_image=True), prompt(lead, chunk + 2, with_image=True)]
+            runs += [r for r in more if len(r.prompt_ids) < self.max_length]
+        for r in runs:
+            r._reuse = r._keep = False
+        if self.prefixes is not None and MIN_REUSE < self.max_length:
+            runs.append(prompt(0, MIN_REUSE))  # kept, then reused by these:
+            shorter, more = 0, []
+            for b in self.chunk_buckets if not chunk and every_bucket else self.chunk_buckets[:1]:
+                n, shorter = shorter + 1, b
+                more.append(prompt(MIN_REUSE, n))
+                if image is not None and not chunk and max(n, tokens + 1) <= b:
+                    more.append(prompt(MIN_REUSE, max(n, tokens + 1), with_image=True))
+            for r in more:
+                r._keep = False
             runs += [r for r in more if len(r.prompt_ids) < self.max_length]
         for r in runs:
             finish = list(self.submit(r).stream())[-1]
@@ -671,9 +740,10 @@ class DeviceProgram:
         # have run. Not with a mesh: every device (and every process of a group) must run the same steps.
         self.yield_flag = next(_yield_flags) % cpu_kernels.YIELD_FLAGS if (
             mesh is None and jax.default_backend() == "cpu" and cpu_kernels.available()) else None
-        self._prefill, self._extend, self._insert, self._decode, init = _compile(
+        self._prefill, self._extend, self._insert, self._decode, self._cut, init = _compile(
             graphdef, treedef, num_slots, max_length, max_top_logprobs, max_burst, mesh, self.yield_flag is not None)
         self._row = None  # the cache row of a prompt prefilled a chunk at a time, its last chunk not yet in
+        self._kept: dict[int, object] = {}  # prompts' rows kept for later prompts that begin alike, by handle
         self._behind_chunk = False  # a chunk was dispatched since the last decode call
         if mesh is not None:  # the cache laid out by the cache rules, as a multi-host group needs
             from gemma3.sharding import cache_sharding
@@ -701,22 +771,28 @@ class DeviceProgram:
             self.step_seconds[rows] = time.perf_counter() - started
 
     def prefill(self, slot, ids, length, extra, temperature, top_k, top_p, seed, wants_top,
-                fresh=True) -> list[np.ndarray]:
+                source=NEW_ROW, start=0, keep=-1) -> list[np.ndarray]:
         """Prefill one request (ids: (1, bucket), the first ``length`` real) into decode slot ``slot``; its
-        first token's picks. ``fresh``: the whole prompt, else its last chunk after those ``extend`` took."""
-        row = None
-        if not fresh:  # (a whole prompt leaves the row of another one's chunks alone: it may go between them)
-            row, self._row = self._continued(), None
+        first token's picks. ``source``: where the row comes from (`NEW_ROW`: the whole prompt;
+        `CONTINUED_ROW`: its last chunk after those ``extend`` took; a kept row's handle: the prompt's first
+        ``start`` tokens are that row's). ``keep`` (0 or more): the row is kept under that handle."""
+        row = self._row_from(source, start)
         picked, row = self._prefill(self.weights, row, ids, length, extra, temperature, top_k, top_p, seed,
                                     wants_top)
         self.cache, self.tokens, self.steps = self._insert(self.cache, self.tokens, self.steps, row, picked[0], slot)
+        if keep >= 0:  # (insert copied it into the slot: this row is the prompt's alone)
+            self._kept[int(keep)] = row
         return [np.asarray(x) for x in picked]
 
-    def extend(self, ids, length, extra, fresh) -> None:
-        """Prefill a chunk of a prompt before its last (its first when ``fresh``) into the row the next chunk
-        continues; nothing is sampled (the LM head runs on the last chunk only)."""
-        self._row = self._extend(self.weights, None if fresh else self._continued(), ids, length, extra)
+    def extend(self, ids, length, extra, source, start=0) -> None:
+        """Prefill a chunk of a prompt before its last (``source`` as for ``prefill``) into the row the next
+        chunk continues; nothing is sampled (the LM head runs on the last chunk only)."""
+        self._row = self._extend(self.weights, self._row_from(source, start), ids, length, extra)
         self._behind_chunk = True  # (the next decode call waits for it on the device)
+
+    def forget(self, handle) -> None:
+        """Let a kept row go (the prefix store made room)."""
+        self._kept.pop(int(handle), None)
 
     def rows(self, active: np.ndarray) -> int:
         """The decode bucket for these active slots."""
@@ -741,10 +817,17 @@ class DeviceProgram:
         """Forget the row of a prompt whose last chunk will not come (cancelled, expired or failed)."""
         self._row = None
 
-    def _continued(self):
-        if self._row is None:
-            raise RuntimeError("no prompt chunks to continue (the cache was reset)")
-        return self._row
+    def _row_from(self, source, start):
+        """The row a prefill call writes to (None: a new one); the row of a prompt's earlier chunks is taken
+        (it is donated), a kept one copied and cut to its first ``start`` tokens."""
+        if source == NEW_ROW:  # (a whole prompt leaves the row of another one's chunks alone: it may go between)
+            return None
+        if source == CONTINUED_ROW:
+            if self._row is None:
+                raise RuntimeError("no prompt chunks to continue (the cache was reset)")
+            row, self._row = self._row, None
+            return row
+        return self._cut(self._kept[int(source)], np.int32(start))
 
     def fetch(self, pending) -> list[np.ndarray]:
         """A dispatched call's picks, in one host transfer: tokens and logprobs (max_burst, rows), the
@@ -777,7 +860,8 @@ class DeviceProgram:
         return out
 
     def reset(self) -> None:
-        """A fresh cache, tokens and step counts (after a failed call, whose cache was donated)."""
+        """A fresh cache, tokens and step counts (after a failed call, whose cache was donated; kept rows,
+        never donated, stay)."""
         self.cache, self.tokens, self.steps = self._init(self.weights)
         self._row = None
 
@@ -812,7 +896,7 @@ def pick(logits, keys, temperature, top_k, top_p, n_top: int, wants_top):
 def _compile(graphdef, treedef, num_slots: int, max_length: int, n_top: int, max_burst: int, mesh=None,
              yields: bool = False):
     """Jitted prefill (one request, bucketed: a whole prompt or its last chunk), the chunks before a prompt's
-    last (``extend``), slot insertion and batched decode bursts (cache donated),
+    last (``extend``), slot insertion and batched decode bursts (cache donated), a kept row's cut copy,
     and the cache's creation (jitted by DeviceProgram, with the mesh's layout). The weights come as
     ``treedef``'s leaves. With a mesh the picks are replicated, so every process of a multi-host group
     can read them. ``yields``: a burst also ends after any step past its first ``firm`` ones that finds
@@ -850,6 +934,14 @@ def _compile(graphdef, treedef, num_slots: int, max_length: int, n_top: int, max
         picked = pick(logits, step_keys(seeds, jnp.int32(0)), jnp.asarray(temperature, jnp.float32)[None],
                       jnp.asarray(top_k, jnp.int32)[None], jnp.asarray(top_p, jnp.float32)[None], n_top, wants_top)
         return replicated(picked), cache
+
+    def cut(row, start):
+        """A copy of a kept ``row`` holding its first ``start`` tokens only (every later entry marked empty), for
+        a prompt that begins with them; the copy is donated to the prefill, the kept row is not."""
+        forget = lambda index: jnp.where(index >= start, kv.EMPTY, index)  # noqa: E731
+        return kv.KVCache(keys=[k.copy() for k in row.keys], values=[v.copy() for v in row.values],
+                          full_index=forget(row.full_index), sliding_index=forget(row.sliding_index),
+                          length=jnp.full_like(row.length, start), next_position=row.next_position - row.length + start)
 
     def insert(cache, tokens, steps, row, token, slot):
         """A prefilled request into ``slot``: its cache row, its first token, and step 1 next."""
@@ -900,4 +992,4 @@ def _compile(graphdef, treedef, num_slots: int, max_length: int, n_top: int, max
 
     return (jax.jit(prefill, donate_argnums=(1,)), jax.jit(extend, donate_argnums=(1,)),
             jax.jit(insert, donate_argnums=(0, 1, 2)),
-            jax.jit(decode, donate_argnums=(1, 2, 3), compiler_options=loop_compiler_options()), init)
+            jax.jit(decode, donate_argnums=(1, 2, 3), compiler_options=loop_compiler_options()), jax.jit(cut), init)

@@ -1,10 +1,10 @@
 """A multi-host LM worker: N JAX processes (``jax.distributed``) run one model on one global mesh.
 
 Process 0, the leader, hosts the gRPC front and the engine's scheduler. Each call the engine makes on
-the device (prefill into a slot, a prompt's chunk before its last or the dropping of its row, a decode
-step, a cache reset) is first sent to every follower over a plain TCP connection, with all of its host
-inputs, then run; the followers run the same call, so every process executes the same compiled
-programs in the same order and their collectives meet.
+the device (prefill into a slot, a prompt's chunk before its last or the dropping of its row, a kept
+prefix row let go, a decode step, a cache reset) is first sent to every follower over a plain TCP
+connection, with all of its host inputs, then run; the followers run the same call, so every process
+executes the same compiled programs in the same order and their collectives meet.
 
 Failure: followers send a heartbeat every ``HEARTBEAT_S``; a follower whose connection breaks or
 whose heartbeat stops for ``timeout`` seconds makes the leader call ``on_failure`` (the worker then
@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 0.5
 DTYPES = {"float32", "int32", "uint32", "bool"}
-CALLS = {"prefill", "extend", "drop_row", "decode", "reset", "stop"}
+CALLS = {"prefill", "extend", "drop_row", "forget", "decode", "reset", "stop"}
 
 
 def initialize(coordinator: str, num_processes: int, process_id: int) -> None:
@@ -215,6 +215,10 @@ class GroupProgram:
         self.leader.send("drop_row")
         self.program.drop_row()
 
+    def forget(self, handle):
+        self.leader.send("forget", (handle,))
+        self.program.forget(handle)
+
     def decode(self, *args):
         self.leader.send("decode", args)
         return self._run(self.program.decode, args)
@@ -273,7 +277,7 @@ def follow(program, leader_address: str, process_id: int, connect_timeout: float
     log.info("following the leader", extra={"leader": leader_address})
     on_connected()
     calls = {"prefill": program.prefill, "extend": program.extend, "drop_row": program.drop_row,
-             "decode": program.decode, "reset": program.reset}
+             "forget": program.forget, "decode": program.decode, "reset": program.reset}
     try:
         while True:
             call, args = receive(sock)

@@ -37,7 +37,8 @@ tpot = meter.create_histogram("gemma3.lm.time_per_output_token", unit="s",
                               description="per request: decode time over the tokens after the first")
 finished_requests = meter.create_counter("gemma3.lm.requests", unit="{request}",
                                          description="requests ended, by finish reason")
-token_counter = meter.create_counter("gemma3.lm.tokens", unit="{token}", description="prompt and completion tokens")
+token_counter = meter.create_counter("gemma3.lm.tokens", unit="{token}",
+                                     description="prompt, cached prompt (reused prefixes) and completion tokens")
 
 FINISH = {"stop": common_pb2.FINISH_REASON_STOP, "length": common_pb2.FINISH_REASON_LENGTH}
 
@@ -232,6 +233,7 @@ class LMWorkerService(lm_worker_pb2_grpc.LMWorkerServicer):
                             first_token_at = time.monotonic()
                             if not replied.done():
                                 replied.set_result(None)
+                            phase.set_attribute("cached_prompt_tokens", job.cached_tokens)
                             phase.end()
                             phase = tracer.start_span("lm_worker.decode")
                         token_ids.append(event.token_id)
@@ -268,7 +270,7 @@ class LMWorkerService(lm_worker_pb2_grpc.LMWorkerServicer):
                         await asyncio.wait([asyncio.shield(w) for w in writes])
                     chunk.finish_reason = FINISH[finished.reason]
                     chunk.usage.CopyFrom(common_pb2.Usage(
-                        prompt_tokens=len(ids), completion_tokens=completion,
+                        prompt_tokens=len(ids), completion_tokens=completion, cached_prompt_tokens=job.cached_tokens,
                         time_to_first_token_s=(first_token_at or time.monotonic()) - started))
                     if embedded:  # else the gateway knows the keys and hits (its vision worker's)
                         chunk.usage.image_cache_hits = sum(e.cache_hit for e in embedded.values())
@@ -282,13 +284,15 @@ class LMWorkerService(lm_worker_pb2_grpc.LMWorkerServicer):
             phase.set_attribute("completion_tokens", completion)
             phase.set_attribute("finish", reason)
             phase.end()
-            _record(started, first_token_at, len(ids), completion, reason)
+            _record(started, first_token_at, len(ids), job.cached_tokens, completion, reason)
             log.info("finished", extra={"request_id": request_id, "completion_tokens": completion, "reason": reason})
 
 
-def _record(started: float, first_token_at: float | None, prompt: int, completion: int, reason: str) -> None:
+def _record(started: float, first_token_at: float | None, prompt: int, cached: int, completion: int,
+            reason: str) -> None:
     finished_requests.add(1, {"finish_reason": reason})
     token_counter.add(prompt, {"kind": "prompt"})
+    token_counter.add(cached, {"kind": "cached_prompt"})  # (of the prompt's: reused from a kept prefix)
     token_counter.add(completion, {"kind": "completion"})
     if first_token_at is not None:
         ttft.record(first_token_at - started)

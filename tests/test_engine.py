@@ -333,7 +333,7 @@ def test_decode_updates_the_cache_in_place(model, rows):
 
     graphdef, state = nnx.split(model)
     weights, treedef = jax.tree.flatten(state)
-    *_, decode, init = _compile(graphdef, treedef, 3, 48, 2, 16)
+    _, _, _, decode, _, init = _compile(graphdef, treedef, 3, 48, 2, 16)
     cache, tokens, steps = jax.jit(init)(weights)
     host = (jnp.ones(rows, bool), jnp.zeros(rows, jnp.uint32), jnp.zeros(rows, jnp.float32), jnp.zeros(rows, jnp.int32),
             jnp.ones(rows, jnp.float32), jnp.full((rows, 8), -1, jnp.int32), jnp.int32(16), jnp.bool_(False),
@@ -346,7 +346,8 @@ def test_decode_updates_the_cache_in_place(model, rows):
 
 
 def test_warm_up_compiles_every_prefill_and_image_counts_share_shapes(served_checkpoint):
-    """After warm_up, a text prompt or a one-image prompt in any bucket compiles nothing; image counts
+    """After warm_up, a text prompt or a one-image prompt in any bucket compiles nothing, whole or after a kept
+    prefix (prompts are not chunked here, so warm-up runs each bucket after one too); image counts
     (crops included) are padded to a power of two, so three images and then four compile one program,
     and the padding changes no token: the engine's answer equals the model's own greedy loop."""
     import jax.numpy as jnp
@@ -371,12 +372,19 @@ def test_warm_up_compiles_every_prefill_and_image_counts_share_shapes(served_che
 
     eng = Engine(model, num_slots=2, max_length=64, prefill_buckets=(16, 32, 64)).start()
     try:
-        assert eng.warm_up(2, (image_id, tokens, width)) == 6  # each bucket: text, and one image
-        prefill = eng.device._prefill
-        compiled = prefill._cache_size()
-        for n_images, text in ((0, 3), (0, 25), (0, 40), (1, 2), (1, 20), (1, 35)):
+        assert eng.warm_up(2, (image_id, tokens, width)) == 6 + 1 + 6  # each bucket: text, and one image; then
+        prefill, cut = eng.device._prefill, eng.device._cut  # a prompt kept, and each again after it
+        compiled, cuts = prefill._cache_size(), cut._cache_size()
+        kept = list(range(3, 20))
+        for n_images, text in ((0, 3), (0, 25), (0, 40), (1, 2), (1, 20), (1, 30)):
             assert _collect(eng.submit(with_images(n_images, text)))[1] == Finished("length")
-        assert prefill._cache_size() == compiled
+            after = with_images(n_images, text)  # (its images after 17 text tokens kept before)
+            after.prompt_ids[1:1] = kept
+            if n_images:
+                after.prefill_inputs["token_type_ids"] = np.insert(after.prefill_inputs["token_type_ids"], 1, [0] * 17)
+            assert _collect(eng.submit(Request(prompt_ids=[2] + kept, max_new_tokens=1)))[1] == Finished("length")
+            assert _collect(eng.submit(after))[1] == Finished("length") and after.cached_tokens == 18
+        assert (prefill._cache_size(), cut._cache_size()) == (compiled, cuts)
         three = with_images(3, 4)
         got, _ = _collect(eng.submit(three))
         assert prefill._cache_size() == compiled + 1
@@ -571,7 +579,7 @@ def test_chunks_keep_images_whole_and_warm_up_compiles_every_chunk_program(serve
     want = answers(Engine(model, num_slots=2, max_length=96, prefill_buckets=shapes, prefill_chunk=0).start())
     eng = Engine(model, num_slots=2, max_length=96, prefill_buckets=shapes, prefill_chunk=16).start()
     assert eng.chunk_buckets == [16]
-    assert eng.warm_up(2, (image_id, tokens, width)) == 2 + 2 + 3
+    assert eng.warm_up(2, (image_id, tokens, width)) == 2 + 2 + 3 + 2  # (the last two: a prefix kept, reused)
     programs = eng.device._prefill, eng.device._extend  # (shared with the first engine, which compiled its own)
     compiled = [p._cache_size() for p in programs]
     assert answers(eng) == want and {f for _, f in want} == {Finished("length")}
@@ -670,3 +678,156 @@ def test_a_request_gets_one_finished_whoever_ends_it():
 def test_token_types_must_match_the_prompt(engine):
     with pytest.raises(ValueError, match="token_type_ids holds 2 types for a prompt of 3 tokens"):
         engine.submit(Request(prompt_ids=[2, 3, 4], prefill_inputs={"token_type_ids": np.zeros(2, np.int32)}))
+
+
+# ----------------------------------------------------------------- prefix caching (lm_worker.prefixes)
+@pytest.fixture(scope="module")
+def wide_model(tmp_path_factory):
+    """The test model with a 32-token sliding window: prompts that fit it can share any prefix."""
+    from tests import make_checkpoints as mk
+
+    path = str(tmp_path_factory.mktemp("wide"))
+    mk.save_text_checkpoint(path, "base", sliding_window=32)
+    return Gemma3ForCausalLM.from_pretrained(path)
+
+
+def _answers(eng: Engine, prompts, **sampling) -> list[tuple[list[Token], int]]:
+    """Each prompt's tokens (one at a time, in order) and the prompt tokens it reused."""
+    out = []
+    for i, prompt in enumerate(prompts):
+        r = eng.submit(Request(prompt_ids=list(prompt), max_new_tokens=5, seed=i, **sampling))
+        events = list(r.stream(timeout=60))
+        assert events[-1] == Finished("length")
+        out.append((events[:-1], r.cached_tokens))
+    return out
+
+
+def _same_tokens(got, want) -> None:
+    assert [t.token_id for t in got] == [t.token_id for t in want]
+    np.testing.assert_allclose([t.logprob for t in got], [t.logprob for t in want], atol=1e-4)
+
+
+@pytest.mark.parametrize("sampled,rows", [(False, 4), (True, 1)])
+def test_prompts_sharing_a_system_prompt_prefill_only_the_rest(wide_model, sampled, rows):
+    """Chats that begin with the same 20 tokens (within the window) start from a kept row (with room for one,
+    the last prompt's): they prefill only their own tokens (in chunks from the kept row when longer than one)
+    and get the tokens and log-probabilities of a prefill from scratch."""
+    rng = np.random.default_rng(5)
+    system = [2] + rng.integers(3, 160, 19).tolist()
+    prompts = [system + [k] + rng.integers(3, 160, n).tolist() for k, n in ((3, 6), (4, 2), (5, 11), (6, 9))]
+    sampling = dict(temperature=20.0, top_k=40) if sampled else {}
+    kw = dict(num_slots=2, max_length=64, prefill_buckets=(8, 16, 32, 64), prefill_chunk=8)
+    eng, scratch = Engine(wide_model, **kw, prefix_rows=rows).start(), Engine(wide_model, **kw, prefix_rows=0).start()
+    calls = _recording(eng)
+    try:
+        got, want = _answers(eng, prompts, **sampling), _answers(scratch, prompts, **sampling)
+        assert len(eng.device._kept) == len(eng.prefixes) == rows
+    finally:
+        eng.stop()
+        scratch.stop()
+    assert [cached for _, cached in got] == [0, 20, 20, 20] and {cached for _, cached in want} == {0}
+    for (tokens, _), (expected, _), prompt in zip(got, want, prompts):
+        _same_tokens(tokens, expected)
+        assert [t.token_id for t in tokens] == _alone(wide_model, Request(prompt_ids=prompt, max_new_tokens=5,
+                                                                         seed=prompts.index(prompt), **sampling))
+    assert calls.count("extend") == 3 + 0 + 0 + 1 + 1  # 27 tokens in chunks of 8, then 3, 12 and 10 after the 20
+
+
+def test_a_conversation_reuses_its_earlier_turns_past_the_window(model):
+    """The test model's window is 5 tokens, so a kept prompt of 24 serves only a prompt that begins with all
+    of it (the next turn of a conversation) or with all but its last token (the same prompt again, sampled
+    anew): a shorter shared prefix would need keys its rings overwrote, and is prefilled from scratch."""
+    rng = np.random.default_rng(6)
+    first = [2] + rng.integers(3, 160, 23).tolist()
+    prompts = [first, first + rng.integers(3, 160, 10).tolist(), first, first[:20] + [7, 8, 9]]
+    kw = dict(num_slots=2, max_length=48, prefill_buckets=(8, 16, 48), prefill_chunk=8)
+    eng, scratch = Engine(model, **kw).start(), Engine(model, **kw, prefix_rows=0).start()
+    try:
+        got = _answers(eng, prompts, temperature=1.0)
+        want = _answers(scratch, prompts, temperature=1.0)
+    finally:
+        eng.stop()
+        scratch.stop()
+    assert [cached for _, cached in got] == [0, 24, 23, 0]
+    for (tokens, _), (expected, _) in zip(got, want):
+        _same_tokens(tokens, expected)
+
+
+def test_a_next_turn_goes_ahead_of_a_long_prompts_next_chunk_as_a_short_one(model):
+    """What a prompt has to prefill after its kept prefix decides whether it goes between a long prompt's
+    chunks: a conversation's next turn of 23 tokens, 20 of them kept, takes one call; all get their solo tokens."""
+    eng = Engine(model, num_slots=3, max_length=48, prefill_buckets=(8, 16, 48), prefill_chunk=8, burst_ms=0)
+    calls = _recording(eng)
+    first = eng.submit(Request(prompt_ids=[2] + list(range(100, 119)), max_new_tokens=1))
+    running = eng.submit(Request(prompt_ids=[2, 5, 6], max_new_tokens=12))
+    eng._admit()
+    eng._admit()
+    long = eng.submit(Request(prompt_ids=[2] + list(range(40, 70)), max_new_tokens=4))
+    eng._admit()
+    eng._step()
+    turn = eng.submit(Request(prompt_ids=first.prompt_ids + [7, 8, 9], max_new_tokens=3))
+    while eng.free_slots < 3 or eng._inflight is not None:
+        eng._admit()
+        eng._step()
+    # (the running one goes between the first's chunks; the turn between the long one's)
+    assert calls[:9] == ["extend", "prefill", "extend", "prefill", "extend", "decode", "prefill", "decode", "extend"]
+    assert turn.cached_tokens == 20 and long.cached_tokens == 0
+    for r in (first, running, long, turn):
+        assert _collect(r) == (_alone(model, r), Finished("length"))
+
+
+def test_a_prompt_reuses_an_image_only_where_it_is_the_same_image(reference):
+    """A next turn after an image starts from the kept row only when its image has the same features (the
+    test model's 5-token window: a prefix ending before the image would need overwritten keys); both answer
+    as from scratch."""
+    model, _ = reference
+    c = model.config
+    tokens, width, image_id = c.mm_tokens_per_image, c.text_config.hidden_size, c.image_token_index
+    rng = np.random.default_rng(8)
+    ids = [2] + rng.integers(3, 100, 12).tolist() + [image_id] * tokens + rng.integers(3, 100, 4).tolist()
+    types = np.array([1 if t == image_id else 0 for t in ids], np.int32)
+    seen, other = (rng.normal(0, 1, (1, tokens, width)).astype(np.float32) for _ in range(2))
+    more = rng.integers(3, 100, 6).tolist()
+
+    def request(features, extra=()):
+        return Request(prompt_ids=ids + list(extra), max_new_tokens=4, prefill_inputs={
+            "image_features": features, "token_type_ids": np.concatenate([types, np.zeros(len(extra), np.int32)])})
+
+    kw = dict(num_slots=2, max_length=64, prefill_buckets=(16, 32, 64), prefill_chunk=16)
+    runs = []
+    for rows in (4, 0):
+        eng = Engine(model, **kw, prefix_rows=rows).start()
+        try:
+            runs.append([(*_collect(eng.submit(r)), r.cached_tokens)
+                         for r in (request(seen), request(seen.copy(), more), request(other, more))])
+        finally:
+            eng.stop()
+    assert [cached for *_, cached in runs[0]] == [0, len(ids), 0]
+    assert [answer for *answer, _ in runs[0]] == [answer for *answer, _ in runs[1]]
+
+
+def test_kept_rows_outlive_a_failed_decode_call_and_a_failed_prefill_keeps_none(model):
+    """A failed decode call resets the batched cache but not the kept rows (never donated): a next turn still
+    starts from one. A prompt whose prefill fails leaves no row behind in the store."""
+    eng = Engine(model, num_slots=2, max_length=48, prefill_buckets=(8, 16, 48), prefill_chunk=8, burst_ms=0)
+    first = eng.submit(Request(prompt_ids=[2] + list(range(100, 119)), max_new_tokens=6))
+    eng._admit()
+    _fail_next_fetch(eng)
+    eng._step()
+    eng._step()
+    assert [e.reason for e in first.stream(timeout=5) if isinstance(e, Finished)] == ["error"]
+    prefill = eng.device._prefill
+
+    def failing(*args):
+        eng.device._prefill = prefill
+        raise RuntimeError("injected prefill failure")
+
+    eng.device._prefill = failing
+    bad = eng.submit(Request(prompt_ids=[2] + list(range(120, 139)), max_new_tokens=3))
+    eng._admit()
+    assert _collect(bad)[1].reason == "error" and len(eng.prefixes) == len(eng.device._kept) == 1
+    turn = eng.submit(Request(prompt_ids=first.prompt_ids + [7, 8], max_new_tokens=3))
+    eng._admit()
+    while eng.free_slots < 2 or eng._inflight is not None:
+        eng._step()
+    assert turn.cached_tokens == 20 and _collect(turn) == (_alone(model, turn), Finished("length"))

@@ -144,7 +144,8 @@ def test_cancel_and_deadline_free_the_slots(lm_worker, reference):
 def test_no_request_waits_for_a_compile(lm_worker, reference):
     """The worker compiled the prefill of every length bucket, text and one image (--warm-up all), as a
     whole prompt and as a later chunk of one (--prefill-chunk 64), before it answered SERVING: prompts
-    of any length, with an image or none, compile nothing (its log names every compile: JAX_LOG_COMPILES)."""
+    of any length, with an image or none, whole or after a kept prefix, compile nothing (its log names
+    every compile: JAX_LOG_COMPILES)."""
     import os
     import tempfile
 
@@ -170,11 +171,35 @@ def test_no_request_waits_for_a_compile(lm_worker, reference):
     requests += [lm_worker_pb2.LMGenerateRequest(chat=chat("Where?", images=1, system="a " * n), sampling=sampling,
                                                  images=[lm_worker_pb2.ImageInput(inline=inline)])
                  for n in range(20, 36, 3)]
+    requests += requests[3:5] + requests[-2:]  # sent again: each from its kept prefix (--prefix-cache)
     before = compiles()
     for request in requests:
         done = _stream(target, request)[-1]
         assert done.finish_reason in (common_pb2.FINISH_REASON_LENGTH, common_pb2.FINISH_REASON_STOP)
     assert compiles() == before
+
+
+def test_a_prompt_sent_again_prefills_only_its_last_token_and_says_so(lm_worker, reference):
+    """The worker keeps prompts' cache rows (--prefix-cache): the same chat again, with its image, starts
+    from the first one's row (the test model's 5-token window allows only a whole-prompt match, one token
+    short) and answers the same; its usage counts the reused tokens; another image is not reused."""
+    _, target = lm_worker
+    model, _ = reference
+    features = [np.asarray(model.get_image_features(jnp.asarray(mk.random_pixels(1, seed=s)))) for s in (31, 32)]
+    system = "You describe images in one short sentence, naming every shape, its colour and where it is."
+
+    def ask(f):
+        inline = common_pb2.Tensor(dtype="float32", shape=list(f.shape), data=f.tobytes())
+        request = lm_worker_pb2.LMGenerateRequest(chat=chat("Where is the circle?", images=1, system=system),
+                                                  sampling=common_pb2.SamplingParams(max_new_tokens=6),
+                                                  images=[lm_worker_pb2.ImageInput(inline=inline)])
+        chunks = _stream(target, request)
+        return [t for c in chunks for t in c.token_ids], chunks[-1].usage
+
+    first, again, other = ask(features[0]), ask(features[0]), ask(features[1])
+    assert first[1].cached_prompt_tokens == 0 and first[1].prompt_tokens > 16
+    assert again[1].cached_prompt_tokens == again[1].prompt_tokens - 1 and again[0] == first[0]
+    assert other[1].cached_prompt_tokens == 0
 
 
 def test_logprobs_stream_with_the_tokens(lm_worker, reference):

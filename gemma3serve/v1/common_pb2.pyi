@@ -97,18 +97,20 @@ class TokenLogprob(_message.Message):
     def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., top: _Optional[_Iterable[_Union[TopLogprob, _Mapping]]] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("prompt_tokens", "completion_tokens", "image_cache_hits", "time_to_first_token_s", "image_embedding_keys")
+    __slots__ = ("prompt_tokens", "completion_tokens", "image_cache_hits", "time_to_first_token_s", "image_embedding_keys", "cached_prompt_tokens")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     IMAGE_CACHE_HITS_FIELD_NUMBER: _ClassVar[int]
     TIME_TO_FIRST_TOKEN_S_FIELD_NUMBER: _ClassVar[int]
     IMAGE_EMBEDDING_KEYS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     completion_tokens: int
     image_cache_hits: int
     time_to_first_token_s: float
     image_embedding_keys: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., image_cache_hits: _Optional[int] = ..., time_to_first_token_s: _Optional[float] = ..., image_embedding_keys: _Optional[_Iterable[str]] = ...) -> None: ...
+    cached_prompt_tokens: int
+    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., image_cache_hits: _Optional[int] = ..., time_to_first_token_s: _Optional[float] = ..., image_embedding_keys: _Optional[_Iterable[str]] = ..., cached_prompt_tokens: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("request_id", "text", "token_ids", "logprobs", "finish_reason", "usage")
