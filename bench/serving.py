@@ -188,6 +188,7 @@ class Record:
     finish: int = 0
     prompt_tokens: int = 0
     cache_hits: int = 0
+    cached_tokens: int = 0  # prompt tokens the LM worker reused from a kept prefix
     end: float = 0.0
     index: int = -1  # a paired request's place in its list
 
@@ -219,6 +220,7 @@ async def one(stub, template: Template, max_new_tokens: int, timeout: float, ind
             if chunk.finish_reason:
                 rec.e2e, rec.finish = now - rec.sent, chunk.finish_reason
                 rec.prompt_tokens, rec.cache_hits = chunk.usage.prompt_tokens, chunk.usage.image_cache_hits
+                rec.cached_tokens = chunk.usage.cached_prompt_tokens
     except grpc.aio.AioRpcError as e:
         rec.status, rec.detail = e.code().name, e.details()
     rec.end = time.perf_counter()
@@ -282,6 +284,7 @@ def summarize(name: str, records: list[Record], wall: float, max_new_tokens: int
         "request_tok_s": per_request,
         "batched_token_share": sum(r.batched_tokens for r in done) / max(1, tokens),
         "prompt_tokens": percentiles([r.prompt_tokens for r in done]),
+        "cached_prompt_share": sum(r.cached_tokens for r in done) / max(1, sum(r.prompt_tokens for r in done)),
         "image_requests": len(images), "image_cache_hit_share": (sum(r.cache_hits for r in images) / len(images)
                                                                  if images else None),
         "details": sorted({f"{r.status}: {r.detail}" for r in records if r.detail})[:3],
@@ -386,6 +389,7 @@ def start_stack(stack: Stack, model: str, args, max_length: int) -> str:
     # what bring_up does not pass as flags, the services read from their environment (Stack.start copies it)
     env = {"GEMMA3_LM_MAX_QUEUE": str(max(256, 2 * max(args.concurrencies, default=1))),
            "GEMMA3_GATEWAY_MAX_STREAMS_PER_CLIENT": "0",  # all the load comes from this one process
+           **({} if args.prefix_cache is None else {"GEMMA3_LM_PREFIX_CACHE": str(args.prefix_cache)}),
            **{f"GEMMA3_{s}_LOG_LEVEL": args.log_level for s in ("LM", "VISION", "GATEWAY")}}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
@@ -565,8 +569,8 @@ def tables(results: list[dict], args) -> str:
                      f"warm-up {r.get('warmup_s', 0):.0f} s)")
         lines.append("")
         lines.append("| workload | done/sent | prompt tok p50 | out tok/s | req/s | TTFT p50 | TTFT p99 | TPOT p50 | "
-                     "TPOT p99 | ITL p50 | ITL p99 | E2E p50 | E2E p99 | batched | cache hits |")
-        lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+                     "TPOT p99 | ITL p50 | ITL p99 | E2E p50 | E2E p99 | batched | cache hits | prompt reused |")
+        lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for w in r["workloads"]:
             hits = w["image_cache_hit_share"]
             lines.append(
@@ -574,7 +578,8 @@ def tables(results: list[dict], args) -> str:
                 f"{w['output_tok_s']:.1f} | {w['req_s']:.2f} | {ms(w['ttft_s']['p50'])} | {ms(w['ttft_s']['p99'])} | "
                 f"{ms(w['tpot_s']['p50'])} | {ms(w['tpot_s']['p99'])} | {ms(w['itl_s']['p50'])} | "
                 f"{ms(w['itl_s']['p99'])} | {ms(w['e2e_s']['p50'])} | {ms(w['e2e_s']['p99'])} | "
-                f"{w['batched_token_share']:.0%} | {'–' if hits is None else f'{hits:.0%}'} |")
+                f"{w['batched_token_share']:.0%} | {'–' if hits is None else f'{hits:.0%}'} | "
+                f"{w.get('cached_prompt_share', 0):.0%} |")
         if r.get("ratio"):
             lines.append("")
         for group, x in (r.get("ratio") or {}).items():
@@ -661,6 +666,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--vision-in-lm", action="store_true", help="no vision worker: the LM worker embeds images "
                    "(the launcher's --vision-in-lm)")
+    p.add_argument("--prefix-cache", type=int, help="the LM worker's --prefix-cache (default: its own, 4; a "
+                   "request whose image came before starts from the kept row of the prompt that had it)")
     p.add_argument("--library", action=argparse.BooleanOptionalAction, default=True,
                    help="end with requests paired with the library's generate")
     p.add_argument("--paired-requests", type=int, default=32, help="requests paired with the library's")

@@ -190,14 +190,16 @@ of 0 or more names a row the device keeps (a prefix: `prefixes.PrefixStore`), co
 
 @dataclasses.dataclass(eq=False)
 class _Prefill:
-    """A request being prefilled, a chunk per device call: the slot it will take, where each chunk ends, and
-    the kept row (``source``) its first ``start`` tokens come from."""
+    """A request being prefilled, a chunk per device call: the slot it will take, where each chunk ends, the
+    kept row (``source``) its first ``start`` tokens come from, and where (a chunk's end) a copy of its row
+    is kept too (``split``, 0: nowhere but at the end)."""
     request: Request
     slot: int
     ends: list[int]
     done: int = 0  # chunks prefilled
     start: int = 0
     source: int = NEW_ROW
+    split: int = 0
 
 
 def prompt_chunks(n: int, chunk: int, image_tokens: np.ndarray | None = None) -> list[int]:
@@ -279,6 +281,7 @@ class Engine:
         self._inflight: _Call | None = None  # the decode call dispatched and not yet handed out
         self._pending: queue.Queue[Request] = queue.Queue(maxsize=max_queue)
         self.finished: collections.Counter[str] = collections.Counter()  # requests ended, by reason
+        self.prompt_tokens = self.cached_tokens = 0  # of the requests admitted: prompt tokens, those reused
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -400,21 +403,31 @@ class Engine:
 
     def _plan(self, request: Request, slot: int, touch: bool = True) -> _Prefill:
         """``request``'s prefill into ``slot``: from the kept row that provides most of its prompt, if any,
-        then the rest in chunks (``touch``: the row counts as used)."""
-        source, start = NEW_ROW, 0
+        then the rest in chunks; where it shares more with a kept prompt than that row provides (whose
+        rings lost the keys past it), a chunk ends there and the row is kept at that point too, for the next
+        prompt that begins alike (not with whole prompts: chunks before the last compile for one bucket
+        only). ``touch``: the row counts as used."""
+        source, start, split = NEW_ROW, 0, 0
         if self.prefixes is not None and request._reuse and request._keys is not None:
-            source, start = self.prefixes.match(request._keys, touch)
+            source, start, shared = self.prefixes.match(request._keys, touch)
             source = NEW_ROW if source < 0 else source
+            split = shared if shared > start and self.prefill_chunk and request._keep else 0
         request.cached_tokens = start
-        return _Prefill(request, slot, self._chunks(request, start), start=start, source=source)
+        if touch:
+            self.prompt_tokens += len(request.prompt_ids)
+            self.cached_tokens += start
+        ends = self._chunks(request, start, split) + self._chunks(request, split) if split else self._chunks(
+            request, start)
+        return _Prefill(request, slot, ends, start=start, source=source, split=split)
 
-    def _chunks(self, request: Request, start: int = 0) -> list[int]:
-        """Where the prefill chunks of ``request``'s prompt from token ``start`` on end."""
+    def _chunks(self, request: Request, start: int = 0, stop: int | None = None) -> list[int]:
+        """Where the prefill chunks of ``request``'s prompt from token ``start`` on (to ``stop``) end."""
         inputs = request.prefill_inputs
+        stop = len(request.prompt_ids) if stop is None else stop
         types = inputs.get("token_type_ids")  # (images are found by their types: without, one chunk)
         chunk = 0 if types is None and "image_features" in inputs else self.prefill_chunk
-        ends = prompt_chunks(len(request.prompt_ids) - start, chunk,
-                             None if types is None else np.asarray(types).reshape(-1)[start:] == 1)
+        ends = prompt_chunks(stop - start, chunk,
+                             None if types is None else np.asarray(types).reshape(-1)[start:stop] == 1)
         return [start + end for end in ends]
 
     def _overtake(self) -> bool:
@@ -488,7 +501,8 @@ class Engine:
         """Prefill tokens ends[done - 1]..ends[done] of the prompt (padded to a bucket) on the device: into a
         new cache row or a copy of the kept prefix for the first chunk, else the row the chunks before left;
         the last chunk samples the first token and inserts the row into the slot (its picks are returned),
-        and the device keeps the row for later prompts that begin alike."""
+        and the device keeps the row for later prompts that begin alike (and a copy of it after the chunk
+        that ends at ``split``)."""
         request = partial.request
         source = np.int32(partial.source if partial.done == 0 else CONTINUED_ROW)
         start, end = partial.ends[partial.done - 1] if partial.done else partial.start, partial.ends[partial.done]
@@ -516,13 +530,13 @@ class Engine:
             if images > len(features):
                 extra["image_features"] = np.zeros((images, *features.shape[1:]), np.float32)
                 extra["image_features"][:len(features)] = features
-        if not last:
-            self.device.extend(ids, np.int32(n), extra, source, np.int32(partial.start))
-            return None
         keep, evicted = -1, []
-        if self.prefixes is not None and request._keep and request._keys is not None:
-            keep, evicted = self.prefixes.add(request._keys)
+        if self.prefixes is not None and request._keep and request._keys is not None and (last or end == partial.split):
+            keep, evicted = self.prefixes.add(request._keys[:end])
         try:
+            if not last:
+                return self.device.extend(ids, np.int32(n), extra, source, np.int32(partial.start), np.int32(keep),
+                                          np.int32(end))
             picked = self.device.prefill(np.int32(partial.slot), ids, np.int32(n), extra, *_sampling(request),
                                          np.bool_(request.top_logprobs > 0), source, np.int32(partial.start),
                                          np.int32(keep))
@@ -784,10 +798,13 @@ class DeviceProgram:
             self._kept[int(keep)] = row
         return [np.asarray(x) for x in picked]
 
-    def extend(self, ids, length, extra, source, start=0) -> None:
+    def extend(self, ids, length, extra, source, start=0, keep=-1, end=0) -> None:
         """Prefill a chunk of a prompt before its last (``source`` as for ``prefill``) into the row the next
-        chunk continues; nothing is sampled (the LM head runs on the last chunk only)."""
+        chunk continues; nothing is sampled (the LM head runs on the last chunk only). ``keep`` (0 or more):
+        a copy of the row, which the next chunk takes, is kept under that handle (``end``: its tokens)."""
         self._row = self._extend(self.weights, self._row_from(source, start), ids, length, extra)
+        if keep >= 0:
+            self._kept[int(keep)] = self._cut(self._row, end)
         self._behind_chunk = True  # (the next decode call waits for it on the device)
 
     def forget(self, handle) -> None:

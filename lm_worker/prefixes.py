@@ -7,7 +7,9 @@ A row serves a prefix shorter than its own prompt only while its sliding layers'
 prefix needs: always where its prompt fits in the ring, else only the prefix one token short of its prompt
 (sliding windows look back ``window - 1`` keys; the ring holds the last ``window``). So a system prompt shared
 by chats is reused from any of them that fit the window (512 tokens for gemma-3-1b, 1024 for 4b and up), and a
-conversation's next turn, which extends the last turn's whole prompt, from any length.
+conversation's next turn, which extends the last turn's whole prompt, from any length. A prompt that shares
+more with a kept one than its row can serve has a chunk end where they part, and its row is kept there too
+(a copy): so a longer system prompt is reused from the third chat on.
 """
 
 from __future__ import annotations
@@ -39,7 +41,9 @@ def prompt_keys(ids, token_types=None, image_features=None) -> np.ndarray | None
     features = np.asarray(image_features)
     if features.ndim != 3 or features.shape[0] * features.shape[1] != image.sum():
         return None
-    digests = [-1 - (int.from_bytes(hashlib.blake2b(np.ascontiguousarray(f).tobytes(), digest_size=8).digest(),
+    # (the whole of each image's features, not a sample: inline features come from clients, and a crafted match
+    # would start one client's prompt from another's image; ~3 ms for a gemma-3-4b image's 2.6 MB on a CPU core)
+    digests = [-1 - (int.from_bytes(hashlib.blake2b(np.ascontiguousarray(f).view(np.uint8), digest_size=8).digest(),
                                     "little") >> 1) for f in features]
     keys[image] = np.repeat(np.array(digests, np.int64), features.shape[1])
     return keys
@@ -68,22 +72,28 @@ class PrefixStore:
     def __len__(self) -> int:
         return len(self._rows)
 
-    def match(self, keys: np.ndarray, touch: bool = True) -> tuple[int, int]:
+    def match(self, keys: np.ndarray, touch: bool = True) -> tuple[int, int, int]:
         """The kept row to start ``keys``' prompt from and how many of its tokens it provides (at least
-        MIN_REUSE, at most all but the last, which must be prefilled for the first token's logits); (-1, 0)
-        when no row provides that many. ``touch``: the row becomes the most recently used."""
-        best, handle = 0, -1
+        MIN_REUSE, at most all but the last, which must be prefilled for the first token's logits; (-1, 0)
+        when no row provides that many), and the longest prefix it shares with any kept prompt (0 if under
+        MIN_REUSE), longer than the tokens provided where that prompt's rings lost the keys past it: the
+        engine then keeps this prompt's row at that point too, for the next prompt that begins alike (a
+        system prompt past the window: from the third chat on). ``touch``: the row becomes the most recently
+        used."""
+        best, handle, shared = 0, -1, 0
         for h, kept in self._rows.items():
             n = min(kept.size, keys.size - 1)
             differ = np.flatnonzero(kept[:n] != keys[:n])
             common = _run_start(keys, int(differ[0]) if differ.size else n)
+            shared = max(shared, common)
             if common > best and (kept.size <= self.ring or common >= kept.size - 1):
                 best, handle = common, h
+        shared = shared if shared >= MIN_REUSE else 0
         if best < MIN_REUSE:
-            return -1, 0
+            return -1, 0, shared
         if touch:
             self._rows.move_to_end(handle)
-        return handle, best
+        return handle, best, shared
 
     def add(self, keys: np.ndarray) -> tuple[int, list[int]]:
         """Record ``keys``' row, kept by the device under the handle returned (-1: not worth keeping, too short

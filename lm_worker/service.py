@@ -148,7 +148,9 @@ class LMWorkerService(lm_worker_pb2_grpc.LMWorkerServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading")
         e = self.engine
         return lm_worker_pb2.LMWorkerStats(num_slots=e.num_slots, active_slots=e.num_slots - e.free_slots,
-                                           queued=e.queued, finished=dict(e.finished))
+                                           queued=e.queued, finished=dict(e.finished),
+                                           kept_prefixes=len(e.prefixes) if e.prefixes is not None else 0,
+                                           prompt_tokens=e.prompt_tokens, cached_prompt_tokens=e.cached_tokens)
 
     async def Generate(self, request, context):
         if self.engine is None:

@@ -589,9 +589,10 @@ def test_chunks_keep_images_whole_and_warm_up_compiles_every_chunk_program(serve
 
 def test_the_lm_worker_prefills_in_the_engines_chunks_by_default(monkeypatch, reference):
     from lm_worker.__main__ import parse_args
-    from lm_worker.engine import PREFILL_CHUNK
+    from lm_worker.engine import PREFILL_CHUNK, PREFIX_ROWS
 
     assert parse_args(["--model", "m"]).prefill_chunk == PREFILL_CHUNK
+    assert parse_args(["--model", "m"]).prefix_cache == PREFIX_ROWS  # (and keeps the engine's prefix rows)
     monkeypatch.setenv("GEMMA3_LM_PREFILL_CHUNK", "0")
     assert parse_args(["--model", "m"]).prefill_chunk == 0
     with pytest.raises(ValueError, match="at least an image's 9 tokens, got 8"):  # (a chunk never splits an image)
@@ -751,6 +752,33 @@ def test_a_conversation_reuses_its_earlier_turns_past_the_window(model):
     assert [cached for _, cached in got] == [0, 24, 23, 0]
     for (tokens, _), (expected, _) in zip(got, want):
         _same_tokens(tokens, expected)
+
+
+def test_a_system_prompt_past_the_window_is_reused_from_the_third_chat_on(model):
+    """Chats sharing a 20-token system prompt, past the test model's 5-token window: the second shares it with
+    the first, whose row cannot serve it (its rings hold only its last tokens), so its chunks end at the 20th
+    token and a copy of its row is kept there; the third and fourth start from that copy. All answer as
+    from scratch."""
+    rng = np.random.default_rng(9)
+    system = [2] + rng.integers(3, 160, 19).tolist()
+    prompts = [system + [k] + rng.integers(3, 160, 5).tolist() for k in (3, 4, 5, 6)]
+    kw = dict(num_slots=2, max_length=48, prefill_buckets=(8, 16, 48), prefill_chunk=8)
+    eng, scratch = Engine(model, **kw).start(), Engine(model, **kw, prefix_rows=0).start()
+    calls = _recording(eng)
+    try:
+        got = _answers(eng, prompts, temperature=1.0)
+        want = _answers(scratch, prompts, temperature=1.0)
+        assert len(eng.prefixes) == len(eng.device._kept) == 4  # the chats' rows (one evicted), the system's:
+        assert sorted(keys.size for keys in eng.prefixes._rows.values()) == [20, 26, 26, 26]
+    finally:
+        eng.stop()
+        scratch.stop()
+    assert [cached for _, cached in got] == [0, 0, 20, 20]
+    for (tokens, _), (expected, _) in zip(got, want):
+        _same_tokens(tokens, expected)
+    # 26 tokens in chunks of 8; the second chat's chunks end at 8, 16 and 20 (kept there), 26; then 6 tokens each
+    prefills = [c for c in calls if c != "decode"]
+    assert prefills == ["extend"] * 3 + ["prefill"] + ["extend"] * 3 + ["prefill"] + ["prefill"] * 2
 
 
 def test_a_next_turn_goes_ahead_of_a_long_prompts_next_chunk_as_a_short_one(model):

@@ -196,10 +196,38 @@ def test_a_prompt_sent_again_prefills_only_its_last_token_and_says_so(lm_worker,
         chunks = _stream(target, request)
         return [t for c in chunks for t in c.token_ids], chunks[-1].usage
 
+    def stats():
+        with grpc.insecure_channel(target) as channel:
+            return lm_worker_pb2_grpc.LMWorkerStub(channel).GetStats(lm_worker_pb2.StatsRequest())
+
+    before = stats()
     first, again, other = ask(features[0]), ask(features[0]), ask(features[1])
     assert first[1].cached_prompt_tokens == 0 and first[1].prompt_tokens > 16
     assert again[1].cached_prompt_tokens == again[1].prompt_tokens - 1 and again[0] == first[0]
     assert other[1].cached_prompt_tokens == 0
+    after = stats()  # (the worker's totals: hit rates for operators)
+    assert after.prompt_tokens - before.prompt_tokens == 3 * first[1].prompt_tokens
+    assert after.cached_prompt_tokens - before.cached_prompt_tokens == again[1].cached_prompt_tokens
+    assert after.kept_prefixes == 4  # (--prefix-cache's default; the earlier tests' prompts filled it)
+
+
+def test_a_conversations_next_turn_starts_from_the_turn_before(lm_worker, reference):
+    """The next turn's prompt (the chat template's text, tokenized anew, with the answer as text) begins
+    with the earlier prompt less at most its last token, so it starts from that prompt's kept row (past the
+    test model's 5-token window) and answers as the model does from scratch."""
+    _, target = lm_worker
+    turn = lambda role, text: common_pb2.Turn(role=role, parts=[common_pb2.ContentPart(text=text)])  # noqa: E731
+    sampling = common_pb2.SamplingParams(max_new_tokens=8)
+    first = lm_worker_pb2.LMGenerateRequest(chat=chat("Name a shape and a colour, then say where it is."),
+                                            sampling=sampling)
+    chunks = _stream(target, first)
+    answer = "".join(c.text for c in chunks)
+    turns = [*first.chat.turns, turn("assistant", answer), turn("user", "And another one, further left?")]
+    second = lm_worker_pb2.LMGenerateRequest(chat=common_pb2.Chat(turns=turns), sampling=sampling)
+    got = _stream(target, second)
+    assert got[-1].usage.cached_prompt_tokens >= chunks[-1].usage.prompt_tokens - 1 > 16
+    _, want = expected_answer(reference, second)
+    assert [t for c in got for t in c.token_ids] == want
 
 
 def test_logprobs_stream_with_the_tokens(lm_worker, reference):

@@ -37,21 +37,25 @@ def test_a_kept_row_serves_any_shared_prefix_within_its_ring_and_past_it_only_th
     system = np.arange(1, 21)
     short, _ = store.add(_keys(system, [500, 501]))  # 22 tokens: fits the ring
     long, _ = store.add(_keys(system, np.arange(600, 640)))  # 60 tokens: its ring wrapped
-    assert store.match(_keys(system, [700, 701, 702])) == (short, 20)  # (not the long one: its ring lost them)
-    assert store.match(_keys(system, np.arange(600, 640), [9])) == (long, 60)  # a conversation's next turn
-    assert store.match(_keys(system, np.arange(600, 640))) == (long, 59)  # the same prompt: all but its last token
-    assert store.match(_keys(system, np.arange(600, 630), [9, 9])) == (short, 20)
-    assert store.match(_keys(system[:MIN_REUSE - 1], [800] * 10)) == (-1, 0)  # too short a match to pay
-    assert store.match(_keys(system, [500, 501], [5] * 3)) == (short, 22)
+    assert store.match(_keys(system, [700, 701, 702])) == (short, 20, 20)  # (not the long one: its ring lost them)
+    assert store.match(_keys(system, np.arange(600, 640), [9])) == (long, 60, 60)  # a conversation's next turn
+    assert store.match(_keys(system, np.arange(600, 640))) == (long, 59, 59)  # the same prompt: all but its last token
+    # 50 tokens shared with the long one, which serves none of them: the short one serves 20, and the engine
+    # keeps this prompt's row at 50 too
+    assert store.match(_keys(system, np.arange(600, 630), [9, 9])) == (short, 20, 50)
+    assert store.match(_keys(system[:MIN_REUSE - 1], [800] * 10)) == (-1, 0, 0)  # too short a match to pay
+    assert store.match(_keys(system, [500, 501], [5] * 3)) == (short, 22, 22)
+    store.remove(short)
+    assert store.match(_keys(system, [700, 701, 702])) == (-1, 0, 20)
 
 
 def test_a_match_never_ends_inside_an_image():
     store = PrefixStore(capacity=2, ring=64)
     image = [-7] * 9
     kept, _ = store.add(_keys(np.arange(1, 21), image, [30, 31]))
-    assert store.match(_keys(np.arange(1, 21), image, [40])) == (kept, 29)
-    assert store.match(_keys(np.arange(1, 21), [-8] * 9, [30])) == (kept, 20)  # another image: up to its start
-    assert store.match(_keys(np.arange(1, 21), image)) == (kept, 20)  # (its last token is the image's)
+    assert store.match(_keys(np.arange(1, 21), image, [40])) == (kept, 29, 29)
+    assert store.match(_keys(np.arange(1, 21), [-8] * 9, [30])) == (kept, 20, 20)  # another image: up to its start
+    assert store.match(_keys(np.arange(1, 21), image)) == (kept, 20, 20)  # (its last token is the image's)
 
 
 def test_the_least_recently_used_row_goes_first_and_a_prompt_is_kept_once():
@@ -62,10 +66,10 @@ def test_the_least_recently_used_row_goes_first_and_a_prompt_is_kept_once():
     assert store.add(a.copy()) == (-1, [])  # kept already: now the most recent
     hc, evicted = store.add(c)
     assert evicted == [hb] and len(store) == 2
-    assert store.match(_keys(a, [4])) == (ha, 20)  # a match makes it the most recent too
+    assert store.match(_keys(a, [4]))[:2] == (ha, 20)  # a match makes it the most recent too
     assert store.add(_keys([5] * 20))[1] == [hc]
     assert store.add(_keys([5] * (MIN_REUSE - 1))) == (-1, [])  # too short to keep
     store.remove(ha)
-    assert store.match(_keys(a, [4])) == (-1, 0)
+    assert store.match(_keys(a, [4])) == (-1, 0, 0)
     with pytest.raises(ValueError, match="at least one row"):
         PrefixStore(capacity=0, ring=8)

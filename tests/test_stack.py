@@ -128,7 +128,7 @@ def test_metrics_record_latency_slots_and_cache_hits(stack, lm_worker, vision_wo
         assert total(vision["gemma3.vision.forward.duration"]) >= 1 and total(vision["gemma3.vision.batch.images"])
         assert total(lm["gemma3.lm.time_to_first_token"]) >= 2 and total(lm["gemma3.lm.time_per_output_token"]) >= 2
         assert all(p["sum"] > 0 for p in lm["gemma3.lm.time_to_first_token"])
-        assert {p["attributes"]["kind"] for p in lm["gemma3.lm.tokens"]} == {"prompt", "completion"}
+        assert {p["attributes"]["kind"] for p in lm["gemma3.lm.tokens"]} == {"prompt", "cached_prompt", "completion"}
         assert lm["gemma3.lm.queue_depth"] and lm["gemma3.lm.active_slots"]
         assert any(p["attributes"]["finish_reason"] == "length" for p in lm["gemma3.lm.requests"])
         statuses = {p["attributes"]["grpc.status"] for p in gateway["gemma3.gateway.requests"]}

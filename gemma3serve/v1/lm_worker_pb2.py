@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from gemma3serve.v1 import common_pb2 as gemma3serve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1egemma3serve/v1/lm_worker.proto\x12\x0egemma3serve.v1\x1a\x1bgemma3serve/v1/common.proto\"b\n\nImageInput\x12\x0b\n\x03key\x18\x01 \x01(\t\x12&\n\x06inline\x18\x02 \x01(\x0b\x32\x16.gemma3serve.v1.Tensor\x12\x11\n\tnum_crops\x18\x03 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"\xf5\x01\n\x11LMGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12$\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x14.gemma3serve.v1.ChatH\x00\x12(\n\x03raw\x18\x03 \x01(\x0b\x32\x19.gemma3serve.v1.RawPromptH\x00\x12*\n\x06images\x18\x04 \x03(\x0b\x32\x1a.gemma3serve.v1.ImageInput\x12\x30\n\x08sampling\x18\x05 \x01(\x0b\x32\x1e.gemma3serve.v1.SamplingParams\x12\x14\n\x0cpan_and_scan\x18\x06 \x01(\x08\x42\x08\n\x06prompt\"\x0e\n\x0cStatsRequest\"\xb8\x01\n\rLMWorkerStats\x12\x11\n\tnum_slots\x18\x01 \x01(\r\x12\x14\n\x0c\x61\x63tive_slots\x18\x02 \x01(\r\x12\x0e\n\x06queued\x18\x03 \x01(\r\x12=\n\x08\x66inished\x18\x04 \x03(\x0b\x32+.gemma3serve.v1.LMWorkerStats.FinishedEntry\x1a/\n\rFinishedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x32\xa6\x01\n\x08LMWorker\x12Q\n\x08Generate\x12!.gemma3serve.v1.LMGenerateRequest\x1a .gemma3serve.v1.GenerateResponse0\x01\x12G\n\x08GetStats\x12\x1c.gemma3serve.v1.StatsRequest\x1a\x1d.gemma3serve.v1.LMWorkerStatsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1egemma3serve/v1/lm_worker.proto\x12\x0egemma3serve.v1\x1a\x1bgemma3serve/v1/common.proto\"b\n\nImageInput\x12\x0b\n\x03key\x18\x01 \x01(\t\x12&\n\x06inline\x18\x02 \x01(\x0b\x32\x16.gemma3serve.v1.Tensor\x12\x11\n\tnum_crops\x18\x03 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"\xf5\x01\n\x11LMGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12$\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x14.gemma3serve.v1.ChatH\x00\x12(\n\x03raw\x18\x03 \x01(\x0b\x32\x19.gemma3serve.v1.RawPromptH\x00\x12*\n\x06images\x18\x04 \x03(\x0b\x32\x1a.gemma3serve.v1.ImageInput\x12\x30\n\x08sampling\x18\x05 \x01(\x0b\x32\x1e.gemma3serve.v1.SamplingParams\x12\x14\n\x0cpan_and_scan\x18\x06 \x01(\x08\x42\x08\n\x06prompt\"\x0e\n\x0cStatsRequest\"\x84\x02\n\rLMWorkerStats\x12\x11\n\tnum_slots\x18\x01 \x01(\r\x12\x14\n\x0c\x61\x63tive_slots\x18\x02 \x01(\r\x12\x0e\n\x06queued\x18\x03 \x01(\r\x12=\n\x08\x66inished\x18\x04 \x03(\x0b\x32+.gemma3serve.v1.LMWorkerStats.FinishedEntry\x12\x15\n\rkept_prefixes\x18\x05 \x01(\r\x12\x15\n\rprompt_tokens\x18\x06 \x01(\x04\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x07 \x01(\x04\x1a/\n\rFinishedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x32\xa6\x01\n\x08LMWorker\x12Q\n\x08Generate\x12!.gemma3serve.v1.LMGenerateRequest\x1a .gemma3serve.v1.GenerateResponse0\x01\x12G\n\x08GetStats\x12\x1c.gemma3serve.v1.StatsRequest\x1a\x1d.gemma3serve.v1.LMWorkerStatsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,9 +41,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STATSREQUEST']._serialized_start=427
   _globals['_STATSREQUEST']._serialized_end=441
   _globals['_LMWORKERSTATS']._serialized_start=444
-  _globals['_LMWORKERSTATS']._serialized_end=628
-  _globals['_LMWORKERSTATS_FINISHEDENTRY']._serialized_start=581
-  _globals['_LMWORKERSTATS_FINISHEDENTRY']._serialized_end=628
-  _globals['_LMWORKER']._serialized_start=631
-  _globals['_LMWORKER']._serialized_end=797
+  _globals['_LMWORKERSTATS']._serialized_end=704
+  _globals['_LMWORKERSTATS_FINISHEDENTRY']._serialized_start=657
+  _globals['_LMWORKERSTATS_FINISHEDENTRY']._serialized_end=704
+  _globals['_LMWORKER']._serialized_start=707
+  _globals['_LMWORKER']._serialized_end=873
 # @@protoc_insertion_point(module_scope)

@@ -40,7 +40,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class LMWorkerStats(_message.Message):
-    __slots__ = ("num_slots", "active_slots", "queued", "finished")
+    __slots__ = ("num_slots", "active_slots", "queued", "finished", "kept_prefixes", "prompt_tokens", "cached_prompt_tokens")
     class FinishedEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -52,8 +52,14 @@ class LMWorkerStats(_message.Message):
     ACTIVE_SLOTS_FIELD_NUMBER: _ClassVar[int]
     QUEUED_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
+    KEPT_PREFIXES_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     num_slots: int
     active_slots: int
     queued: int
     finished: _containers.ScalarMap[str, int]
-    def __init__(self, num_slots: _Optional[int] = ..., active_slots: _Optional[int] = ..., queued: _Optional[int] = ..., finished: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    kept_prefixes: int
+    prompt_tokens: int
+    cached_prompt_tokens: int
+    def __init__(self, num_slots: _Optional[int] = ..., active_slots: _Optional[int] = ..., queued: _Optional[int] = ..., finished: _Optional[_Mapping[str, int]] = ..., kept_prefixes: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., cached_prompt_tokens: _Optional[int] = ...) -> None: ...
