@@ -111,6 +111,9 @@ class Request:
     notify: Callable[[], None] | None = None  # called (on the engine thread) after each new event
     id: int = dataclasses.field(default_factory=lambda: next(_ids))
     cached_tokens: int = 0  # set by the engine before the first token: prompt tokens reused from a kept prefix
+    # prefixes.prompt_keys of the prompt where the caller computed them off its own thread (an image's digest reads
+    # its features: ~3 ms for a gemma-3-4b image); else submit does
+    prefix_keys: np.ndarray | None = None
     events: queue.SimpleQueue = dataclasses.field(default_factory=queue.SimpleQueue)
     _cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
     _ended: bool = False  # a Finished was queued: nothing more is (fail_all, from another thread, may race)
@@ -200,6 +203,7 @@ class _Prefill:
     start: int = 0
     source: int = NEW_ROW
     split: int = 0
+    kept: list[int] = dataclasses.field(default_factory=list)  # handles of the rows it had kept
 
 
 def prompt_chunks(n: int, chunk: int, image_tokens: np.ndarray | None = None) -> list[int]:
@@ -301,9 +305,9 @@ class Engine:
         if n + request.max_new_tokens > self.max_length:
             raise ValueError(f"prompt ({n} tokens) + max_new_tokens ({request.max_new_tokens}) exceeds the "
                              f"context of {self.max_length} tokens")
-        if self.prefixes is not None and (request._reuse or request._keep):  # (here, off the engine thread:
-            inputs = request.prefill_inputs  # an image's digest reads its features)
-            request._keys = prompt_keys(request.prompt_ids, types, inputs.get("image_features"))
+        if self.prefixes is not None and (request._reuse or request._keep):  # (off the engine thread)
+            request._keys = request.prefix_keys if request.prefix_keys is not None else prompt_keys(
+                request.prompt_ids, types, request.prefill_inputs.get("image_features"))
         try:
             self._pending.put_nowait(request)
         except queue.Full:
@@ -405,15 +409,17 @@ class Engine:
         """``request``'s prefill into ``slot``: from the kept row that provides most of its prompt, if any,
         then the rest in chunks; where it shares more with a kept prompt than that row provides (whose
         rings lost the keys past it), a chunk ends there and the row is kept at that point too, for the next
-        prompt that begins alike (not with whole prompts: chunks before the last compile for one bucket
-        only). ``touch``: the row counts as used."""
+        prompt that begins alike (not with whole prompts, whose chunks before the last compile for one bucket
+        only, nor with room for one row, which the prompt's own would take). ``touch``: the row counts as
+        used, and the request's and the engine's counts of reused tokens are kept."""
         source, start, split = NEW_ROW, 0, 0
         if self.prefixes is not None and request._reuse and request._keys is not None:
             source, start, shared = self.prefixes.match(request._keys, touch)
             source = NEW_ROW if source < 0 else source
-            split = shared if shared > start and self.prefill_chunk and request._keep else 0
-        request.cached_tokens = start
+            split = shared if (shared > start and self.prefill_chunk and request._keep
+                               and self.prefixes.capacity > 1) else 0
         if touch:
+            request.cached_tokens = start
             self.prompt_tokens += len(request.prompt_ids)
             self.cached_tokens += start
         ends = self._chunks(request, start, split) + self._chunks(request, split) if split else self._chunks(
@@ -480,6 +486,7 @@ class Engine:
                 self._emit(partial.slot, token, logprob, top_ids, top_logprobs, time.monotonic())
         except Exception as e:  # a bad request must not take the engine down
             self._release(partial)
+            self._drop_rows(partial)
             if self.broken:
                 request.put(Finished("unavailable", self.broken))
                 return
@@ -533,22 +540,27 @@ class Engine:
         keep, evicted = -1, []
         if self.prefixes is not None and request._keep and request._keys is not None and (last or end == partial.split):
             keep, evicted = self.prefixes.add(request._keys[:end])
+            if keep >= 0:
+                partial.kept.append(keep)
         try:
             if not last:
                 return self.device.extend(ids, np.int32(n), extra, source, np.int32(partial.start), np.int32(keep),
                                           np.int32(end))
-            picked = self.device.prefill(np.int32(partial.slot), ids, np.int32(n), extra, *_sampling(request),
-                                         np.bool_(request.top_logprobs > 0), source, np.int32(partial.start),
-                                         np.int32(keep))
-        except Exception:
-            if keep >= 0:
-                self.prefixes.remove(keep)
-                evicted.append(keep)  # (a group's followers may have kept it)
-            raise
+            return self.device.prefill(np.int32(partial.slot), ids, np.int32(n), extra, *_sampling(request),
+                                       np.bool_(request.top_logprobs > 0), source, np.int32(partial.start),
+                                       np.int32(keep))
         finally:
             for handle in evicted if not self.broken else ():  # (after: the prefill may have started from one)
                 self.device.forget(np.int32(handle))
-        return picked
+
+    def _drop_rows(self, partial: _Prefill) -> None:
+        """After a failed prefill call, the rows it kept or started from are let go: a chunk is dispatched and
+        not waited for, so its failure (out of memory) may show only later, in a row kept from it."""
+        handles = partial.kept + ([partial.source] if partial.source >= 0 else [])
+        for handle in handles if self.prefixes is not None else ():
+            self.prefixes.remove(handle)
+            if not self.broken:  # (a group's followers may have kept it)
+                self.device.forget(np.int32(handle))
 
     @property
     def chunk_buckets(self) -> list[int]:
@@ -610,7 +622,8 @@ class Engine:
             finish = list(self.submit(r).stream())[-1]
             if finish.reason != "length":
                 raise RuntimeError(f"warming up the prefill of {len(r.prompt_ids)} tokens failed: {finish.detail}")
-        return len(runs)
+        self.prompt_tokens = self.cached_tokens = 0  # (the counts are the requests' served; the engine thread
+        return len(runs)  # is idle: the last run has ended)
 
     def _burst(self, active: np.ndarray, left: int) -> tuple[int, int]:
         """Decode steps for the next device call, and how many of them run whatever its yield flag says.

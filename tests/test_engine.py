@@ -8,6 +8,7 @@ import pytest
 
 from gemma3 import Gemma3ForCausalLM, cpu_kernels
 from lm_worker.engine import BURST_MS, Engine, Finished, QueueFull, Request, Token, buckets_for, prompt_chunks
+from lm_worker.prefixes import prompt_keys
 
 
 @pytest.fixture(scope="module")
@@ -373,6 +374,7 @@ def test_warm_up_compiles_every_prefill_and_image_counts_share_shapes(served_che
     eng = Engine(model, num_slots=2, max_length=64, prefill_buckets=(16, 32, 64)).start()
     try:
         assert eng.warm_up(2, (image_id, tokens, width)) == 6 + 1 + 6  # each bucket: text, and one image; then
+        assert eng.prompt_tokens == eng.cached_tokens == 0  # (counts of the requests served)
         prefill, cut = eng.device._prefill, eng.device._cut  # a prompt kept, and each again after it
         compiled, cuts = prefill._cache_size(), cut._cache_size()
         kept = list(range(3, 20))
@@ -754,31 +756,33 @@ def test_a_conversation_reuses_its_earlier_turns_past_the_window(model):
         _same_tokens(tokens, expected)
 
 
-def test_a_system_prompt_past_the_window_is_reused_from_the_third_chat_on(model):
+@pytest.mark.parametrize("rows", [4, 1])
+def test_a_system_prompt_past_the_window_is_reused_from_the_third_chat_on(model, rows):
     """Chats sharing a 20-token system prompt, past the test model's 5-token window: the second shares it with
     the first, whose row cannot serve it (its rings hold only its last tokens), so its chunks end at the 20th
-    token and a copy of its row is kept there; the third and fourth start from that copy. All answer as
-    from scratch."""
+    token and a copy of its row is kept there; the third and fourth start from that copy (not with room for one
+    row, which each chat's own row would take at once: nothing is reused). All answer as from scratch."""
     rng = np.random.default_rng(9)
     system = [2] + rng.integers(3, 160, 19).tolist()
     prompts = [system + [k] + rng.integers(3, 160, 5).tolist() for k in (3, 4, 5, 6)]
     kw = dict(num_slots=2, max_length=48, prefill_buckets=(8, 16, 48), prefill_chunk=8)
-    eng, scratch = Engine(model, **kw).start(), Engine(model, **kw, prefix_rows=0).start()
+    eng, scratch = Engine(model, **kw, prefix_rows=rows).start(), Engine(model, **kw, prefix_rows=0).start()
     calls = _recording(eng)
     try:
         got = _answers(eng, prompts, temperature=1.0)
         want = _answers(scratch, prompts, temperature=1.0)
-        assert len(eng.prefixes) == len(eng.device._kept) == 4  # the chats' rows (one evicted), the system's:
-        assert sorted(keys.size for keys in eng.prefixes._rows.values()) == [20, 26, 26, 26]
+        assert len(eng.prefixes) == len(eng.device._kept) == rows  # the chats' rows (one evicted), the system's:
+        assert sorted(keys.size for keys in eng.prefixes._rows.values()) == [20, 26, 26, 26][4 - rows:]
     finally:
         eng.stop()
         scratch.stop()
-    assert [cached for _, cached in got] == [0, 0, 20, 20]
+    assert [cached for _, cached in got] == ([0, 0, 20, 20] if rows > 1 else [0] * 4)
     for (tokens, _), (expected, _) in zip(got, want):
         _same_tokens(tokens, expected)
     # 26 tokens in chunks of 8; the second chat's chunks end at 8, 16 and 20 (kept there), 26; then 6 tokens each
     prefills = [c for c in calls if c != "decode"]
-    assert prefills == ["extend"] * 3 + ["prefill"] + ["extend"] * 3 + ["prefill"] + ["prefill"] * 2
+    whole = ["extend"] * 3 + ["prefill"]
+    assert prefills == whole * 2 + (["prefill"] * 2 if rows > 1 else whole * 2)
 
 
 def test_a_next_turn_goes_ahead_of_a_long_prompts_next_chunk_as_a_short_one(model):
@@ -807,7 +811,8 @@ def test_a_next_turn_goes_ahead_of_a_long_prompts_next_chunk_as_a_short_one(mode
 def test_a_prompt_reuses_an_image_only_where_it_is_the_same_image(reference):
     """A next turn after an image starts from the kept row only when its image has the same features (the
     test model's 5-token window: a prefix ending before the image would need overwritten keys); both answer
-    as from scratch."""
+    as from scratch. (The second comes with its keys computed by the caller, as the LM worker does for large
+    images off its event loop.)"""
     model, _ = reference
     c = model.config
     tokens, width, image_id = c.mm_tokens_per_image, c.text_config.hidden_size, c.image_token_index
@@ -817,9 +822,10 @@ def test_a_prompt_reuses_an_image_only_where_it_is_the_same_image(reference):
     seen, other = (rng.normal(0, 1, (1, tokens, width)).astype(np.float32) for _ in range(2))
     more = rng.integers(3, 100, 6).tolist()
 
-    def request(features, extra=()):
-        return Request(prompt_ids=ids + list(extra), max_new_tokens=4, prefill_inputs={
-            "image_features": features, "token_type_ids": np.concatenate([types, np.zeros(len(extra), np.int32)])})
+    def request(features, extra=(), caller_keys=False):
+        inputs = {"image_features": features, "token_type_ids": np.concatenate([types, np.zeros(len(extra), np.int32)])}
+        keys = prompt_keys(ids + list(extra), inputs["token_type_ids"], features) if caller_keys else None
+        return Request(prompt_ids=ids + list(extra), max_new_tokens=4, prefill_inputs=inputs, prefix_keys=keys)
 
     kw = dict(num_slots=2, max_length=64, prefill_buckets=(16, 32, 64), prefill_chunk=16)
     runs = []
@@ -827,7 +833,7 @@ def test_a_prompt_reuses_an_image_only_where_it_is_the_same_image(reference):
         eng = Engine(model, **kw, prefix_rows=rows).start()
         try:
             runs.append([(*_collect(eng.submit(r)), r.cached_tokens)
-                         for r in (request(seen), request(seen.copy(), more), request(other, more))])
+                         for r in (request(seen), request(seen.copy(), more, True), request(other, more))])
         finally:
             eng.stop()
     assert [cached for *_, cached in runs[0]] == [0, len(ids), 0]
@@ -836,14 +842,26 @@ def test_a_prompt_reuses_an_image_only_where_it_is_the_same_image(reference):
 
 def test_kept_rows_outlive_a_failed_decode_call_and_a_failed_prefill_keeps_none(model):
     """A failed decode call resets the batched cache but not the kept rows (never donated): a next turn still
-    starts from one. A prompt whose prefill fails leaves no row behind in the store."""
+    starts from one. A prompt whose prefill fails leaves no row behind in the store, and the row it started
+    from goes too (a chunk's failure may show only in a later call, and a row kept from it would fail every
+    prompt that begins alike)."""
     eng = Engine(model, num_slots=2, max_length=48, prefill_buckets=(8, 16, 48), prefill_chunk=8, burst_ms=0)
+
+    def served(r: Request) -> Request:
+        eng.submit(r)
+        eng._admit()
+        while eng.free_slots < 2 or eng._inflight is not None:
+            eng._step()
+        return r
+
     first = eng.submit(Request(prompt_ids=[2] + list(range(100, 119)), max_new_tokens=6))
     eng._admit()
     _fail_next_fetch(eng)
     eng._step()
     eng._step()
     assert [e.reason for e in first.stream(timeout=5) if isinstance(e, Finished)] == ["error"]
+    turn = served(Request(prompt_ids=first.prompt_ids + [7, 8], max_new_tokens=3))
+    assert turn.cached_tokens == 20 and _collect(turn) == (_alone(model, turn), Finished("length"))
     prefill = eng.device._prefill
 
     def failing(*args):
@@ -851,11 +869,8 @@ def test_kept_rows_outlive_a_failed_decode_call_and_a_failed_prefill_keeps_none(
         raise RuntimeError("injected prefill failure")
 
     eng.device._prefill = failing
-    bad = eng.submit(Request(prompt_ids=[2] + list(range(120, 139)), max_new_tokens=3))
-    eng._admit()
-    assert _collect(bad)[1].reason == "error" and len(eng.prefixes) == len(eng.device._kept) == 1
-    turn = eng.submit(Request(prompt_ids=first.prompt_ids + [7, 8], max_new_tokens=3))
-    eng._admit()
-    while eng.free_slots < 2 or eng._inflight is not None:
-        eng._step()
-    assert turn.cached_tokens == 20 and _collect(turn) == (_alone(model, turn), Finished("length"))
+    bad = served(Request(prompt_ids=first.prompt_ids + [9, 10, 11], max_new_tokens=3))  # from the first's row
+    assert bad.cached_tokens == 20 and _collect(bad)[1].reason == "error"
+    assert len(eng.prefixes) == len(eng.device._kept) == 1  # the turn's row alone
+    again = served(Request(prompt_ids=first.prompt_ids + [9, 10, 11], max_new_tokens=3))
+    assert again.cached_tokens == 0 and _collect(again) == (_alone(model, again), Finished("length"))
