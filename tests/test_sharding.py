@@ -66,3 +66,42 @@ def test_mesh_sizes_are_checked():
         create_mesh(data=2, tensor=3, fsdp=1)
     assert dict(create_mesh().shape) == {"data": 1, "fsdp": 1, "tensor": 8}
     assert dict(create_mesh(data=-1, tensor=2).shape) == {"data": 4, "fsdp": 1, "tensor": 2}
+
+
+def test_a_sharded_engine_reuses_kept_rows_without_compiling_again(single, text_checkpoints):
+    """On an 8-device mesh the engine's kept rows and their cut copies keep the cache's layout: prompts that
+    start from them (a next turn, a shared prefix past the window, split and reused) answer as on one device,
+    and a second round of such prompts compiles nothing."""
+    from lm_worker.engine import Engine, Request, Token
+
+    mesh = create_mesh(tensor=4, fsdp=2)
+    sharded = Gemma3ForCausalLM.from_pretrained(text_checkpoints["base"][0], mesh=mesh)
+    kw = dict(num_slots=2, max_length=48, prefill_buckets=(8, 16, 48), prefill_chunk=8)
+    engines = Engine(sharded, mesh=mesh, **kw).start(), Engine(single, prefix_rows=0, **kw).start()
+    rng = np.random.default_rng(4)
+
+    def rounds():
+        system = [2] + rng.integers(3, 160, 19).tolist()
+        chats = [system + [k] + rng.integers(3, 160, 4).tolist() for k in (3, 4, 5)]
+        return chats + [chats[0] + rng.integers(3, 160, 6).tolist()]  # the first chat's next turn
+
+    def answers(engine, prompts):
+        out = []
+        for p in prompts:
+            r = engine.submit(Request(prompt_ids=p, max_new_tokens=4))
+            out.append(([e.token_id for e in r.stream(timeout=60) if isinstance(e, Token)], r.cached_tokens))
+        return out
+
+    try:
+        device = engines[0].device
+        for i in range(2):
+            prompts = rounds()
+            got, want = answers(engines[0], prompts), answers(engines[1], prompts)
+            assert [tokens for tokens, _ in got] == [tokens for tokens, _ in want]
+            assert [cached for _, cached in got] == [0, 0, 20, 25]  # (the split at 20; the whole first chat)
+            if i == 0:
+                compiled = [p._cache_size() for p in (device._prefill, device._extend, device._cut)]
+        assert [p._cache_size() for p in (device._prefill, device._extend, device._cut)] == compiled
+    finally:
+        for e in engines:
+            e.stop()
