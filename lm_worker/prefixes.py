@@ -9,7 +9,8 @@ prefix needs: always where its prompt fits in the ring, else only the prefix one
 by chats is reused from any of them that fit the window (512 tokens for gemma-3-1b, 1024 for 4b and up), and a
 conversation's next turn, which extends the last turn's whole prompt, from any length. A prompt that shares
 more with a kept one than its row can serve has a chunk end where they part, and its row is kept there too
-(a copy): so a longer system prompt is reused from the third chat on.
+(a copy): so a longer system prompt is reused from the third chat on (where prompts prefill in chunks and the
+store has room for two rows or more).
 """
 
 from __future__ import annotations
