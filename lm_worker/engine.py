@@ -396,7 +396,7 @@ class Engine:
                     return
                 if self._ended(request):
                     continue
-                self._partial = self._plan(request, self.slots.index(None))
+                self._partial = self._begin(self._plan(request, self.slots.index(None)))
             elif self._overtake():
                 if busy:
                     return
@@ -405,26 +405,31 @@ class Engine:
             if busy:
                 return
 
-    def _plan(self, request: Request, slot: int, touch: bool = True) -> _Prefill:
+    def _plan(self, request: Request, slot: int) -> _Prefill:
         """``request``'s prefill into ``slot``: from the kept row that provides most of its prompt, if any,
         then the rest in chunks; where it shares more with a kept prompt than that row provides (whose
         rings lost the keys past it), a chunk ends there and the row is kept at that point too, for the next
         prompt that begins alike (not with whole prompts, whose chunks before the last compile for one bucket
-        only, nor with room for one row, which the prompt's own would take). ``touch``: the row counts as
-        used, and the request's and the engine's counts of reused tokens are kept."""
+        only, nor with room for one row, which the prompt's own would take). Changes nothing (`_begin`)."""
         source, start, split = NEW_ROW, 0, 0
         if self.prefixes is not None and request._reuse and request._keys is not None:
-            source, start, shared = self.prefixes.match(request._keys, touch)
+            source, start, shared = self.prefixes.match(request._keys)
             source = NEW_ROW if source < 0 else source
             split = shared if (shared > start and self.prefill_chunk and request._keep
                                and self.prefixes.capacity > 1) else 0
-        if touch:
-            request.cached_tokens = start
-            self.prompt_tokens += len(request.prompt_ids)
-            self.cached_tokens += start
         ends = self._chunks(request, start, split) + self._chunks(request, split) if split else self._chunks(
             request, start)
         return _Prefill(request, slot, ends, start=start, source=source, split=split)
+
+    def _begin(self, partial: _Prefill) -> _Prefill:
+        """``partial``'s prompt is prefilled from now on: the kept row it starts from becomes the most recently
+        used, and its reused tokens are counted (the request's usage, the engine's totals)."""
+        if partial.source >= 0:
+            self.prefixes.use(partial.source)
+        partial.request.cached_tokens = partial.start
+        self.prompt_tokens += len(partial.request.prompt_ids)
+        self.cached_tokens += partial.start
+        return partial
 
     def _chunks(self, request: Request, start: int = 0, stop: int | None = None) -> list[int]:
         """Where the prefill chunks of ``request``'s prompt from token ``start`` on (to ``stop``) end."""
@@ -447,12 +452,13 @@ class Engine:
             return False
         with self._pending.mutex:  # (the head only if it is short; fail_all may take from the queue meanwhile)
             waiting = self._pending.queue
-            request = waiting.popleft() if waiting and len(self._plan(waiting[0], free[0], False).ends) == 1 else None
-        if request is None:
-            return False
+            plan = self._plan(waiting[0], free[0]) if waiting else None
+            if plan is None or len(plan.ends) > 1:
+                return False
+            waiting.popleft()
         self._overtook = True
-        if not self._ended(request):
-            self._prefill_chunk(self._plan(request, free[0]))
+        if not self._ended(plan.request):
+            self._prefill_chunk(self._begin(plan))
         return True
 
     def _ended(self, request: Request) -> bool:
@@ -550,17 +556,21 @@ class Engine:
                                        np.bool_(request.top_logprobs > 0), source, np.int32(partial.start),
                                        np.int32(keep))
         finally:
-            for handle in evicted if not self.broken else ():  # (after: the prefill may have started from one)
-                self.device.forget(np.int32(handle))
+            self._forget(evicted)  # (after the call: the prefill may have started from one of them)
 
     def _drop_rows(self, partial: _Prefill) -> None:
         """After a failed prefill call, the rows it kept or started from are let go: a chunk is dispatched and
         not waited for, so its failure (out of memory) may show only later, in a row kept from it."""
-        handles = partial.kept + ([partial.source] if partial.source >= 0 else [])
-        for handle in handles if self.prefixes is not None else ():
-            self.prefixes.remove(handle)
-            if not self.broken:  # (a group's followers may have kept it)
-                self.device.forget(np.int32(handle))
+        if self.prefixes is not None:
+            handles = partial.kept + ([partial.source] if partial.source >= 0 else [])
+            for handle in handles:
+                self.prefixes.remove(handle)
+            self._forget(handles)  # (a group's followers may have kept them)
+
+    def _forget(self, handles: list[int]) -> None:
+        """The device lets go of these kept rows (not when the group is broken: its followers are gone)."""
+        for handle in handles if not self.broken else ():
+            self.device.forget(np.int32(handle))
 
     @property
     def chunk_buckets(self) -> list[int]:

@@ -73,14 +73,13 @@ class PrefixStore:
     def __len__(self) -> int:
         return len(self._rows)
 
-    def match(self, keys: np.ndarray, touch: bool = True) -> tuple[int, int, int]:
+    def match(self, keys: np.ndarray) -> tuple[int, int, int]:
         """The kept row to start ``keys``' prompt from and how many of its tokens it provides (at least
         MIN_REUSE, at most all but the last, which must be prefilled for the first token's logits; (-1, 0)
         when no row provides that many), and the longest prefix it shares with any kept prompt (0 if under
         MIN_REUSE), longer than the tokens provided where that prompt's rings lost the keys past it: the
         engine then keeps this prompt's row at that point too, for the next prompt that begins alike (a
-        system prompt past the window: from the third chat on). ``touch``: the row becomes the most recently
-        used."""
+        system prompt past the window: from the third chat on). Changes nothing: see ``use``."""
         best, handle, shared = 0, -1, 0
         for h, kept in self._rows.items():
             n = min(kept.size, keys.size - 1)
@@ -92,9 +91,11 @@ class PrefixStore:
         shared = shared if shared >= MIN_REUSE else 0
         if best < MIN_REUSE:
             return -1, 0, shared
-        if touch:
-            self._rows.move_to_end(handle)
         return handle, best, shared
+
+    def use(self, handle: int) -> None:
+        """A prompt starts from this row: it becomes the most recently used."""
+        self._rows.move_to_end(handle)
 
     def add(self, keys: np.ndarray) -> tuple[int, list[int]]:
         """Record ``keys``' row, kept by the device under the handle returned (-1: not worth keeping, too short

@@ -66,7 +66,8 @@ def test_the_least_recently_used_row_goes_first_and_a_prompt_is_kept_once():
     assert store.add(a.copy()) == (-1, [])  # kept already: now the most recent
     hc, evicted = store.add(c)
     assert evicted == [hb] and len(store) == 2
-    assert store.match(_keys(a, [4]))[:2] == (ha, 20)  # a match makes it the most recent too
+    assert store.match(_keys(a, [4]))[:2] == (ha, 20)
+    store.use(ha)  # a prompt that starts from it makes it the most recent too
     assert store.add(_keys([5] * 20))[1] == [hc]
     assert store.add(_keys([5] * (MIN_REUSE - 1))) == (-1, [])  # too short to keep
     store.remove(ha)
